@@ -1,0 +1,246 @@
+//! The command line: clap types only; doc comments are the --help.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use nifty::store::Backend;
+
+/// Build, clone and run fleets of BusyBox + Dropbear system containers.
+///
+/// A template root with static BusyBox and Dropbear is built once; instances
+/// are overlayfs clones of it, each booted with BusyBox init as PID 1 and its
+/// own SSH port (2200 + N for instance N).
+#[derive(Debug, Parser)]
+#[command(name = "nifty", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// State root: templates, instances, keys.
+    #[arg(long, global = true, env = "NIFTY_ROOT", value_name = "DIR", default_value = nifty::store::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Say only what failed.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Say more (-vv: debug traces).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build and inspect templates (the shared root every instance boots).
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Create instances: names, ranges (1..100) or --count N.
+    Create(CreateArgs),
+    /// Boot instances: BusyBox init as PID 1, Dropbear on their port.
+    Start(Selection),
+    /// Power instances off (init's poweroff signal), kill what is left after --timeout.
+    Stop(StopArgs),
+    /// Stop, then start.
+    Restart(StopArgs),
+    /// Kill instances at once, without a clean shutdown.
+    Kill(Selection),
+    /// Remove stopped instances and their files (-f stops them first).
+    Rm(RmArgs),
+    /// List instances: state, PID, port, uptime, memory.
+    #[command(alias = "ls")]
+    List(JsonArg),
+    /// Show one instance like `systemctl status`: init, processes, cgroup, port, log.
+    Status(StatusArgs),
+    /// Show an instance's console log.
+    Logs(LogsArgs),
+    /// Run a command inside a running instance.
+    Exec(ExecArgs),
+    /// Log in to an instance over SSH with nifty's key.
+    Ssh(SshArgs),
+    /// Build the default template if missing, create instances 1..N, start them.
+    Up(UpArgs),
+    /// Set a user's password in an instance from the host (not built yet).
+    Passwd(NotYet),
+    /// Add or remove a user's SSH keys in an instance (not built yet).
+    AuthorizedKeys(NotYet),
+    /// Update instances to a rebuilt template (not built yet).
+    Update(NotYet),
+    /// Check the host for a fleet of N containers (not built yet).
+    Doctor(NotYet),
+    /// Install or remove the systemd unit nifty@.service (not built yet).
+    Systemd(NotYet),
+    /// Start instances at boot through systemd (not built yet).
+    Enable(NotYet),
+    /// Stop starting instances at boot (not built yet).
+    Disable(NotYet),
+}
+
+/// Arguments of a verb that is not built yet.
+#[derive(Debug, Args)]
+pub struct NotYet {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCmd {
+    /// Build (or atomically rebuild) a template from the host's BusyBox and Dropbear.
+    Build(BuildArgs),
+    /// List templates.
+    List(JsonArg),
+    /// Show a template's sources, versions and digests.
+    Show {
+        /// Template name.
+        name: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Template name.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// BusyBox binary (Debian: busybox-static).
+    #[arg(long, default_value = "/bin/busybox", value_name = "PATH")]
+    pub busybox: PathBuf,
+    /// Dropbear server; dropbearkey and dbclient are taken from beside it.
+    #[arg(long, default_value = "/usr/sbin/dropbear", value_name = "PATH")]
+    pub dropbear: PathBuf,
+    /// Extra host binaries to include, with their shared libraries.
+    #[arg(long = "with", value_name = "PATH")]
+    pub with: Vec<PathBuf>,
+    /// The login user.
+    #[arg(long, default_value = "luser")]
+    pub user: String,
+    /// More public keys allowed to log in as the user (nifty's own is always there).
+    #[arg(long = "authorized-keys", value_name = "FILE")]
+    pub authorized_keys: Vec<PathBuf>,
+    /// Read a password for the user from stdin (stored as a SHA-512 crypt hash).
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Zoneinfo directory to copy in.
+    #[arg(long, default_value = "/usr/share/zoneinfo", value_name = "DIR")]
+    pub zoneinfo: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Names (1, slick) and ranges (1..1000).
+    #[arg(value_name = "NAME|RANGE", required_unless_present = "count")]
+    pub names: Vec<String>,
+    /// Create N instances with the lowest free numbers.
+    #[arg(long, value_name = "N", conflicts_with = "names")]
+    pub count: Option<usize>,
+    /// Template to clone.
+    #[arg(long, default_value = "default")]
+    pub template: String,
+    /// SSH port (one instance only; default 2200 + N, or a free one below 2200).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Launcher.
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Maximum number of tasks.
+    #[arg(long, default_value_t = 512)]
+    pub tasks: u64,
+    /// Maximum memory (bytes, or with K, M, G).
+    #[arg(long, default_value = "256M")]
+    pub memory: String,
+    /// Bind a host directory read-only: SRC or SRC:DST.
+    #[arg(long = "bind-ro", value_name = "SRC[:DST]")]
+    pub bind_ro: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct Selection {
+    /// Names, ranges (1..100) and globs ('web-*').
+    #[arg(value_name = "NAME|RANGE|GLOB")]
+    pub names: Vec<String>,
+    /// Every instance.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub sel: Selection,
+    /// Seconds to wait for a clean poweroff before killing.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+    /// Signal for init (BusyBox init: USR2 powers off, TERM reboots).
+    #[arg(long, default_value = "USR2")]
+    pub signal: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub sel: Selection,
+    /// Stop running instances first.
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Instance name.
+    pub name: String,
+    /// Log lines to show.
+    #[arg(short = 'n', long, default_value_t = 10)]
+    pub lines: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Instance name.
+    pub name: String,
+    /// Keep printing new lines.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Show only the last N lines.
+    #[arg(short = 'n', long)]
+    pub lines: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Instance name.
+    pub name: String,
+    /// Run as this user of the container (default: its root).
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Extra environment: KEY=VALUE.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// Instance name.
+    pub name: String,
+    /// Command to run instead of a login shell.
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of instances: 1..N.
+    pub count: u64,
+    /// Template to clone (built from the host's binaries if missing and "default").
+    #[arg(long, default_value = "default")]
+    pub template: String,
+}

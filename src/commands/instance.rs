@@ -1,0 +1,188 @@
+//! `nifty create`, `rm` and `up`.
+
+use anyhow::{Context, Result};
+use nifty::fleet;
+use nifty::runtime::native::Native;
+use nifty::runtime::{self, State, StopOptions};
+use nifty::store::{CreateSpec, Limits};
+use nifty::template::{self, BuildOptions};
+use nifty::Error;
+
+use super::Ctx;
+use crate::cli::{CreateArgs, RmArgs, Selection, UpArgs};
+
+/// Parses a size: bytes, or a number with K, M, G (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mul = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => anyhow::bail!("invalid size {s:?}: use bytes or a number with K, M or G"),
+            };
+            (&t[..i], mul)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().with_context(|| format!("invalid size {s:?}: use bytes or a number with K, M or G"))?;
+    n.checked_mul(mul).filter(|v| *v > 0).with_context(|| format!("invalid size {s:?}"))
+}
+
+pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
+    let existing = ctx.store.instance_names()?;
+    let names = match a.count {
+        Some(n) => fleet::next_free(n, &existing),
+        None => fleet::expand_new(&a.names)?,
+    };
+    anyhow::ensure!(!names.is_empty(), "nothing to create");
+    if a.port.is_some() && names.len() > 1 {
+        anyhow::bail!("--port names one port: give it with one instance only");
+    }
+    // Check everything that can be checked before the first instance.
+    ctx.store.template(&a.template)?;
+    for n in &names {
+        if existing.contains(n) {
+            return Err(Error::InstanceExists(n.clone()).into());
+        }
+    }
+    let limits = Limits { tasks: a.tasks, memory: parse_size(&a.memory)? };
+    anyhow::ensure!(limits.tasks > 0, "--tasks must be at least 1");
+    for b in &a.bind_ro {
+        nifty::store::parse_bind(b)?;
+    }
+    let backend = a.backend.unwrap_or_else(runtime::default_backend);
+    if backend == nifty::store::Backend::Systemd {
+        anyhow::bail!("--backend systemd is not built yet (issue #4); use --backend native");
+    }
+    ctx.store.ensure()?;
+    let out = fleet::run(&ctx.printer, "create", &names, |name| {
+        ctx.store.create_instance(&CreateSpec {
+            name: name.to_string(),
+            template: a.template.clone(),
+            backend,
+            port: a.port,
+            limits: limits.clone(),
+            bind_ro: a.bind_ro.clone(),
+        })
+    });
+    if names.len() == 1 && out.failed.is_empty() {
+        let inst = ctx.store.instance(&names[0])?;
+        ctx.printer.info(format!("created {} (port {})", inst.name, inst.port));
+    }
+    Ok(out.report(&ctx.printer, "create"))
+}
+
+pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
+    let names = select(ctx, &a.sel)?;
+    let native = Native::new(&ctx.store)?;
+    let insts = names.iter().map(|n| ctx.store.instance(n)).collect::<Result<Vec<_>, _>>()?;
+    let mut failed = Vec::new();
+    let mut removable = Vec::new();
+    let running: Vec<_> = insts.iter().filter(|i| native.info(i).state == State::Running).cloned().collect();
+    if !running.is_empty() && !a.force {
+        for i in &running {
+            failed.push((i.name.clone(), Error::Running(i.name.clone(), ", or use `nifty rm -f`")));
+        }
+    } else if !running.is_empty() {
+        let bar = ctx.printer.progress("stop", running.len() as u64);
+        for (n, r) in native.stop_many(&running, StopOptions::default(), &|_| bar.inc(1)) {
+            if let Err(e) = r {
+                failed.push((n, e));
+            }
+        }
+        bar.finish_and_clear();
+    }
+    for i in insts {
+        if !failed.iter().any(|(n, _)| *n == i.name) {
+            removable.push(i);
+        }
+    }
+    let names: Vec<String> = removable.iter().map(|i| i.name.clone()).collect();
+    let mut out = fleet::run(&ctx.printer, "rm", &names, |name| {
+        let inst = removable.iter().find(|i| i.name == name).expect("selected");
+        let _ = native.cgroup(name).remove();
+        ctx.store.remove_instance(inst)
+    });
+    out.failed.extend(failed);
+    Ok(out.report(&ctx.printer, "rm"))
+}
+
+pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
+    anyhow::ensure!(a.count >= 1, "up: give a number of instances, at least 1");
+    anyhow::ensure!(a.count <= fleet::MAX_RANGE, "up: at most {} instances", fleet::MAX_RANGE);
+    match ctx.store.template(&a.template) {
+        Ok(_) => {}
+        Err(Error::NoTemplate(_)) if a.template == "default" => {
+            ctx.printer.info("building the default template from the host's BusyBox and Dropbear");
+            template::build(&ctx.store, &BuildOptions::default())?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let existing = ctx.store.instance_names()?;
+    let wanted: Vec<String> = (1..=a.count).map(|n| n.to_string()).collect();
+    let missing: Vec<String> = wanted.iter().filter(|n| !existing.contains(n)).cloned().collect();
+    if !missing.is_empty() {
+        ctx.store.ensure()?;
+        let out = fleet::run(&ctx.printer, "create", &missing, |name| {
+            ctx.store.create_instance(&CreateSpec {
+                name: name.to_string(),
+                template: a.template.clone(),
+                backend: runtime::default_backend(),
+                port: None,
+                limits: Limits::default(),
+                bind_ro: Vec::new(),
+            })
+        });
+        if !out.report(&ctx.printer, "create") {
+            return Ok(false);
+        }
+    }
+    let native = Native::new(&ctx.store)?;
+    let insts = wanted.iter().map(|n| ctx.store.instance(n)).collect::<Result<Vec<_>, _>>()?;
+    let stopped: Vec<String> = insts
+        .iter()
+        .filter(|i| native.info(i).state == State::Stopped)
+        .map(|i| i.name.clone())
+        .collect();
+    let out = fleet::run(&ctx.printer, "start", &stopped, |name| {
+        let inst = insts.iter().find(|i| i.name == name).expect("selected");
+        native.start(inst)
+    });
+    let ok = out.report(&ctx.printer, "start");
+    let first = &insts[0];
+    let last = &insts[insts.len() - 1];
+    ctx.printer.info(format!(
+        "{} instance(s) up. Log in with `nifty ssh {}`, or\n  ssh -i {} -p {} {}@localhost   (ports {}..{})",
+        a.count,
+        first.name,
+        ctx.store.client_key().display(),
+        first.port,
+        first.user,
+        first.port,
+        last.port
+    ));
+    Ok(ok)
+}
+
+/// Resolves a selection against the store's instances.
+pub fn select(ctx: &Ctx, sel: &Selection) -> Result<Vec<String>> {
+    let existing = ctx.store.instance_names()?;
+    Ok(fleet::select(&sel.names, sel.all, &existing)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}

@@ -1,0 +1,79 @@
+//! One file per verb group: glue between the CLI and the library, no logic.
+
+mod instance;
+mod lifecycle;
+mod observe;
+mod template;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use nifty::printer::Printer;
+use nifty::store::Store;
+
+use crate::cli::{Cli, Command};
+
+/// What every command gets.
+pub struct Ctx {
+    pub store: Store,
+    pub printer: Printer,
+}
+
+/// Runs the parsed command line; the exit code says whether all of it worked.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    raise_nofile();
+    let store = Store::new(Some(cli.root.clone()));
+    let json = match &cli.command {
+        Command::List(j) => j.json,
+        Command::Status(s) => s.json,
+        Command::Template(crate::cli::TemplateCmd::List(j)) => j.json,
+        Command::Template(crate::cli::TemplateCmd::Show { json, .. }) => json.json,
+        _ => false,
+    };
+    let ctx = Ctx {
+        store,
+        printer: Printer { quiet: cli.quiet, json },
+    };
+    let ok = match cli.command {
+        Command::Template(t) => template::run(&ctx, t)?,
+        Command::Create(a) => instance::create(&ctx, a)?,
+        Command::Rm(a) => instance::rm(&ctx, a)?,
+        Command::Up(a) => instance::up(&ctx, a)?,
+        Command::Start(s) => lifecycle::start(&ctx, s)?,
+        Command::Stop(a) => lifecycle::stop(&ctx, a, false)?,
+        Command::Restart(a) => lifecycle::restart(&ctx, a)?,
+        Command::Kill(s) => lifecycle::stop(
+            &ctx,
+            crate::cli::StopArgs { sel: s, timeout: 0, signal: "KILL".into() },
+            true,
+        )?,
+        Command::List(_) => observe::list(&ctx)?,
+        Command::Status(a) => observe::status(&ctx, a)?,
+        Command::Logs(a) => observe::logs(&ctx, a)?,
+        Command::Exec(a) => return observe::exec(&ctx, a),
+        Command::Ssh(a) => return observe::ssh(&ctx, a),
+        Command::Passwd(_) => not_yet("passwd", 5)?,
+        Command::AuthorizedKeys(_) => not_yet("authorized-keys", 5)?,
+        Command::Update(_) => not_yet("update", 7)?,
+        Command::Doctor(_) => not_yet("doctor", 6)?,
+        Command::Systemd(_) => not_yet("systemd", 4)?,
+        Command::Enable(_) => not_yet("enable", 4)?,
+        Command::Disable(_) => not_yet("disable", 4)?,
+    };
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn not_yet(verb: &str, issue: u32) -> Result<bool> {
+    anyhow::bail!("`nifty {verb}` is not built yet (planned in issue #{issue}); nothing was done")
+}
+
+/// Fleets of thousands hold many pidfds and files at once: lift the soft
+/// limit on open files to the hard one.
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}

@@ -1,0 +1,275 @@
+//! `nifty list`, `status`, `logs`, `exec`, `ssh`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Seek, Write};
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nifty::runtime::native::Native;
+use nifty::runtime::{Info, State};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::Ctx;
+use crate::cli::{ExecArgs, LogsArgs, SshArgs, StatusArgs};
+
+pub fn list(ctx: &Ctx) -> Result<bool> {
+    let names = ctx.store.instance_names()?;
+    let native = Native::new(&ctx.store)?;
+    let rows: Vec<Result<Info, nifty::Error>> = names
+        .par_iter()
+        .map(|n| ctx.store.instance(n).map(|i| native.info(&i)))
+        .collect();
+    let mut infos = Vec::with_capacity(rows.len());
+    let mut ok = true;
+    for r in rows {
+        match r {
+            Ok(i) => infos.push(i),
+            Err(e) => {
+                eprintln!("nifty: list: {e}");
+                ok = false;
+            }
+        }
+    }
+    if ctx.printer.json {
+        ctx.printer.json(&infos);
+        return Ok(ok);
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let _ = writeln!(out, "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}", "NAME", "STATE", "BACKEND", "PID", "PORT", "UPTIME", "MEMORY");
+    for i in &infos {
+        let _ = writeln!(
+            out,
+            "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}",
+            i.name,
+            i.state,
+            i.backend,
+            i.pid.map_or("-".into(), |p| p.to_string()),
+            i.port,
+            i.uptime_secs.map_or("-".into(), duration),
+            i.memory_bytes.map_or("-".into(), size),
+        );
+    }
+    let running = infos.iter().filter(|i| i.state == State::Running).count();
+    let _ = writeln!(out, "{} instance(s), {running} running", infos.len());
+    Ok(ok)
+}
+
+/// A process of a container, for `status`.
+#[derive(Debug, Serialize)]
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    cmdline: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    #[serde(flatten)]
+    info: Info,
+    cgroup: String,
+    listening: bool,
+    processes: Vec<Proc>,
+    log: Vec<String>,
+}
+
+pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
+    let inst = ctx.store.instance(&a.name)?;
+    let native = Native::new(&ctx.store)?;
+    let info = native.info(&inst);
+    let cg = native.cgroup(&inst.name);
+    let processes: Vec<Proc> = cg
+        .procs()
+        .into_iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()?;
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).trim_end_matches('\0').replace('\0', " ");
+            Some(Proc { pid, ppid, cmdline })
+        })
+        .collect();
+    let st = Status {
+        listening: info.state == State::Running && listening(inst.port),
+        cgroup: native.cgroup_path(&inst.name),
+        log: tail(&ctx.store.console_log(&inst.name), a.lines),
+        processes,
+        info,
+    };
+    if ctx.printer.json {
+        ctx.printer.json(&st);
+        return Ok(true);
+    }
+    let dot = if st.info.state == State::Running { "●" } else { "○" };
+    println!("{dot} {} - nifty container # {}", inst.name, inst.name);
+    println!("    Template: {} ({})", inst.template, ctx.store.template_rootfs(&inst.template).display());
+    match (st.info.pid, st.info.uptime_secs) {
+        (Some(pid), up) => {
+            println!("      Active: running for {}", up.map_or("?".into(), duration));
+            println!("    Init PID: {pid}");
+        }
+        _ => println!("      Active: stopped"),
+    }
+    println!("     Backend: {}", st.info.backend);
+    println!(
+        "        Port: {} ({})  ssh -p {} {}@localhost",
+        inst.port,
+        if st.listening { "listening" } else { "not listening" },
+        inst.port,
+        inst.user
+    );
+    if let Some(m) = st.info.memory_bytes {
+        println!("      Memory: {}", size(m));
+    }
+    println!("      Limits: tasks {}, memory {}", inst.limits.tasks, size(inst.limits.memory));
+    println!("      CGroup: {}", st.cgroup);
+    let mut children: HashMap<i32, Vec<&Proc>> = HashMap::new();
+    for p in &st.processes {
+        children.entry(p.ppid).or_default().push(p);
+    }
+    let pids: Vec<i32> = st.processes.iter().map(|p| p.pid).collect();
+    let roots: Vec<&Proc> = st.processes.iter().filter(|p| !pids.contains(&p.ppid)).collect();
+    fn walk(p: &Proc, prefix: &str, last: bool, children: &HashMap<i32, Vec<&Proc>>) {
+        println!("              {prefix}{}{} {}", if last { "└─" } else { "├─" }, p.pid, p.cmdline);
+        let kids = children.get(&p.pid).map(Vec::as_slice).unwrap_or(&[]);
+        let next = format!("{prefix}{}", if last { "  " } else { "│ " });
+        for (i, k) in kids.iter().enumerate() {
+            walk(k, &next, i + 1 == kids.len(), children);
+        }
+    }
+    for (i, r) in roots.iter().enumerate() {
+        walk(r, "", i + 1 == roots.len(), &children);
+    }
+    if !st.log.is_empty() {
+        println!();
+        for l in &st.log {
+            println!("{l}");
+        }
+    }
+    Ok(true)
+}
+
+pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
+    ctx.store.instance(&a.name)?;
+    let path = ctx.store.console_log(&a.name);
+    let mut out = std::io::stdout().lock();
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !a.follow => return Ok(true),
+        Err(e) => return Err(e).with_context(|| format!("open {}", path.display())),
+    };
+    match a.lines {
+        Some(n) => {
+            for l in tail(&path, n) {
+                writeln!(out, "{l}").ok();
+            }
+            f.seek(std::io::SeekFrom::End(0))?;
+        }
+        None => {
+            if std::io::copy(&mut f, &mut out).is_err() {
+                return Ok(true); // broken pipe: the reader is gone
+            }
+        }
+    }
+    if !a.follow {
+        return Ok(true);
+    }
+    let mut reader = std::io::BufReader::new(f);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            out.flush().ok();
+            std::thread::sleep(Duration::from_millis(200));
+            // Rotated at a restart: reopen.
+            let pos = reader.stream_position()?;
+            if std::fs::metadata(&path).map_or(false, |m| m.len() < pos) {
+                reader = std::io::BufReader::new(std::fs::File::open(&path)?);
+            }
+            continue;
+        }
+        if out.write_all(line.as_bytes()).is_err() {
+            return Ok(true);
+        }
+    }
+}
+
+pub fn exec(ctx: &Ctx, a: ExecArgs) -> Result<ExitCode> {
+    let inst = ctx.store.instance(&a.name)?;
+    let native = Native::new(&ctx.store)?;
+    let env = a
+        .env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {kv:?}: use KEY=VALUE"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let code = native.exec(&inst, a.user.as_deref(), &a.cmd, &env)?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+pub fn ssh(ctx: &Ctx, a: SshArgs) -> Result<ExitCode> {
+    let inst = ctx.store.instance(&a.name)?;
+    let key = ctx.store.client_key();
+    anyhow::ensure!(key.exists(), "nifty's client key {} is missing: rebuild the template", key.display());
+    // Trust exactly this instance's host key, under an alias of its own.
+    let known = ctx.store.run_dir().join(format!("known_hosts.{}", inst.name));
+    std::fs::create_dir_all(ctx.store.run_dir()).ok();
+    std::fs::write(&known, format!("nifty-{} {}\n", inst.name, inst.host_key))
+        .with_context(|| format!("write {}", known.display()))?;
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.args(["-i"])
+        .arg(&key)
+        .args(["-p", &inst.port.to_string(), "-l", &inst.user])
+        .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .arg("-o")
+        .arg(format!("HostKeyAlias=nifty-{}", inst.name))
+        .arg("localhost");
+    if !a.cmd.is_empty() {
+        cmd.arg("--").args(&a.cmd);
+    }
+    let e = cmd.exec();
+    Err(e).context("cannot run ssh: install Debian's openssh-client")
+}
+
+/// Is a TCP port in LISTEN state on the host (the containers share its network)?
+fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|s| {
+            s.lines().skip(1).any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+            })
+        })
+    })
+}
+
+fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn size(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1}G", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
+        b => format!("{}K", b / 1024),
+    }
+}

@@ -1,0 +1,77 @@
+//! `nifty template build|list|show`.
+
+use std::io::Read;
+
+use anyhow::{Context, Result};
+use nifty::template::{self, BuildOptions};
+
+use super::Ctx;
+use crate::cli::TemplateCmd;
+
+pub fn run(ctx: &Ctx, cmd: TemplateCmd) -> Result<bool> {
+    match cmd {
+        TemplateCmd::Build(a) => {
+            let password = if a.password_stdin {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s).context("reading the password from stdin")?;
+                let p = s.lines().next().unwrap_or("").to_string();
+                anyhow::ensure!(!p.is_empty(), "--password-stdin: stdin holds no password");
+                Some(p)
+            } else {
+                None
+            };
+            let opts = BuildOptions {
+                name: a.name,
+                busybox: a.busybox,
+                dropbear: a.dropbear,
+                with: a.with,
+                user: a.user,
+                authorized_keys: a.authorized_keys,
+                password,
+                zoneinfo: a.zoneinfo,
+            };
+            let meta = template::build(&ctx.store, &opts)?;
+            ctx.printer.info(format!(
+                "template {:?} built: {} ({} applets), {}, user {}; at {}",
+                meta.name,
+                meta.busybox.version,
+                meta.applets,
+                meta.dropbear.version,
+                meta.user,
+                ctx.store.template_rootfs(&meta.name).display()
+            ));
+        }
+        TemplateCmd::List(_) => {
+            let all = ctx.store.templates()?;
+            if ctx.printer.json {
+                ctx.printer.json(&all);
+            } else {
+                println!("{:<16} {:<26} {:<22} {:<8} BUILT", "NAME", "BUSYBOX", "DROPBEAR", "USER");
+                for t in all {
+                    println!(
+                        "{:<16} {:<26} {:<22} {:<8} {}",
+                        t.name,
+                        short_version(&t.busybox.version),
+                        t.dropbear.version,
+                        t.user,
+                        t.built
+                    );
+                }
+            }
+        }
+        TemplateCmd::Show { name, .. } => {
+            let t = ctx.store.template(&name)?;
+            if ctx.printer.json {
+                ctx.printer.json(&t);
+            } else {
+                print!("{}", toml::to_string(&t)?);
+                println!("# rootfs = {:?}", ctx.store.template_rootfs(&name));
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn short_version(v: &str) -> &str {
+    v.split(" (").next().unwrap_or(v)
+}

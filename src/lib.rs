@@ -1,0 +1,19 @@
+//! nifty: build, clone and run fleets of BusyBox + Dropbear system containers.
+//!
+//! The data flow shows in the module names: [`template`] builds the shared,
+//! read-only root; [`store`] lays out state on disk and creates instances
+//! from it; [`runtime`] boots, observes and stops them (the `native`
+//! launcher talks to the kernel directly); [`fleet`] turns a selection such
+//! as `1..1000` into parallel work with progress.
+
+pub mod error;
+pub mod fleet;
+pub mod keys;
+pub mod names;
+pub mod printer;
+pub mod runtime;
+pub mod store;
+pub mod sys;
+pub mod template;
+
+pub use error::{Error, Result};

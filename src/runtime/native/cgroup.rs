@@ -1,0 +1,304 @@
+//! One cgroup per container, on a pure cgroup v2 host and on a hybrid one
+//! (v1 controllers with an empty v2 hierarchy beside them, as on this
+//! project's CI machines).
+//!
+//! Membership always lives in cgroup v2: the container is cloned straight
+//! into it (`CLONE_INTO_CGROUP`), "running" means "its cgroup.procs is not
+//! empty", and `cgroup.kill` ends everything in it. Limits go where the
+//! controllers are: `pids.max`/`memory.max` in the same v2 cgroup on a pure
+//! v2 host, or v1 `pids`/`memory` cgroups of the same name on a hybrid one.
+
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::store::Limits;
+use crate::{Error, Result};
+
+/// The host's cgroup mounts.
+#[derive(Debug, Clone)]
+pub struct Hierarchy {
+    /// Mount point of cgroup v2.
+    pub v2: PathBuf,
+    /// v2 has the pids and memory controllers (pure v2 host).
+    pub v2_controllers: bool,
+    /// v1 mount points of the pids and memory controllers (hybrid host).
+    pub v1_pids: Option<PathBuf>,
+    pub v1_memory: Option<PathBuf>,
+}
+
+impl Hierarchy {
+    /// Reads the cgroup mounts from /proc/self/mountinfo.
+    pub fn detect() -> Result<Hierarchy> {
+        let info = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(Error::io("read", "/proc/self/mountinfo"))?;
+        Self::parse(&info)
+    }
+
+    /// Parses mountinfo text (separate for unit tests).
+    pub fn parse(info: &str) -> Result<Hierarchy> {
+        let mut v2 = None;
+        let (mut v1_pids, mut v1_memory) = (None, None);
+        for line in info.lines() {
+            let Some((left, right)) = line.split_once(" - ") else { continue };
+            let mount_point = left.split(' ').nth(4).unwrap_or("");
+            let mut r = right.split(' ');
+            let fstype = r.next().unwrap_or("");
+            let opts = r.nth(1).unwrap_or("");
+            match fstype {
+                "cgroup2" if v2.is_none() => v2 = Some(PathBuf::from(mount_point)),
+                "cgroup" => {
+                    for o in opts.split(',') {
+                        match o {
+                            "pids" => v1_pids = Some(PathBuf::from(mount_point)),
+                            "memory" => v1_memory = Some(PathBuf::from(mount_point)),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let v2 = v2.ok_or_else(|| {
+            Error::Host(
+                "no cgroup v2 hierarchy is mounted; nifty needs one \
+                 (mount -t cgroup2 none /sys/fs/cgroup/unified, or boot with systemd.unified_cgroup_hierarchy=1)"
+                    .into(),
+            )
+        })?;
+        Ok(Hierarchy {
+            v2_controllers: v1_pids.is_none() && v1_memory.is_none(),
+            v2,
+            v1_pids,
+            v1_memory,
+        })
+    }
+
+    /// The cgroup of instance `name` under the store's group `base`.
+    pub fn instance(&self, base: &str, name: &str) -> Cgroup {
+        let sub = |root: &Path| root.join(base).join(name);
+        Cgroup {
+            v2: sub(&self.v2),
+            v2_controllers: self.v2_controllers,
+            v1: [&self.v1_pids, &self.v1_memory]
+                .into_iter()
+                .flatten()
+                .map(|p| sub(p))
+                .collect(),
+        }
+    }
+
+    /// Names of the instance cgroups that exist under `base`.
+    pub fn existing(&self, base: &str) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(self.v2.join(base)) else { return Vec::new() };
+        rd.flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
+    }
+}
+
+/// One container's cgroup(s).
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    pub v2: PathBuf,
+    v2_controllers: bool,
+    v1: Vec<PathBuf>,
+}
+
+fn write(path: &Path, value: &str) -> Result<()> {
+    fs::write(path, value).map_err(|e| Error::Sys {
+        call: format!("write({}, {value:?})", path.display()),
+        source: e,
+    })
+}
+
+impl Cgroup {
+    /// Creates the cgroup(s), applies the limits, and returns a directory fd
+    /// of the v2 cgroup for `CLONE_INTO_CGROUP`.
+    pub fn create(&self, limits: &Limits) -> Result<OwnedFd> {
+        let parent = self.v2.parent().expect("instance cgroup has a parent");
+        if self.v2_controllers {
+            mkdir_p(parent)?;
+            // Controllers must be enabled top-down to reach our cgroups.
+            let root = parent.parent().expect("base cgroup has a parent");
+            for dir in [root, parent] {
+                let _ = fs::write(dir.join("cgroup.subtree_control"), "+pids +memory");
+            }
+        }
+        // create_dir_all also remakes the store's group if the last
+        // instance of a parallel stop just removed it.
+        for d in std::iter::once(&self.v2).chain(&self.v1) {
+            mkdir_p(d)?;
+        }
+        let tasks = limits.tasks.to_string();
+        let memory = limits.memory.to_string();
+        if self.v2_controllers {
+            write(&self.v2.join("pids.max"), &tasks)?;
+            write(&self.v2.join("memory.max"), &memory)?;
+        } else {
+            for d in &self.v1 {
+                if d.join("pids.max").exists() {
+                    write(&d.join("pids.max"), &tasks)?;
+                } else {
+                    write(&d.join("memory.limit_in_bytes"), &memory)?;
+                }
+            }
+        }
+        rustix::fs::open(
+            &self.v2,
+            rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(Error::sys(format!("open({})", self.v2.display())))
+    }
+
+    /// Moves a process into the v1 cgroups (v2 membership comes from
+    /// `CLONE_INTO_CGROUP`).
+    pub fn add_v1(&self, pid: i32) -> Result<()> {
+        for d in &self.v1 {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Files through which a process joins every cgroup of this container
+    /// (written with "0" from the joining process itself).
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        std::iter::once(&self.v2)
+            .chain(&self.v1)
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// PIDs in the container's cgroup; empty if it does not exist.
+    pub fn procs(&self) -> Vec<i32> {
+        fs::read_to_string(self.v2.join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Does the cgroup directory exist?
+    pub fn exists(&self) -> bool {
+        self.v2.exists() || self.v1.iter().any(|d| d.exists())
+    }
+
+    /// Memory charged to the container, in bytes.
+    pub fn memory(&self) -> Option<u64> {
+        let file = if self.v2_controllers {
+            self.v2.join("memory.current")
+        } else {
+            self.v1
+                .iter()
+                .map(|d| d.join("memory.usage_in_bytes"))
+                .find(|p| p.exists())?
+        };
+        fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    /// SIGKILLs everything in the cgroup: `cgroup.kill` (Linux 5.14+),
+    /// else each process in turn until none is left.
+    pub fn kill(&self) -> Result<()> {
+        if write(&self.v2.join("cgroup.kill"), "1").is_ok() {
+            return Ok(());
+        }
+        for pid in self.procs() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid).expect("cgroup pids are positive"),
+                rustix::process::Signal::Kill,
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until the cgroup has no process, up to `timeout`.
+    pub fn wait_empty(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.procs().is_empty() {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Removes the (empty) cgroup directories.
+    pub fn remove(&self) -> Result<()> {
+        for d in std::iter::once(&self.v2).chain(&self.v1) {
+            let mut tries = 0;
+            loop {
+                match fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    // The kernel may still be tearing down the last task.
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 200 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => {
+                        return Err(Error::Sys {
+                            call: format!("rmdir({})", d.display()),
+                            source: e,
+                        })
+                    }
+                }
+            }
+            // The store's group goes with its last instance (best effort: a
+            // sibling may still be there, or be created right now).
+            if let Some(parent) = d.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mkdir_p(p: &Path) -> Result<()> {
+    fs::create_dir_all(p).map_err(|e| Error::Sys {
+        call: format!("mkdir({})", p.display()),
+        source: e,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+29 22 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+30 29 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+31 29 0:28 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+32 29 0:29 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+";
+    const PURE: &str = "30 22 0:27 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n";
+
+    #[test]
+    fn hybrid_layout() {
+        let h = Hierarchy::parse(HYBRID).unwrap();
+        assert_eq!(h.v2, Path::new("/sys/fs/cgroup/unified"));
+        assert!(!h.v2_controllers);
+        let c = h.instance("nifty", "7");
+        assert_eq!(c.v2, Path::new("/sys/fs/cgroup/unified/nifty/7"));
+        assert_eq!(
+            c.procs_files(),
+            [
+                "/sys/fs/cgroup/unified/nifty/7/cgroup.procs",
+                "/sys/fs/cgroup/pids/nifty/7/cgroup.procs",
+                "/sys/fs/cgroup/memory/nifty/7/cgroup.procs"
+            ]
+            .map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn pure_v2_layout() {
+        let h = Hierarchy::parse(PURE).unwrap();
+        assert!(h.v2_controllers);
+        assert_eq!(h.instance("nifty", "a").procs_files().len(), 1);
+        assert!(Hierarchy::parse("1 2 0:1 / / rw - ext4 /dev/vda rw\n").is_err());
+    }
+}

@@ -1,0 +1,444 @@
+//! The native launcher: nifty itself makes each container (namespaces,
+//! overlayfs root, cgroup, BusyBox init as PID 1) with no helper process
+//! left behind, like runc's detached containers. Containers outlive the
+//! `nifty start` that made them; their state is read back from the kernel.
+
+pub mod cgroup;
+pub mod spawn;
+
+use std::fs;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::process::{Pid, Signal};
+
+use self::cgroup::{Cgroup, Hierarchy};
+use super::{check_backend, Info, State, StopOptions};
+use crate::store::{parse_bind, Instance, Store};
+use crate::template::inittab::PORT_ENV;
+use crate::{Error, Result};
+
+/// Console logs are rotated at start past this size.
+const LOG_ROTATE: u64 = 1 << 20;
+
+/// The native launcher for one store.
+pub struct Native {
+    store: Store,
+    hierarchy: Hierarchy,
+    base: String,
+}
+
+impl Native {
+    pub fn new(store: &Store) -> Result<Native> {
+        Ok(Native {
+            store: store.clone(),
+            hierarchy: Hierarchy::detect()?,
+            base: store.cgroup_name(),
+        })
+    }
+
+    /// The cgroup of an instance.
+    pub fn cgroup(&self, name: &str) -> Cgroup {
+        self.hierarchy.instance(&self.base, name)
+    }
+
+    /// The cgroup path, relative to the v2 mount, for display.
+    pub fn cgroup_path(&self, name: &str) -> String {
+        format!("/{}/{}", self.base, name)
+    }
+
+    /// Names of instances whose cgroup exists (running or left over).
+    pub fn cgroup_names(&self) -> Vec<String> {
+        self.hierarchy.existing(&self.base)
+    }
+
+    /// State, init PID, uptime and memory of an instance, from the kernel.
+    pub fn info(&self, inst: &Instance) -> Info {
+        let cg = self.cgroup(&inst.name);
+        let pid = find_init(&cg.procs());
+        Info {
+            name: inst.name.clone(),
+            state: if pid.is_some() { State::Running } else { State::Stopped },
+            backend: inst.backend,
+            pid,
+            port: inst.port,
+            uptime_secs: pid.and_then(uptime),
+            memory_bytes: pid.and_then(|_| cg.memory()),
+            template: inst.template.clone(),
+        }
+    }
+
+    /// Boots an instance. Fails if it runs already.
+    pub fn start(&self, inst: &Instance) -> Result<i32> {
+        check_backend(inst)?;
+        let dir = self.store.instance_dir(&inst.name);
+        let _lock = lock(&dir)?;
+        let cg = self.cgroup(&inst.name);
+        let procs = cg.procs();
+        if !procs.is_empty() {
+            if find_init(&procs).is_some() {
+                return Err(Error::Running(inst.name.clone(), ""));
+            }
+            // Leftovers of a container whose init is gone: clear them.
+            cg.kill()?;
+            cg.wait_empty(Duration::from_secs(5));
+        }
+        let lower = self.store.template_rootfs(&inst.template);
+        if !lower.is_dir() {
+            return Err(Error::NoTemplate(inst.template.clone()));
+        }
+        let binds = inst
+            .bind_ro
+            .iter()
+            .map(|b| parse_bind(b))
+            .collect::<Result<Vec<_>>>()?;
+        let log = open_log(&self.store.console_log(&inst.name), &inst.name)?;
+        let env = init_env(inst);
+        let mount_point = self.store.mount_point();
+        let upper = dir.join("upper");
+        let work = dir.join("work");
+        let plan = spawn::Plan::new(spawn::Spec {
+            mount_point: &mount_point,
+            lower: &lower,
+            upper: &upper,
+            work: &work,
+            binds: &binds,
+            hostname: &format!("nifty{}", inst.name),
+            env: &env,
+            log_fd: log,
+        })
+        .map_err(|e| Error::Start {
+            name: inst.name.clone(),
+            step: "preparing".into(),
+            source: e,
+        })?;
+        if !mount_point.is_dir() {
+            self.store.ensure()?;
+        }
+        let cgfd = cg.create(&inst.limits)?;
+        match spawn::spawn(&plan, &cgfd, |pid| cg.add_v1(pid)) {
+            Ok(s) => {
+                tracing::debug!(instance = %inst.name, pid = s.pid, "started");
+                Ok(s.pid)
+            }
+            Err((step, source)) => {
+                let _ = cg.remove();
+                Err(Error::Start {
+                    name: inst.name.clone(),
+                    step,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Stops many instances at once: signal every init, then watch them all
+    /// from one loop (so a thousand stops take as long as one), kill what
+    /// outlives the timeout, and remove the cgroups. A stopped instance is
+    /// not an error (its leftover cgroup, if any, is removed).
+    pub fn stop_many(
+        &self,
+        insts: &[Instance],
+        opts: StopOptions,
+        done: &(dyn Fn(&str) + Sync),
+    ) -> Vec<(String, Result<()>)> {
+        use rayon::prelude::*;
+        struct Pending {
+            name: String,
+            cg: Cgroup,
+            pid: i32,
+            pidfd: Option<OwnedFd>,
+            deadline: Instant,
+            done: bool,
+        }
+        // Phase 1: signal (or kill) every container, in parallel.
+        let signalled: Vec<(String, Result<Option<Pending>>)> = insts
+            .par_iter()
+            .map(|inst| {
+                let cg = self.cgroup(&inst.name);
+                let r = (|| {
+                    check_backend(inst)?;
+                    let procs = cg.procs();
+                    let Some(pid) = find_init(&procs) else {
+                        if !procs.is_empty() {
+                            cg.kill()?;
+                        }
+                        return Ok(None);
+                    };
+                    let pidfd = rustix::process::pidfd_open(Pid::from_raw(pid).expect("pid > 0"), rustix::process::PidfdFlags::empty()).ok();
+                    if opts.kill {
+                        cg.kill()?;
+                    } else if let Some(fd) = &pidfd {
+                        rustix::process::pidfd_send_signal(fd, opts.signal)
+                            .map_err(Error::sys(format!("pidfd_send_signal({pid}, {:?})", opts.signal)))?;
+                    }
+                    Ok(Some(Pending {
+                        name: inst.name.clone(),
+                        cg: cg.clone(),
+                        pid,
+                        pidfd,
+                        deadline: Instant::now() + opts.timeout,
+                        done: false,
+                    }))
+                })();
+                (inst.name.clone(), r)
+            })
+            .collect();
+        let mut results: Vec<(String, Result<()>)> = Vec::new();
+        let mut pending = Vec::new();
+        for (name, r) in signalled {
+            match r {
+                Ok(Some(p)) => pending.push(p),
+                Ok(None) => results.push((name, Ok(()))),
+                Err(e) => results.push((name, Err(e))),
+            }
+        }
+        // Phase 2: one loop watches them all. BusyBox init, once it has run
+        // its shutdown actions and signalled everything, only sleeps before
+        // powering off: when it is alone in its cgroup, the shutdown is done.
+        let mut last_scan = Instant::now() - Duration::from_secs(1);
+        while pending.iter().any(|p| !p.done) {
+            let mut fds: Vec<rustix::event::PollFd<'_>> = pending
+                .iter()
+                .filter(|p| !p.done)
+                .filter_map(|p| p.pidfd.as_ref())
+                .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+                .collect();
+            let _ = rustix::event::poll(&mut fds, 20);
+            drop(fds);
+            let scan = last_scan.elapsed() >= Duration::from_millis(50);
+            if scan {
+                last_scan = Instant::now();
+            }
+            let now = Instant::now();
+            for p in pending.iter_mut().filter(|p| !p.done) {
+                let exited = p.pidfd.as_ref().map_or(true, |fd| {
+                    let mut one = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+                    rustix::event::poll(&mut one, 0).unwrap_or(0) > 0
+                });
+                if exited {
+                    p.done = true;
+                } else if now >= p.deadline {
+                    tracing::warn!(instance = %p.name, "did not stop within the timeout; killing it");
+                    let _ = p.cg.kill();
+                    p.done = true;
+                } else if scan && p.cg.procs() == [p.pid] {
+                    let _ = p.cg.kill();
+                    p.done = true;
+                }
+            }
+        }
+        // Phase 3: wait for the cgroups to empty and remove them.
+        let cleaned: Vec<(String, Result<()>)> = pending
+            .par_iter()
+            .map(|p| {
+                let r = if p.cg.wait_empty(Duration::from_secs(10)) {
+                    p.cg.remove()
+                } else {
+                    let _ = p.cg.kill();
+                    if p.cg.wait_empty(Duration::from_secs(5)) {
+                        p.cg.remove()
+                    } else {
+                        Err(Error::Host(format!(
+                            "instance {:?}: processes {:?} survive SIGKILL in {}",
+                            p.name,
+                            p.cg.procs(),
+                            p.cg.v2.display()
+                        )))
+                    }
+                };
+                done(&p.name);
+                (p.name.clone(), r)
+            })
+            .collect();
+        for (name, r) in &results {
+            if r.is_ok() {
+                let _ = self.cgroup(name).remove();
+            }
+            done(name);
+        }
+        results.extend(cleaned);
+        results
+    }
+
+    /// Runs a command inside a running container: its namespaces, its
+    /// root, its cgroup, as `user` (default root of the container).
+    /// Returns the command's exit code. Call it from a single-threaded
+    /// process: it joins the container's PID namespace.
+    pub fn exec(&self, inst: &Instance, user: Option<&str>, cmd: &[String], env: &[(String, String)]) -> Result<i32> {
+        check_backend(inst)?;
+        let pid = find_init(&self.cgroup(&inst.name).procs()).ok_or_else(|| Error::NotRunning(inst.name.clone()))?;
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let open_ns = |ns: &str| {
+            let p = proc_dir.join("ns").join(ns);
+            rustix::fs::open(&p, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(Error::sys(format!("open({})", p.display())))
+        };
+        let (mnt, uts, ipc, pidns) = (open_ns("mnt")?, open_ns("uts")?, open_ns("ipc")?, open_ns("pid")?);
+        let account = match user {
+            None | Some("root") => Account { uid: 0, gid: 0, home: "/root".into(), name: "root".into() },
+            Some(u) => lookup_user(&proc_dir.join("root"), u).map_err(|e| match e {
+                Error::Invalid(m) => Error::Invalid(format!("instance {:?}: {m}", inst.name)),
+                e => e,
+            })?,
+        };
+        let cgroup_files: Vec<OwnedFd> = self
+            .cgroup(&inst.name)
+            .procs_files()
+            .iter()
+            .map(|p| {
+                rustix::fs::open(p, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(Error::sys(format!("open({})", p.display())))
+            })
+            .collect::<Result<_>>()?;
+        use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+        move_into_link_name_space(pidns.as_fd(), Some(LinkNameSpaceType::ProcessID))
+            .map_err(Error::sys(format!("setns(/proc/{pid}/ns/pid)")))?;
+        let mut command = std::process::Command::new(&cmd[0]);
+        command
+            .args(&cmd[1..])
+            .env_clear()
+            .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
+            .env("HOME", &account.home)
+            .env("USER", &account.name)
+            .env("LOGNAME", &account.name)
+            .env("TERM", std::env::var("TERM").unwrap_or_else(|_| "vt100".into()))
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        let home = std::ffi::CString::new(account.home.as_bytes()).unwrap_or_default();
+        if account.uid == u32::MAX || account.gid == u32::MAX {
+            return Err(Error::Invalid(format!("instance {:?}: user has an invalid uid/gid", inst.name)));
+        }
+        let (uid, gid) = crate::sys::ids(account.uid, account.gid);
+        let hook = move || -> std::io::Result<()> {
+            let err = |e: rustix::io::Errno| std::io::Error::from_raw_os_error(e.raw_os_error());
+            move_into_link_name_space(mnt.as_fd(), Some(LinkNameSpaceType::Mount)).map_err(err)?;
+            move_into_link_name_space(uts.as_fd(), Some(LinkNameSpaceType::HostNameAndNISDomainName)).map_err(err)?;
+            move_into_link_name_space(ipc.as_fd(), Some(LinkNameSpaceType::InterProcessCommunication)).map_err(err)?;
+            for f in &cgroup_files {
+                rustix::io::write(f, b"0").map_err(err)?;
+            }
+            if rustix::process::chdir(home.as_c_str()).is_err() {
+                rustix::process::chdir(c"/").map_err(err)?;
+            }
+            rustix::thread::set_thread_groups(&[]).map_err(err)?;
+            rustix::thread::set_thread_gid(gid).map_err(err)?;
+            rustix::thread::set_thread_uid(uid).map_err(err)?;
+            Ok(())
+        };
+        let status = crate::sys::spawn_with_hook(&mut command, hook)
+            .map_err(|e| Error::Host(format!("instance {:?}: cannot run {:?}: {e}", inst.name, cmd[0])))?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
+}
+
+/// A user of the container, from its /etc/passwd.
+struct Account {
+    uid: u32,
+    gid: u32,
+    home: String,
+    name: String,
+}
+
+/// Reads the container's /etc/passwd without following any symlink out of
+/// its root (openat2 with RESOLVE_IN_ROOT).
+fn lookup_user(root: &Path, user: &str) -> Result<Account> {
+    let rootfd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(Error::sys(format!("open({})", root.display())))?;
+    let fd = rustix::fs::openat2(
+        &rootfd,
+        "etc/passwd",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        rustix::fs::ResolveFlags::IN_ROOT | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(Error::sys(format!("openat2({}, etc/passwd, RESOLVE_IN_ROOT)", root.display())))?;
+    let text = std::io::read_to_string(fs::File::from(fd)).map_err(Error::io("read", root.join("etc/passwd")))?;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 6 && f[0] == user {
+            let num = |s: &str| s.parse::<u32>().ok();
+            if let (Some(uid), Some(gid)) = (num(f[2]), num(f[3])) {
+                return Ok(Account { uid, gid, home: f[5].to_string(), name: user.to_string() });
+            }
+        }
+    }
+    Err(Error::Invalid(format!("no user {user:?} in the container's /etc/passwd")))
+}
+
+/// The environment init starts with.
+fn init_env(inst: &Instance) -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), "/sbin:/bin:/usr/sbin:/usr/bin".into()),
+        ("HOME".into(), "/root".into()),
+        ("TERM".into(), "vt102".into()),
+        ("container".into(), "nifty".into()),
+        (PORT_ENV.into(), inst.port.to_string()),
+    ]
+}
+
+/// Opens (and rotates) the console log; init's stdout and stderr go there.
+fn open_log(path: &Path, name: &str) -> Result<OwnedFd> {
+    if fs::metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE) {
+        let _ = fs::rename(path, path.with_extension("log.1"));
+    }
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(Error::io("open", path))?;
+    let _ = writeln!(f, "nifty: starting instance {name} at {}", crate::store::now());
+    Ok(f.into())
+}
+
+/// Takes an exclusive lock on the instance directory for the duration of a
+/// start (released by the kernel if nifty dies).
+pub fn lock(dir: &Path) -> Result<OwnedFd> {
+    let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| match e {
+            rustix::io::Errno::NOENT => Error::NoInstance(dir.file_name().unwrap_or_default().to_string_lossy().into()),
+            e => Error::sys(format!("open({})", dir.display()))(e),
+        })?;
+    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(Error::sys(format!("flock({}, LOCK_EX)", dir.display())))?;
+    Ok(fd)
+}
+
+/// The container's init among its cgroup's processes: the one that is PID 1
+/// in its own namespace.
+pub fn find_init(procs: &[i32]) -> Option<i32> {
+    procs.iter().copied().find(|pid| {
+        fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|l| l.split_whitespace().last())
+                == Some("1")
+        })
+    })
+}
+
+/// Seconds since a process started.
+pub fn uptime(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let start: u64 = after.split(' ').nth(19)?.parse().ok()?;
+    let up: f64 = fs::read_to_string("/proc/uptime").ok()?.split(' ').next()?.parse().ok()?;
+    let hz = rustix::param::clock_ticks_per_second();
+    Some((up as u64).saturating_sub(start / hz))
+}
+
+/// Does the process exist (signal 0)?
+pub fn alive(pid: i32) -> bool {
+    Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: i32, sig: Signal) -> Result<()> {
+    let p = Pid::from_raw(pid).ok_or_else(|| Error::Invalid(format!("bad pid {pid}")))?;
+    rustix::process::kill_process(p, sig).map_err(Error::sys(format!("kill({pid}, {sig:?})")))
+}

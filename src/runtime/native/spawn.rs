@@ -1,0 +1,383 @@
+//! Booting one container: clone3 into new mount, PID, UTS and IPC
+//! namespaces and straight into its cgroup, then, in the child, the mount
+//! sequence written out step by step, `pivot_root`, and exec of BusyBox
+//! init as PID 1.
+//!
+//! Everything the child needs (paths, options, argv, envp) is prepared as C
+//! strings before the fork: the parent may be multi-threaded, so the child
+//! only makes raw system calls. The child waits for the parent's go (after
+//! the v1 cgroup attach) and reports a failed step back through a
+//! close-on-exec pipe: EOF on that pipe means init is running.
+//!
+//! All mounts are made inside the container's own mount namespace: the host
+//! never sees them, and they vanish with the container, even if nifty is
+//! killed at any point.
+
+use std::ffi::{c_char, CString};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags, CWD};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+
+use crate::sys;
+
+/// The steps of the child, for error reports (one variant per step, like
+/// Firecracker's jailer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Step {
+    WaitParent = 1,
+    Setsid,
+    MakePrivate,
+    MountOverlay,
+    ChdirRoot,
+    MountProc,
+    MountDev,
+    CreateDevice,
+    BindDevice,
+    MountDevpts,
+    DevSymlink,
+    BindRo,
+    RemountRo,
+    Hostname,
+    PivotRoot,
+    UmountOldRoot,
+    Stdio,
+    CloseFds,
+    ExecInit,
+}
+
+impl Step {
+    const ALL: [Step; 19] = [
+        Step::WaitParent,
+        Step::Setsid,
+        Step::MakePrivate,
+        Step::MountOverlay,
+        Step::ChdirRoot,
+        Step::MountProc,
+        Step::MountDev,
+        Step::CreateDevice,
+        Step::BindDevice,
+        Step::MountDevpts,
+        Step::DevSymlink,
+        Step::BindRo,
+        Step::RemountRo,
+        Step::Hostname,
+        Step::PivotRoot,
+        Step::UmountOldRoot,
+        Step::Stdio,
+        Step::CloseFds,
+        Step::ExecInit,
+    ];
+
+    fn from_u8(b: u8) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| *s as u8 == b)
+    }
+
+    /// What the step does, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Step::WaitParent => "waiting for nifty",
+            Step::Setsid => "setsid()",
+            Step::MakePrivate => "mount(/, MS_REC|MS_PRIVATE)",
+            Step::MountOverlay => "mount(overlay) of the root",
+            Step::ChdirRoot => "chdir(new root)",
+            Step::MountProc => "mount(proc)",
+            Step::MountDev => "mount(tmpfs, /dev)",
+            Step::CreateDevice => "creating a /dev entry",
+            Step::BindDevice => "bind-mounting a device node",
+            Step::MountDevpts => "mount(devpts, /dev/pts, newinstance)",
+            Step::DevSymlink => "symlink in /dev",
+            Step::BindRo => "bind mount of a read-only directory",
+            Step::RemountRo => "remount read-only of a bind",
+            Step::Hostname => "sethostname()",
+            Step::PivotRoot => "pivot_root(., .)",
+            Step::UmountOldRoot => "umount2(old root, MNT_DETACH)",
+            Step::Stdio => "redirecting stdio to the console log",
+            Step::CloseFds => "close_range(3.., CLOEXEC)",
+            Step::ExecInit => "execve(/sbin/init)",
+        }
+    }
+}
+
+/// Devices bound from the host into the container's private /dev.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Everything the child needs, as C strings made before the fork.
+pub struct Plan {
+    mount_point: CString,
+    overlay_opts: CString,
+    devices: Vec<(CString, CString)>,
+    binds: Vec<(CString, CString)>,
+    hostname: Vec<u8>,
+    init: CString,
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
+    argv_ptrs: Vec<*const c_char>,
+    envp_ptrs: Vec<*const c_char>,
+    log_fd: OwnedFd,
+}
+
+fn cstr(s: impl Into<Vec<u8>>) -> std::io::Result<CString> {
+    CString::new(s).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in a path"))
+}
+
+fn path_c(p: &Path) -> std::io::Result<CString> {
+    cstr(p.as_os_str().as_encoded_bytes())
+}
+
+/// What to boot.
+pub struct Spec<'a> {
+    pub mount_point: &'a Path,
+    pub lower: &'a Path,
+    pub upper: &'a Path,
+    pub work: &'a Path,
+    /// (host source, absolute path inside the container)
+    pub binds: &'a [(std::path::PathBuf, std::path::PathBuf)],
+    pub hostname: &'a str,
+    pub env: &'a [(String, String)],
+    pub log_fd: OwnedFd,
+}
+
+impl Plan {
+    pub fn new(spec: Spec<'_>) -> std::io::Result<Plan> {
+        for p in [spec.lower, spec.upper, spec.work] {
+            let s = p.as_os_str().as_encoded_bytes();
+            if s.iter().any(|b| matches!(b, b',' | b':' | b'\\')) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{}: overlayfs cannot take paths with ',', ':' or '\\'; use another --root", p.display()),
+                ));
+            }
+        }
+        let overlay_opts = cstr(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            spec.lower.display(),
+            spec.upper.display(),
+            spec.work.display()
+        ))?;
+        let devices = DEVICES
+            .iter()
+            .map(|d| Ok((cstr(format!("/dev/{d}"))?, cstr(format!("dev/{d}"))?)))
+            .collect::<std::io::Result<_>>()?;
+        let binds = spec
+            .binds
+            .iter()
+            .map(|(src, dst)| {
+                let rel = dst.strip_prefix("/").unwrap_or(dst);
+                Ok((path_c(src)?, path_c(rel)?))
+            })
+            .collect::<std::io::Result<_>>()?;
+        let argv = vec![cstr("/sbin/init")?];
+        let envp: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstr(format!("{k}={v}")))
+            .collect::<std::io::Result<_>>()?;
+        let argv_ptrs = argv.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
+        let envp_ptrs = envp.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
+        Ok(Plan {
+            mount_point: path_c(spec.mount_point)?,
+            overlay_opts,
+            devices,
+            binds,
+            hostname: spec.hostname.as_bytes().to_vec(),
+            init: cstr("/sbin/init")?,
+            _argv: argv,
+            _envp: envp,
+            argv_ptrs,
+            envp_ptrs,
+            log_fd: spec.log_fd,
+        })
+    }
+}
+
+/// A container whose init is running.
+pub struct Spawned {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+}
+
+/// Forks the container into `cgroup_fd` and runs `attach(pid)` (the v1
+/// cgroup attach) before letting it go on. Returns once init is exec'd, or
+/// with the step that failed.
+pub fn spawn(
+    plan: &Plan,
+    cgroup_fd: &OwnedFd,
+    attach: impl FnOnce(i32) -> crate::Result<()>,
+) -> Result<Spawned, (String, std::io::Error)> {
+    let io = |step: &str| {
+        let step = step.to_string();
+        move |e: rustix::io::Errno| (step, std::io::Error::from_raw_os_error(e.raw_os_error()))
+    };
+    let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
+    let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
+    let flags = (libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
+    let forked = sys::clone3_fork(flags, cgroup_fd.as_fd()).map_err(|e| ("clone3()".to_string(), e))?;
+    let (pid, pidfd) = match forked {
+        sys::Forked::Child => {
+            drop(go_w);
+            drop(err_r);
+            child(plan, go_r.as_raw_fd(), err_w.as_raw_fd())
+        }
+        sys::Forked::Parent { pid, pidfd } => (pid, pidfd),
+    };
+    drop(go_r);
+    drop(err_w);
+    let reap = |pid: i32| {
+        let _ = rustix::process::waitpid(rustix::process::Pid::from_raw(pid), rustix::process::WaitOptions::empty());
+    };
+    if let Err(e) = attach(pid) {
+        drop(go_w); // the child sees EOF and exits
+        reap(pid);
+        return Err(("attaching to the v1 cgroups".into(), std::io::Error::other(e.to_string())));
+    }
+    if let Err(e) = rustix::io::write(&go_w, b"g") {
+        reap(pid);
+        return Err(io("write(go pipe)")(e));
+    }
+    drop(go_w);
+    let mut buf = [0u8; 5];
+    let n = loop {
+        match rustix::io::read(&err_r, &mut buf) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r.unwrap_or(0),
+        }
+    };
+    if n == 0 {
+        return Ok(Spawned { pid, pidfd });
+    }
+    reap(pid);
+    let step = Step::from_u8(buf[0]).map_or("an unknown step", Step::describe);
+    let errno = i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    Err((step.to_string(), std::io::Error::from_raw_os_error(errno)))
+}
+
+/// The container side. Raw system calls only, on memory prepared in `plan`.
+fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
+    let fail = |step: Step, errno: i32| -> ! {
+        let e = errno.to_le_bytes();
+        let msg = [step as u8, e[0], e[1], e[2], e[3]];
+        let _ = rustix::io::write(raw_fd(err), &msg);
+        sys::exit_child(1)
+    };
+    let check = |step: Step, r: rustix::io::Result<()>| {
+        if let Err(e) = r {
+            fail(step, e.raw_os_error());
+        }
+    };
+
+    // Wait for the parent: EOF means it died before the go, so give up.
+    let mut b = [0u8; 1];
+    match rustix::io::read(raw_fd(go), &mut b) {
+        Ok(1) => {}
+        _ => sys::exit_child(1),
+    }
+    check(Step::Setsid, rustix::process::setsid().map(drop));
+    // Detach from the host's mount propagation, then build the root.
+    check(
+        Step::MakePrivate,
+        rustix::mount::mount_change(c"/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE),
+    );
+    check(
+        Step::MountOverlay,
+        rustix::mount::mount(
+            c"overlay",
+            plan.mount_point.as_c_str(),
+            c"overlay",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            plan.overlay_opts.as_c_str(),
+        ),
+    );
+    check(Step::ChdirRoot, rustix::process::chdir(plan.mount_point.as_c_str()));
+    check(
+        Step::MountProc,
+        rustix::mount::mount(
+            c"proc",
+            c"proc",
+            c"proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            c"",
+        ),
+    );
+    check(
+        Step::MountDev,
+        rustix::mount::mount(
+            c"tmpfs",
+            c"dev",
+            c"tmpfs",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            c"mode=755,size=64k,nr_inodes=64",
+        ),
+    );
+    for (host, inside) in &plan.devices {
+        match rustix::fs::openat(CWD, inside.as_c_str(), OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o666)) {
+            Ok(fd) => drop(fd),
+            Err(e) => fail(Step::CreateDevice, e.raw_os_error()),
+        }
+        check(Step::BindDevice, rustix::mount::mount_bind(host.as_c_str(), inside.as_c_str()));
+    }
+    check(Step::CreateDevice, rustix::fs::mkdirat(CWD, c"dev/pts", Mode::from_raw_mode(0o755)));
+    check(
+        Step::MountDevpts,
+        rustix::mount::mount(
+            c"devpts",
+            c"dev/pts",
+            c"devpts",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            c"newinstance,ptmxmode=0666,mode=620,gid=5",
+        ),
+    );
+    for (target, link) in [
+        (c"pts/ptmx", c"dev/ptmx"),
+        (c"/proc/self/fd", c"dev/fd"),
+        (c"/proc/self/fd/0", c"dev/stdin"),
+        (c"/proc/self/fd/1", c"dev/stdout"),
+        (c"/proc/self/fd/2", c"dev/stderr"),
+    ] {
+        check(Step::DevSymlink, rustix::fs::symlinkat(target, CWD, link));
+    }
+    for (host, inside) in &plan.binds {
+        match rustix::fs::mkdirat(CWD, inside.as_c_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => fail(Step::BindRo, e.raw_os_error()),
+        }
+        check(Step::BindRo, rustix::mount::mount_bind(host.as_c_str(), inside.as_c_str()));
+        check(
+            Step::RemountRo,
+            rustix::mount::mount_remount(
+                inside.as_c_str(),
+                MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+                c"",
+            ),
+        );
+    }
+    check(Step::Hostname, rustix::system::sethostname(&plan.hostname));
+    check(Step::PivotRoot, rustix::process::pivot_root(c".", c"."));
+    check(Step::UmountOldRoot, rustix::mount::unmount(c".", UnmountFlags::DETACH));
+    check(Step::ChdirRoot, rustix::process::chdir(c"/"));
+    match rustix::fs::open(c"/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(null) => {
+            let r = sys::dup2(null.as_raw_fd(), 0)
+                .and_then(|()| sys::dup2(plan.log_fd.as_raw_fd(), 1))
+                .and_then(|()| sys::dup2(plan.log_fd.as_raw_fd(), 2));
+            if let Err(e) = r {
+                fail(Step::Stdio, e.raw_os_error().unwrap_or(0));
+            }
+        }
+        Err(e) => fail(Step::Stdio, e.raw_os_error()),
+    }
+    // No host fd leaks into the container: all but 0-2 close on exec
+    // (the error pipe among them, which tells the parent the exec worked).
+    if let Err(e) = sys::cloexec_from(3) {
+        fail(Step::CloseFds, e.raw_os_error().unwrap_or(0));
+    }
+    let e = sys::execve(&plan.init, &plan.argv_ptrs, &plan.envp_ptrs);
+    fail(Step::ExecInit, e.raw_os_error().unwrap_or(0))
+}
+
+/// Borrows a raw fd that the child owns for its whole life.
+fn raw_fd(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    sys::borrow_fd(fd)
+}

@@ -1,0 +1,602 @@
+//! On-disk layout, instance records and their creation.
+//!
+//! ```text
+//! <root>/templates/<name>/{rootfs/,template.toml}   shared, read-only lower layers
+//! <root>/instances/<name>/instance.toml             template, port, user, limits, backend
+//! <root>/instances/<name>/{upper,work}/             the instance's own changes
+//! <root>/instances/<name>/console.log               console output of its init
+//! <root>/ports/<port> -> <name>                     port claims (symlinks, O(1) and atomic)
+//! <root>/keys/id_ed25519{,.pub}                     nifty's SSH client key pair
+//! <run>/mnt                                          the one mount point every container
+//!                                                    uses inside its own mount namespace
+//! ```
+//! Nothing here records whether an instance runs: the kernel does (see
+//! [`crate::runtime`]).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::names::check_name;
+use crate::{keys, Error, Result};
+
+/// Default state root.
+pub const DEFAULT_ROOT: &str = "/var/lib/nifty";
+/// Default runtime directory, used with the default state root.
+pub const DEFAULT_RUN: &str = "/run/nifty";
+/// First port of the article's scheme: instance N listens on 2200 + N.
+pub const PORT_BASE: u16 = 2200;
+/// Ports for non-numeric names are taken downwards from here (the article's
+/// `nifty@slick` used 2100), so they never meet the numeric ones.
+pub const POOL_TOP: u16 = 2199;
+/// Lowest port the pool hands out.
+pub const POOL_BOTTOM: u16 = 1025;
+
+/// Which launcher runs an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// nifty's own launcher: namespaces, overlayfs and a cgroup, no helper process.
+    Native,
+    /// The article's path: `nifty@.service` running systemd-nspawn.
+    Systemd,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Native => "native",
+            Backend::Systemd => "systemd",
+        })
+    }
+}
+
+/// Resource limits of one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Maximum number of tasks (pids cgroup).
+    pub tasks: u64,
+    /// Maximum memory in bytes (memory cgroup).
+    pub memory: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tasks: 512,
+            memory: 256 << 20,
+        }
+    }
+}
+
+/// `instance.toml`: everything nifty needs to boot an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub name: String,
+    pub template: String,
+    pub backend: Backend,
+    pub port: u16,
+    pub user: String,
+    /// The instance's SSH host public key, OpenSSH format.
+    pub host_key: String,
+    pub created: String,
+    pub limits: Limits,
+    /// Host directories bound read-only into the container: `SRC:DST`.
+    #[serde(default)]
+    pub bind_ro: Vec<String>,
+}
+
+/// `template.toml`: where a template came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    pub name: String,
+    pub built: String,
+    pub user: String,
+    pub busybox: Source,
+    pub dropbear: Source,
+    #[serde(default)]
+    pub extra: Vec<Source>,
+    /// Shared libraries copied in, with the dynamic loader.
+    #[serde(default)]
+    pub libraries: Vec<String>,
+    /// `copied`: zoneinfo is part of the template (see the README).
+    pub zoneinfo: String,
+    pub applets: usize,
+}
+
+/// One binary the template was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    pub path: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+/// What `create` needs to know about a new instance.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub name: String,
+    pub template: String,
+    pub backend: Backend,
+    pub port: Option<u16>,
+    pub limits: Limits,
+    pub bind_ro: Vec<String>,
+}
+
+/// The state root and runtime directory of one nifty installation.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    run: PathBuf,
+}
+
+impl Store {
+    /// A store at `root` (default [`DEFAULT_ROOT`]). The runtime directory is
+    /// [`DEFAULT_RUN`] for the default root and `<root>/run` otherwise, so
+    /// that two roots never share runtime files.
+    pub fn new(root: Option<PathBuf>) -> Store {
+        match root {
+            Some(r) if r != Path::new(DEFAULT_ROOT) => {
+                let root = std::path::absolute(&r).unwrap_or(r);
+                Store {
+                    run: root.join("run"),
+                    root,
+                }
+            }
+            _ => Store {
+                root: DEFAULT_ROOT.into(),
+                run: DEFAULT_RUN.into(),
+            },
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn run_dir(&self) -> &Path {
+        &self.run
+    }
+    pub fn templates_dir(&self) -> PathBuf {
+        self.root.join("templates")
+    }
+    pub fn template_dir(&self, name: &str) -> PathBuf {
+        self.templates_dir().join(name)
+    }
+    pub fn template_rootfs(&self, name: &str) -> PathBuf {
+        self.template_dir(name).join("rootfs")
+    }
+    pub fn instances_dir(&self) -> PathBuf {
+        self.root.join("instances")
+    }
+    pub fn instance_dir(&self, name: &str) -> PathBuf {
+        self.instances_dir().join(name)
+    }
+    pub fn console_log(&self, name: &str) -> PathBuf {
+        self.instance_dir(name).join("console.log")
+    }
+    pub fn ports_dir(&self) -> PathBuf {
+        self.root.join("ports")
+    }
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+    pub fn client_key(&self) -> PathBuf {
+        self.keys_dir().join("id_ed25519")
+    }
+    /// The mount point every container mounts its root on, each inside its
+    /// own mount namespace: the host never sees these mounts.
+    pub fn mount_point(&self) -> PathBuf {
+        self.run.join("mnt")
+    }
+
+    /// The cgroup directory name of this store: `nifty` for the default
+    /// root, `nifty-<hash of root>` otherwise, so that test roots running in
+    /// parallel never meet.
+    pub fn cgroup_name(&self) -> String {
+        if self.root == Path::new(DEFAULT_ROOT) {
+            "nifty".into()
+        } else {
+            let h = Sha256::digest(self.root.as_os_str().as_encoded_bytes());
+            format!("nifty-{}", &hex::encode(h)[..12])
+        }
+    }
+
+    /// Creates the directory skeleton; fails with a clear message when the
+    /// root cannot be written.
+    pub fn ensure(&self) -> Result<()> {
+        for d in [
+            self.root.clone(),
+            self.templates_dir(),
+            self.instances_dir(),
+            self.ports_dir(),
+            self.run.clone(),
+            self.mount_point(),
+        ] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&d)
+                .map_err(|e| {
+                    Error::Host(format!(
+                        "cannot create state directory {}: {e}; pick a writable --root (or NIFTY_ROOT)",
+                        d.display()
+                    ))
+                })?;
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.keys_dir())
+            .map_err(Error::io("create", self.keys_dir()))?;
+        Ok(())
+    }
+
+    /// Reads a template's record.
+    pub fn template(&self, name: &str) -> Result<TemplateMeta> {
+        check_name("template", name)?;
+        let path = self.template_dir(name).join("template.toml");
+        match fs::read_to_string(&path) {
+            Ok(s) => toml::from_str(&s).map_err(|e| Error::Corrupt {
+                path,
+                why: e.message().to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::NoTemplate(name.to_string()))
+            }
+            Err(e) => Err(Error::io("read", path)(e)),
+        }
+    }
+
+    /// All templates, sorted by name.
+    pub fn templates(&self) -> Result<Vec<TemplateMeta>> {
+        let mut out = Vec::new();
+        for name in list_dir(&self.templates_dir())? {
+            out.push(self.template(&name)?);
+        }
+        Ok(out)
+    }
+
+    /// Reads an instance's record.
+    pub fn instance(&self, name: &str) -> Result<Instance> {
+        check_name("instance", name)?;
+        let path = self.instance_dir(name).join("instance.toml");
+        match fs::read_to_string(&path) {
+            Ok(s) => toml::from_str(&s).map_err(|e| Error::Corrupt {
+                path,
+                why: e.message().to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::NoInstance(name.to_string()))
+            }
+            Err(e) => Err(Error::io("read", path)(e)),
+        }
+    }
+
+    /// Names of all instances, numbers first in numeric order, then the
+    /// others alphabetically.
+    pub fn instance_names(&self) -> Result<Vec<String>> {
+        let mut names = list_dir(&self.instances_dir())?;
+        sort_names(&mut names);
+        Ok(names)
+    }
+
+    /// Creates one instance: its upper layer with its own identity (host
+    /// key, hostname, machine-id), its port claim and its record. The
+    /// instance appears under its name only when complete (rename); on any
+    /// error nothing of it remains.
+    pub fn create_instance(&self, spec: &CreateSpec) -> Result<Instance> {
+        check_name("instance", &spec.name)?;
+        let tmpl = self.template(&spec.template)?;
+        let final_dir = self.instance_dir(&spec.name);
+        if final_dir.exists() {
+            return Err(Error::InstanceExists(spec.name.clone()));
+        }
+        for b in &spec.bind_ro {
+            parse_bind(b)?;
+        }
+        let port = self.claim_port(&spec.name, spec.port)?;
+        let tmp = self
+            .instances_dir()
+            .join(format!(".new-{}-{}", spec.name, std::process::id()));
+        let result = self
+            .write_instance(&tmp, spec, &tmpl, port)
+            .and_then(|inst| {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &tmp,
+                    rustix::fs::CWD,
+                    &final_dir,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )
+                .map_err(|e| {
+                    if e == rustix::io::Errno::EXIST || e == rustix::io::Errno::NOTEMPTY {
+                        Error::InstanceExists(spec.name.clone())
+                    } else {
+                        Error::sys(format!(
+                            "renameat2({}, {}, RENAME_NOREPLACE)",
+                            tmp.display(),
+                            final_dir.display()
+                        ))(e)
+                    }
+                })
+                .map(|()| inst)
+            });
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+            self.release_port(port, &spec.name);
+        }
+        result
+    }
+
+    fn write_instance(
+        &self,
+        dir: &Path,
+        spec: &CreateSpec,
+        tmpl: &TemplateMeta,
+        port: u16,
+    ) -> Result<Instance> {
+        let mk = |p: &Path, mode: u32| {
+            fs::DirBuilder::new()
+                .mode(mode)
+                .create(p)
+                .map_err(Error::io("create", p))
+        };
+        mk(dir, 0o700)?;
+        let upper = dir.join("upper");
+        mk(&upper, 0o755)?;
+        mk(&dir.join("work"), 0o700)?;
+        let etc = upper.join("etc");
+        mk(&etc, 0o755)?;
+        mk(&etc.join("dropbear"), 0o700)?;
+
+        let key = keys::HostKey::generate();
+        write_file(
+            &etc.join("dropbear/dropbear_ed25519_host_key"),
+            &key.dropbear_private(),
+            0o600,
+        )?;
+        write_file(
+            &etc.join("hostname"),
+            format!("nifty{}\n", spec.name).as_bytes(),
+            0o644,
+        )?;
+        let machine_id: [u8; 16] = rand::random();
+        write_file(
+            &etc.join("machine-id"),
+            format!("{}\n", hex::encode(machine_id)).as_bytes(),
+            0o444,
+        )?;
+        let inst = Instance {
+            name: spec.name.clone(),
+            template: spec.template.clone(),
+            backend: spec.backend,
+            port,
+            user: tmpl.user.clone(),
+            host_key: key.openssh_public(),
+            created: now(),
+            limits: spec.limits.clone(),
+            bind_ro: spec.bind_ro.clone(),
+        };
+        let text = toml::to_string(&inst).map_err(|e| Error::Host(e.to_string()))?;
+        write_file(&dir.join("instance.toml"), text.as_bytes(), 0o644)?;
+        Ok(inst)
+    }
+
+    /// Removes a stopped instance's files and releases its port.
+    pub fn remove_instance(&self, inst: &Instance) -> Result<()> {
+        let dir = self.instance_dir(&inst.name);
+        // Move it out of the way first so a half-removed instance is never
+        // seen under its name.
+        let trash = self
+            .instances_dir()
+            .join(format!(".rm-{}-{}", inst.name, std::process::id()));
+        fs::rename(&dir, &trash).map_err(Error::io("rename", &dir))?;
+        self.release_port(inst.port, &inst.name);
+        fs::remove_dir_all(&trash).map_err(Error::io("remove", &trash))
+    }
+
+    /// Claims a port for `name`: the requested one, `2200 + N` for numeric
+    /// names, or the next free one of the pool. A claim is a symlink
+    /// `ports/<port> -> <name>`, so two instances can never hold one port;
+    /// a port already bound on the host is refused now, not at boot.
+    fn claim_port(&self, name: &str, requested: Option<u16>) -> Result<u16> {
+        let fixed = match requested {
+            Some(p) => Some(p),
+            None => match name.parse::<u32>() {
+                Ok(n) if !name.starts_with('0') || name == "0" => {
+                    let p = u32::from(PORT_BASE) + n;
+                    if p > 65535 {
+                        return Err(Error::Invalid(format!(
+                            "instance {name:?}: port 2200 + {n} is above 65535; give --port or a smaller number"
+                        )));
+                    }
+                    Some(p as u16)
+                }
+                _ => None,
+            },
+        };
+        if let Some(port) = fixed {
+            if port == 0 {
+                return Err(Error::Port {
+                    port,
+                    why: "0 is not a usable port; pick 1-65535".into(),
+                });
+            }
+            self.try_claim(port, name)?;
+            return Ok(port);
+        }
+        for port in (POOL_BOTTOM..=POOL_TOP).rev() {
+            match self.try_claim(port, name) {
+                Ok(()) => return Ok(port),
+                Err(Error::Port { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Host(format!(
+            "instance {name:?}: no free port left in {POOL_BOTTOM}-{POOL_TOP}; give --port"
+        )))
+    }
+
+    fn try_claim(&self, port: u16, name: &str) -> Result<()> {
+        let link = self.ports_dir().join(port.to_string());
+        match symlink(name, &link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let owner = fs::read_link(&link)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                return Err(Error::Port {
+                    port,
+                    why: format!("already assigned to instance {owner:?}"),
+                });
+            }
+            Err(e) => return Err(Error::io("create port claim", link)(e)),
+        }
+        if let Err(why) = host_port_free(port) {
+            let _ = fs::remove_file(&link);
+            return Err(Error::Port { port, why });
+        }
+        Ok(())
+    }
+
+    fn release_port(&self, port: u16, name: &str) {
+        let link = self.ports_dir().join(port.to_string());
+        if fs::read_link(&link).is_ok_and(|p| p == Path::new(name)) {
+            let _ = fs::remove_file(link);
+        }
+    }
+}
+
+/// Is a TCP port free on the host, for IPv4 and IPv6 wildcard listeners
+/// (Dropbear listens on both)?
+fn host_port_free(port: u16) -> std::result::Result<(), String> {
+    use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
+    if let Err(e) = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        return Err(format!(
+            "in use on the host ({e}); pick another with --port"
+        ));
+    }
+    match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
+            "in use on the host ({e}); pick another with --port"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Splits a `SRC:DST` bind specification, both absolute paths.
+pub fn parse_bind(spec: &str) -> Result<(PathBuf, PathBuf)> {
+    let (src, dst) = spec.split_once(':').unwrap_or((spec, spec));
+    let (src, dst) = (PathBuf::from(src), PathBuf::from(dst));
+    if !src.is_absolute() || !dst.is_absolute() || dst.components().any(|c| c.as_os_str() == "..") {
+        return Err(Error::Invalid(format!(
+            "invalid bind {spec:?}: use SRC[:DST] with absolute paths and no '..'"
+        )));
+    }
+    if !src.is_dir() {
+        return Err(Error::Invalid(format!(
+            "invalid bind {spec:?}: {} is not a directory on the host",
+            src.display()
+        )));
+    }
+    Ok((src, dst))
+}
+
+/// Sorts names: numbers first in numeric order, then the rest.
+pub fn sort_names(names: &mut [String]) {
+    names.sort_by(|a, b| match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y).then(a.cmp(b)),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        _ => a.cmp(b),
+    });
+}
+
+/// Entries of a directory that are not hidden work files, sorted.
+fn list_dir(dir: &Path) -> Result<Vec<String>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("read directory", dir)(e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(Error::io("read directory", dir))?;
+        if let Some(n) = e.file_name().to_str() {
+            if !n.starts_with('.') {
+                out.push(n.to_string());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Writes a new file with a mode, failing if it exists.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(Error::io("create", path))?;
+    f.write_all(data).map_err(Error::io("write", path))?;
+    // The umask may have narrowed the mode.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(Error::io("chmod", path))
+}
+
+/// The current time, RFC 3339, seconds precision.
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sorts_numbers_first() {
+        let mut v: Vec<String> = ["10", "slick", "2", "1", "a"].map(String::from).to_vec();
+        sort_names(&mut v);
+        assert_eq!(v, ["1", "2", "10", "a", "slick"]);
+    }
+
+    #[test]
+    fn cgroup_names_differ_per_root() {
+        assert_eq!(Store::new(None).cgroup_name(), "nifty");
+        let a = Store::new(Some("/tmp/a".into())).cgroup_name();
+        let b = Store::new(Some("/tmp/b".into())).cgroup_name();
+        assert_ne!(a, b);
+        assert!(a.starts_with("nifty-"));
+        assert_eq!(Store::new(Some("/tmp/a".into())).run_dir(), Path::new("/tmp/a/run"));
+    }
+
+    #[test]
+    fn binds() {
+        assert!(parse_bind("relative:/x").is_err());
+        assert!(parse_bind("/usr/share:/a/../b").is_err());
+        assert!(parse_bind("/nonexistent-dir-xyz").is_err());
+        let (s, d) = parse_bind("/usr/share:/opt/share").unwrap();
+        assert_eq!((s.as_path(), d.as_path()), (Path::new("/usr/share"), Path::new("/opt/share")));
+    }
+
+    #[test]
+    fn ports_are_claimed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(Some(dir.path().into()));
+        store.ensure().unwrap();
+        let p = store.claim_port("slick", None).unwrap();
+        assert_eq!(p, POOL_TOP);
+        let q = store.claim_port("other", None).unwrap();
+        assert_eq!(q, POOL_TOP - 1);
+        let e = store.claim_port("x", Some(p)).unwrap_err().to_string();
+        assert!(e.contains("already assigned to instance \"slick\""), "{e}");
+        store.release_port(p, "slick");
+        assert_eq!(store.claim_port("x", Some(p)).unwrap(), p);
+    }
+}

@@ -1,0 +1,149 @@
+//! The only module with `unsafe`: thin wrappers over the few system calls
+//! that rustix does not offer safely, each with its SAFETY note.
+
+use std::ffi::{c_char, CStr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// `struct clone_args` of clone3(2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// What [`clone3_fork`] returned.
+pub enum Forked {
+    /// In the parent: the child's PID and a pidfd for it.
+    Parent { pid: i32, pidfd: OwnedFd },
+    /// In the child.
+    Child,
+}
+
+/// Forks with clone3(2): `flags` (namespaces), placing the child straight
+/// into the cgroup v2 directory `cgroup` (CLONE_INTO_CGROUP, so there is no
+/// moment where it runs outside it) and returning a pidfd. The child gets
+/// SIGCHLD as exit signal, so whoever inherits it can reap it.
+///
+/// In the child only async-signal-safe work is allowed (raw system calls on
+/// memory prepared before the fork): the parent may be multi-threaded.
+pub fn clone3_fork(flags: u64, cgroup: BorrowedFd<'_>) -> std::io::Result<Forked> {
+    const CLONE_PIDFD: u64 = 0x1000;
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: flags | CLONE_PIDFD | CLONE_INTO_CGROUP,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM and with stack 0 behaves like fork(2):
+    // the child runs on a copy of this stack. `args` and `pidfd` outlive the
+    // call; the kernel writes only `pidfd`. The child's code path is
+    // restricted to async-signal-safe calls by the caller's contract.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent {
+            pid: pid as i32,
+            // SAFETY: with CLONE_PIDFD the kernel stored a new, owned fd.
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        }),
+    }
+}
+
+/// dup2(2) for the child's standard streams.
+pub fn dup2(old: RawFd, new: RawFd) -> std::io::Result<()> {
+    // SAFETY: dup2 only manipulates the fd table; `new` is one of 0..=2,
+    // which the caller means to replace.
+    if unsafe { libc::dup2(old, new) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// execve(2) with NULL-terminated argument and environment arrays prepared
+/// before a fork. Returns only on failure.
+pub fn execve(path: &CStr, argv: &[*const c_char], envp: &[*const c_char]) -> std::io::Error {
+    debug_assert!(argv.last().is_some_and(|p| p.is_null()));
+    debug_assert!(envp.last().is_some_and(|p| p.is_null()));
+    // SAFETY: `path` is a valid C string; `argv` and `envp` are
+    // NULL-terminated arrays of pointers to C strings that the caller keeps
+    // alive (they live in the parent's prepared plan, copied by the fork).
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    std::io::Error::last_os_error()
+}
+
+/// _exit(2): leave a forked child without running the parent's atexit
+/// handlers or flushing its buffers.
+pub fn exit_child(code: i32) -> ! {
+    // SAFETY: _exit is async-signal-safe and never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// Marks every fd from `first` on close-on-exec (close_range(2)).
+pub fn cloexec_from(first: u32) -> std::io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on fds.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Borrows a raw fd that stays open for the rest of the process (the
+/// forked child's pipe ends, which it never closes before exec or exit).
+pub fn borrow_fd(fd: RawFd) -> BorrowedFd<'static> {
+    assert!(fd >= 0);
+    // SAFETY: the caller passes an fd that is open and is not closed for the
+    // rest of the process's life (the child exits or execs, which ends it).
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// Runs `command` with `hook` executed in the child between fork and exec,
+/// and waits for it.
+///
+/// The hook must restrict itself to system calls: the child of a fork may
+/// not take locks that another thread of the parent held.
+pub fn spawn_with_hook(
+    command: &mut std::process::Command,
+    hook: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> std::io::Result<std::process::ExitStatus> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook only makes raw system calls (setns, write, chdir,
+    // setgroups/setgid/setuid) on fds and C strings it owns; it does not
+    // allocate or lock.
+    unsafe { command.pre_exec(hook) };
+    command.status()
+}
+
+/// rustix's Uid/Gid from raw numbers (read from a container's passwd).
+pub fn ids(uid: u32, gid: u32) -> (rustix::process::Uid, rustix::process::Gid) {
+    // SAFETY: from_raw is unsafe only because -1 means "no change" to some
+    // calls; passwd IDs that are u32::MAX are rejected here.
+    assert!(uid != u32::MAX && gid != u32::MAX, "uid/gid -1 is not an ID");
+    unsafe {
+        (
+            rustix::process::Uid::from_raw(uid),
+            rustix::process::Gid::from_raw(gid),
+        )
+    }
+}
