@@ -11,7 +11,12 @@ use nifty::store::Backend;
 /// are overlayfs clones of it, each booted with BusyBox init as PID 1 and its
 /// own SSH port (2200 + N for instance N).
 #[derive(Debug, Parser)]
-#[command(name = "nifty", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "nifty",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     /// State root: templates, instances, keys.
     #[arg(long, global = true, env = "NIFTY_ROOT", value_name = "DIR", default_value = nifty::store::DEFAULT_ROOT)]

@@ -32,7 +32,9 @@ pub enum Error {
     NoTemplate(String),
 
     /// An instance does not exist.
-    #[error("instance {0:?} does not exist: see `nifty list`, or create it with `nifty create {0}`")]
+    #[error(
+        "instance {0:?} does not exist: see `nifty list`, or create it with `nifty create {0}`"
+    )]
     NoInstance(String),
 
     /// An instance that must not exist already does.

@@ -35,19 +35,28 @@ pub fn expand_new(args: &[String]) -> Result<Vec<String>> {
 pub fn select(args: &[String], all: bool, existing: &[String]) -> Result<Vec<String>> {
     if all {
         if !args.is_empty() {
-            return Err(Error::Invalid("give instance names or --all, not both".into()));
+            return Err(Error::Invalid(
+                "give instance names or --all, not both".into(),
+            ));
         }
         return Ok(existing.to_vec());
     }
     if args.is_empty() {
-        return Err(Error::Invalid("no instances given: name some (1 2, 1..10, 'web-*') or use --all".into()));
+        return Err(Error::Invalid(
+            "no instances given: name some (1 2, 1..10, 'web-*') or use --all".into(),
+        ));
     }
     let set: std::collections::HashSet<&str> = existing.iter().map(String::as_str).collect();
     let mut out = Vec::new();
     for a in args {
         if is_glob(a) {
-            let pat = glob::Pattern::new(a).map_err(|e| Error::Invalid(format!("bad pattern {a:?}: {e}")))?;
-            let matched: Vec<String> = existing.iter().filter(|n| pat.matches(n)).cloned().collect();
+            let pat = glob::Pattern::new(a)
+                .map_err(|e| Error::Invalid(format!("bad pattern {a:?}: {e}")))?;
+            let matched: Vec<String> = existing
+                .iter()
+                .filter(|n| pat.matches(n))
+                .cloned()
+                .collect();
             if matched.is_empty() {
                 return Err(Error::Invalid(format!("no instance matches {a:?}")));
             }
@@ -84,7 +93,9 @@ fn dedup(v: &mut Vec<String>) {
 /// Parses `A..B` (inclusive, A <= B, both numbers). `None` if `s` is not a
 /// range at all.
 pub fn parse_range(s: &str) -> Result<Option<Vec<String>>> {
-    let Some((a, b)) = s.split_once("..") else { return Ok(None) };
+    let Some((a, b)) = s.split_once("..") else {
+        return Ok(None);
+    };
     let bad = |why: &str| Err(Error::Invalid(format!("invalid range {s:?}: {why}")));
     let (Ok(lo), Ok(hi)) = (a.parse::<u64>(), b.parse::<u64>()) else {
         return bad("use FIRST..LAST with numbers, e.g. 1..100");
@@ -128,7 +139,8 @@ impl Outcome {
     pub fn report(mut self, printer: &Printer, verb: &str) -> bool {
         let mut names: Vec<String> = self.failed.iter().map(|(n, _)| n.clone()).collect();
         sort_names(&mut names);
-        self.failed.sort_by_key(|(n, _)| names.iter().position(|m| m == n));
+        self.failed
+            .sort_by_key(|(n, _)| names.iter().position(|m| m == n));
         for (_, e) in &self.failed {
             eprintln!("nifty: {verb}: {e}");
         }
@@ -138,7 +150,11 @@ impl Outcome {
                 "{verb}: {} of {total} done in {:.2}s{}",
                 self.ok.len(),
                 self.seconds,
-                if self.failed.is_empty() { String::new() } else { format!(", {} failed", self.failed.len()) }
+                if self.failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} failed", self.failed.len())
+                }
             ));
         }
         self.failed.is_empty()
@@ -154,7 +170,9 @@ pub fn run<T: Send>(
 ) -> Outcome {
     let start = Instant::now();
     let bar = printer.progress(verb, names.len() as u64);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(workers().min(names.len().max(1))).build();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers().min(names.len().max(1)))
+        .build();
     let work = || {
         names
             .par_iter()
@@ -170,7 +188,10 @@ pub fn run<T: Send>(
         Err(_) => work(),
     };
     bar.finish_and_clear();
-    let mut out = Outcome { seconds: start.elapsed().as_secs_f64(), ..Outcome::default() };
+    let mut out = Outcome {
+        seconds: start.elapsed().as_secs_f64(),
+        ..Outcome::default()
+    };
     for (n, r) in results {
         match r {
             Ok(_) => out.ok.push(n),
@@ -201,7 +222,10 @@ mod tests {
 
     #[test]
     fn new_names() {
-        assert_eq!(expand_new(&v(&["1..3", "slick", "2"])).unwrap(), v(&["1", "2", "3", "slick"]));
+        assert_eq!(
+            expand_new(&v(&["1..3", "slick", "2"])).unwrap(),
+            v(&["1", "2", "3", "slick"])
+        );
         assert!(expand_new(&v(&["a/b"])).is_err());
         assert!(expand_new(&v(&["web-*"])).is_err());
     }
@@ -209,8 +233,14 @@ mod tests {
     #[test]
     fn selections() {
         let have = v(&["1", "2", "3", "web-a", "web-b", "slick"]);
-        assert_eq!(select(&v(&["web-*"]), false, &have).unwrap(), v(&["web-a", "web-b"]));
-        assert_eq!(select(&v(&["2..3", "slick"]), false, &have).unwrap(), v(&["2", "3", "slick"]));
+        assert_eq!(
+            select(&v(&["web-*"]), false, &have).unwrap(),
+            v(&["web-a", "web-b"])
+        );
+        assert_eq!(
+            select(&v(&["2..3", "slick"]), false, &have).unwrap(),
+            v(&["2", "3", "slick"])
+        );
         assert_eq!(select(&[], true, &have).unwrap(), have);
         let e = select(&v(&["4"]), false, &have).unwrap_err().to_string();
         assert!(e.contains("\"4\" does not exist"), "{e}");

@@ -102,6 +102,9 @@ mod tests {
         assert!(a.starts_with("ssh-ed25519 "));
         assert_eq!(ensure_client_key(&p).unwrap(), a);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

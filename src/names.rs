@@ -10,7 +10,11 @@ pub const MAX_NAME: usize = 48;
 /// starting with `-` or `.`, at most [`MAX_NAME`] bytes. This rules out `/`,
 /// `..` and anything a shell, a path or a unit name would mangle.
 pub fn check_name(kind: &str, name: &str) -> Result<()> {
-    let bad = |why: &str| Err(Error::Invalid(format!("invalid {kind} name {name:?}: {why}")));
+    let bad = |why: &str| {
+        Err(Error::Invalid(format!(
+            "invalid {kind} name {name:?}: {why}"
+        )))
+    };
     if name.is_empty() {
         return bad("it is empty");
     }
@@ -46,7 +50,9 @@ pub fn check_user(name: &str) -> Result<()> {
     if !(first.is_ascii_lowercase() || first == '_') {
         return bad("it must start with a lowercase letter or '_'");
     }
-    if let Some(c) = chars.find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-')) {
+    if let Some(c) =
+        chars.find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
+    {
         return bad(&format!("{c:?} is not allowed (use a-z, 0-9, '_' and '-')"));
     }
     Ok(())
@@ -61,7 +67,17 @@ mod tests {
         for ok in ["1", "42", "slick", "web-01", "a_b", "Z9"] {
             check_name("instance", ok).unwrap();
         }
-        for bad in ["", "a/b", "..", ".", "a.b", "-x", "a b", "ü", &"x".repeat(49)] {
+        for bad in [
+            "",
+            "a/b",
+            "..",
+            ".",
+            "a.b",
+            "-x",
+            "a b",
+            "ü",
+            &"x".repeat(49),
+        ] {
             let e = check_name("instance", bad).unwrap_err().to_string();
             assert!(e.contains("invalid instance name"), "{bad:?}: {e}");
         }

@@ -573,7 +573,10 @@ mod tests {
         let b = Store::new(Some("/tmp/b".into())).cgroup_name();
         assert_ne!(a, b);
         assert!(a.starts_with("nifty-"));
-        assert_eq!(Store::new(Some("/tmp/a".into())).run_dir(), Path::new("/tmp/a/run"));
+        assert_eq!(
+            Store::new(Some("/tmp/a".into())).run_dir(),
+            Path::new("/tmp/a/run")
+        );
     }
 
     #[test]
@@ -582,7 +585,10 @@ mod tests {
         assert!(parse_bind("/usr/share:/a/../b").is_err());
         assert!(parse_bind("/nonexistent-dir-xyz").is_err());
         let (s, d) = parse_bind("/usr/share:/opt/share").unwrap();
-        assert_eq!((s.as_path(), d.as_path()), (Path::new("/usr/share"), Path::new("/opt/share")));
+        assert_eq!(
+            (s.as_path(), d.as_path()),
+            (Path::new("/usr/share"), Path::new("/opt/share"))
+        );
     }
 
     #[test]

@@ -139,7 +139,10 @@ pub fn spawn_with_hook(
 pub fn ids(uid: u32, gid: u32) -> (rustix::process::Uid, rustix::process::Gid) {
     // SAFETY: from_raw is unsafe only because -1 means "no change" to some
     // calls; passwd IDs that are u32::MAX are rejected here.
-    assert!(uid != u32::MAX && gid != u32::MAX, "uid/gid -1 is not an ID");
+    assert!(
+        uid != u32::MAX && gid != u32::MAX,
+        "uid/gid -1 is not an ID"
+    );
     unsafe {
         (
             rustix::process::Uid::from_raw(uid),

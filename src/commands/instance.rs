@@ -26,8 +26,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
         }
         _ => (t, 1),
     };
-    let n: u64 = num.parse().with_context(|| format!("invalid size {s:?}: use bytes or a number with K, M or G"))?;
-    n.checked_mul(mul).filter(|v| *v > 0).with_context(|| format!("invalid size {s:?}"))
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("invalid size {s:?}: use bytes or a number with K, M or G"))?;
+    n.checked_mul(mul)
+        .filter(|v| *v > 0)
+        .with_context(|| format!("invalid size {s:?}"))
 }
 
 pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
@@ -47,7 +51,10 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
             return Err(Error::InstanceExists(n.clone()).into());
         }
     }
-    let limits = Limits { tasks: a.tasks, memory: parse_size(&a.memory)? };
+    let limits = Limits {
+        tasks: a.tasks,
+        memory: parse_size(&a.memory)?,
+    };
     anyhow::ensure!(limits.tasks > 0, "--tasks must be at least 1");
     for b in &a.bind_ro {
         nifty::store::parse_bind(b)?;
@@ -69,7 +76,8 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     });
     if names.len() == 1 && out.failed.is_empty() {
         let inst = ctx.store.instance(&names[0])?;
-        ctx.printer.info(format!("created {} (port {})", inst.name, inst.port));
+        ctx.printer
+            .info(format!("created {} (port {})", inst.name, inst.port));
     }
     Ok(out.report(&ctx.printer, "create"))
 }
@@ -77,13 +85,23 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
 pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
     let names = select(ctx, &a.sel)?;
     let native = Native::new(&ctx.store)?;
-    let insts = names.iter().map(|n| ctx.store.instance(n)).collect::<Result<Vec<_>, _>>()?;
+    let insts = names
+        .iter()
+        .map(|n| ctx.store.instance(n))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut failed = Vec::new();
     let mut removable = Vec::new();
-    let running: Vec<_> = insts.iter().filter(|i| native.info(i).state == State::Running).cloned().collect();
+    let running: Vec<_> = insts
+        .iter()
+        .filter(|i| native.info(i).state == State::Running)
+        .cloned()
+        .collect();
     if !running.is_empty() && !a.force {
         for i in &running {
-            failed.push((i.name.clone(), Error::Running(i.name.clone(), ", or use `nifty rm -f`")));
+            failed.push((
+                i.name.clone(),
+                Error::Running(i.name.clone(), ", or use `nifty rm -f`"),
+            ));
         }
     } else if !running.is_empty() {
         let bar = ctx.printer.progress("stop", running.len() as u64);
@@ -111,18 +129,27 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
 
 pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
     anyhow::ensure!(a.count >= 1, "up: give a number of instances, at least 1");
-    anyhow::ensure!(a.count <= fleet::MAX_RANGE, "up: at most {} instances", fleet::MAX_RANGE);
+    anyhow::ensure!(
+        a.count <= fleet::MAX_RANGE,
+        "up: at most {} instances",
+        fleet::MAX_RANGE
+    );
     match ctx.store.template(&a.template) {
         Ok(_) => {}
         Err(Error::NoTemplate(_)) if a.template == "default" => {
-            ctx.printer.info("building the default template from the host's BusyBox and Dropbear");
+            ctx.printer
+                .info("building the default template from the host's BusyBox and Dropbear");
             template::build(&ctx.store, &BuildOptions::default())?;
         }
         Err(e) => return Err(e.into()),
     }
     let existing = ctx.store.instance_names()?;
     let wanted: Vec<String> = (1..=a.count).map(|n| n.to_string()).collect();
-    let missing: Vec<String> = wanted.iter().filter(|n| !existing.contains(n)).cloned().collect();
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|n| !existing.contains(n))
+        .cloned()
+        .collect();
     if !missing.is_empty() {
         ctx.store.ensure()?;
         let out = fleet::run(&ctx.printer, "create", &missing, |name| {
@@ -140,7 +167,10 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         }
     }
     let native = Native::new(&ctx.store)?;
-    let insts = wanted.iter().map(|n| ctx.store.instance(n)).collect::<Result<Vec<_>, _>>()?;
+    let insts = wanted
+        .iter()
+        .map(|n| ctx.store.instance(n))
+        .collect::<Result<Vec<_>, _>>()?;
     let stopped: Vec<String> = insts
         .iter()
         .filter(|i| native.info(i).state == State::Stopped)

@@ -21,12 +21,19 @@ pub fn start(ctx: &Ctx, sel: Selection) -> Result<bool> {
     });
     if names.len() == 1 && out.failed.is_empty() {
         let inst = ctx.store.instance(&names[0])?;
-        ctx.printer.info(format!("started {} (ssh port {})", inst.name, inst.port));
+        ctx.printer
+            .info(format!("started {} (ssh port {})", inst.name, inst.port));
     }
     Ok(out.report(&ctx.printer, "start"))
 }
 
-fn stop_selected(ctx: &Ctx, native: &Native, a: &StopArgs, kill: bool, verb: &str) -> Result<Outcome> {
+fn stop_selected(
+    ctx: &Ctx,
+    native: &Native,
+    a: &StopArgs,
+    kill: bool,
+    verb: &str,
+) -> Result<Outcome> {
     let opts = StopOptions {
         signal: parse_signal(&a.signal)?,
         timeout: Duration::from_secs(a.timeout),

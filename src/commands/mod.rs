@@ -32,7 +32,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     };
     let ctx = Ctx {
         store,
-        printer: Printer { quiet: cli.quiet, json },
+        printer: Printer {
+            quiet: cli.quiet,
+            json,
+        },
     };
     let ok = match cli.command {
         Command::Template(t) => template::run(&ctx, t)?,
@@ -44,7 +47,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restart(a) => lifecycle::restart(&ctx, a)?,
         Command::Kill(s) => lifecycle::stop(
             &ctx,
-            crate::cli::StopArgs { sel: s, timeout: 0, signal: "KILL".into() },
+            crate::cli::StopArgs {
+                sel: s,
+                timeout: 0,
+                signal: "KILL".into(),
+            },
             true,
         )?,
         Command::List(_) => observe::list(&ctx)?,
@@ -60,7 +67,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Enable(_) => not_yet("enable", 4)?,
         Command::Disable(_) => not_yet("disable", 4)?,
     };
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn not_yet(verb: &str, issue: u32) -> Result<bool> {

@@ -38,7 +38,11 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
         return Ok(ok);
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let _ = writeln!(out, "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}", "NAME", "STATE", "BACKEND", "PID", "PORT", "UPTIME", "MEMORY");
+    let _ = writeln!(
+        out,
+        "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}",
+        "NAME", "STATE", "BACKEND", "PID", "PORT", "UPTIME", "MEMORY"
+    );
     for i in &infos {
         let _ = writeln!(
             out,
@@ -85,9 +89,15 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
         .into_iter()
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let ppid = stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()?;
+            let ppid = stat[stat.rfind(')')? + 2..]
+                .split(' ')
+                .nth(1)?
+                .parse()
+                .ok()?;
             let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&raw).trim_end_matches('\0').replace('\0', " ");
+            let cmdline = String::from_utf8_lossy(&raw)
+                .trim_end_matches('\0')
+                .replace('\0', " ");
             Some(Proc { pid, ppid, cmdline })
         })
         .collect();
@@ -102,12 +112,23 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
         ctx.printer.json(&st);
         return Ok(true);
     }
-    let dot = if st.info.state == State::Running { "●" } else { "○" };
+    let dot = if st.info.state == State::Running {
+        "●"
+    } else {
+        "○"
+    };
     println!("{dot} {} - nifty container # {}", inst.name, inst.name);
-    println!("    Template: {} ({})", inst.template, ctx.store.template_rootfs(&inst.template).display());
+    println!(
+        "    Template: {} ({})",
+        inst.template,
+        ctx.store.template_rootfs(&inst.template).display()
+    );
     match (st.info.pid, st.info.uptime_secs) {
         (Some(pid), up) => {
-            println!("      Active: running for {}", up.map_or("?".into(), duration));
+            println!(
+                "      Active: running for {}",
+                up.map_or("?".into(), duration)
+            );
             println!("    Init PID: {pid}");
         }
         _ => println!("      Active: stopped"),
@@ -116,23 +137,40 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
     println!(
         "        Port: {} ({})  ssh -p {} {}@localhost",
         inst.port,
-        if st.listening { "listening" } else { "not listening" },
+        if st.listening {
+            "listening"
+        } else {
+            "not listening"
+        },
         inst.port,
         inst.user
     );
     if let Some(m) = st.info.memory_bytes {
         println!("      Memory: {}", size(m));
     }
-    println!("      Limits: tasks {}, memory {}", inst.limits.tasks, size(inst.limits.memory));
+    println!(
+        "      Limits: tasks {}, memory {}",
+        inst.limits.tasks,
+        size(inst.limits.memory)
+    );
     println!("      CGroup: {}", st.cgroup);
     let mut children: HashMap<i32, Vec<&Proc>> = HashMap::new();
     for p in &st.processes {
         children.entry(p.ppid).or_default().push(p);
     }
     let pids: Vec<i32> = st.processes.iter().map(|p| p.pid).collect();
-    let roots: Vec<&Proc> = st.processes.iter().filter(|p| !pids.contains(&p.ppid)).collect();
+    let roots: Vec<&Proc> = st
+        .processes
+        .iter()
+        .filter(|p| !pids.contains(&p.ppid))
+        .collect();
     fn walk(p: &Proc, prefix: &str, last: bool, children: &HashMap<i32, Vec<&Proc>>) {
-        println!("              {prefix}{}{} {}", if last { "└─" } else { "├─" }, p.pid, p.cmdline);
+        println!(
+            "              {prefix}{}{} {}",
+            if last { "└─" } else { "├─" },
+            p.pid,
+            p.cmdline
+        );
         let kids = children.get(&p.pid).map(Vec::as_slice).unwrap_or(&[]);
         let next = format!("{prefix}{}", if last { "  " } else { "│ " });
         for (i, k) in kids.iter().enumerate() {
@@ -185,7 +223,7 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
             std::thread::sleep(Duration::from_millis(200));
             // Rotated at a restart: reopen.
             let pos = reader.stream_position()?;
-            if std::fs::metadata(&path).map_or(false, |m| m.len() < pos) {
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() < pos) {
                 reader = std::io::BufReader::new(std::fs::File::open(&path)?);
             }
             continue;
@@ -215,9 +253,16 @@ pub fn exec(ctx: &Ctx, a: ExecArgs) -> Result<ExitCode> {
 pub fn ssh(ctx: &Ctx, a: SshArgs) -> Result<ExitCode> {
     let inst = ctx.store.instance(&a.name)?;
     let key = ctx.store.client_key();
-    anyhow::ensure!(key.exists(), "nifty's client key {} is missing: rebuild the template", key.display());
+    anyhow::ensure!(
+        key.exists(),
+        "nifty's client key {} is missing: rebuild the template",
+        key.display()
+    );
     // Trust exactly this instance's host key, under an alias of its own.
-    let known = ctx.store.run_dir().join(format!("known_hosts.{}", inst.name));
+    let known = ctx
+        .store
+        .run_dir()
+        .join(format!("known_hosts.{}", inst.name));
     std::fs::create_dir_all(ctx.store.run_dir()).ok();
     std::fs::write(&known, format!("nifty-{} {}\n", inst.name, inst.host_key))
         .with_context(|| format!("write {}", known.display()))?;
@@ -225,7 +270,14 @@ pub fn ssh(ctx: &Ctx, a: SshArgs) -> Result<ExitCode> {
     cmd.args(["-i"])
         .arg(&key)
         .args(["-p", &inst.port.to_string(), "-l", &inst.user])
-        .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"])
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-o")
@@ -254,7 +306,10 @@ fn listening(port: u16) -> bool {
 fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn duration(secs: u64) -> String {

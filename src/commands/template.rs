@@ -13,7 +13,9 @@ pub fn run(ctx: &Ctx, cmd: TemplateCmd) -> Result<bool> {
         TemplateCmd::Build(a) => {
             let password = if a.password_stdin {
                 let mut s = String::new();
-                std::io::stdin().read_to_string(&mut s).context("reading the password from stdin")?;
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("reading the password from stdin")?;
                 let p = s.lines().next().unwrap_or("").to_string();
                 anyhow::ensure!(!p.is_empty(), "--password-stdin: stdin holds no password");
                 Some(p)
@@ -46,7 +48,10 @@ pub fn run(ctx: &Ctx, cmd: TemplateCmd) -> Result<bool> {
             if ctx.printer.json {
                 ctx.printer.json(&all);
             } else {
-                println!("{:<16} {:<26} {:<22} {:<8} BUILT", "NAME", "BUSYBOX", "DROPBEAR", "USER");
+                println!(
+                    "{:<16} {:<26} {:<22} {:<8} BUILT",
+                    "NAME", "BUSYBOX", "DROPBEAR", "USER"
+                );
                 for t in all {
                     println!(
                         "{:<16} {:<26} {:<22} {:<8} {}",

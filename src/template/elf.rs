@@ -26,9 +26,8 @@ impl Needs {
 pub fn check_elf(what: &str, path: &Path) -> Result<()> {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| {
-        Error::Invalid(format!("{what} {}: {e}", path.display()))
-    })?;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::Invalid(format!("{what} {}: {e}", path.display())))?;
     if f.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
         return Err(Error::Invalid(format!(
             "{what} {}: not an ELF executable; give the path of a real binary",
@@ -90,7 +89,11 @@ mod tests {
         let interp = n.interpreter.unwrap();
         assert!(interp.exists(), "{}", interp.display());
         assert!(
-            n.libraries.iter().any(|l| l.file_name().unwrap().to_string_lossy().starts_with("libc.so")),
+            n.libraries.iter().any(|l| l
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("libc.so")),
             "{:?}",
             n.libraries
         );
@@ -101,7 +104,9 @@ mod tests {
     fn refuses_non_elf() {
         let e = resolve(Path::new("/etc/passwd")).unwrap_err().to_string();
         assert!(e.contains("not an ELF executable"), "{e}");
-        let e = resolve(Path::new("/nonexistent/bin")).unwrap_err().to_string();
+        let e = resolve(Path::new("/nonexistent/bin"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/bin"), "{e}");
     }
 }

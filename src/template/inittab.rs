@@ -45,8 +45,14 @@ mod tests {
         let dropbear = entries.iter().find(|e| e[3].contains("dropbear")).unwrap();
         assert_eq!(dropbear[2], "respawn");
         for flag in ["-F", "-w", "-p ${NIFTY_PORT:-22}"] {
-            assert!(dropbear[3].contains(flag), "{flag} missing: {}", dropbear[3]);
+            assert!(
+                dropbear[3].contains(flag),
+                "{flag} missing: {}",
+                dropbear[3]
+            );
         }
-        assert!(entries.iter().any(|e| e[2] == "respawn" && e[3].contains("syslogd")));
+        assert!(entries
+            .iter()
+            .any(|e| e[2] == "respawn" && e[3].contains("syslogd")));
     }
 }

@@ -144,7 +144,15 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
         mkdir(&tmp, 0o755)?;
         let rootfs = tmp.join("rootfs");
         let mut libraries = Vec::new();
-        populate(&rootfs, opts, &binaries, &applets, &authorized, hash.as_deref(), &mut libraries)?;
+        populate(
+            &rootfs,
+            opts,
+            &binaries,
+            &applets,
+            &authorized,
+            hash.as_deref(),
+            &mut libraries,
+        )?;
         let meta = TemplateMeta {
             name: opts.name.clone(),
             built: now(),
@@ -186,7 +194,11 @@ fn swap_in(new: &Path, dest: &Path) -> Result<()> {
 /// `dropbearkey`, `dbclient` (also as `ssh`) and `scp`, where present next
 /// to Dropbear or in the usual places.
 fn dropbear_companions(dropbear: &Path) -> Vec<(PathBuf, &'static str)> {
-    let mut dirs: Vec<PathBuf> = dropbear.parent().map(Path::to_path_buf).into_iter().collect();
+    let mut dirs: Vec<PathBuf> = dropbear
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
     dirs.extend(["/usr/bin", "/usr/sbin", "/bin"].map(PathBuf::from));
     let mut out = Vec::new();
     for (name, dest) in [
@@ -373,9 +385,21 @@ fn populate(
         ("shells", "/bin/sh\n/bin/ash\n".into(), 0o644),
         ("hostname", "nifty\n".into(), 0o644),
         ("inittab", inittab::render(), 0o644),
-        ("nsswitch.conf", "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n".into(), 0o644),
-        ("hosts", "127.0.0.1 localhost\n::1 localhost\n".into(), 0o644),
-        ("profile", "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport PS1='\\h:\\w\\$ '\n".into(), 0o644),
+        (
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n".into(),
+            0o644,
+        ),
+        (
+            "hosts",
+            "127.0.0.1 localhost\n::1 localhost\n".into(),
+            0o644,
+        ),
+        (
+            "profile",
+            "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport PS1='\\h:\\w\\$ '\n".into(),
+            0o644,
+        ),
     ];
     for (name, text, mode) in files {
         write_file(&etc.join(name), text.as_bytes(), mode)?;
@@ -391,12 +415,17 @@ fn populate(
     let ssh_dir = home.join(".ssh");
     mkdir(&ssh_dir, 0o700)?;
     let keys_file = ssh_dir.join("authorized_keys");
-    write_file(&keys_file, format!("{}\n", authorized.join("\n")).as_bytes(), 0o600)?;
+    write_file(
+        &keys_file,
+        format!("{}\n", authorized.join("\n")).as_bytes(),
+        0o600,
+    )?;
     let id = Some(accounts::USER_ID);
     for p in [&home, &ssh_dir, &keys_file] {
         std::os::unix::fs::chown(p, id, id).map_err(Error::io("chown", p))?;
     }
-    fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).map_err(Error::io("chmod", &home))?;
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o700))
+        .map_err(Error::io("chmod", &home))?;
 
     strip_setuid(rootfs)
 }
@@ -457,6 +486,8 @@ mod tests {
         // busybox-static is a test dependency; without it, say so.
         let list = list.expect("Debian's busybox-static must be installed for unit tests");
         assert!(list.iter().any(|a| a == "sbin/init"));
-        assert!(!list.iter().any(|a| a.ends_with("/su") || a.ends_with("/passwd")));
+        assert!(!list
+            .iter()
+            .any(|a| a.ends_with("/su") || a.ends_with("/passwd")));
     }
 }

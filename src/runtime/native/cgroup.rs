@@ -41,7 +41,9 @@ impl Hierarchy {
         let mut v2 = None;
         let (mut v1_pids, mut v1_memory) = (None, None);
         for line in info.lines() {
-            let Some((left, right)) = line.split_once(" - ") else { continue };
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
             let mount_point = left.split(' ').nth(4).unwrap_or("");
             let mut r = right.split(' ');
             let fstype = r.next().unwrap_or("");
@@ -91,7 +93,9 @@ impl Hierarchy {
 
     /// Names of the instance cgroups that exist under `base`.
     pub fn existing(&self, base: &str) -> Vec<String> {
-        let Ok(rd) = fs::read_dir(self.v2.join(base)) else { return Vec::new() };
+        let Ok(rd) = fs::read_dir(self.v2.join(base)) else {
+            return Vec::new();
+        };
         rd.flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter_map(|e| e.file_name().into_string().ok())
@@ -148,7 +152,9 @@ impl Cgroup {
         }
         rustix::fs::open(
             &self.v2,
-            rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
         .map_err(Error::sys(format!("open({})", self.v2.display())))

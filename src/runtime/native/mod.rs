@@ -62,7 +62,11 @@ impl Native {
         let pid = find_init(&cg.procs());
         Info {
             name: inst.name.clone(),
-            state: if pid.is_some() { State::Running } else { State::Stopped },
+            state: if pid.is_some() {
+                State::Running
+            } else {
+                State::Stopped
+            },
             backend: inst.backend,
             pid,
             port: inst.port,
@@ -169,12 +173,17 @@ impl Native {
                         }
                         return Ok(None);
                     };
-                    let pidfd = rustix::process::pidfd_open(Pid::from_raw(pid).expect("pid > 0"), rustix::process::PidfdFlags::empty()).ok();
+                    let pidfd = rustix::process::pidfd_open(
+                        Pid::from_raw(pid).expect("pid > 0"),
+                        rustix::process::PidfdFlags::empty(),
+                    )
+                    .ok();
                     if opts.kill {
                         cg.kill()?;
                     } else if let Some(fd) = &pidfd {
-                        rustix::process::pidfd_send_signal(fd, opts.signal)
-                            .map_err(Error::sys(format!("pidfd_send_signal({pid}, {:?})", opts.signal)))?;
+                        rustix::process::pidfd_send_signal(fd, opts.signal).map_err(Error::sys(
+                            format!("pidfd_send_signal({pid}, {:?})", opts.signal),
+                        ))?;
                     }
                     Ok(Some(Pending {
                         name: inst.name.clone(),
@@ -269,18 +278,35 @@ impl Native {
     /// root, its cgroup, as `user` (default root of the container).
     /// Returns the command's exit code. Call it from a single-threaded
     /// process: it joins the container's PID namespace.
-    pub fn exec(&self, inst: &Instance, user: Option<&str>, cmd: &[String], env: &[(String, String)]) -> Result<i32> {
+    pub fn exec(
+        &self,
+        inst: &Instance,
+        user: Option<&str>,
+        cmd: &[String],
+        env: &[(String, String)],
+    ) -> Result<i32> {
         check_backend(inst)?;
-        let pid = find_init(&self.cgroup(&inst.name).procs()).ok_or_else(|| Error::NotRunning(inst.name.clone()))?;
+        let pid = find_init(&self.cgroup(&inst.name).procs())
+            .ok_or_else(|| Error::NotRunning(inst.name.clone()))?;
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let open_ns = |ns: &str| {
             let p = proc_dir.join("ns").join(ns);
             rustix::fs::open(&p, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
                 .map_err(Error::sys(format!("open({})", p.display())))
         };
-        let (mnt, uts, ipc, pidns) = (open_ns("mnt")?, open_ns("uts")?, open_ns("ipc")?, open_ns("pid")?);
+        let (mnt, uts, ipc, pidns) = (
+            open_ns("mnt")?,
+            open_ns("uts")?,
+            open_ns("ipc")?,
+            open_ns("pid")?,
+        );
         let account = match user {
-            None | Some("root") => Account { uid: 0, gid: 0, home: "/root".into(), name: "root".into() },
+            None | Some("root") => Account {
+                uid: 0,
+                gid: 0,
+                home: "/root".into(),
+                name: "root".into(),
+            },
             Some(u) => lookup_user(&proc_dir.join("root"), u).map_err(|e| match e {
                 Error::Invalid(m) => Error::Invalid(format!("instance {:?}: {m}", inst.name)),
                 e => e,
@@ -306,18 +332,32 @@ impl Native {
             .env("HOME", &account.home)
             .env("USER", &account.name)
             .env("LOGNAME", &account.name)
-            .env("TERM", std::env::var("TERM").unwrap_or_else(|_| "vt100".into()))
+            .env(
+                "TERM",
+                std::env::var("TERM").unwrap_or_else(|_| "vt100".into()),
+            )
             .envs(env.iter().map(|(k, v)| (k, v)));
         let home = std::ffi::CString::new(account.home.as_bytes()).unwrap_or_default();
         if account.uid == u32::MAX || account.gid == u32::MAX {
-            return Err(Error::Invalid(format!("instance {:?}: user has an invalid uid/gid", inst.name)));
+            return Err(Error::Invalid(format!(
+                "instance {:?}: user has an invalid uid/gid",
+                inst.name
+            )));
         }
         let (uid, gid) = crate::sys::ids(account.uid, account.gid);
         let hook = move || -> std::io::Result<()> {
             let err = |e: rustix::io::Errno| std::io::Error::from_raw_os_error(e.raw_os_error());
             move_into_link_name_space(mnt.as_fd(), Some(LinkNameSpaceType::Mount)).map_err(err)?;
-            move_into_link_name_space(uts.as_fd(), Some(LinkNameSpaceType::HostNameAndNISDomainName)).map_err(err)?;
-            move_into_link_name_space(ipc.as_fd(), Some(LinkNameSpaceType::InterProcessCommunication)).map_err(err)?;
+            move_into_link_name_space(
+                uts.as_fd(),
+                Some(LinkNameSpaceType::HostNameAndNISDomainName),
+            )
+            .map_err(err)?;
+            move_into_link_name_space(
+                ipc.as_fd(),
+                Some(LinkNameSpaceType::InterProcessCommunication),
+            )
+            .map_err(err)?;
             for f in &cgroup_files {
                 rustix::io::write(f, b"0").map_err(err)?;
             }
@@ -329,10 +369,16 @@ impl Native {
             rustix::thread::set_thread_uid(uid).map_err(err)?;
             Ok(())
         };
-        let status = crate::sys::spawn_with_hook(&mut command, hook)
-            .map_err(|e| Error::Host(format!("instance {:?}: cannot run {:?}: {e}", inst.name, cmd[0])))?;
+        let status = crate::sys::spawn_with_hook(&mut command, hook).map_err(|e| {
+            Error::Host(format!(
+                "instance {:?}: cannot run {:?}: {e}",
+                inst.name, cmd[0]
+            ))
+        })?;
         use std::os::unix::process::ExitStatusExt;
-        Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
     }
 }
 
@@ -347,8 +393,12 @@ struct Account {
 /// Reads the container's /etc/passwd without following any symlink out of
 /// its root (openat2 with RESOLVE_IN_ROOT).
 fn lookup_user(root: &Path, user: &str) -> Result<Account> {
-    let rootfd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(Error::sys(format!("open({})", root.display())))?;
+    let rootfd = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(Error::sys(format!("open({})", root.display())))?;
     let fd = rustix::fs::openat2(
         &rootfd,
         "etc/passwd",
@@ -356,18 +406,29 @@ fn lookup_user(root: &Path, user: &str) -> Result<Account> {
         Mode::empty(),
         rustix::fs::ResolveFlags::IN_ROOT | rustix::fs::ResolveFlags::NO_MAGICLINKS,
     )
-    .map_err(Error::sys(format!("openat2({}, etc/passwd, RESOLVE_IN_ROOT)", root.display())))?;
-    let text = std::io::read_to_string(fs::File::from(fd)).map_err(Error::io("read", root.join("etc/passwd")))?;
+    .map_err(Error::sys(format!(
+        "openat2({}, etc/passwd, RESOLVE_IN_ROOT)",
+        root.display()
+    )))?;
+    let text = std::io::read_to_string(fs::File::from(fd))
+        .map_err(Error::io("read", root.join("etc/passwd")))?;
     for line in text.lines() {
         let f: Vec<&str> = line.split(':').collect();
         if f.len() >= 6 && f[0] == user {
             let num = |s: &str| s.parse::<u32>().ok();
             if let (Some(uid), Some(gid)) = (num(f[2]), num(f[3])) {
-                return Ok(Account { uid, gid, home: f[5].to_string(), name: user.to_string() });
+                return Ok(Account {
+                    uid,
+                    gid,
+                    home: f[5].to_string(),
+                    name: user.to_string(),
+                });
             }
         }
     }
-    Err(Error::Invalid(format!("no user {user:?} in the container's /etc/passwd")))
+    Err(Error::Invalid(format!(
+        "no user {user:?} in the container's /etc/passwd"
+    )))
 }
 
 /// The environment init starts with.
@@ -392,32 +453,43 @@ fn open_log(path: &Path, name: &str) -> Result<OwnedFd> {
         .mode(0o640)
         .open(path)
         .map_err(Error::io("open", path))?;
-    let _ = writeln!(f, "nifty: starting instance {name} at {}", crate::store::now());
+    let _ = writeln!(
+        f,
+        "nifty: starting instance {name} at {}",
+        crate::store::now()
+    );
     Ok(f.into())
 }
 
 /// Takes an exclusive lock on the instance directory for the duration of a
 /// start (released by the kernel if nifty dies).
 pub fn lock(dir: &Path) -> Result<OwnedFd> {
-    let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| match e {
-            rustix::io::Errno::NOENT => Error::NoInstance(dir.file_name().unwrap_or_default().to_string_lossy().into()),
-            e => Error::sys(format!("open({})", dir.display()))(e),
-        })?;
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NOENT => {
+            Error::NoInstance(dir.file_name().unwrap_or_default().to_string_lossy().into())
+        }
+        e => Error::sys(format!("open({})", dir.display()))(e),
+    })?;
     rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
         .map_err(Error::sys(format!("flock({}, LOCK_EX)", dir.display())))?;
     Ok(fd)
 }
 
 /// The container's init among its cgroup's processes: the one that is PID 1
-/// in its own namespace.
+/// in its own namespace and has exec'd (a first process still setting up,
+/// or left behind by a nifty killed mid-start, does not count).
 pub fn find_init(procs: &[i32]) -> Option<i32> {
+    let starting = spawn::STARTING.to_str().unwrap_or_default();
     procs.iter().copied().find(|pid| {
         fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|l| l.split_whitespace().last())
-                == Some("1")
+            let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
+            field("NSpid:").and_then(|l| l.split_whitespace().last()) == Some("1")
+                && field("Name:") != Some(starting)
         })
     })
 }
@@ -427,7 +499,12 @@ pub fn uptime(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let start: u64 = after.split(' ').nth(19)?.parse().ok()?;
-    let up: f64 = fs::read_to_string("/proc/uptime").ok()?.split(' ').next()?.parse().ok()?;
+    let up: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
     let hz = rustix::param::clock_ticks_per_second();
     Some((up as u64).saturating_sub(start / hz))
 }

@@ -101,6 +101,10 @@ impl Step {
     }
 }
 
+/// The name (comm) of a container's first process until it execs init:
+/// such a process is PID 1 of its namespace but not yet a running container.
+pub const STARTING: &std::ffi::CStr = c"nifty:starting";
+
 /// Devices bound from the host into the container's private /dev.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -120,7 +124,8 @@ pub struct Plan {
 }
 
 fn cstr(s: impl Into<Vec<u8>>) -> std::io::Result<CString> {
-    CString::new(s).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in a path"))
+    CString::new(s)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in a path"))
 }
 
 fn path_c(p: &Path) -> std::io::Result<CString> {
@@ -147,7 +152,10 @@ impl Plan {
             if s.iter().any(|b| matches!(b, b',' | b':' | b'\\')) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
-                    format!("{}: overlayfs cannot take paths with ',', ':' or '\\'; use another --root", p.display()),
+                    format!(
+                        "{}: overlayfs cannot take paths with ',', ':' or '\\'; use another --root",
+                        p.display()
+                    ),
                 ));
             }
         }
@@ -175,8 +183,16 @@ impl Plan {
             .iter()
             .map(|(k, v)| cstr(format!("{k}={v}")))
             .collect::<std::io::Result<_>>()?;
-        let argv_ptrs = argv.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
-        let envp_ptrs = envp.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
+        let argv_ptrs = argv
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        let envp_ptrs = envp
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
         Ok(Plan {
             mount_point: path_c(spec.mount_point)?,
             overlay_opts,
@@ -211,10 +227,14 @@ pub fn spawn(
         let step = step.to_string();
         move |e: rustix::io::Errno| (step, std::io::Error::from_raw_os_error(e.raw_os_error()))
     };
-    let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
-    let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
-    let flags = (libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
-    let forked = sys::clone3_fork(flags, cgroup_fd.as_fd()).map_err(|e| ("clone3()".to_string(), e))?;
+    let (go_r, go_w) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
+    let (err_r, err_w) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
+    let flags =
+        (libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
+    let forked =
+        sys::clone3_fork(flags, cgroup_fd.as_fd()).map_err(|e| ("clone3()".to_string(), e))?;
     let (pid, pidfd) = match forked {
         sys::Forked::Child => {
             drop(go_w);
@@ -226,12 +246,18 @@ pub fn spawn(
     drop(go_r);
     drop(err_w);
     let reap = |pid: i32| {
-        let _ = rustix::process::waitpid(rustix::process::Pid::from_raw(pid), rustix::process::WaitOptions::empty());
+        let _ = rustix::process::waitpid(
+            rustix::process::Pid::from_raw(pid),
+            rustix::process::WaitOptions::empty(),
+        );
     };
     if let Err(e) = attach(pid) {
         drop(go_w); // the child sees EOF and exits
         reap(pid);
-        return Err(("attaching to the v1 cgroups".into(), std::io::Error::other(e.to_string())));
+        return Err((
+            "attaching to the v1 cgroups".into(),
+            std::io::Error::other(e.to_string()),
+        ));
     }
     if let Err(e) = rustix::io::write(&go_w, b"g") {
         reap(pid);
@@ -268,6 +294,8 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
         }
     };
 
+    // Until exec, this process is marked as not yet a container's init.
+    let _ = rustix::thread::set_name(STARTING);
     // Wait for the parent: EOF means it died before the go, so give up.
     let mut b = [0u8; 1];
     match rustix::io::read(raw_fd(go), &mut b) {
@@ -278,7 +306,10 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
     // Detach from the host's mount propagation, then build the root.
     check(
         Step::MakePrivate,
-        rustix::mount::mount_change(c"/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE),
+        rustix::mount::mount_change(
+            c"/",
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        ),
     );
     check(
         Step::MountOverlay,
@@ -290,7 +321,10 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
             plan.overlay_opts.as_c_str(),
         ),
     );
-    check(Step::ChdirRoot, rustix::process::chdir(plan.mount_point.as_c_str()));
+    check(
+        Step::ChdirRoot,
+        rustix::process::chdir(plan.mount_point.as_c_str()),
+    );
     check(
         Step::MountProc,
         rustix::mount::mount(
@@ -312,13 +346,24 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
         ),
     );
     for (host, inside) in &plan.devices {
-        match rustix::fs::openat(CWD, inside.as_c_str(), OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o666)) {
+        match rustix::fs::openat(
+            CWD,
+            inside.as_c_str(),
+            OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o666),
+        ) {
             Ok(fd) => drop(fd),
             Err(e) => fail(Step::CreateDevice, e.raw_os_error()),
         }
-        check(Step::BindDevice, rustix::mount::mount_bind(host.as_c_str(), inside.as_c_str()));
+        check(
+            Step::BindDevice,
+            rustix::mount::mount_bind(host.as_c_str(), inside.as_c_str()),
+        );
     }
-    check(Step::CreateDevice, rustix::fs::mkdirat(CWD, c"dev/pts", Mode::from_raw_mode(0o755)));
+    check(
+        Step::CreateDevice,
+        rustix::fs::mkdirat(CWD, c"dev/pts", Mode::from_raw_mode(0o755)),
+    );
     check(
         Step::MountDevpts,
         rustix::mount::mount(
@@ -343,7 +388,10 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => fail(Step::BindRo, e.raw_os_error()),
         }
-        check(Step::BindRo, rustix::mount::mount_bind(host.as_c_str(), inside.as_c_str()));
+        check(
+            Step::BindRo,
+            rustix::mount::mount_bind(host.as_c_str(), inside.as_c_str()),
+        );
         check(
             Step::RemountRo,
             rustix::mount::mount_remount(
@@ -355,9 +403,16 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
     }
     check(Step::Hostname, rustix::system::sethostname(&plan.hostname));
     check(Step::PivotRoot, rustix::process::pivot_root(c".", c"."));
-    check(Step::UmountOldRoot, rustix::mount::unmount(c".", UnmountFlags::DETACH));
+    check(
+        Step::UmountOldRoot,
+        rustix::mount::unmount(c".", UnmountFlags::DETACH),
+    );
     check(Step::ChdirRoot, rustix::process::chdir(c"/"));
-    match rustix::fs::open(c"/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+    match rustix::fs::open(
+        c"/dev/null",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
         Ok(null) => {
             let r = sys::dup2(null.as_raw_fd(), 0)
                 .and_then(|()| sys::dup2(plan.log_fd.as_raw_fd(), 1))

@@ -1,0 +1,195 @@
+//! Test harness: a temp state root per test, the real binary, and cleanup
+//! that runs even when the test fails (Drop).
+
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const NIFTY: &str = env!("CARGO_BIN_EXE_nifty");
+
+/// Are privileged tests possible here? If not: skip, or fail when CI
+/// requires them (NIFTY_REQUIRE_PRIVILEGED=1).
+pub fn privileged() -> bool {
+    let root = rustix::process::geteuid().is_root();
+    let can =
+        root && Path::new("/bin/busybox").exists() && Path::new("/usr/sbin/dropbear").exists();
+    if !can {
+        let why = if root {
+            "busybox-static and dropbear-bin are not installed"
+        } else {
+            "not running as root"
+        };
+        if std::env::var("NIFTY_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+            panic!("privileged test cannot run ({why}) but NIFTY_REQUIRE_PRIVILEGED=1");
+        }
+        eprintln!("SKIP: privileged test ({why})");
+    }
+    can
+}
+
+/// A state root in a temp dir; on drop, kills every container of it and
+/// removes it.
+pub struct Root {
+    pub dir: tempfile::TempDir,
+}
+
+impl Root {
+    pub fn new() -> Root {
+        Root {
+            dir: tempfile::Builder::new()
+                .prefix("nifty-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs nifty with this root.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(NIFTY)
+            .arg("--root")
+            .arg(self.path())
+            .args(args)
+            .env_remove("NIFTY_ROOT")
+            .output()
+            .expect("run nifty")
+    }
+
+    /// Runs nifty and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "nifty {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs nifty, asserts failure, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            !o.status.success(),
+            "nifty {args:?} should fail: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        self.path().join("templates/default/rootfs")
+    }
+
+    pub fn instance_toml(&self, name: &str) -> toml::Table {
+        let s = std::fs::read_to_string(
+            self.path()
+                .join("instances")
+                .join(name)
+                .join("instance.toml"),
+        )
+        .unwrap();
+        s.parse().unwrap()
+    }
+
+    pub fn port(&self, name: &str) -> u16 {
+        self.instance_toml(name)["port"].as_integer().unwrap() as u16
+    }
+
+    /// The v2 cgroup directory of this root's containers.
+    pub fn cgroup_base(&self) -> PathBuf {
+        let store = nifty::store::Store::new(Some(self.path().into()));
+        let h = nifty::runtime::native::cgroup::Hierarchy::detect().unwrap();
+        h.v2.join(store.cgroup_name())
+    }
+
+    /// PIDs in an instance's cgroup.
+    pub fn procs(&self, name: &str) -> Vec<i32> {
+        std::fs::read_to_string(self.cgroup_base().join(name).join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Logs in over SSH with a real client, nifty's key, and the instance's
+    /// known host key; returns (exit ok, stdout, stderr).
+    pub fn ssh_as(&self, name: &str, user: &str, cmd: &str) -> (bool, String, String) {
+        let port = self.port(name);
+        let known = self.path().join(format!("known_hosts.test.{name}"));
+        let key = self.instance_toml(name)["host_key"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::write(&known, format!("[localhost]:{port} {key}\n")).unwrap();
+        let o = Command::new("ssh")
+            .args(["-i"])
+            .arg(self.path().join("keys/id_ed25519"))
+            .args(["-p", &port.to_string(), "-l", user])
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+            ])
+            .args(["-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known.display()))
+            .args(["localhost", cmd])
+            .output()
+            .expect("run ssh (openssh-client)");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// SSH as the template's user, asserting success.
+    pub fn ssh(&self, name: &str, cmd: &str) -> String {
+        let (ok, out, err) = self.ssh_as(name, "luser", cmd);
+        assert!(ok, "ssh to {name} failed: {err}");
+        out
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        // Kill whatever this root still runs, even after a failed assertion.
+        let _ = Command::new(NIFTY)
+            .arg("--root")
+            .arg(self.path())
+            .args(["kill", "--all", "-q"])
+            .output();
+    }
+}
+
+/// Waits until a TCP port accepts connections.
+pub fn wait_port(port: u16, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Does any mount of the host mention `path`?
+pub fn mounted_under(path: &Path) -> Vec<String> {
+    let p = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&p))
+        .map(String::from)
+        .collect()
+}

@@ -1,0 +1,366 @@
+//! Privileged: real containers booted by the native launcher, reached with a
+//! real SSH client. Each test has its own state root and its own instance
+//! numbers (so its own ports), so tests run in parallel.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{mounted_under, privileged, wait_port, Root, NIFTY};
+
+fn range(lo: u32, hi: u32) -> Vec<String> {
+    (lo..=hi).map(|n| n.to_string()).collect()
+}
+
+/// BusyBox init rewrites its argv[0] to "init" once it runs.
+fn is_init(cmdline: &str) -> bool {
+    cmdline.starts_with("/sbin/init\0") || cmdline.starts_with("init\0")
+}
+
+fn booted(root: &Root, names: &[String]) {
+    for n in names {
+        assert!(
+            wait_port(root.port(n), Duration::from_secs(20)),
+            "instance {n}: dropbear never listened"
+        );
+    }
+}
+
+/// Everything of this root is gone: no process, no cgroup, no mount.
+fn assert_clean(root: &Root, pids: &[i32]) {
+    for pid in pids {
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            cmd.is_empty() || !cmd.contains("dropbear") && !cmd.starts_with("init"),
+            "pid {pid} survives: {cmd}"
+        );
+    }
+    let base = root.cgroup_base();
+    let left: Vec<_> = std::fs::read_dir(&base)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    assert!(
+        mounted_under(root.path()).is_empty(),
+        "mounts left: {:?}",
+        mounted_under(root.path())
+    );
+}
+
+#[test]
+fn fleet_of_twenty() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "101..120"]);
+    let names = range(101, 120);
+    // Each instance has its own identity.
+    let keys: Vec<String> = names
+        .iter()
+        .map(|n| root.instance_toml(n)["host_key"].as_str().unwrap().into())
+        .collect();
+    let unique: std::collections::HashSet<_> = keys.iter().collect();
+    assert_eq!(unique.len(), 20, "host keys are shared");
+    assert_eq!(root.port("101"), 2301);
+    root.ok(&["start", "101..120"]);
+    booted(&root, &names);
+
+    for n in ["101", "110", "120"] {
+        let out = root.ssh(
+            n,
+            "sh --help 2>&1 | head -1; cat /proc/1/cmdline; echo; hostname; ps -o pid,comm",
+        );
+        let mut lines = out.lines();
+        assert!(lines.next().unwrap().starts_with("BusyBox v"), "{out}");
+        assert_eq!(
+            lines.next().unwrap().trim_end_matches('\0'),
+            "init",
+            "{out}"
+        );
+        assert_eq!(lines.next().unwrap(), format!("nifty{n}"));
+        // Only its own processes: a handful, with small PIDs, init first.
+        let pids: Vec<u32> = lines
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert_eq!(pids[0], 1, "{out}");
+        assert!(
+            pids.len() < 10 && pids.iter().all(|p| *p < 100),
+            "foreign processes visible: {out}"
+        );
+    }
+    // The served host keys are the recorded ones and differ (StrictHostKeyChecking
+    // in ssh() already refused a mismatch); root cannot log in over the network.
+    let (ok, _, err) = root.ssh_as("105", "root", "id");
+    assert!(!ok, "root logged in over SSH: {err}");
+
+    let list = root.ok(&["list", "--json"]);
+    let v: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    assert_eq!(v.len(), 20);
+    assert!(v
+        .iter()
+        .all(|i| i["state"] == "running" && i["pid"].as_i64().unwrap() > 1));
+    let status = root.ok(&["status", "107"]);
+    assert!(
+        status.contains("Init PID")
+            && status.contains("(listening)")
+            && status.contains("dropbear"),
+        "{status}"
+    );
+    assert!(status.contains("syslogd"), "{status}");
+
+    let pids: Vec<i32> = names.iter().flat_map(|n| root.procs(n)).collect();
+    assert!(pids.len() >= 60, "init, syslogd, dropbear each: {pids:?}");
+    root.ok(&["stop", "101..120"]);
+    assert_clean(&root, &pids);
+    assert!(root.ok(&["list"]).contains("0 running"));
+
+    // Start again works; rm removes the instance's files.
+    root.ok(&["start", "101..103"]);
+    booted(&root, &range(101, 103));
+    root.ssh("102", "true");
+    let e = root.fails(&["rm", "101"]);
+    assert!(e.contains("is running"), "{e}");
+    root.ok(&["rm", "-f", "101..103"]);
+    for n in ["101", "102", "103"] {
+        assert!(!root.path().join("instances").join(n).exists());
+    }
+    root.ok(&["rm", "104..120"]);
+    assert_clean(&root, &pids);
+    assert_eq!(
+        std::fs::read_dir(root.path().join("ports"))
+            .unwrap()
+            .count(),
+        0,
+        "port claims left"
+    );
+}
+
+#[test]
+fn files_are_private_and_persistent() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "201", "202"]);
+    root.ok(&["start", "201", "202"]);
+    booted(&root, &range(201, 202));
+    root.ssh("201", "echo only-here > /home/luser/note");
+    root.ok(&[
+        "exec",
+        "201",
+        "--",
+        "sh",
+        "-c",
+        "echo root-was-here > /etc/motd",
+    ]);
+    let (ok, _, _) = root.ssh_as("202", "luser", "test -e /home/luser/note");
+    assert!(!ok, "file leaked into another container");
+    root.ok(&["restart", "201"]);
+    booted(&root, &range(201, 201));
+    assert_eq!(
+        root.ssh("201", "cat /home/luser/note /etc/motd"),
+        "only-here\nroot-was-here\n"
+    );
+    assert!(
+        !root.rootfs().join("home/luser/note").exists(),
+        "template changed"
+    );
+    assert!(!root.rootfs().join("etc/motd").exists(), "template changed");
+    // exec: as the container's root or its user, exit codes pass through.
+    assert_eq!(root.ok(&["exec", "202", "--", "id", "-u"]), "0\n");
+    assert_eq!(
+        root.ok(&["exec", "202", "--user", "luser", "--", "id", "-un"]),
+        "luser\n"
+    );
+    let o = root.run(&["exec", "202", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7));
+    // Logs show the boot.
+    let logs = root.ok(&["logs", "201"]);
+    assert!(logs.contains("starting instance 201"), "{logs}");
+    // Bad input changes nothing.
+    assert!(root.fails(&["start", "201"]).contains("is running"));
+    assert!(root
+        .fails(&["create", "203", "--port", &root.port("201").to_string()])
+        .contains("already assigned"));
+    root.ok(&["stop", "--all"]);
+    assert!(root
+        .fails(&["exec", "201", "--", "true"])
+        .contains("not running"));
+    assert_clean(&root, &[]);
+}
+
+#[test]
+fn port_in_use_is_refused_at_create() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    let l = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+    let port = l.local_addr().unwrap().port().to_string();
+    let e = root.fails(&["create", "slick", "--port", &port]);
+    assert!(e.contains("in use on the host"), "{e}");
+    assert!(!root.path().join("instances/slick").exists());
+    // Non-numeric names get a port of the pool below 2200.
+    root.ok(&["create", "slick", "--port", "2150"]);
+    assert_eq!(root.port("slick"), 2150);
+}
+
+#[test]
+fn killing_nifty_mid_start_leaves_nothing_invisible() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "301..320"]);
+    for delay_ms in [2u64, 8, 15] {
+        let mut child = Command::new(NIFTY)
+            .arg("--root")
+            .arg(root.path())
+            .args(["start", "301..320"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL, at whatever point it was
+        let _ = child.wait();
+        // `list` tells the truth: every running instance has a live init in
+        // its cgroup, every stopped one an empty cgroup.
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+        for i in &v {
+            let name = i["name"].as_str().unwrap();
+            let procs = root.procs(name);
+            if i["state"] == "running" {
+                let pid = i["pid"].as_i64().unwrap() as i32;
+                assert!(procs.contains(&pid), "{name}: {pid} not in {procs:?}");
+                let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+                assert!(is_init(&cmd), "{name}: {cmd:?}");
+            } else {
+                for p in procs {
+                    let cmd =
+                        std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    assert!(!is_init(&cmd), "{name}: stopped, but init {p} runs");
+                }
+            }
+        }
+        let pids: Vec<i32> = range(301, 320).iter().flat_map(|n| root.procs(n)).collect();
+        root.ok(&["stop", "--all"]);
+        assert_clean(&root, &pids);
+    }
+    // And a full start after all that works.
+    root.ok(&["start", "301..320"]);
+    booted(&root, &range(301, 320));
+    root.ssh("315", "true");
+    // A stop killed midway leaves nothing nifty cannot see or finish.
+    let pids: Vec<i32> = range(301, 320).iter().flat_map(|n| root.procs(n)).collect();
+    let mut child = Command::new(NIFTY)
+        .arg("--root")
+        .arg(root.path())
+        .args(["stop", "--all"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    root.ok(&["kill", "--all"]);
+    assert_clean(&root, &pids);
+}
+
+#[test]
+fn up_twice_leaves_five_running() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    let out = root.ok(&["up", "5"]);
+    assert!(out.contains("nifty ssh 1"), "{out}");
+    root.ok(&["up", "5"]);
+    let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    assert_eq!(v.len(), 5);
+    assert!(v.iter().all(|i| i["state"] == "running"), "{v:?}");
+    booted(&root, &range(1, 5));
+    // `nifty ssh` itself logs in, trusting only the instance's own host key.
+    let o = Command::new(NIFTY)
+        .arg("--root")
+        .arg(root.path())
+        .args(["ssh", "3", "--", "echo", "hello from", "$(hostname)"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello from nifty3\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let pids: Vec<i32> = range(1, 5).iter().flat_map(|n| root.procs(n)).collect();
+    root.ok(&["stop", "--all"]);
+    assert_clean(&root, &pids);
+}
+
+#[test]
+fn password_login_with_sha512_crypt() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    let mut child = Command::new(NIFTY)
+        .arg("--root")
+        .arg(root.path())
+        .args(["template", "build", "--password-stdin", "--user", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cret pass\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let shadow = std::fs::read_to_string(root.rootfs().join("etc/shadow")).unwrap();
+    assert!(
+        shadow.lines().any(|l| l.starts_with("alice:$6$")),
+        "{shadow}"
+    );
+    root.ok(&["create", "401"]);
+    root.ok(&["start", "401"]);
+    booted(&root, &range(401, 401));
+    let login = |pw: &str| {
+        Command::new("sshpass")
+            .args(["-p", pw, "ssh", "-p", "2601", "-l", "alice"])
+            .args([
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "LogLevel=ERROR", "localhost", "id -un"])
+            .output()
+            .expect("sshpass is installed by scripts/install-deps")
+    };
+    let good = login("s3cret pass");
+    assert_eq!(
+        String::from_utf8_lossy(&good.stdout),
+        "alice\n",
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(!login("wrong").status.success());
+    let pids = root.procs("401");
+    root.ok(&["stop", "401"]);
+    assert_clean(&root, &pids);
+}
