@@ -160,6 +160,15 @@ pub struct CreateArgs {
     /// Bind a host directory read-only: SRC or SRC:DST.
     #[arg(long = "bind-ro", value_name = "SRC[:DST]")]
     pub bind_ro: Vec<String>,
+    /// Let container root be host root (no user namespace). Unsafe.
+    #[arg(long)]
+    pub no_userns: bool,
+    /// No seccomp filter. Unsafe.
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Keep every capability in the bounding set. Unsafe.
+    #[arg(long)]
+    pub keep_caps: bool,
 }
 
 #[derive(Debug, Args)]

@@ -73,6 +73,30 @@ impl Default for Limits {
     }
 }
 
+/// How an instance is confined (issue #5); each layer can be relaxed at
+/// create time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Security {
+    /// First host UID/GID of the instance's own range of 65536 IDs; its
+    /// root is that host UID. `None`: container root is host root.
+    pub uid_base: Option<u32>,
+    /// Seccomp filter on.
+    pub seccomp: bool,
+    /// Capability bounding set reduced to what BusyBox and Dropbear need.
+    pub drop_caps: bool,
+}
+
+impl Default for Security {
+    /// What an instance record without a `[security]` table means.
+    fn default() -> Self {
+        Security {
+            uid_base: None,
+            seccomp: true,
+            drop_caps: true,
+        }
+    }
+}
+
 /// `instance.toml`: everything nifty needs to boot an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
@@ -88,6 +112,8 @@ pub struct Instance {
     /// Host directories bound read-only into the container: `SRC:DST`.
     #[serde(default)]
     pub bind_ro: Vec<String>,
+    #[serde(default)]
+    pub security: Security,
 }
 
 /// `template.toml`: where a template came from.
@@ -125,6 +151,10 @@ pub struct CreateSpec {
     pub port: Option<u16>,
     pub limits: Limits,
     pub bind_ro: Vec<String>,
+    /// Map container root to an unprivileged host range.
+    pub userns: bool,
+    pub seccomp: bool,
+    pub drop_caps: bool,
 }
 
 /// The state root and runtime directory of one nifty installation.
@@ -180,6 +210,10 @@ impl Store {
     }
     pub fn ports_dir(&self) -> PathBuf {
         self.root.join("ports")
+    }
+    /// Claims of user-namespace ID ranges: `uids/<slot> -> <name>`.
+    pub fn uids_dir(&self) -> PathBuf {
+        self.root.join("uids")
     }
     pub fn keys_dir(&self) -> PathBuf {
         self.root.join("keys")
@@ -299,11 +333,38 @@ impl Store {
             parse_bind(b)?;
         }
         let port = self.claim_port(&spec.name, spec.port)?;
+        if spec.userns && port < unprivileged_port_start() {
+            self.release_port(port, &spec.name);
+            return Err(Error::Port {
+                port,
+                why: format!(
+                    "below {}: container root is unprivileged and cannot bind it; pick a higher port, or create with --no-userns",
+                    unprivileged_port_start()
+                ),
+            });
+        }
+        let uid_base = if spec.userns {
+            let hint = spec.name.parse::<u32>().ok();
+            match crate::runtime::native::userns::claim(&self.uids_dir(), &spec.name, hint) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.release_port(port, &spec.name);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let security = Security {
+            uid_base,
+            seccomp: spec.seccomp,
+            drop_caps: spec.drop_caps,
+        };
         let tmp = self
             .instances_dir()
             .join(format!(".new-{}-{}", spec.name, std::process::id()));
         let result = self
-            .write_instance(&tmp, spec, &tmpl, port)
+            .write_instance(&tmp, spec, &tmpl, port, security)
             .and_then(|inst| {
                 rustix::fs::renameat_with(
                     rustix::fs::CWD,
@@ -328,6 +389,9 @@ impl Store {
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
             self.release_port(port, &spec.name);
+            if let Some(b) = uid_base {
+                crate::runtime::native::userns::release(&self.uids_dir(), &spec.name, b);
+            }
         }
         result
     }
@@ -338,6 +402,7 @@ impl Store {
         spec: &CreateSpec,
         tmpl: &TemplateMeta,
         port: u16,
+        security: Security,
     ) -> Result<Instance> {
         let mk = |p: &Path, mode: u32| {
             fs::DirBuilder::new()
@@ -380,7 +445,26 @@ impl Store {
             created: now(),
             limits: spec.limits.clone(),
             bind_ro: spec.bind_ro.clone(),
+            security,
         };
+        // The upper layer belongs to the container's root.
+        if let Some(base) = inst.security.uid_base {
+            for p in [&upper, &etc, &etc.join("dropbear")]
+                .into_iter()
+                .cloned()
+                .chain(
+                    [
+                        "dropbear/dropbear_ed25519_host_key",
+                        "hostname",
+                        "machine-id",
+                    ]
+                    .map(|f| etc.join(f)),
+                )
+            {
+                std::os::unix::fs::lchown(&p, Some(base), Some(base))
+                    .map_err(Error::io("chown", &p))?;
+            }
+        }
         let text = toml::to_string(&inst).map_err(|e| Error::Host(e.to_string()))?;
         write_file(&dir.join("instance.toml"), text.as_bytes(), 0o644)?;
         Ok(inst)
@@ -396,6 +480,9 @@ impl Store {
             .join(format!(".rm-{}-{}", inst.name, std::process::id()));
         fs::rename(&dir, &trash).map_err(Error::io("rename", &dir))?;
         self.release_port(inst.port, &inst.name);
+        if let Some(b) = inst.security.uid_base {
+            crate::runtime::native::userns::release(&self.uids_dir(), &inst.name, b);
+        }
         fs::remove_dir_all(&trash).map_err(Error::io("remove", &trash))
     }
 
@@ -486,6 +573,15 @@ fn host_port_free(port: u16) -> std::result::Result<(), String> {
         )),
         _ => Ok(()),
     }
+}
+
+/// The lowest port an unprivileged process may bind on the host
+/// (net.ipv4.ip_unprivileged_port_start, 1024 by default).
+pub fn unprivileged_port_start() -> u16 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 /// Splits a `SRC:DST` bind specification, both absolute paths.

@@ -36,15 +36,21 @@ pub enum Forked {
 ///
 /// In the child only async-signal-safe work is allowed (raw system calls on
 /// memory prepared before the fork): the parent may be multi-threaded.
-pub fn clone3_fork(flags: u64, cgroup: BorrowedFd<'_>) -> std::io::Result<Forked> {
+pub fn clone3_fork(flags: u64, cgroup: Option<BorrowedFd<'_>>) -> std::io::Result<Forked> {
     const CLONE_PIDFD: u64 = 0x1000;
     const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
-        flags: flags | CLONE_PIDFD | CLONE_INTO_CGROUP,
+        flags: flags
+            | CLONE_PIDFD
+            | if cgroup.is_some() {
+                CLONE_INTO_CGROUP
+            } else {
+                0
+            },
         pidfd: &mut pidfd as *mut RawFd as u64,
         exit_signal: libc::SIGCHLD as u64,
-        cgroup: cgroup.as_raw_fd() as u64,
+        cgroup: cgroup.map_or(0, |c| c.as_raw_fd() as u64),
         ..CloneArgs::default()
     };
     // SAFETY: clone3 without CLONE_VM and with stack 0 behaves like fork(2):
@@ -66,6 +72,30 @@ pub fn clone3_fork(flags: u64, cgroup: BorrowedFd<'_>) -> std::io::Result<Forked
             // SAFETY: with CLONE_PIDFD the kernel stored a new, owned fd.
             pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
         }),
+    }
+}
+
+/// In a forked child: waits for one byte on `go` unless the parent process
+/// (`parent`, a pidfd opened before the fork) exits first. EOF on `go` is
+/// not enough to notice the parent's death: children forked meanwhile by
+/// the parent's other threads hold copies of its write end.
+pub fn wait_for_parent(go: BorrowedFd<'_>, parent: BorrowedFd<'_>) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [
+            PollFd::new(&go, PollFlags::IN),
+            PollFd::new(&parent, PollFlags::IN),
+        ];
+        match poll(&mut fds, -1) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+            Ok(_) => {}
+        }
+        if fds[0].revents().contains(PollFlags::IN) {
+            let mut b = [0u8; 1];
+            return matches!(rustix::io::read(go, &mut b), Ok(1));
+        }
+        return false;
     }
 }
 
@@ -149,4 +179,77 @@ pub fn ids(uid: u32, gid: u32) -> (rustix::process::Uid, rustix::process::Gid) {
             rustix::process::Gid::from_raw(gid),
         )
     }
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Turns the detached mount `fd` (from `open_tree(OPEN_TREE_CLONE)`) into
+/// an idmapped mount that shows files through the mapping of the user
+/// namespace `userns` (mount_setattr(2) with MOUNT_ATTR_IDMAP).
+pub fn mount_setattr_idmap(fd: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> std::io::Result<()> {
+    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: `attr` is a valid mount_attr that outlives the call, its size
+    // is passed, and the path is an empty C string used with AT_EMPTY_PATH.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Drops every capability whose bit is not set in `keep` from the bounding
+/// set (PR_CAPBSET_DROP), so that no process of the container can ever gain
+/// it, and empties the ambient set.
+pub fn drop_bounding_caps(keep: u64) -> std::io::Result<()> {
+    for cap in 0..64u64 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with PR_CAPBSET_DROP takes an integer; EINVAL
+        // means the kernel has no such capability, which ends the list.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if r == -1 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(e);
+        }
+    }
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointer.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

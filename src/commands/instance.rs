@@ -72,6 +72,9 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
             port: a.port,
             limits: limits.clone(),
             bind_ro: a.bind_ro.clone(),
+            userns: !a.no_userns,
+            seccomp: !a.no_seccomp,
+            drop_caps: !a.keep_caps,
         })
     });
     if names.len() == 1 && out.failed.is_empty() {
@@ -160,6 +163,9 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
                 port: None,
                 limits: Limits::default(),
                 bind_ro: Vec::new(),
+                userns: true,
+                seccomp: true,
+                drop_caps: true,
             })
         });
         if !out.report(&ctx.printer, "create") {

@@ -4,7 +4,9 @@
 //! `nifty start` that made them; their state is read back from the kernel.
 
 pub mod cgroup;
+pub mod confine;
 pub mod spawn;
+pub mod userns;
 
 use std::fs;
 use std::io::Write;
@@ -30,6 +32,8 @@ pub struct Native {
     store: Store,
     hierarchy: Hierarchy,
     base: String,
+    /// The seccomp programs, compiled once per process.
+    seccomp: std::sync::OnceLock<std::result::Result<Vec<seccompiler::BpfProgram>, String>>,
 }
 
 impl Native {
@@ -38,6 +42,28 @@ impl Native {
             store: store.clone(),
             hierarchy: Hierarchy::detect()?,
             base: store.cgroup_name(),
+            seccomp: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The confinement of an instance: its user namespace (made now), the
+    /// capabilities it keeps, its seccomp filters.
+    fn confinement(&self, inst: &Instance) -> Result<spawn::Confine> {
+        let sec = &inst.security;
+        let seccomp = if sec.seccomp {
+            self.seccomp
+                .get_or_init(confine::filters)
+                .clone()
+                .map_err(|e| Error::Host(format!("instance {:?}: {e}", inst.name)))?
+        } else {
+            Vec::new()
+        };
+        Ok(spawn::Confine {
+            userns: sec.uid_base.map(userns::create).transpose()?,
+            id_base: sec.uid_base.unwrap_or(0),
+            caps_keep: sec.drop_caps.then(confine::keep_mask),
+            seccomp,
+            mask_proc: true,
         })
     }
 
@@ -114,6 +140,7 @@ impl Native {
             hostname: &format!("nifty{}", inst.name),
             env: &env,
             log_fd: log,
+            confine: self.confinement(inst)?,
         })
         .map_err(|e| Error::Start {
             name: inst.name.clone(),
@@ -178,7 +205,8 @@ impl Native {
                         rustix::process::PidfdFlags::empty(),
                     )
                     .ok();
-                    if opts.kill {
+                    let killed = opts.kill;
+                    if killed {
                         cg.kill()?;
                     } else if let Some(fd) = &pidfd {
                         rustix::process::pidfd_send_signal(fd, opts.signal).map_err(Error::sys(
@@ -191,7 +219,7 @@ impl Native {
                         pid,
                         pidfd,
                         deadline: Instant::now() + opts.timeout,
-                        done: false,
+                        done: killed,
                     }))
                 })();
                 (inst.name.clone(), r)
@@ -338,6 +366,17 @@ impl Native {
             )
             .envs(env.iter().map(|(k, v)| (k, v)));
         let home = std::ffi::CString::new(account.home.as_bytes()).unwrap_or_default();
+        let userns = match inst.security.uid_base {
+            Some(_) => Some(open_ns("user")?),
+            None => None,
+        };
+        let confine = self.confinement(&Instance {
+            security: crate::store::Security {
+                uid_base: None,
+                ..inst.security.clone()
+            },
+            ..inst.clone()
+        })?;
         if account.uid == u32::MAX || account.gid == u32::MAX {
             return Err(Error::Invalid(format!(
                 "instance {:?}: user has an invalid uid/gid",
@@ -361,12 +400,24 @@ impl Native {
             for f in &cgroup_files {
                 rustix::io::write(f, b"0").map_err(err)?;
             }
+            if let Some(u) = &userns {
+                move_into_link_name_space(u.as_fd(), Some(LinkNameSpaceType::User)).map_err(err)?;
+            }
             if rustix::process::chdir(home.as_c_str()).is_err() {
                 rustix::process::chdir(c"/").map_err(err)?;
             }
             rustix::thread::set_thread_groups(&[]).map_err(err)?;
-            rustix::thread::set_thread_gid(gid).map_err(err)?;
-            rustix::thread::set_thread_uid(uid).map_err(err)?;
+            rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(err)?;
+            rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(err)?;
+            if let Some(keep) = confine.caps_keep {
+                crate::sys::drop_bounding_caps(keep)?;
+            }
+            crate::sys::cloexec_from(3)?;
+            rustix::thread::set_no_new_privs(true).map_err(err)?;
+            for prog in &confine.seccomp {
+                seccompiler::apply_filter(prog)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
             Ok(())
         };
         let status = crate::sys::spawn_with_hook(&mut command, hook).map_err(|e| {

@@ -30,6 +30,7 @@ pub enum Step {
     WaitParent = 1,
     Setsid,
     MakePrivate,
+    IdmapLower,
     MountOverlay,
     ChdirRoot,
     MountProc,
@@ -38,21 +39,29 @@ pub enum Step {
     BindDevice,
     MountDevpts,
     DevSymlink,
+    MaskProc,
+    MountSys,
     BindRo,
     RemountRo,
-    Hostname,
     PivotRoot,
     UmountOldRoot,
+    JoinUserns,
+    SetIds,
+    UnshareUtsIpc,
+    Hostname,
+    DropCaps,
     Stdio,
     CloseFds,
+    Seccomp,
     ExecInit,
 }
 
 impl Step {
-    const ALL: [Step; 19] = [
+    const ALL: [Step; 27] = [
         Step::WaitParent,
         Step::Setsid,
         Step::MakePrivate,
+        Step::IdmapLower,
         Step::MountOverlay,
         Step::ChdirRoot,
         Step::MountProc,
@@ -61,13 +70,20 @@ impl Step {
         Step::BindDevice,
         Step::MountDevpts,
         Step::DevSymlink,
+        Step::MaskProc,
+        Step::MountSys,
         Step::BindRo,
         Step::RemountRo,
-        Step::Hostname,
         Step::PivotRoot,
         Step::UmountOldRoot,
+        Step::JoinUserns,
+        Step::SetIds,
+        Step::UnshareUtsIpc,
+        Step::Hostname,
+        Step::DropCaps,
         Step::Stdio,
         Step::CloseFds,
+        Step::Seccomp,
         Step::ExecInit,
     ];
 
@@ -81,6 +97,9 @@ impl Step {
             Step::WaitParent => "waiting for nifty",
             Step::Setsid => "setsid()",
             Step::MakePrivate => "mount(/, MS_REC|MS_PRIVATE)",
+            Step::IdmapLower => {
+                "idmapped mount of the template (open_tree, mount_setattr, move_mount)"
+            }
             Step::MountOverlay => "mount(overlay) of the root",
             Step::ChdirRoot => "chdir(new root)",
             Step::MountProc => "mount(proc)",
@@ -89,13 +108,20 @@ impl Step {
             Step::BindDevice => "bind-mounting a device node",
             Step::MountDevpts => "mount(devpts, /dev/pts, newinstance)",
             Step::DevSymlink => "symlink in /dev",
+            Step::MaskProc => "masking /proc paths",
+            Step::MountSys => "mount(sysfs, /sys, MS_RDONLY)",
             Step::BindRo => "bind mount of a read-only directory",
             Step::RemountRo => "remount read-only of a bind",
-            Step::Hostname => "sethostname()",
             Step::PivotRoot => "pivot_root(., .)",
             Step::UmountOldRoot => "umount2(old root, MNT_DETACH)",
+            Step::JoinUserns => "setns(user namespace)",
+            Step::SetIds => "setgroups/setresgid/setresuid(0) in the user namespace",
+            Step::UnshareUtsIpc => "unshare(CLONE_NEWUTS|CLONE_NEWIPC)",
+            Step::Hostname => "sethostname()",
+            Step::DropCaps => "dropping capabilities (PR_CAPBSET_DROP)",
             Step::Stdio => "redirecting stdio to the console log",
             Step::CloseFds => "close_range(3.., CLOEXEC)",
+            Step::Seccomp => "installing the seccomp filter",
             Step::ExecInit => "execve(/sbin/init)",
         }
     }
@@ -110,11 +136,15 @@ const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Everything the child needs, as C strings made before the fork.
 pub struct Plan {
+    lower: CString,
     mount_point: CString,
     overlay_opts: CString,
     devices: Vec<(CString, CString)>,
     binds: Vec<(CString, CString)>,
     hostname: Vec<u8>,
+    devpts_opts: CString,
+    dev_opts: CString,
+    confine: Confine,
     init: CString,
     _argv: Vec<CString>,
     _envp: Vec<CString>,
@@ -132,6 +162,39 @@ fn path_c(p: &Path) -> std::io::Result<CString> {
     cstr(p.as_os_str().as_encoded_bytes())
 }
 
+/// How a container is confined.
+#[derive(Default)]
+pub struct Confine {
+    /// User namespace to join after the mounts are made (its mapping also
+    /// idmaps the template's lower layer).
+    pub userns: Option<OwnedFd>,
+    /// First host ID of the namespace's range (for devpts' tty group).
+    pub id_base: u32,
+    /// Capabilities to keep in the bounding set; `None` keeps all.
+    pub caps_keep: Option<u64>,
+    /// Seccomp programs to install; empty: none (no_new_privs still set).
+    pub seccomp: Vec<seccompiler::BpfProgram>,
+    /// Mask sensitive /proc paths and mount /sys read-only.
+    pub mask_proc: bool,
+}
+
+/// /proc files hidden behind /dev/null.
+const PROC_NULL: [&std::ffi::CStr; 5] = [
+    c"proc/kcore",
+    c"proc/keys",
+    c"proc/timer_list",
+    c"proc/sched_debug",
+    c"proc/latency_stats",
+];
+/// /proc paths made read-only.
+const PROC_RO: [&std::ffi::CStr; 5] = [
+    c"proc/sys",
+    c"proc/sysrq-trigger",
+    c"proc/irq",
+    c"proc/bus",
+    c"proc/fs",
+];
+
 /// What to boot.
 pub struct Spec<'a> {
     pub mount_point: &'a Path,
@@ -143,6 +206,7 @@ pub struct Spec<'a> {
     pub hostname: &'a str,
     pub env: &'a [(String, String)],
     pub log_fd: OwnedFd,
+    pub confine: Confine,
 }
 
 impl Plan {
@@ -194,6 +258,17 @@ impl Plan {
             .chain([std::ptr::null()])
             .collect();
         Ok(Plan {
+            lower: path_c(spec.lower)?,
+            devpts_opts: cstr(format!(
+                "newinstance,ptmxmode=0666,mode=620,gid={}",
+                spec.confine.id_base + 5
+            ))?,
+            // /dev belongs to the container's root (syslogd makes /dev/log).
+            dev_opts: cstr(format!(
+                "mode=755,size=64k,nr_inodes=64,uid={0},gid={0}",
+                spec.confine.id_base
+            ))?,
+            confine: spec.confine,
             mount_point: path_c(spec.mount_point)?,
             overlay_opts,
             devices,
@@ -231,15 +306,31 @@ pub fn spawn(
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
     let (err_r, err_w) =
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
-    let flags =
-        (libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
-    let forked =
-        sys::clone3_fork(flags, cgroup_fd.as_fd()).map_err(|e| ("clone3()".to_string(), e))?;
+    // With a user namespace, UTS and IPC namespaces are made after joining
+    // it, so that they belong to the container's root; the mount and PID
+    // namespaces stay owned by the host's, so that container root can
+    // never mount, unmount or remount anything.
+    let mut flags = (libc::CLONE_NEWNS | libc::CLONE_NEWPID) as u64;
+    if plan.confine.userns.is_none() {
+        flags |= (libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
+    }
+    let parent = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .map_err(io("pidfd_open(self)"))?;
+    let forked = sys::clone3_fork(flags, Some(cgroup_fd.as_fd()))
+        .map_err(|e| ("clone3()".to_string(), e))?;
     let (pid, pidfd) = match forked {
         sys::Forked::Child => {
             drop(go_w);
             drop(err_r);
-            child(plan, go_r.as_raw_fd(), err_w.as_raw_fd())
+            child(
+                plan,
+                parent.as_raw_fd(),
+                go_r.as_raw_fd(),
+                err_w.as_raw_fd(),
+            )
         }
         sys::Forked::Parent { pid, pidfd } => (pid, pidfd),
     };
@@ -281,7 +372,7 @@ pub fn spawn(
 }
 
 /// The container side. Raw system calls only, on memory prepared in `plan`.
-fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
+fn child(plan: &Plan, parent: RawFd, go: RawFd, err: RawFd) -> ! {
     let fail = |step: Step, errno: i32| -> ! {
         let e = errno.to_le_bytes();
         let msg = [step as u8, e[0], e[1], e[2], e[3]];
@@ -296,11 +387,10 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
 
     // Until exec, this process is marked as not yet a container's init.
     let _ = rustix::thread::set_name(STARTING);
-    // Wait for the parent: EOF means it died before the go, so give up.
-    let mut b = [0u8; 1];
-    match rustix::io::read(raw_fd(go), &mut b) {
-        Ok(1) => {}
-        _ => sys::exit_child(1),
+    // If nifty dies before the go, give up; from the go on, the container
+    // lives on its own.
+    if !sys::wait_for_parent(raw_fd(go), raw_fd(parent)) {
+        sys::exit_child(1);
     }
     check(Step::Setsid, rustix::process::setsid().map(drop));
     // Detach from the host's mount propagation, then build the root.
@@ -311,6 +401,32 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
             MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
         ),
     );
+    if let Some(userns) = &plan.confine.userns {
+        // Show the shared template through the container's ID mapping:
+        // host root's files become the container root's.
+        use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+        let tree = match rustix::mount::open_tree(
+            CWD,
+            plan.lower.as_c_str(),
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => fail(Step::IdmapLower, e.raw_os_error()),
+        };
+        if let Err(e) = sys::mount_setattr_idmap(tree.as_fd(), userns.as_fd()) {
+            fail(Step::IdmapLower, e.raw_os_error().unwrap_or(0));
+        }
+        check(
+            Step::IdmapLower,
+            rustix::mount::move_mount(
+                tree.as_fd(),
+                c"",
+                CWD,
+                plan.lower.as_c_str(),
+                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            ),
+        );
+    }
     check(
         Step::MountOverlay,
         rustix::mount::mount(
@@ -342,7 +458,7 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
             c"dev",
             c"tmpfs",
             MountFlags::NOSUID | MountFlags::NOEXEC,
-            c"mode=755,size=64k,nr_inodes=64",
+            plan.dev_opts.as_c_str(),
         ),
     );
     for (host, inside) in &plan.devices {
@@ -371,7 +487,7 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
             c"dev/pts",
             c"devpts",
             MountFlags::NOSUID | MountFlags::NOEXEC,
-            c"newinstance,ptmxmode=0666,mode=620,gid=5",
+            plan.devpts_opts.as_c_str(),
         ),
     );
     for (target, link) in [
@@ -382,6 +498,42 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
         (c"/proc/self/fd/2", c"dev/stderr"),
     ] {
         check(Step::DevSymlink, rustix::fs::symlinkat(target, CWD, link));
+    }
+    if plan.confine.mask_proc {
+        for p in PROC_NULL {
+            match rustix::mount::mount_bind(c"/dev/null", p) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => fail(Step::MaskProc, e.raw_os_error()),
+            }
+        }
+        for p in PROC_RO {
+            match rustix::mount::mount_bind(p, p) {
+                Ok(()) => check(
+                    Step::MaskProc,
+                    rustix::mount::mount_remount(
+                        p,
+                        MountFlags::BIND
+                            | MountFlags::RDONLY
+                            | MountFlags::NOSUID
+                            | MountFlags::NODEV
+                            | MountFlags::NOEXEC,
+                        c"",
+                    ),
+                ),
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => fail(Step::MaskProc, e.raw_os_error()),
+            }
+        }
+        check(
+            Step::MountSys,
+            rustix::mount::mount(
+                c"sysfs",
+                c"sys",
+                c"sysfs",
+                MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                c"",
+            ),
+        );
     }
     for (host, inside) in &plan.binds {
         match rustix::fs::mkdirat(CWD, inside.as_c_str(), Mode::from_raw_mode(0o755)) {
@@ -401,13 +553,39 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
             ),
         );
     }
-    check(Step::Hostname, rustix::system::sethostname(&plan.hostname));
     check(Step::PivotRoot, rustix::process::pivot_root(c".", c"."));
     check(
         Step::UmountOldRoot,
         rustix::mount::unmount(c".", UnmountFlags::DETACH),
     );
     check(Step::ChdirRoot, rustix::process::chdir(c"/"));
+    if let Some(userns) = &plan.confine.userns {
+        use rustix::thread::{move_into_link_name_space, LinkNameSpaceType, UnshareFlags};
+        check(
+            Step::JoinUserns,
+            move_into_link_name_space(userns.as_fd(), Some(LinkNameSpaceType::User)),
+        );
+        let (uid, gid) = sys::ids(0, 0);
+        check(Step::SetIds, rustix::thread::set_thread_groups(&[]));
+        check(
+            Step::SetIds,
+            rustix::thread::set_thread_res_gid(gid, gid, gid),
+        );
+        check(
+            Step::SetIds,
+            rustix::thread::set_thread_res_uid(uid, uid, uid),
+        );
+        check(
+            Step::UnshareUtsIpc,
+            rustix::thread::unshare(UnshareFlags::NEWUTS | UnshareFlags::NEWIPC),
+        );
+    }
+    check(Step::Hostname, rustix::system::sethostname(&plan.hostname));
+    if let Some(keep) = plan.confine.caps_keep {
+        if let Err(e) = sys::drop_bounding_caps(keep) {
+            fail(Step::DropCaps, e.raw_os_error().unwrap_or(0));
+        }
+    }
     match rustix::fs::open(
         c"/dev/null",
         OFlags::RDONLY | OFlags::CLOEXEC,
@@ -427,6 +605,20 @@ fn child(plan: &Plan, go: RawFd, err: RawFd) -> ! {
     // (the error pipe among them, which tells the parent the exec worked).
     if let Err(e) = sys::cloexec_from(3) {
         fail(Step::CloseFds, e.raw_os_error().unwrap_or(0));
+    }
+    // Last: no_new_privs and the seccomp filters (after which the calls
+    // above would be refused).
+    check(Step::Seccomp, rustix::thread::set_no_new_privs(true));
+    for prog in &plan.confine.seccomp {
+        if let Err(e) = seccompiler::apply_filter(prog) {
+            let errno = match e {
+                seccompiler::Error::Seccomp(io) | seccompiler::Error::Prctl(io) => {
+                    io.raw_os_error().unwrap_or(0)
+                }
+                _ => libc::EINVAL,
+            };
+            fail(Step::Seccomp, errno);
+        }
     }
     let e = sys::execve(&plan.init, &plan.argv_ptrs, &plan.envp_ptrs);
     fail(Step::ExecInit, e.raw_os_error().unwrap_or(0))
