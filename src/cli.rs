@@ -61,10 +61,12 @@ pub enum Command {
     Ssh(SshArgs),
     /// Build the default template if missing, create instances 1..N, start them.
     Up(UpArgs),
-    /// Set a user's password in an instance from the host (not built yet).
-    Passwd(NotYet),
-    /// Add or remove a user's SSH keys in an instance (not built yet).
-    AuthorizedKeys(NotYet),
+    /// Set a user's password in an instance from the host (read from stdin).
+    Passwd(PasswdArgs),
+    /// List, add or remove a user's SSH public keys in an instance.
+    AuthorizedKeys(KeysArgs),
+    /// Give instances new SSH host keys (effective at their next start).
+    Rekey(Selection),
     /// Update instances to a rebuilt template (not built yet).
     Update(NotYet),
     /// Check the host for a fleet of N containers (not built yet).
@@ -75,6 +77,31 @@ pub enum Command {
     Enable(NotYet),
     /// Stop starting instances at boot (not built yet).
     Disable(NotYet),
+}
+
+#[derive(Debug, Args)]
+pub struct PasswdArgs {
+    /// Instance name.
+    pub name: String,
+    /// User of the container.
+    pub user: String,
+    /// Stdin holds a crypt(3) hash ($6$...), not a password.
+    #[arg(long)]
+    pub hash: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Instance name.
+    pub name: String,
+    /// User of the container.
+    pub user: String,
+    /// Add a public key (the key text, or a file holding keys).
+    #[arg(long, value_name = "KEY|FILE")]
+    pub add: Vec<String>,
+    /// Remove keys: by key text, file, or comment.
+    #[arg(long, value_name = "KEY|FILE|COMMENT")]
+    pub remove: Vec<String>,
 }
 
 /// Arguments of a verb that is not built yet.

@@ -470,6 +470,16 @@ impl Store {
         Ok(inst)
     }
 
+    /// Rewrites an instance's record (atomically: temp file + rename).
+    pub fn save_instance(&self, inst: &Instance) -> Result<()> {
+        let dir = self.instance_dir(&inst.name);
+        let tmp = dir.join(".instance.toml.tmp");
+        let _ = fs::remove_file(&tmp);
+        let text = toml::to_string(inst).map_err(|e| Error::Host(e.to_string()))?;
+        write_file(&tmp, text.as_bytes(), 0o644)?;
+        fs::rename(&tmp, dir.join("instance.toml")).map_err(Error::io("rename", &tmp))
+    }
+
     /// Removes a stopped instance's files and releases its port.
     pub fn remove_instance(&self, inst: &Instance) -> Result<()> {
         let dir = self.instance_dir(&inst.name);

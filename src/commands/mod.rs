@@ -1,5 +1,6 @@
 //! One file per verb group: glue between the CLI and the library, no logic.
 
+mod accounts;
 mod instance;
 mod lifecycle;
 mod observe;
@@ -59,8 +60,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Logs(a) => observe::logs(&ctx, a)?,
         Command::Exec(a) => return observe::exec(&ctx, a),
         Command::Ssh(a) => return observe::ssh(&ctx, a),
-        Command::Passwd(_) => not_yet("passwd", 5)?,
-        Command::AuthorizedKeys(_) => not_yet("authorized-keys", 5)?,
+        Command::Passwd(a) => accounts::passwd(&ctx, a)?,
+        Command::AuthorizedKeys(a) => accounts::authorized_keys(&ctx, a)?,
+        Command::Rekey(s) => accounts::rekey(&ctx, s)?,
         Command::Update(_) => not_yet("update", 7)?,
         Command::Doctor(_) => not_yet("doctor", 6)?,
         Command::Systemd(_) => not_yet("systemd", 4)?,

@@ -342,6 +342,7 @@ fn populate(
         ("var/run", 0o755),
         ("var/log", 0o755),
         ("usr/share", 0o755),
+        ("mnt", 0o755),
     ] {
         mkdir(&rootfs.join(d), mode)?;
     }

@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod confine;
+pub mod files;
 pub mod spawn;
 pub mod userns;
 

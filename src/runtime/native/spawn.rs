@@ -141,6 +141,8 @@ pub struct Plan {
     overlay_opts: CString,
     devices: Vec<(CString, CString)>,
     binds: Vec<(CString, CString)>,
+    /// Directories to make (in order) for the bind targets.
+    bind_dirs: Vec<CString>,
     hostname: Vec<u8>,
     devpts_opts: CString,
     dev_opts: CString,
@@ -241,6 +243,15 @@ impl Plan {
                 Ok((path_c(src)?, path_c(rel)?))
             })
             .collect::<std::io::Result<_>>()?;
+        let mut bind_dirs = Vec::new();
+        for (_, dst) in spec.binds {
+            let rel = dst.strip_prefix("/").unwrap_or(dst);
+            let mut prefix = std::path::PathBuf::new();
+            for c in rel.components() {
+                prefix.push(c);
+                bind_dirs.push(path_c(&prefix)?);
+            }
+        }
         let argv = vec![cstr("/sbin/init")?];
         let envp: Vec<CString> = spec
             .env
@@ -273,6 +284,7 @@ impl Plan {
             overlay_opts,
             devices,
             binds,
+            bind_dirs,
             hostname: spec.hostname.as_bytes().to_vec(),
             init: cstr("/sbin/init")?,
             _argv: argv,
@@ -535,11 +547,13 @@ fn child(plan: &Plan, parent: RawFd, go: RawFd, err: RawFd) -> ! {
             ),
         );
     }
-    for (host, inside) in &plan.binds {
-        match rustix::fs::mkdirat(CWD, inside.as_c_str(), Mode::from_raw_mode(0o755)) {
+    for dir in &plan.bind_dirs {
+        match rustix::fs::mkdirat(CWD, dir.as_c_str(), Mode::from_raw_mode(0o755)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => fail(Step::BindRo, e.raw_os_error()),
         }
+    }
+    for (host, inside) in &plan.binds {
         check(
             Step::BindRo,
             rustix::mount::mount_bind(host.as_c_str(), inside.as_c_str()),

@@ -1,0 +1,341 @@
+//! Writing into an instance's files from the host (host keys, passwords,
+//! authorized keys) without ever following a link the container planted.
+//!
+//! Every access goes through the instance's *merged* root, so overlayfs does
+//! the copy-up exactly as when the container writes: for a running
+//! instance that is `/proc/<init>/root`; for a stopped one, a detached
+//! overlay mount made with the new mount API (fsopen/fsconfig/fsmount, its
+//! layers given as file descriptors, the template idmapped like at boot)
+//! that no mount namespace ever sees and that goes away with its fd.
+//! Paths are resolved with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS)`:
+//! a symlink anywhere on the way is refused, not followed.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+
+use super::{find_init, userns, Native};
+use crate::store::Instance;
+use crate::{sys, Error, Result};
+
+const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// The merged root of an instance, open for safe reads and writes.
+pub struct Root {
+    name: String,
+    fd: OwnedFd,
+    /// Host ID that the container's ID 0 maps to.
+    base: u32,
+    _lock: Option<OwnedFd>,
+}
+
+/// A user of the container.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+}
+
+impl Native {
+    /// Opens the merged root of an instance, running or not. A stopped
+    /// instance stays locked (no start) while the root is open.
+    pub fn open_root(&self, inst: &Instance) -> Result<Root> {
+        let base = inst.security.uid_base.unwrap_or(0);
+        let lock = super::lock(&self.store.instance_dir(&inst.name))?;
+        if let Some(pid) = find_init(&self.cgroup(&inst.name).procs()) {
+            let p = format!("/proc/{pid}/root");
+            let fd = rustix::fs::open(
+                &p,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(Error::sys(format!("open({p})")))?;
+            return Ok(Root {
+                name: inst.name.clone(),
+                fd,
+                base,
+                _lock: None,
+            });
+        }
+        let fd = self
+            .detached_overlay(inst)
+            .map_err(|(call, e)| Error::Sys {
+                call: format!("instance {:?}: {call}", inst.name),
+                source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+            })?;
+        Ok(Root {
+            name: inst.name.clone(),
+            fd,
+            base,
+            _lock: Some(lock),
+        })
+    }
+
+    /// The overlay of a stopped instance as a detached mount.
+    fn detached_overlay(
+        &self,
+        inst: &Instance,
+    ) -> std::result::Result<OwnedFd, (String, rustix::io::Errno)> {
+        use rustix::mount::*;
+        let lower = self.store.template_rootfs(&inst.template);
+        let dir = self.store.instance_dir(&inst.name);
+        let tree = open_tree(
+            CWD,
+            &lower,
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .map_err(|e| (format!("open_tree({})", lower.display()), e))?;
+        if let Some(base) = inst.security.uid_base {
+            let ns = userns::create(base).map_err(|_| {
+                (
+                    "creating its user namespace".to_string(),
+                    rustix::io::Errno::PERM,
+                )
+            })?;
+            sys::mount_setattr_idmap(tree.as_fd(), ns.as_fd()).map_err(|e| {
+                (
+                    "mount_setattr(MOUNT_ATTR_IDMAP)".to_string(),
+                    rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
+                )
+            })?;
+        }
+        let open_dir = |p: &Path| {
+            rustix::fs::open(
+                p,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| (format!("open({})", p.display()), e))
+        };
+        let upper = open_dir(&dir.join("upper"))?;
+        let work = open_dir(&dir.join("work"))?;
+        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+            .map_err(|e| ("fsopen(overlay)".to_string(), e))?;
+        let set = |k: &str, fd: &OwnedFd| {
+            fsconfig_set_fd(fs.as_fd(), k, fd.as_fd())
+                .map_err(|e| (format!("fsconfig({k}, fd)"), e))
+        };
+        set("lowerdir+", &tree)?;
+        set("upperdir", &upper)?;
+        set("workdir", &work)?;
+        fsconfig_create(fs.as_fd())
+            .map_err(|e| ("fsconfig(FSCONFIG_CMD_CREATE)".to_string(), e))?;
+        fsmount(
+            fs.as_fd(),
+            FsMountFlags::FSMOUNT_CLOEXEC,
+            MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+        )
+        .map_err(|e| ("fsmount(overlay)".to_string(), e))
+    }
+}
+
+impl Root {
+    fn err(&self, what: &str, path: &str) -> impl FnOnce(rustix::io::Errno) -> Error + '_ {
+        let msg = format!("instance {:?}: {what} {path}", self.name);
+        move |e| {
+            let hint = if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::XDEV {
+                " (a symlink is on the way; nifty does not follow links inside containers)"
+            } else {
+                ""
+            };
+            Error::Sys {
+                call: format!("{msg}{hint}"),
+                source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+            }
+        }
+    }
+
+    /// Opens a directory of the container, never through a symlink.
+    fn dir(&self, path: &str) -> Result<OwnedFd> {
+        let rel = path.trim_start_matches('/');
+        let rel = if rel.is_empty() { "." } else { rel };
+        rustix::fs::openat2(
+            &self.fd,
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        )
+        .map_err(self.err("open directory", path))
+    }
+
+    /// Reads a file of the container; `None` if it does not exist.
+    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        let rel = path.trim_start_matches('/');
+        match rustix::fs::openat2(
+            &self.fd,
+            rel,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            RESOLVE,
+        ) {
+            Ok(fd) => {
+                let mut v = Vec::new();
+                std::fs::File::from(fd)
+                    .read_to_end(&mut v)
+                    .map_err(Error::io("read", path))?;
+                Ok(Some(v))
+            }
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(self.err("open", path)(e)),
+        }
+    }
+
+    /// Makes sure a directory exists (one level, under an existing parent),
+    /// owned by the container's `uid:gid` with `mode`.
+    pub fn mkdir(&self, path: &str, uid: u32, gid: u32, mode: u32) -> Result<()> {
+        let (parent, name) = split(path)?;
+        let dfd = self.dir(parent)?;
+        match rustix::fs::mkdirat(&dfd, name, Mode::from_raw_mode(mode)) {
+            Ok(()) => {
+                let fd = rustix::fs::openat2(
+                    &dfd,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                    Mode::empty(),
+                    RESOLVE,
+                )
+                .map_err(self.err("open", path))?;
+                self.own(&fd, path, uid, gid, mode)
+            }
+            Err(rustix::io::Errno::EXIST) => self.dir(path).map(drop),
+            Err(e) => Err(self.err("mkdir", path)(e)),
+        }
+    }
+
+    /// Replaces a file atomically (temp file + rename in the same
+    /// directory), owned by the container's `uid:gid` with `mode`. A symlink
+    /// at `path` is replaced, never followed.
+    pub fn write(&self, path: &str, data: &[u8], uid: u32, gid: u32, mode: u32) -> Result<()> {
+        let (parent, name) = split(path)?;
+        let dfd = self.dir(parent)?;
+        let tmp = format!(".{name}.nifty-{}", std::process::id());
+        let fd = rustix::fs::openat(
+            &dfd,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(self.err("create", path))?;
+        let result = (|| {
+            self.own(&fd, path, uid, gid, mode)?;
+            let mut f = std::fs::File::from(fd);
+            f.write_all(data).map_err(Error::io("write", path))?;
+            f.sync_all().map_err(Error::io("fsync", path))?;
+            rustix::fs::renameat(&dfd, tmp.as_str(), &dfd, name)
+                .map_err(self.err("rename onto", path))
+        })();
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&dfd, tmp.as_str(), rustix::fs::AtFlags::empty());
+        }
+        result
+    }
+
+    fn own(&self, fd: &OwnedFd, path: &str, uid: u32, gid: u32, mode: u32) -> Result<()> {
+        let (u, g) = sys::ids(self.base + uid, self.base + gid);
+        rustix::fs::fchown(fd, Some(u), Some(g)).map_err(self.err("chown", path))?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(self.err("chmod", path))
+    }
+
+    /// Looks a user up in the container's /etc/passwd.
+    pub fn user(&self, name: &str) -> Result<User> {
+        let text = self.read("/etc/passwd")?.unwrap_or_default();
+        for line in String::from_utf8_lossy(&text).lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() >= 6 && f[0] == name {
+                if let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse::<u32>()) {
+                    if uid < userns::RANGE && gid < userns::RANGE {
+                        return Ok(User {
+                            name: name.into(),
+                            uid,
+                            gid,
+                            home: f[5].into(),
+                        });
+                    }
+                }
+            }
+        }
+        Err(Error::Invalid(format!(
+            "instance {:?}: no user {name:?} in its /etc/passwd",
+            self.name
+        )))
+    }
+}
+
+fn split(path: &str) -> Result<(&str, &str)> {
+    match path.rsplit_once('/') {
+        Some((p, n)) if !n.is_empty() && n != "." && n != ".." => {
+            Ok((if p.is_empty() { "/" } else { p }, n))
+        }
+        _ => Err(Error::Invalid(format!("bad path {path:?}"))),
+    }
+}
+
+/// Replaces USER's password field in shadow text.
+pub fn set_shadow_hash(shadow: &str, user: &str, hash: &str) -> Result<String> {
+    let mut found = false;
+    let mut out = String::with_capacity(shadow.len() + hash.len());
+    for line in shadow.lines() {
+        let mut f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 2 && f[0] == user {
+            f[1] = hash;
+            found = true;
+            out.push_str(&f.join(":"));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    if !found {
+        return Err(Error::Invalid(format!("no user {user:?} in /etc/shadow")));
+    }
+    Ok(out)
+}
+
+/// Does a string look like a crypt(3) hash that glibc verifies?
+pub fn is_crypt_hash(h: &str) -> bool {
+    let parts: Vec<&str> = h.split('$').collect();
+    parts.len() >= 4
+        && parts[0].is_empty()
+        && matches!(parts[1], "1" | "5" | "6" | "y" | "2b" | "2y")
+        && !h.contains([':', '\n', ' '])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_edit() {
+        let s = "root:!:1:0:99999:7:::\nluser:*:1:0:99999:7:::\n";
+        let t = set_shadow_hash(s, "luser", "$6$salt$hash").unwrap();
+        assert_eq!(
+            t,
+            "root:!:1:0:99999:7:::\nluser:$6$salt$hash:1:0:99999:7:::\n"
+        );
+        assert!(set_shadow_hash(s, "bob", "$6$x$y").is_err());
+    }
+
+    #[test]
+    fn hashes() {
+        assert!(is_crypt_hash("$6$abc$def"));
+        assert!(is_crypt_hash("$y$j9T$salt$hash"));
+        assert!(!is_crypt_hash("plain"));
+        assert!(!is_crypt_hash("$6$a:b$c"));
+        assert!(!is_crypt_hash("$9$a$b"));
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(split("/etc/shadow").unwrap(), ("/etc", "shadow"));
+        assert_eq!(split("/x").unwrap(), ("/", "x"));
+        assert!(split("/etc/").is_err());
+        assert!(split("/etc/..").is_err());
+    }
+}

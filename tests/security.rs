@@ -1,0 +1,380 @@
+//! Privileged: each attack runs as root inside a real container and must
+//! fail (EPERM/EACCES/EROFS...) or stay contained; the host is checked
+//! afterwards. SECURITY.md lists these tests by name.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{privileged, wait_port, Root};
+
+/// A root with a template and running instances `names` (own port range).
+fn fleet(names: &[&str], extra: &[&str]) -> Root {
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    let mut args = vec!["create"];
+    args.extend_from_slice(names);
+    args.extend_from_slice(extra);
+    root.ok(&args);
+    let mut args = vec!["start"];
+    args.extend_from_slice(names);
+    root.ok(&args);
+    for n in names {
+        assert!(
+            wait_port(root.port(n), Duration::from_secs(20)),
+            "{n} did not boot"
+        );
+    }
+    root
+}
+
+/// Runs a shell command as the container's root; returns (status code, stdout+stderr).
+fn as_root(root: &Root, name: &str, script: &str) -> (i32, String) {
+    let o = root.run(&["exec", name, "--", "sh", "-c", script]);
+    (
+        o.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// The attack must fail; its output must say why.
+fn refused(root: &Root, name: &str, script: &str, why: &[&str]) {
+    let (code, out) = as_root(root, name, script);
+    assert_ne!(code, 0, "{script:?} succeeded: {out}");
+    assert!(
+        why.iter().any(|w| out.contains(w)),
+        "{script:?}: unexpected failure {out:?}"
+    );
+}
+
+fn sha(path: &std::path::Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_default()
+}
+
+#[test]
+fn container_root_is_an_unprivileged_host_uid() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["501"], &[]);
+    let (_, out) = as_root(&root, "501", "id -u; id -g");
+    assert_eq!(out, "0\n0\n");
+    let base = root.instance_toml("501")["security"]["uid_base"]
+        .as_integer()
+        .unwrap() as u32;
+    assert!(base >= 0x80000, "uid base {base}");
+    let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    let pid = v[0]["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().nth(1).unwrap(),
+        base.to_string(),
+        "{uid_line}"
+    );
+    // The login user is base + 1000 on the host.
+    assert_eq!(root.ssh("501", "id -u"), "1000\n");
+    // Two instances never share a range.
+    root.ok(&["create", "502"]);
+    let other = root.instance_toml("502")["security"]["uid_base"]
+        .as_integer()
+        .unwrap() as u32;
+    assert!(other.abs_diff(base) >= 65536);
+}
+
+#[test]
+fn read_only_stays_read_only() {
+    if !privileged() {
+        return;
+    }
+    let host_dir = tempfile::tempdir().unwrap();
+    std::fs::write(host_dir.path().join("data"), "host data\n").unwrap();
+    let bind = format!("{}:/mnt/ro", host_dir.path().display());
+    let root = fleet(&["511"], &["--bind-ro", &bind]);
+    let template_inittab = sha(&root.rootfs().join("etc/inittab"));
+    let template_tz = sha(&root.rootfs().join("usr/share/zoneinfo/UTC"));
+    assert_eq!(as_root(&root, "511", "cat /mnt/ro/data").1, "host data\n");
+    refused(
+        &root,
+        "511",
+        "mount -o remount,rw /",
+        &["permission denied", "Operation not permitted"],
+    );
+    refused(
+        &root,
+        "511",
+        "mount -o remount,rw /mnt/ro",
+        &["permission denied", "Operation not permitted"],
+    );
+    refused(
+        &root,
+        "511",
+        "mount -o remount,rw /proc",
+        &["permission denied", "Operation not permitted"],
+    );
+    refused(
+        &root,
+        "511",
+        "echo evil > /mnt/ro/data",
+        &["Read-only file system"],
+    );
+    refused(
+        &root,
+        "511",
+        "touch /mnt/ro/new",
+        &["Read-only file system"],
+    );
+    refused(
+        &root,
+        "511",
+        "umount /mnt/ro",
+        &[
+            "permission denied",
+            "Operation not permitted",
+            "Invalid argument",
+        ],
+    );
+    // Writes to template files land in the instance's own layer.
+    let (code, out) = as_root(
+        &root,
+        "511",
+        "echo evil >> /etc/inittab && echo evil > /usr/share/zoneinfo/UTC",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        std::fs::read_to_string(host_dir.path().join("data")).unwrap(),
+        "host data\n"
+    );
+    assert!(!host_dir.path().join("new").exists());
+    assert_eq!(
+        sha(&root.rootfs().join("etc/inittab")),
+        template_inittab,
+        "template changed"
+    );
+    assert_eq!(
+        sha(&root.rootfs().join("usr/share/zoneinfo/UTC")),
+        template_tz,
+        "template changed"
+    );
+    // /sys is read-only too.
+    refused(
+        &root,
+        "511",
+        "echo 1 > /sys/kernel/mm/ksm/run",
+        &["Read-only file system", "Permission denied", "nonexistent"],
+    );
+}
+
+#[test]
+fn kernel_interfaces_are_refused() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["521"], &[]);
+    let denied = [
+        "Operation not permitted",
+        "permission denied",
+        "Permission denied",
+    ];
+    refused(&root, "521", "mknod /tmp/sda b 8 0", &denied);
+    refused(
+        &root,
+        "521",
+        "mkdir -p /tmp/p && mount -t proc proc /tmp/p",
+        &denied,
+    );
+    refused(
+        &root,
+        "521",
+        "mkdir -p /tmp/t && mount -t tmpfs none /tmp/t",
+        &denied,
+    );
+    refused(
+        &root,
+        "521",
+        "echo x > /tmp/x.ko && insmod /tmp/x.ko",
+        &denied,
+    );
+    refused(
+        &root,
+        "521",
+        "unshare -Ur sh -c 'mount -o remount,rw /'",
+        &denied,
+    );
+    refused(&root, "521", "unshare -m true", &denied);
+    let (_, out) = as_root(&root, "521", "date -s 2000-01-01 >/dev/null; date +%Y");
+    assert!(
+        out.contains("Operation not permitted") && !out.contains("2000\n"),
+        "clock set: {out}"
+    );
+    // /proc/kcore and /proc/sysrq-trigger are masked where the kernel has them.
+    let (_, out) = as_root(&root, "521", "cat /proc/kcore 2>/dev/null | wc -c");
+    assert_eq!(out.trim(), "0", "kcore readable");
+    let (code, out) = as_root(&root, "521", "echo h > /proc/sysrq-trigger");
+    assert_ne!(code, 0, "sysrq-trigger writable: {out}");
+    let (code, out) = as_root(&root, "521", "echo 1 > /proc/sys/kernel/sysrq");
+    assert_ne!(code, 0, "/proc/sys writable: {out}");
+    // A host process cannot be signalled: it does not exist in here.
+    let mut victim = Command::new("sleep").arg("60").spawn().unwrap();
+    refused(
+        &root,
+        "521",
+        &format!("kill -9 {}", victim.id()),
+        &["No such process"],
+    );
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "host process was killed"
+    );
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    // The bounding set is small and no_new_privs is on, for every process.
+    let (_, out) = as_root(
+        &root,
+        "521",
+        "grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/1/status",
+    );
+    assert!(
+        out.contains("NoNewPrivs:\t1") && out.contains("Seccomp:\t2"),
+        "{out}"
+    );
+    let bnd = u64::from_str_radix(
+        out.lines()
+            .find(|l| l.starts_with("CapBnd"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap(),
+        16,
+    )
+    .unwrap();
+    assert_eq!(bnd & (1 << 21), 0, "CAP_SYS_ADMIN kept");
+    assert_eq!(bnd & (1 << 16), 0, "CAP_SYS_MODULE kept");
+}
+
+#[test]
+fn no_host_fd_leaks_into_a_container() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["531"], &[]);
+    let (_, out) = as_root(&root, "531", "ls /proc/1/fd");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["0", "1", "2"],
+        "init's fds"
+    );
+    // An exec'd command gets 0-2 (and ls's own directory fd) only.
+    let (_, out) = as_root(&root, "531", "ls /proc/self/fd");
+    assert!(out.split_whitespace().count() <= 4, "fds: {out}");
+}
+
+#[test]
+fn planted_symlinks_do_not_redirect_host_writes() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["541"], &[]);
+    let before_shadow = sha(std::path::Path::new("/etc/shadow"));
+    let before_gshadow = sha(std::path::Path::new("/etc/gshadow"));
+    let plant = "rm -rf /etc/dropbear && ln -s /etc /etc/dropbear && \
+                 ln -sf /etc/shadow /home/luser/.ssh/authorized_keys && \
+                 mv /etc/shadow /etc/shadow.real && ln -s /etc/gshadow /etc/shadow";
+    let (code, out) = as_root(&root, "541", plant);
+    assert_eq!(code, 0, "{out}");
+    let key = std::fs::read_to_string(root.path().join("keys/id_ed25519.pub")).unwrap();
+    let check = |state: &str| {
+        let e = root.fails(&["rekey", "541"]);
+        assert!(e.contains("symlink"), "{state}: {e}");
+        let o = root.run(&["authorized-keys", "541", "luser", "--add", key.trim()]);
+        let o2 = Command::new(common::NIFTY)
+            .arg("--root")
+            .arg(root.path())
+            .args(["passwd", "541", "luser"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(b"pw\n")?;
+                c.wait()
+            })
+            .unwrap();
+        assert!(!o2.success(), "{state}: passwd through a symlink succeeded");
+        assert!(
+            !std::path::Path::new("/etc/dropbear_ed25519_host_key").exists(),
+            "{state}: host /etc written"
+        );
+        assert_eq!(
+            sha(std::path::Path::new("/etc/shadow")),
+            before_shadow,
+            "{state}: host /etc/shadow written"
+        );
+        assert_eq!(
+            sha(std::path::Path::new("/etc/gshadow")),
+            before_gshadow,
+            "{state}: host /etc/gshadow written"
+        );
+        o
+    };
+    check("running");
+    root.ok(&["stop", "541"]);
+    // Stopped: the links now sit in the instance's upper dir on the host.
+    let upper = root.path().join("instances/541/upper");
+    assert!(upper
+        .join("etc/dropbear")
+        .symlink_metadata()
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    check("stopped");
+}
+
+#[test]
+fn fork_bomb_stays_contained() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["551", "552"], &["--tasks", "64", "--memory", "64M"]);
+    // The bomb runs as the login user, like a hostile tenant would.
+    let port = root.port("551").to_string();
+    let key = root.path().join("keys/id_ed25519");
+    let mut bomb = Command::new("ssh")
+        .arg("-i")
+        .arg(&key)
+        .args([
+            "-p",
+            &port,
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .args(["luser@localhost", "b(){ b|b& }; b; sleep 30"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // The bomb hit its ceiling...
+    let tasks = root.procs("551").len();
+    assert!(tasks <= 64, "{tasks} tasks in a container limited to 64");
+    // ...the other container and the host still answer.
+    let t = Instant::now();
+    assert_eq!(root.ssh("552", "echo alive"), "alive\n");
+    assert!(Command::new("true").status().unwrap().success());
+    assert!(t.elapsed() < Duration::from_secs(30));
+    // And the bombed container stops, leaving nothing.
+    root.ok(&["stop", "551", "--timeout", "3"]);
+    assert!(root.procs("551").is_empty());
+    let _ = bomb.kill();
+    let _ = bomb.wait();
+}
