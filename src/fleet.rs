@@ -120,8 +120,15 @@ pub fn next_free(count: usize, existing: &[String]) -> Vec<String> {
 }
 
 /// Number of worker threads for fleet work: a few per core (the work is
-/// mostly system calls that wait on the kernel), not one per instance.
+/// mostly system calls that wait on the kernel), not one per instance;
+/// `NIFTY_JOBS` overrides it.
 pub fn workers() -> usize {
+    if let Some(n) = std::env::var("NIFTY_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
     std::thread::available_parallelism().map_or(2, |n| n.get()) * 4
 }
 

@@ -425,6 +425,11 @@ impl Store {
             0o600,
         )?;
         write_file(
+            &etc.join("inittab"),
+            crate::template::inittab::render(Some(port)).as_bytes(),
+            0o644,
+        )?;
+        write_file(
             &etc.join("hostname"),
             format!("nifty{}\n", spec.name).as_bytes(),
             0o644,
@@ -457,6 +462,7 @@ impl Store {
                         "dropbear/dropbear_ed25519_host_key",
                         "hostname",
                         "machine-id",
+                        "inittab",
                     ]
                     .map(|f| etc.join(f)),
                 )

@@ -253,3 +253,59 @@ pub fn drop_bounding_caps(keep: u64) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+extern "C" fn trampoline(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `&mut &mut dyn FnMut` that `clone_vm` passed,
+    // which outlives the child's use of it (see clone_vm).
+    let f = unsafe { &mut *(arg as *mut &mut dyn FnMut() -> i32) };
+    f()
+}
+
+/// Runs `f` in a child process that shares this process's memory
+/// (CLONE_VM: no page tables copied, no copy-on-write faults), on `stack`,
+/// with extra clone `flags` (namespaces, CLONE_VFORK). Returns the child's
+/// PID and a pidfd.
+///
+/// Contract: `f` makes raw system calls only, on memory that stays valid and
+/// unchanged while the child runs; without CLONE_VFORK the caller must keep
+/// `stack` and `f`'s captures alive until the child has exited (waitpid).
+pub fn clone_vm(
+    flags: i32,
+    stack: &mut [u8],
+    mut f: &mut dyn FnMut() -> i32,
+) -> std::io::Result<(i32, OwnedFd)> {
+    let mut pidfd: RawFd = -1;
+    // The stack grows down: pass its 16-byte aligned top.
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    let arg = &mut f as *mut &mut dyn FnMut() -> i32 as *mut libc::c_void;
+    // SAFETY: the child runs `trampoline` on `stack`, which the caller
+    // keeps alive as the contract says; `arg` points to `f` on this frame,
+    // which lives until this function returns (with CLONE_VFORK, after the
+    // child exec'd or exited; without it, the caller waits for the child
+    // before dropping what `f` borrows). CLONE_PIDFD stores an fd in
+    // `pidfd`.
+    let pid = unsafe {
+        libc::clone(
+            trampoline,
+            top as *mut libc::c_void,
+            flags | libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD,
+            arg,
+            &mut pidfd as *mut RawFd,
+        )
+    };
+    if pid == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: with CLONE_PIDFD the kernel stored a new, owned fd.
+    Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+}
+
+/// [`clone_vm`] with CLONE_VFORK: returns when the child has exec'd or
+/// exited, so `f` may borrow anything of the caller's.
+pub fn spawn_vfork(
+    flags: i32,
+    stack: &mut [u8],
+    f: &mut dyn FnMut() -> i32,
+) -> std::io::Result<(i32, OwnedFd)> {
+    clone_vm(flags | libc::CLONE_VFORK, stack, f)
+}

@@ -385,7 +385,7 @@ fn populate(
         ("shadow", accounts::shadow(user, hash), 0o600),
         ("shells", "/bin/sh\n/bin/ash\n".into(), 0o644),
         ("hostname", "nifty\n".into(), 0o644),
-        ("inittab", inittab::render(), 0o644),
+        ("inittab", inittab::render(None), 0o644),
         (
             "nsswitch.conf",
             "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n".into(),

@@ -119,9 +119,9 @@ fn write(path: &Path, value: &str) -> Result<()> {
 }
 
 impl Cgroup {
-    /// Creates the cgroup(s), applies the limits, and returns a directory fd
-    /// of the v2 cgroup for `CLONE_INTO_CGROUP`.
-    pub fn create(&self, limits: &Limits) -> Result<OwnedFd> {
+    /// Creates the cgroup(s), applies the limits, and returns their
+    /// `cgroup.procs` files open for writing.
+    pub fn create(&self, limits: &Limits) -> Result<Vec<OwnedFd>> {
         let parent = self.v2.parent().expect("instance cgroup has a parent");
         if self.v2_controllers {
             mkdir_p(parent)?;
@@ -150,23 +150,18 @@ impl Cgroup {
                 }
             }
         }
-        rustix::fs::open(
-            &self.v2,
-            rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(Error::sys(format!("open({})", self.v2.display())))
-    }
-
-    /// Moves a process into the v1 cgroups (v2 membership comes from
-    /// `CLONE_INTO_CGROUP`).
-    pub fn add_v1(&self, pid: i32) -> Result<()> {
-        for d in &self.v1 {
-            write(&d.join("cgroup.procs"), &pid.to_string())?;
-        }
-        Ok(())
+        // The files through which the container's first process joins.
+        self.procs_files()
+            .iter()
+            .map(|p| {
+                rustix::fs::open(
+                    p,
+                    rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(Error::sys(format!("open({})", p.display())))
+            })
+            .collect()
     }
 
     /// Files through which a process joins every cgroup of this container

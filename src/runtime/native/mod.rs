@@ -151,8 +151,8 @@ impl Native {
         if !mount_point.is_dir() {
             self.store.ensure()?;
         }
-        let cgfd = cg.create(&inst.limits)?;
-        match spawn::spawn(&plan, &cgfd, |pid| cg.add_v1(pid)) {
+        let procs = cg.create(&inst.limits)?;
+        match spawn::spawn(&plan, &procs) {
             Ok(s) => {
                 tracing::debug!(instance = %inst.name, pid = s.pid, "started");
                 Ok(s.pid)

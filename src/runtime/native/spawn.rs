@@ -14,8 +14,9 @@
 //! killed at any point.
 
 use std::ffi::{c_char, CString};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
@@ -27,7 +28,7 @@ use crate::sys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Step {
-    WaitParent = 1,
+    JoinCgroup = 1,
     Setsid,
     MakePrivate,
     IdmapLower,
@@ -58,7 +59,7 @@ pub enum Step {
 
 impl Step {
     const ALL: [Step; 27] = [
-        Step::WaitParent,
+        Step::JoinCgroup,
         Step::Setsid,
         Step::MakePrivate,
         Step::IdmapLower,
@@ -94,7 +95,7 @@ impl Step {
     /// What the step does, for messages.
     pub fn describe(self) -> &'static str {
         match self {
-            Step::WaitParent => "waiting for nifty",
+            Step::JoinCgroup => "joining the container's cgroups",
             Step::Setsid => "setsid()",
             Step::MakePrivate => "mount(/, MS_REC|MS_PRIVATE)",
             Step::IdmapLower => {
@@ -302,93 +303,55 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
 }
 
-/// Forks the container into `cgroup_fd` and runs `attach(pid)` (the v1
-/// cgroup attach) before letting it go on. Returns once init is exec'd, or
-/// with the step that failed.
-pub fn spawn(
-    plan: &Plan,
-    cgroup_fd: &OwnedFd,
-    attach: impl FnOnce(i32) -> crate::Result<()>,
-) -> Result<Spawned, (String, std::io::Error)> {
-    let io = |step: &str| {
-        let step = step.to_string();
-        move |e: rustix::io::Errno| (step, std::io::Error::from_raw_os_error(e.raw_os_error()))
-    };
-    let (go_r, go_w) =
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
-    let (err_r, err_w) =
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io("pipe2()"))?;
+/// Starts the container: a child sharing nifty's memory (CLONE_VM, so no
+/// page tables are copied; CLONE_VFORK, so this thread waits until the child
+/// has exec'd init or failed) in new mount and PID namespaces. The child
+/// first joins the container's cgroups through `cgroup_procs` (v2 and v1
+/// `cgroup.procs` files, opened for writing), then builds and enters the
+/// container. Returns once init is exec'd, or with the step that failed.
+pub fn spawn(plan: &Plan, cgroup_procs: &[OwnedFd]) -> Result<Spawned, (String, std::io::Error)> {
     // With a user namespace, UTS and IPC namespaces are made after joining
     // it, so that they belong to the container's root; the mount and PID
     // namespaces stay owned by the host's, so that container root can
     // never mount, unmount or remount anything.
-    let mut flags = (libc::CLONE_NEWNS | libc::CLONE_NEWPID) as u64;
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
     if plan.confine.userns.is_none() {
-        flags |= (libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
+        flags |= libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     }
-    let parent = rustix::process::pidfd_open(
-        rustix::process::getpid(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .map_err(io("pidfd_open(self)"))?;
-    let forked = sys::clone3_fork(flags, Some(cgroup_fd.as_fd()))
-        .map_err(|e| ("clone3()".to_string(), e))?;
-    let (pid, pidfd) = match forked {
-        sys::Forked::Child => {
-            drop(go_w);
-            drop(err_r);
-            child(
-                plan,
-                parent.as_raw_fd(),
-                go_r.as_raw_fd(),
-                err_w.as_raw_fd(),
-            )
-        }
-        sys::Forked::Parent { pid, pidfd } => (pid, pidfd),
-    };
-    drop(go_r);
-    drop(err_w);
-    let reap = |pid: i32| {
-        let _ = rustix::process::waitpid(
-            rustix::process::Pid::from_raw(pid),
-            rustix::process::WaitOptions::empty(),
-        );
-    };
-    if let Err(e) = attach(pid) {
-        drop(go_w); // the child sees EOF and exits
-        reap(pid);
-        return Err((
-            "attaching to the v1 cgroups".into(),
-            std::io::Error::other(e.to_string()),
-        ));
+    let failure = AtomicU64::new(0);
+    let mut stack = vec![0u8; CHILD_STACK];
+    let spawned = sys::spawn_vfork(flags, &mut stack, &mut || {
+        child(plan, cgroup_procs, &failure)
+    })
+    .map_err(|e| ("clone(CLONE_VM|CLONE_VFORK)".to_string(), e))?;
+    let f = failure.load(Ordering::SeqCst);
+    if f == 0 {
+        return Ok(Spawned {
+            pid: spawned.0,
+            pidfd: spawned.1,
+        });
     }
-    if let Err(e) = rustix::io::write(&go_w, b"g") {
-        reap(pid);
-        return Err(io("write(go pipe)")(e));
-    }
-    drop(go_w);
-    let mut buf = [0u8; 5];
-    let n = loop {
-        match rustix::io::read(&err_r, &mut buf) {
-            Err(rustix::io::Errno::INTR) => continue,
-            r => break r.unwrap_or(0),
-        }
-    };
-    if n == 0 {
-        return Ok(Spawned { pid, pidfd });
-    }
-    reap(pid);
-    let step = Step::from_u8(buf[0]).map_or("an unknown step", Step::describe);
-    let errno = i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    Err((step.to_string(), std::io::Error::from_raw_os_error(errno)))
+    let _ = rustix::process::waitpid(
+        rustix::process::Pid::from_raw(spawned.0),
+        rustix::process::WaitOptions::empty(),
+    );
+    let step = Step::from_u8((f >> 32) as u8).map_or("an unknown step", Step::describe);
+    Err((
+        step.to_string(),
+        std::io::Error::from_raw_os_error(f as u32 as i32),
+    ))
 }
 
+/// Stack of the container's first process until it execs init.
+const CHILD_STACK: usize = 256 << 10;
+
 /// The container side. Raw system calls only, on memory prepared in `plan`.
-fn child(plan: &Plan, parent: RawFd, go: RawFd, err: RawFd) -> ! {
+fn child(plan: &Plan, cgroup_procs: &[OwnedFd], failure: &AtomicU64) -> i32 {
     let fail = |step: Step, errno: i32| -> ! {
-        let e = errno.to_le_bytes();
-        let msg = [step as u8, e[0], e[1], e[2], e[3]];
-        let _ = rustix::io::write(raw_fd(err), &msg);
+        failure.store(
+            (step as u64) << 32 | u64::from(errno as u32),
+            Ordering::SeqCst,
+        );
         sys::exit_child(1)
     };
     let check = |step: Step, r: rustix::io::Result<()>| {
@@ -399,10 +362,12 @@ fn child(plan: &Plan, parent: RawFd, go: RawFd, err: RawFd) -> ! {
 
     // Until exec, this process is marked as not yet a container's init.
     let _ = rustix::thread::set_name(STARTING);
-    // If nifty dies before the go, give up; from the go on, the container
-    // lives on its own.
-    if !sys::wait_for_parent(raw_fd(go), raw_fd(parent)) {
-        sys::exit_child(1);
+    // Join the container's cgroups first: from here on, everything this
+    // process does is accounted, limited, and seen by `nifty list`/`stop`.
+    for f in cgroup_procs {
+        if let Err(e) = rustix::io::write(f, b"0") {
+            fail(Step::JoinCgroup, e.raw_os_error());
+        }
     }
     check(Step::Setsid, rustix::process::setsid().map(drop));
     // Detach from the host's mount propagation, then build the root.
@@ -636,9 +601,4 @@ fn child(plan: &Plan, parent: RawFd, go: RawFd, err: RawFd) -> ! {
     }
     let e = sys::execve(&plan.init, &plan.argv_ptrs, &plan.envp_ptrs);
     fail(Step::ExecInit, e.raw_os_error().unwrap_or(0))
-}
-
-/// Borrows a raw fd that the child owns for its whole life.
-fn raw_fd(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
-    sys::borrow_fd(fd)
 }

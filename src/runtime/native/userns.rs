@@ -66,19 +66,15 @@ pub fn create(base: u32) -> Result<OwnedFd> {
         rustix::process::PidfdFlags::empty(),
     )
     .map_err(Error::sys("pidfd_open(self)"))?;
-    let forked = sys::clone3_fork(libc::CLONE_NEWUSER as u64, None).map_err(|e| Error::Sys {
-        call: "clone3(CLONE_NEWUSER)".into(),
-        source: e,
-    })?;
-    let pid = match forked {
-        sys::Forked::Child => {
-            drop(w);
-            // Hold the namespace until the parent has what it needs.
-            sys::exit_child(i32::from(!sys::wait_for_parent(r.as_fd(), parent.as_fd())))
-        }
-        sys::Forked::Parent { pid, .. } => pid,
-    };
-    drop(r);
+    // The holder shares nifty's memory (no fork of a big, threaded
+    // process): it only waits until the maps are written.
+    let mut stack = vec![0u8; 16 << 10];
+    let mut hold = || i32::from(!sys::wait_for_parent(r.as_fd(), parent.as_fd()));
+    let (pid, _pidfd) =
+        sys::clone_vm(libc::CLONE_NEWUSER, &mut stack, &mut hold).map_err(|e| Error::Sys {
+            call: "clone(CLONE_VM|CLONE_NEWUSER)".into(),
+            source: e,
+        })?;
     let result = (|| {
         let map = format!("0 {base} {RANGE}\n");
         for f in ["uid_map", "gid_map"] {
