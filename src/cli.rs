@@ -69,14 +69,27 @@ pub enum Command {
     Rekey(Selection),
     /// Update instances to a rebuilt template (not built yet).
     Update(NotYet),
-    /// Check the host for a fleet of N containers (not built yet).
-    Doctor(NotYet),
+    /// Check the host for a fleet of N containers; --fix applies the sysctls.
+    Doctor(DoctorArgs),
     /// Install or remove the systemd unit nifty@.service (not built yet).
     Systemd(NotYet),
     /// Start instances at boot through systemd (not built yet).
     Enable(NotYet),
     /// Stop starting instances at boot (not built yet).
     Disable(NotYet),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Size of the fleet to check for.
+    #[arg(long, default_value_t = 1000)]
+    pub count: u64,
+    /// Apply the sysctls that fix what failed.
+    #[arg(long)]
+    pub fix: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

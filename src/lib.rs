@@ -6,6 +6,7 @@
 //! launcher talks to the kernel directly); [`fleet`] turns a selection such
 //! as `1..1000` into parallel work with progress.
 
+pub mod doctor;
 pub mod error;
 pub mod fleet;
 pub mod keys;

@@ -27,6 +27,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let json = match &cli.command {
         Command::List(j) => j.json,
         Command::Status(s) => s.json,
+        Command::Doctor(d) => d.json,
         Command::Template(crate::cli::TemplateCmd::List(j)) => j.json,
         Command::Template(crate::cli::TemplateCmd::Show { json, .. }) => json.json,
         _ => false,
@@ -64,7 +65,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::AuthorizedKeys(a) => accounts::authorized_keys(&ctx, a)?,
         Command::Rekey(s) => accounts::rekey(&ctx, s)?,
         Command::Update(_) => not_yet("update", 7)?,
-        Command::Doctor(_) => not_yet("doctor", 6)?,
+        Command::Doctor(a) => doctor(&ctx, a)?,
         Command::Systemd(_) => not_yet("systemd", 4)?,
         Command::Enable(_) => not_yet("enable", 4)?,
         Command::Disable(_) => not_yet("disable", 4)?,
@@ -74,6 +75,53 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn doctor(ctx: &Ctx, a: crate::cli::DoctorArgs) -> Result<bool> {
+    use nifty::doctor::{self, Status};
+    let mut findings = doctor::check(&ctx.store, a.count);
+    if a.fix {
+        let applied = doctor::fix(&findings);
+        for (k, v, r) in &applied {
+            match r {
+                Ok(()) => ctx.printer.info(format!("set {k} = {v}")),
+                Err(e) => eprintln!("nifty: doctor: cannot set {k}: {e}"),
+            }
+        }
+        if applied.iter().any(|(_, _, r)| r.is_ok()) {
+            ctx.printer.info(
+                "to keep them after a reboot, put these lines in /etc/sysctl.d/90-nifty.conf:",
+            );
+            for (k, v, _) in applied.iter().filter(|(_, _, r)| r.is_ok()) {
+                ctx.printer.info(format!("  {k} = {v}"));
+            }
+            findings = doctor::check(&ctx.store, a.count);
+        }
+    }
+    if ctx.printer.json {
+        ctx.printer.json(&findings);
+    } else {
+        for f in &findings {
+            let mark = match f.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+            };
+            println!("{mark} {:<26} {}", f.check, f.value);
+            if f.status != Status::Ok {
+                println!("     {:<26} need {}", "", f.need);
+                if !f.fix.is_empty() {
+                    println!("     {:<26} fix: {}", "", f.fix);
+                }
+            }
+        }
+    }
+    let failed = findings.iter().filter(|f| f.status == Status::Fail).count();
+    ctx.printer.info(format!(
+        "{failed} check(s) failed for a fleet of {}",
+        a.count
+    ));
+    Ok(failed == 0)
 }
 
 fn not_yet(verb: &str, issue: u32) -> Result<bool> {

@@ -1,0 +1,375 @@
+//! `nifty doctor`: can this host run a fleet of N containers? Each check
+//! reads the kernel's real value, compares it with what N containers need,
+//! and says how to fix it; `--fix` applies the sysctls it can.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::runtime::native::cgroup::Hierarchy;
+use crate::store::{Store, PORT_BASE};
+
+/// Processes of one idle container: init, syslogd, Dropbear, plus room
+/// for a login (dropbear child, shell) in a good share of them.
+pub const PROCS_PER_CONTAINER: u64 = 5;
+/// Host memory one idle container costs (measured by bench/fleet: about
+/// 0.5-1 MiB of kernel and private memory; the binaries are shared).
+pub const MEMORY_PER_CONTAINER: u64 = 1 << 20;
+/// Disk one instance costs (measured: 40 KiB, rounded up).
+pub const DISK_PER_INSTANCE: u64 = 64 << 10;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One finding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub check: String,
+    pub status: Status,
+    /// What the host has.
+    pub value: String,
+    /// What N containers need.
+    pub need: String,
+    /// How to fix it (empty when fine).
+    pub fix: String,
+    /// A sysctl `--fix` can set: (key, value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sysctl: Option<(String, String)>,
+}
+
+fn sysctl(key: &str) -> Option<String> {
+    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+fn num(key: &str) -> Option<u64> {
+    sysctl(key)?.split(' ').next()?.parse().ok()
+}
+
+/// A check of a numeric sysctl that must be at least `need`.
+fn at_least(check: &str, key: &str, need: u64, set_to: u64, why: &str) -> Finding {
+    let have = num(key);
+    let ok = have.is_some_and(|h| h >= need);
+    Finding {
+        check: check.into(),
+        status: if ok { Status::Ok } else { Status::Fail },
+        value: have.map_or("unknown".into(), |h| format!("{key} = {h}")),
+        need: format!(">= {need} ({why})"),
+        fix: if ok {
+            String::new()
+        } else {
+            format!("sysctl -w {key}={set_to}")
+        },
+        sysctl: (!ok).then(|| (key.to_string(), set_to.to_string())),
+    }
+}
+
+fn info(check: &str, status: Status, value: String, need: &str, fix: &str) -> Finding {
+    Finding {
+        check: check.into(),
+        status,
+        value,
+        need: need.into(),
+        fix: fix.into(),
+        sysctl: None,
+    }
+}
+
+/// Runs every check for a fleet of `count`.
+pub fn check(store: &Store, count: u64) -> Vec<Finding> {
+    let procs = count * PROCS_PER_CONTAINER + 4096;
+    let mut out = Vec::new();
+
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let audit_on = Path::new("/proc/self/loginuid").exists()
+        && !cmdline.split_whitespace().any(|a| a == "audit=0");
+    out.push(info(
+        "kernel auditing",
+        if audit_on { Status::Warn } else { Status::Ok },
+        if audit_on { "on (no audit=0 on the kernel command line)".into() } else { "off".into() },
+        "off for the systemd backend: with auditing, each systemd-nspawn start can wait 5 s (the article's warning); the native launcher is not affected",
+        if audit_on { "add audit=0 to the kernel command line (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub) and reboot" } else { "" },
+    ));
+    out.push(at_least(
+        "pid_max",
+        "kernel.pid_max",
+        procs,
+        procs.max(4_194_304),
+        &format!("{PROCS_PER_CONTAINER} processes per container and 4096 for the host"),
+    ));
+    out.push(at_least(
+        "threads-max",
+        "kernel.threads-max",
+        procs,
+        procs.max(4_194_304),
+        "one thread per container process",
+    ));
+    out.push(at_least(
+        "file-max",
+        "fs.file-max",
+        count * 16 + 65536,
+        (count * 16 + 65536).max(2_097_152),
+        "about 16 open files per container",
+    ));
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let hard = nofile.maximum.unwrap_or(u64::MAX);
+    let need_nofile = count + 1024;
+    out.push(info(
+        "open files of nifty (RLIMIT_NOFILE)",
+        if hard >= need_nofile { Status::Ok } else { Status::Fail },
+        format!("hard limit {hard}"),
+        &format!(">= {need_nofile}: `stop` of N containers holds one pidfd each"),
+        if hard >= need_nofile { "" } else { "raise it: `ulimit -Hn 1048576` in the shell that runs nifty, or LimitNOFILE= in its unit" },
+    ));
+    out.push(at_least(
+        "pty max",
+        "kernel.pty.max",
+        count + 1024,
+        (count + 1024).max(65536),
+        "one SSH session with a terminal per container",
+    ));
+    for (check, key) in [
+        ("user namespaces", "user.max_user_namespaces"),
+        ("mount namespaces", "user.max_mnt_namespaces"),
+        ("PID namespaces", "user.max_pid_namespaces"),
+        ("UTS namespaces", "user.max_uts_namespaces"),
+        ("IPC namespaces", "user.max_ipc_namespaces"),
+    ] {
+        out.push(at_least(
+            check,
+            key,
+            count + 64,
+            (count + 64).max(1_048_576),
+            "one per container",
+        ));
+    }
+    out.push(at_least(
+        "mount-max",
+        "fs.mount-max",
+        256,
+        100_000,
+        "mounts per mount namespace: a container has its own, with about 30",
+    ));
+    out.push(info(
+        "inotify",
+        Status::Ok,
+        format!(
+            "fs.inotify.max_user_instances = {}, max_user_watches = {}",
+            sysctl("fs.inotify.max_user_instances").unwrap_or_default(),
+            sysctl("fs.inotify.max_user_watches").unwrap_or_default()
+        ),
+        "none: nifty, BusyBox init and Dropbear use no inotify",
+        "",
+    ));
+    out.push(info(
+        "keyrings",
+        Status::Ok,
+        format!("kernel.keys.maxkeys = {}", sysctl("kernel.keys.maxkeys").unwrap_or_default()),
+        "none: each container's root is its own host UID (own key quota), and its seccomp filter refuses keyctl/add_key",
+        "",
+    ));
+    let top_port = u64::from(PORT_BASE) + count;
+    let range = sysctl("net.ipv4.ip_local_port_range").unwrap_or_default();
+    let low: u64 = range
+        .split(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32768);
+    let reserved = sysctl("net.ipv4.ip_local_reserved_ports").unwrap_or_default();
+    let want_reserved = format!("{}-{}", PORT_BASE + 1, top_port.min(65535));
+    let overlap = top_port >= low && !reserved.split(',').any(|r| r == want_reserved);
+    out.push(Finding {
+        check: "local port range".into(),
+        status: if overlap { Status::Warn } else { Status::Ok },
+        value: format!("net.ipv4.ip_local_port_range = {range}; reserved = {reserved:?}"),
+        need: format!(
+            "instance ports {}..{top_port} outside the ephemeral range, or reserved",
+            PORT_BASE + 1
+        ),
+        fix: if overlap {
+            format!("sysctl -w net.ipv4.ip_local_reserved_ports={want_reserved}")
+        } else {
+            String::new()
+        },
+        sysctl: overlap.then(|| {
+            (
+                "net.ipv4.ip_local_reserved_ports".into(),
+                want_reserved.clone(),
+            )
+        }),
+    });
+    if top_port > 65535 {
+        out.push(info(
+            "port numbers",
+            Status::Fail,
+            format!("2200 + {count} = {top_port}"),
+            "<= 65535",
+            "give ports explicitly (--port) or use fewer numeric instances per host",
+        ));
+    }
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let overlay = fs.lines().any(|l| l.ends_with("\toverlay"));
+    out.push(info(
+        "overlayfs",
+        if overlay { Status::Ok } else { Status::Fail },
+        if overlay {
+            "available".into()
+        } else {
+            "not in /proc/filesystems".into()
+        },
+        "instances are overlays of the template",
+        if overlay { "" } else { "modprobe overlay" },
+    ));
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let (maj, min) = {
+        let mut it = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    let idmap = (maj, min) >= (5, 19);
+    out.push(info(
+        "idmapped overlay layers",
+        if idmap { Status::Ok } else { Status::Fail },
+        format!("Linux {release}"),
+        ">= 5.19 (user namespaces with a shared template); fd-based layers for stopped-instance edits: >= 6.13",
+        if idmap { "" } else { "upgrade the kernel, or create instances with --no-userns" },
+    ));
+    match Hierarchy::detect() {
+        Ok(h) => out.push(info(
+            "cgroups",
+            Status::Ok,
+            if h.v2_controllers {
+                format!("pure cgroup v2 at {}", h.v2.display())
+            } else {
+                format!(
+                    "hybrid: v2 at {} for membership, v1 pids/memory for limits",
+                    h.v2.display()
+                )
+            },
+            "a cgroup v2 hierarchy",
+            "",
+        )),
+        Err(e) => out.push(info(
+            "cgroups",
+            Status::Fail,
+            e.to_string(),
+            "a cgroup v2 hierarchy",
+            "mount -t cgroup2 none /sys/fs/cgroup/unified",
+        )),
+    }
+    let pid1 = std::fs::read_to_string("/proc/1/comm")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let nspawn = ["/usr/bin/systemd-nspawn", "/bin/systemd-nspawn"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    out.push(info(
+        "systemd",
+        if pid1 == "systemd" && nspawn {
+            Status::Ok
+        } else {
+            Status::Warn
+        },
+        format!(
+            "PID 1 is {pid1:?}; systemd-nspawn {}",
+            if nspawn { "installed" } else { "missing" }
+        ),
+        "only for the systemd backend (the native launcher needs neither)",
+        if nspawn {
+            ""
+        } else {
+            "apt-get install systemd-container"
+        },
+    ));
+    let root = store.root();
+    let probe = std::iter::successors(Some(root), |p| p.parent())
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if let Ok(st) = rustix::fs::statvfs(probe) {
+        let free = st.f_bavail * st.f_frsize;
+        let need = count * DISK_PER_INSTANCE + (64 << 20);
+        out.push(info(
+            "disk",
+            if free >= need {
+                Status::Ok
+            } else {
+                Status::Fail
+            },
+            format!("{} MiB free at {}", free >> 20, probe.display()),
+            &format!(">= {} MiB: 64 KiB per instance and a template", need >> 20),
+            if free >= need {
+                ""
+            } else {
+                "free space or move the state root (--root)"
+            },
+        ));
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let avail = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10);
+    let need = count * MEMORY_PER_CONTAINER;
+    out.push(info(
+        "memory",
+        if avail >= need {
+            Status::Ok
+        } else {
+            Status::Fail
+        },
+        format!("{} MiB available", avail >> 20),
+        &format!(">= {} MiB: about 1 MiB per idle container", need >> 20),
+        if avail >= need {
+            ""
+        } else {
+            "run fewer containers or add memory"
+        },
+    ));
+    out
+}
+
+/// Applies the sysctls of failed findings; returns what was set.
+pub fn fix(findings: &[Finding]) -> Vec<(String, String, Result<(), String>)> {
+    findings
+        .iter()
+        .filter_map(|f| f.sysctl.clone())
+        .map(|(k, v)| {
+            let path = Path::new("/proc/sys").join(k.replace('.', "/"));
+            let r = std::fs::write(&path, &v).map_err(|e| format!("{}: {e}", path.display()));
+            (k, v, r)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn findings_name_real_values() {
+        let store = Store::new(Some(std::env::temp_dir().join("nifty-doctor-unit")));
+        let f = check(&store, 10);
+        let pid = f.iter().find(|f| f.check == "pid_max").unwrap();
+        let real = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap();
+        assert!(pid.value.contains(real.trim()), "{pid:?}");
+        assert_eq!(pid.status, Status::Ok, "10 containers fit any pid_max");
+        let huge = check(&store, 100_000_000);
+        assert!(huge
+            .iter()
+            .any(|f| f.status == Status::Fail && f.sysctl.is_some()));
+    }
+}
