@@ -3,7 +3,7 @@ SHELL := /bin/bash
 N ?= 10
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: up test deps build check clean
+.PHONY: up test bench deps build clean
 
 ## Install what is missing, build, and bring up N containers (default 10).
 up: deps build
@@ -16,6 +16,11 @@ test: deps
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	NIFTY_REQUIRE_PRIVILEGED=1 cargo test --all-targets
+	bench/fleet --count 100 --smoke
+
+## The benchmark of the README (N=1000 by hand: make bench N=1000).
+bench: deps
+	bench/fleet --count $(N)
 
 deps:
 	@./scripts/install-deps
