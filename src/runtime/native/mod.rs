@@ -185,8 +185,12 @@ impl Native {
             pid: i32,
             pidfd: Option<OwnedFd>,
             deadline: Instant,
+            /// Init is gone or was killed.
             done: bool,
+            /// The cgroup is empty.
+            drained: bool,
         }
+        let phase = Instant::now();
         // Phase 1: signal (or kill) every container, in parallel.
         let signalled: Vec<(String, Result<Option<Pending>>)> = insts
             .par_iter()
@@ -221,6 +225,7 @@ impl Native {
                         pidfd,
                         deadline: Instant::now() + opts.timeout,
                         done: killed,
+                        drained: false,
                     }))
                 })();
                 (inst.name.clone(), r)
@@ -235,11 +240,13 @@ impl Native {
                 Err(e) => results.push((name, Err(e))),
             }
         }
+        tracing::debug!(elapsed = ?phase.elapsed(), count = pending.len(), "signalled");
         // Phase 2: one loop watches them all. BusyBox init, once it has run
         // its shutdown actions and signalled everything, only sleeps before
         // powering off: when it is alone in its cgroup, the shutdown is done.
         let mut last_scan = Instant::now() - Duration::from_secs(1);
-        while pending.iter().any(|p| !p.done) {
+        // Then it waits, in the same loop, until every cgroup is empty.
+        while pending.iter().any(|p| !p.drained) {
             let mut fds: Vec<rustix::event::PollFd<'_>> = pending
                 .iter()
                 .filter(|p| !p.done)
@@ -253,7 +260,16 @@ impl Native {
                 last_scan = Instant::now();
             }
             let now = Instant::now();
-            for p in pending.iter_mut().filter(|p| !p.done) {
+            for p in pending.iter_mut().filter(|p| !p.drained) {
+                if p.done {
+                    if scan && p.cg.procs().is_empty() {
+                        p.drained = true;
+                    } else if now >= p.deadline + Duration::from_secs(10) {
+                        // Stuck: give up here; phase 3 reports it.
+                        p.drained = true;
+                    }
+                    continue;
+                }
                 let exited = p.pidfd.as_ref().map_or(true, |fd| {
                     let mut one = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
                     rustix::event::poll(&mut one, 0).unwrap_or(0) > 0
@@ -261,6 +277,7 @@ impl Native {
                 if exited {
                     p.done = true;
                 } else if now >= p.deadline {
+                    p.deadline = now;
                     tracing::warn!(instance = %p.name, "did not stop within the timeout; killing it");
                     let _ = p.cg.kill();
                     p.done = true;
@@ -270,11 +287,12 @@ impl Native {
                 }
             }
         }
+        tracing::debug!(elapsed = ?phase.elapsed(), "all inits signalled and watched");
         // Phase 3: wait for the cgroups to empty and remove them.
         let cleaned: Vec<(String, Result<()>)> = pending
             .par_iter()
             .map(|p| {
-                let r = if p.cg.wait_empty(Duration::from_secs(10)) {
+                let r = if p.cg.wait_empty(Duration::from_secs(1)) {
                     p.cg.remove()
                 } else {
                     let _ = p.cg.kill();
@@ -293,6 +311,7 @@ impl Native {
                 (p.name.clone(), r)
             })
             .collect();
+        tracing::debug!(elapsed = ?phase.elapsed(), "cgroups removed");
         for (name, r) in &results {
             if r.is_ok() {
                 let _ = self.cgroup(name).remove();
