@@ -245,6 +245,7 @@ impl Native {
         // its shutdown actions and signalled everything, only sleeps before
         // powering off: when it is alone in its cgroup, the shutdown is done.
         let mut last_scan = Instant::now() - Duration::from_secs(1);
+        let mut timed_out = 0usize;
         // Then it waits, in the same loop, until every cgroup is empty.
         while pending.iter().any(|p| !p.drained) {
             let mut fds: Vec<rustix::event::PollFd<'_>> = pending
@@ -278,7 +279,8 @@ impl Native {
                     p.done = true;
                 } else if now >= p.deadline {
                     p.deadline = now;
-                    tracing::warn!(instance = %p.name, "did not stop within the timeout; killing it");
+                    timed_out += 1;
+                    tracing::debug!(instance = %p.name, "did not stop within the timeout; killing it");
                     let _ = p.cg.kill();
                     p.done = true;
                 } else if scan && p.cg.procs() == [p.pid] {
@@ -286,6 +288,12 @@ impl Native {
                     p.done = true;
                 }
             }
+        }
+        if timed_out > 0 {
+            tracing::warn!(
+                "{timed_out} container(s) did not power off within {:?} and were killed",
+                opts.timeout
+            );
         }
         tracing::debug!(elapsed = ?phase.elapsed(), "all inits signalled and watched");
         // Phase 3: wait for the cgroups to empty and remove them.
