@@ -376,6 +376,17 @@ fn populate(
         symlink("dbclient", &ssh).map_err(Error::io("symlink", &ssh))?;
     }
 
+    // /dev's entries, for the launchers to bind the host's devices onto
+    // and to mount devpts on (no tmpfs per container).
+    for d in crate::runtime::native::spawn::DEVICES {
+        write_file(&rootfs.join("dev").join(d), b"", 0o666)?;
+    }
+    mkdir(&rootfs.join("dev/pts"), 0o755)?;
+    for (target, link) in crate::runtime::native::spawn::DEV_LINKS {
+        let link = rootfs.join(link.to_str().unwrap_or_default());
+        symlink(target.to_str().unwrap_or_default(), &link).map_err(Error::io("symlink", &link))?;
+    }
+
     let user = &opts.user;
     let etc = rootfs.join("etc");
     let files: [(&str, String, u32); 10] = [
