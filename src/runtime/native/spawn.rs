@@ -1,13 +1,14 @@
-//! Booting one container: clone3 into new mount, PID, UTS and IPC
-//! namespaces and straight into its cgroup, then, in the child, the mount
-//! sequence written out step by step, `pivot_root`, and exec of BusyBox
-//! init as PID 1.
+//! Booting one container: a child in new mount and PID namespaces that
+//! shares nifty's memory until it execs (CLONE_VM|CLONE_VFORK, like
+//! posix_spawn: no page tables copied, no copy-on-write faults in a
+//! threaded parent), joins the container's cgroups first, then runs the
+//! mount sequence written out step by step, `pivot_root`, joins the user
+//! namespace, drops what it must, and execs BusyBox init as PID 1.
 //!
-//! Everything the child needs (paths, options, argv, envp) is prepared as C
-//! strings before the fork: the parent may be multi-threaded, so the child
-//! only makes raw system calls. The child waits for the parent's go (after
-//! the v1 cgroup attach) and reports a failed step back through a
-//! close-on-exec pipe: EOF on that pipe means init is running.
+//! Everything the child needs (paths, options, argv, envp, seccomp
+//! programs) is prepared before the clone: the child only makes raw system
+//! calls. A failed step is written to a shared word before the child exits;
+//! when the parent resumes, a zero word means init is running.
 //!
 //! All mounts are made inside the container's own mount namespace: the host
 //! never sees them, and they vanish with the container, even if nifty is
