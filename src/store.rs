@@ -272,17 +272,9 @@ impl Store {
     /// Reads a template's record.
     pub fn template(&self, name: &str) -> Result<TemplateMeta> {
         check_name("template", name)?;
-        let path = self.template_dir(name).join("template.toml");
-        match fs::read_to_string(&path) {
-            Ok(s) => toml::from_str(&s).map_err(|e| Error::Corrupt {
-                path,
-                why: e.message().to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(Error::NoTemplate(name.to_string()))
-            }
-            Err(e) => Err(Error::io("read", path)(e)),
-        }
+        read_toml(&self.template_dir(name).join("template.toml"), || {
+            Error::NoTemplate(name.to_string())
+        })
     }
 
     /// All templates, sorted by name.
@@ -297,17 +289,9 @@ impl Store {
     /// Reads an instance's record.
     pub fn instance(&self, name: &str) -> Result<Instance> {
         check_name("instance", name)?;
-        let path = self.instance_dir(name).join("instance.toml");
-        match fs::read_to_string(&path) {
-            Ok(s) => toml::from_str(&s).map_err(|e| Error::Corrupt {
-                path,
-                why: e.message().to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(Error::NoInstance(name.to_string()))
-            }
-            Err(e) => Err(Error::io("read", path)(e)),
-        }
+        read_toml(&self.instance_dir(name).join("instance.toml"), || {
+            Error::NoInstance(name.to_string())
+        })
     }
 
     /// Names of all instances, numbers first in numeric order, then the
@@ -646,6 +630,21 @@ fn list_dir(dir: &Path) -> Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Reads a TOML record; `missing` makes the error for a file that is not there.
+fn read_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    missing: impl FnOnce() -> Error,
+) -> Result<T> {
+    match fs::read_to_string(path) {
+        Ok(s) => toml::from_str(&s).map_err(|e| Error::Corrupt {
+            path: path.to_path_buf(),
+            why: e.message().to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(missing()),
+        Err(e) => Err(Error::io("read", path)(e)),
+    }
 }
 
 /// Writes a new file with a mode, failing if it exists.

@@ -180,30 +180,22 @@ pub fn filters() -> Result<Vec<BpfProgram>, String> {
         })
         .collect::<Result<Vec<_>, String>>()?;
     deny.insert(libc::SYS_clone, rules);
-    let eperm = SeccompFilter::new(
-        deny,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| format!("seccomp: {e:?}"))?;
-    let mut nosys = BTreeMap::new();
-    nosys.insert(libc::SYS_clone3, vec![]);
-    let enosys = SeccompFilter::new(
-        nosys,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .map_err(|e| format!("seccomp: {e:?}"))?;
-    let mut nosync = BTreeMap::new();
-    nosync.insert(libc::SYS_sync, vec![]);
-    let nosync = SeccompFilter::new(nosync, SeccompAction::Allow, SeccompAction::Errno(0), arch)
-        .map_err(|e| format!("seccomp: {e:?}"))?;
+    let program = |rules: BTreeMap<i64, Vec<SeccompRule>>,
+                   action: SeccompAction|
+     -> Result<BpfProgram, String> {
+        SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
+            .map_err(|e| format!("seccomp: {e:?}"))?
+            .try_into()
+            .map_err(|e| format!("seccomp: {e:?}"))
+    };
+    let only = |sysno: i64| BTreeMap::from([(sysno, vec![])]);
     Ok(vec![
-        enosys.try_into().map_err(|e| format!("seccomp: {e:?}"))?,
-        eperm.try_into().map_err(|e| format!("seccomp: {e:?}"))?,
-        nosync.try_into().map_err(|e| format!("seccomp: {e:?}"))?,
+        program(
+            only(libc::SYS_clone3),
+            SeccompAction::Errno(libc::ENOSYS as u32),
+        )?,
+        program(deny, SeccompAction::Errno(libc::EPERM as u32))?,
+        program(only(libc::SYS_sync), SeccompAction::Errno(0))?,
     ])
 }
 
