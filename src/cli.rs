@@ -71,12 +71,42 @@ pub enum Command {
     Update(NotYet),
     /// Check the host for a fleet of N containers; --fix applies the sysctls.
     Doctor(DoctorArgs),
-    /// Install or remove the systemd unit nifty@.service (not built yet).
-    Systemd(NotYet),
-    /// Start instances at boot through systemd (not built yet).
-    Enable(NotYet),
-    /// Stop starting instances at boot (not built yet).
-    Disable(NotYet),
+    /// Install, show or remove the template unit nifty@.service.
+    #[command(subcommand)]
+    Systemd(SystemdCmd),
+    /// Start systemd instances at boot (systemctl enable nifty@NAME).
+    Enable(EnableArgs),
+    /// Stop starting systemd instances at boot.
+    Disable(EnableArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemdCmd {
+    /// Write /etc/systemd/system/nifty@.service (reloads systemd only if it changed).
+    Install,
+    /// Remove the template unit (refused while systemd instances exist).
+    Uninstall,
+    /// Print the template unit as `install` writes it.
+    Show,
+    /// The unit's ExecStart: mount an instance's root in a mount namespace
+    /// of its own and exec systemd-nspawn there.
+    #[command(hide = true)]
+    Exec {
+        /// Instance name.
+        name: String,
+        /// systemd-nspawn and its arguments.
+        #[arg(last = true, required = true)]
+        nspawn: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EnableArgs {
+    #[command(flatten)]
+    pub sel: Selection,
+    /// Also start (enable) or stop (disable) them now.
+    #[arg(long)]
+    pub now: bool,
 }
 
 #[derive(Debug, Args)]

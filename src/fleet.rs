@@ -168,6 +168,28 @@ impl Outcome {
     }
 }
 
+/// A worker pool sized for `len` jobs on this machine.
+pub fn pool(len: usize) -> std::result::Result<rayon::ThreadPool, rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(workers().min(len.max(1)))
+        .build()
+}
+
+/// Turns per-instance results into an [`Outcome`].
+pub fn outcome(results: Vec<(String, Result<()>)>, seconds: f64) -> Outcome {
+    let mut out = Outcome {
+        seconds,
+        ..Outcome::default()
+    };
+    for (n, r) in results {
+        match r {
+            Ok(()) => out.ok.push(n),
+            Err(e) => out.failed.push((n, e)),
+        }
+    }
+    out
+}
+
 /// Runs `f` on every name in parallel with a progress bar.
 pub fn run<T: Send>(
     printer: &Printer,
@@ -177,9 +199,7 @@ pub fn run<T: Send>(
 ) -> Outcome {
     let start = Instant::now();
     let bar = printer.progress(verb, names.len() as u64);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(workers().min(names.len().max(1)))
-        .build();
+    let pool = pool(names.len());
     let work = || {
         names
             .par_iter()

@@ -52,10 +52,8 @@ fn help_lists_every_verb() {
 #[test]
 fn verbs_not_built_say_so() {
     let root = Root::new();
-    for verb in ["update", "systemd", "enable", "disable"] {
-        let e = root.fails(&[verb, "x"]);
-        assert!(e.contains("not built yet"), "{verb}: {e}");
-    }
+    let e = root.fails(&["update", "x"]);
+    assert!(e.contains("not built yet"), "update: {e}");
 }
 
 /// Every bad input fails with one clear line and writes nothing.

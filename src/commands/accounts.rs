@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use nifty::fleet;
 use nifty::keys::HostKey;
 use nifty::runtime::native::files::{is_crypt_hash, set_shadow_hash};
-use nifty::runtime::native::Native;
+use nifty::runtime::Runtime;
 use nifty::template::accounts::hash_password;
 use nifty::template::inittab::HOST_KEY;
 
@@ -36,8 +36,8 @@ pub fn passwd(ctx: &Ctx, a: PasswdArgs) -> Result<bool> {
     } else {
         hash_password(&line)?
     };
-    let native = Native::new(&ctx.store)?;
-    let root = native.open_root(&inst)?;
+    let rt = Runtime::new(&ctx.store)?;
+    let root = rt.open_root(&inst)?;
     root.user(&a.user)?;
     let shadow = root
         .read("/etc/shadow")?
@@ -86,8 +86,8 @@ pub fn authorized_keys(ctx: &Ctx, a: KeysArgs) -> Result<bool> {
             add.push(k);
         }
     }
-    let native = Native::new(&ctx.store)?;
-    let root = native.open_root(&inst)?;
+    let rt = Runtime::new(&ctx.store)?;
+    let root = rt.open_root(&inst)?;
     let user = root.user(&a.user)?;
     let ssh_dir = format!("{}/.ssh", user.home.trim_end_matches('/'));
     let path = format!("{ssh_dir}/authorized_keys");
@@ -143,11 +143,11 @@ pub fn authorized_keys(ctx: &Ctx, a: KeysArgs) -> Result<bool> {
 
 pub fn rekey(ctx: &Ctx, sel: Selection) -> Result<bool> {
     let names = select(ctx, &sel)?;
-    let native = Native::new(&ctx.store)?;
+    let rt = Runtime::new(&ctx.store)?;
     let out = fleet::run(&ctx.printer, "rekey", &names, |name| {
         let mut inst = ctx.store.instance(name)?;
         let key = HostKey::generate();
-        let root = native.open_root(&inst)?;
+        let root = rt.open_root(&inst)?;
         root.mkdir("/etc/dropbear", 0, 0, 0o700)?;
         root.write(HOST_KEY, &key.dropbear_private(), 0, 0, 0o600)?;
         inst.host_key = key.openssh_public();

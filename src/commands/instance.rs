@@ -2,9 +2,10 @@
 
 use anyhow::{Context, Result};
 use nifty::fleet;
-use nifty::runtime::native::Native;
-use nifty::runtime::{self, State, StopOptions};
-use nifty::store::{CreateSpec, Limits};
+use std::time::Instant;
+
+use nifty::runtime::{self, Runtime, State, StopOptions};
+use nifty::store::{Backend, CreateSpec, Limits};
 use nifty::template::{self, BuildOptions};
 use nifty::Error;
 
@@ -60,11 +61,28 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
         nifty::store::parse_bind(b)?;
     }
     let backend = a.backend.unwrap_or_else(runtime::default_backend);
-    if backend == nifty::store::Backend::Systemd {
-        anyhow::bail!("--backend systemd is not built yet (issue #4); use --backend native");
+    let rt = Runtime::new(&ctx.store)?;
+    if backend == Backend::Systemd {
+        // Refuse before creating anything: a host without systemd, a name
+        // systemd cannot take as a machine name, a bind it cannot parse.
+        rt.systemd()?;
+        for n in &names {
+            anyhow::ensure!(
+                !n.contains('_'),
+                "invalid instance name {n:?} for the systemd backend: its machine name nifty{n} \
+                 must be a hostname (letters, digits and '-'); try {:?}",
+                n.replace('_', "-")
+            );
+        }
+        for b in &a.bind_ro {
+            anyhow::ensure!(
+                !b.chars().any(char::is_whitespace),
+                "--bind-ro {b:?}: systemd-nspawn cannot take a path with spaces"
+            );
+        }
     }
     ctx.store.ensure()?;
-    let out = fleet::run(&ctx.printer, "create", &names, |name| {
+    let mut out = fleet::run(&ctx.printer, "create", &names, |name| {
         ctx.store.create_instance(&CreateSpec {
             name: name.to_string(),
             template: a.template.clone(),
@@ -77,6 +95,9 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
             drop_caps: !a.keep_caps,
         })
     });
+    if backend == Backend::Systemd && !out.ok.is_empty() {
+        register_units(ctx, &rt, &mut out)?;
+    }
     if names.len() == 1 && out.failed.is_empty() {
         let inst = ctx.store.instance(&names[0])?;
         ctx.printer
@@ -85,19 +106,46 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     Ok(out.report(&ctx.printer, "create"))
 }
 
+/// Writes the unit files of new systemd instances (one reload for all).
+/// If systemd cannot take them, the instances are removed again: nothing
+/// half-made is left.
+fn register_units(ctx: &Ctx, rt: &Runtime, out: &mut fleet::Outcome) -> Result<()> {
+    let insts = out
+        .ok
+        .iter()
+        .map(|n| ctx.store.instance(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&nifty::store::Instance> = insts.iter().collect();
+    if let Err(e) = rt.systemd().and_then(|s| s.prepare(&refs)) {
+        for i in &insts {
+            let _ = ctx.store.remove_instance(i);
+        }
+        let _ = rt.systemd().map(|s| s.forget(&out.ok));
+        for n in out.ok.drain(..) {
+            out.failed.push((
+                n.clone(),
+                Error::Host(format!("instance {n:?}: not created: {e}")),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
     let names = select(ctx, &a.sel)?;
-    let native = Native::new(&ctx.store)?;
+    let rt = Runtime::new(&ctx.store)?;
     let insts = names
         .iter()
         .map(|n| ctx.store.instance(n))
         .collect::<Result<Vec<_>, _>>()?;
     let mut failed = Vec::new();
     let mut removable = Vec::new();
-    let running: Vec<_> = insts
-        .iter()
-        .filter(|i| native.info(i).state == State::Running)
-        .cloned()
+    let running: Vec<_> = rt
+        .infos(&insts)
+        .into_iter()
+        .zip(&insts)
+        .filter(|(info, _)| info.state == State::Running)
+        .map(|(_, i)| i.clone())
         .collect();
     if !running.is_empty() && !a.force {
         for i in &running {
@@ -108,7 +156,7 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
         }
     } else if !running.is_empty() {
         let bar = ctx.printer.progress("stop", running.len() as u64);
-        for (n, r) in native.stop_many(&running, StopOptions::default(), &|_| bar.inc(1)) {
+        for (n, r) in rt.stop_many(&running, StopOptions::default(), &|_| bar.inc(1)) {
             if let Err(e) = r {
                 failed.push((n, e));
             }
@@ -123,9 +171,22 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
     let names: Vec<String> = removable.iter().map(|i| i.name.clone()).collect();
     let mut out = fleet::run(&ctx.printer, "rm", &names, |name| {
         let inst = removable.iter().find(|i| i.name == name).expect("selected");
-        let _ = native.cgroup(name).remove();
+        if inst.backend == Backend::Native {
+            let _ = rt.native.cgroup(name).remove();
+        }
         ctx.store.remove_instance(inst)
     });
+    let gone: Vec<String> = removable
+        .iter()
+        .filter(|i| i.backend == Backend::Systemd && out.ok.contains(&i.name))
+        .map(|i| i.name.clone())
+        .collect();
+    if !gone.is_empty() {
+        // Their drop-ins and boot links go with them.
+        if let Err(e) = rt.systemd().and_then(|s| s.forget(&gone)) {
+            eprintln!("nifty: rm: {e}");
+        }
+    }
     out.failed.extend(failed);
     Ok(out.report(&ctx.printer, "rm"))
 }
@@ -153,13 +214,15 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         .filter(|n| !existing.contains(n))
         .cloned()
         .collect();
+    let rt = Runtime::new(&ctx.store)?;
     if !missing.is_empty() {
         ctx.store.ensure()?;
-        let out = fleet::run(&ctx.printer, "create", &missing, |name| {
+        let backend = runtime::default_backend();
+        let mut out = fleet::run(&ctx.printer, "create", &missing, |name| {
             ctx.store.create_instance(&CreateSpec {
                 name: name.to_string(),
                 template: a.template.clone(),
-                backend: runtime::default_backend(),
+                backend,
                 port: None,
                 limits: Limits::default(),
                 bind_ro: Vec::new(),
@@ -168,24 +231,29 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
                 drop_caps: true,
             })
         });
+        if backend == Backend::Systemd && !out.ok.is_empty() {
+            register_units(ctx, &rt, &mut out)?;
+        }
         if !out.report(&ctx.printer, "create") {
             return Ok(false);
         }
     }
-    let native = Native::new(&ctx.store)?;
     let insts = wanted
         .iter()
         .map(|n| ctx.store.instance(n))
         .collect::<Result<Vec<_>, _>>()?;
-    let stopped: Vec<String> = insts
-        .iter()
-        .filter(|i| native.info(i).state == State::Stopped)
-        .map(|i| i.name.clone())
+    let stopped: Vec<nifty::store::Instance> = rt
+        .infos(&insts)
+        .into_iter()
+        .zip(&insts)
+        .filter(|(info, _)| info.state == State::Stopped)
+        .map(|(_, i)| i.clone())
         .collect();
-    let out = fleet::run(&ctx.printer, "start", &stopped, |name| {
-        let inst = insts.iter().find(|i| i.name == name).expect("selected");
-        native.start(inst)
-    });
+    let started = Instant::now();
+    let bar = ctx.printer.progress("start", stopped.len() as u64);
+    let results = rt.start_many(&stopped, &|_| bar.inc(1));
+    bar.finish_and_clear();
+    let out = fleet::outcome(results, started.elapsed().as_secs_f64());
     let ok = out.report(&ctx.printer, "start");
     let first = &insts[0];
     let last = &insts[insts.len() - 1];

@@ -4,85 +4,92 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use nifty::fleet::{self, Outcome};
-use nifty::runtime::native::Native;
-use nifty::runtime::{parse_signal, StopOptions};
-use nifty::store::Instance;
+use nifty::runtime::{parse_signal, Runtime, StopOptions};
+use nifty::store::{Backend, Instance};
 
 use super::instance::select;
 use super::Ctx;
 use crate::cli::{Selection, StopArgs};
 
+/// Loads the selected instances; names that fail to load are failures.
+fn load(ctx: &Ctx, names: &[String]) -> (Vec<Instance>, Outcome) {
+    let mut out = Outcome::default();
+    let mut insts = Vec::new();
+    for n in names {
+        match ctx.store.instance(n) {
+            Ok(i) => insts.push(i),
+            Err(e) => out.failed.push((n.clone(), e)),
+        }
+    }
+    (insts, out)
+}
+
+fn start_insts(ctx: &Ctx, rt: &Runtime, insts: &[Instance]) -> Outcome {
+    let start = Instant::now();
+    let bar = ctx.printer.progress("start", insts.len() as u64);
+    let results = rt.start_many(insts, &|_| bar.inc(1));
+    bar.finish_and_clear();
+    fleet::outcome(results, start.elapsed().as_secs_f64())
+}
+
 pub fn start(ctx: &Ctx, sel: Selection) -> Result<bool> {
     let names = select(ctx, &sel)?;
-    let native = Native::new(&ctx.store)?;
-    let out = fleet::run(&ctx.printer, "start", &names, |name| {
-        let inst = ctx.store.instance(name)?;
-        native.start(&inst)
-    });
-    if names.len() == 1 && out.failed.is_empty() {
-        let inst = ctx.store.instance(&names[0])?;
-        ctx.printer
-            .info(format!("started {} (ssh port {})", inst.name, inst.port));
+    let rt = Runtime::new(&ctx.store)?;
+    let (insts, failed) = load(ctx, &names);
+    let mut out = start_insts(ctx, &rt, &insts);
+    out.failed.extend(failed.failed);
+    if insts.len() == 1 && out.failed.is_empty() {
+        let inst = &insts[0];
+        let how = match inst.backend {
+            Backend::Native => String::new(),
+            Backend::Systemd => format!(" as {}", rt.systemd()?.names().unit(&inst.name)),
+        };
+        ctx.printer.info(format!(
+            "started {}{how} (ssh port {})",
+            inst.name, inst.port
+        ));
     }
     Ok(out.report(&ctx.printer, "start"))
 }
 
-fn stop_selected(
-    ctx: &Ctx,
-    native: &Native,
-    a: &StopArgs,
-    kill: bool,
-    verb: &str,
-) -> Result<Outcome> {
+fn stop_selected(ctx: &Ctx, rt: &Runtime, a: &StopArgs, kill: bool, verb: &str) -> Result<Outcome> {
     let opts = StopOptions {
         signal: parse_signal(&a.signal)?,
         timeout: Duration::from_secs(a.timeout),
         kill,
     };
-    let mut names = select(ctx, &a.sel)?;
+    let names = select(ctx, &a.sel)?;
+    let (insts, mut out) = load(ctx, &names);
     if a.sel.all {
-        // Also end containers whose instance record is gone.
-        for n in native.cgroup_names() {
-            if !names.contains(&n) {
-                names.push(n);
+        // Also end native containers whose instance record is gone.
+        for n in rt.native.cgroup_names() {
+            if names.contains(&n) {
+                continue;
             }
-        }
-    }
-    let mut out = Outcome::default();
-    let mut insts: Vec<Instance> = Vec::new();
-    for n in &names {
-        match ctx.store.instance(n) {
-            Ok(i) => insts.push(i),
-            Err(nifty::Error::NoInstance(_)) if a.sel.all => {
-                // An orphan cgroup: kill and remove it directly.
-                let cg = native.cgroup(n);
-                let _ = cg.kill();
-                cg.wait_empty(Duration::from_secs(5));
-                match cg.remove() {
-                    Ok(()) => out.ok.push(n.clone()),
-                    Err(e) => out.failed.push((n.clone(), e)),
-                }
+            let cg = rt.native.cgroup(&n);
+            let _ = cg.kill();
+            cg.wait_empty(Duration::from_secs(5));
+            match cg.remove() {
+                Ok(()) => out.ok.push(n),
+                Err(e) => out.failed.push((n, e)),
             }
-            Err(e) => out.failed.push((n.clone(), e)),
         }
     }
     let start = Instant::now();
     let bar = ctx.printer.progress(verb, insts.len() as u64);
-    for (n, r) in native.stop_many(&insts, opts, &|_| bar.inc(1)) {
-        match r {
-            Ok(()) => out.ok.push(n),
-            Err(e) => out.failed.push((n, e)),
-        }
-    }
+    let results = rt.stop_many(&insts, opts, &|_| bar.inc(1));
     bar.finish_and_clear();
-    out.seconds = start.elapsed().as_secs_f64();
+    let done = fleet::outcome(results, start.elapsed().as_secs_f64());
+    out.ok.extend(done.ok);
+    out.failed.extend(done.failed);
+    out.seconds = done.seconds;
     Ok(out)
 }
 
 pub fn stop(ctx: &Ctx, a: StopArgs, kill: bool) -> Result<bool> {
-    let native = Native::new(&ctx.store)?;
+    let rt = Runtime::new(&ctx.store)?;
     let verb = if kill { "kill" } else { "stop" };
-    let out = stop_selected(ctx, &native, &a, kill, verb)?;
+    let out = stop_selected(ctx, &rt, &a, kill, verb)?;
     if out.ok.len() == 1 && out.failed.is_empty() {
         ctx.printer.info(format!("stopped {}", out.ok[0]));
     }
@@ -90,14 +97,10 @@ pub fn stop(ctx: &Ctx, a: StopArgs, kill: bool) -> Result<bool> {
 }
 
 pub fn restart(ctx: &Ctx, a: StopArgs) -> Result<bool> {
-    let native = Native::new(&ctx.store)?;
-    let stopped = stop_selected(ctx, &native, &a, false, "stop")?;
-    let names = stopped.ok.clone();
-    let failed_stop = stopped.failed;
-    let mut out = fleet::run(&ctx.printer, "start", &names, |name| {
-        let inst = ctx.store.instance(name)?;
-        native.start(&inst)
-    });
-    out.failed.extend(failed_stop);
+    let rt = Runtime::new(&ctx.store)?;
+    let stopped = stop_selected(ctx, &rt, &a, false, "stop")?;
+    let (insts, _) = load(ctx, &stopped.ok);
+    let mut out = start_insts(ctx, &rt, &insts);
+    out.failed.extend(stopped.failed);
     Ok(out.report(&ctx.printer, "restart"))
 }

@@ -4,6 +4,7 @@ mod accounts;
 mod instance;
 mod lifecycle;
 mod observe;
+mod systemd;
 mod template;
 
 use std::process::ExitCode;
@@ -66,9 +67,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rekey(s) => accounts::rekey(&ctx, s)?,
         Command::Update(_) => not_yet("update", 7)?,
         Command::Doctor(a) => doctor(&ctx, a)?,
-        Command::Systemd(_) => not_yet("systemd", 4)?,
-        Command::Enable(_) => not_yet("enable", 4)?,
-        Command::Disable(_) => not_yet("disable", 4)?,
+        Command::Systemd(c) => systemd::run(&ctx, c)?,
+        Command::Enable(a) => systemd::enable(&ctx, a, true)?,
+        Command::Disable(a) => systemd::enable(&ctx, a, false)?,
     };
     Ok(if ok {
         ExitCode::SUCCESS

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nifty::runtime::native::Native;
-use nifty::runtime::{Info, State};
+use nifty::runtime::{Info, Runtime, State};
+use nifty::store::{Backend, Instance};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -17,22 +17,21 @@ use crate::cli::{ExecArgs, LogsArgs, SshArgs, StatusArgs};
 
 pub fn list(ctx: &Ctx) -> Result<bool> {
     let names = ctx.store.instance_names()?;
-    let native = Native::new(&ctx.store)?;
-    let rows: Vec<Result<Info, nifty::Error>> = names
-        .par_iter()
-        .map(|n| ctx.store.instance(n).map(|i| native.info(&i)))
-        .collect();
-    let mut infos = Vec::with_capacity(rows.len());
+    let rt = Runtime::new(&ctx.store)?;
+    let rows: Vec<Result<Instance, nifty::Error>> =
+        names.par_iter().map(|n| ctx.store.instance(n)).collect();
+    let mut insts = Vec::with_capacity(rows.len());
     let mut ok = true;
     for r in rows {
         match r {
-            Ok(i) => infos.push(i),
+            Ok(i) => insts.push(i),
             Err(e) => {
                 eprintln!("nifty: list: {e}");
                 ok = false;
             }
         }
     }
+    let infos = rt.infos(&insts);
     if ctx.printer.json {
         ctx.printer.json(&infos);
         return Ok(ok);
@@ -69,23 +68,72 @@ struct Proc {
     cmdline: String,
 }
 
+/// The systemd unit of an instance, for `status`.
+#[derive(Debug, Serialize)]
+struct UnitStatus {
+    name: String,
+    /// systemd-nspawn, the unit's main process.
+    main_pid: Option<u32>,
+    file: String,
+    enabled: String,
+}
+
 #[derive(Debug, Serialize)]
 struct Status {
     #[serde(flatten)]
     info: Info,
     cgroup: String,
     listening: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unit: Option<UnitStatus>,
     processes: Vec<Proc>,
     log: Vec<String>,
 }
 
 pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
     let inst = ctx.store.instance(&a.name)?;
-    let native = Native::new(&ctx.store)?;
-    let info = native.info(&inst);
-    let cg = native.cgroup(&inst.name);
-    let processes: Vec<Proc> = cg
-        .procs()
+    let rt = Runtime::new(&ctx.store)?;
+    let info = rt.info(&inst);
+    let (cgroup, pids, log, unit) = match inst.backend {
+        Backend::Native => (
+            rt.native.cgroup_path(&inst.name),
+            rt.native.cgroup(&inst.name).procs(),
+            tail(&ctx.store.console_log(&inst.name), a.lines),
+            None,
+        ),
+        Backend::Systemd => {
+            let sd = rt.systemd()?;
+            let cg = sd.cgroup_path(&inst).unwrap_or_else(|| "-".into());
+            let pids = if cg == "-" {
+                Vec::new()
+            } else {
+                nifty::runtime::systemd::procs_under(&sd.cgroup_dir(&cg))
+            };
+            let out = std::process::Command::new("journalctl")
+                .args(sd.journal_args(&inst))
+                .arg(format!("--lines={}", a.lines))
+                .output();
+            let log = out
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .filter(|l| !l.starts_with("-- "))
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let unit = UnitStatus {
+                main_pid: sd.main_pid(&inst),
+                name: sd.names().unit(&inst.name),
+                file: sd.template_path().display().to_string(),
+                enabled: sd
+                    .unit_file_state(&inst)
+                    .unwrap_or_else(|| "unknown".into()),
+            };
+            (cg, pids, log, Some(unit))
+        }
+    };
+    let processes: Vec<Proc> = pids
         .into_iter()
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -103,8 +151,9 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
         .collect();
     let st = Status {
         listening: info.state == State::Running && listening(inst.port),
-        cgroup: native.cgroup_path(&inst.name),
-        log: tail(&ctx.store.console_log(&inst.name), a.lines),
+        cgroup,
+        log,
+        unit,
         processes,
         info,
     };
@@ -133,7 +182,18 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
         }
         _ => println!("      Active: stopped"),
     }
-    println!("     Backend: {}", st.info.backend);
+    match &st.unit {
+        Some(u) => {
+            println!(
+                "     Backend: systemd: {} ({}; {})",
+                u.name, u.file, u.enabled
+            );
+            if let Some(p) = u.main_pid {
+                println!("    Main PID: {p} (systemd-nspawn)");
+            }
+        }
+        None => println!("     Backend: {}", st.info.backend),
+    }
     println!(
         "        Port: {} ({})  ssh -p {} {}@localhost",
         inst.port,
@@ -190,7 +250,23 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
 }
 
 pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
-    ctx.store.instance(&a.name)?;
+    let inst = ctx.store.instance(&a.name)?;
+    if inst.backend == Backend::Systemd {
+        // The container's console goes to the journal, with the unit's own
+        // messages: journalctl shows both.
+        let rt = Runtime::new(&ctx.store)?;
+        let mut cmd = std::process::Command::new("journalctl");
+        cmd.args(rt.systemd()?.journal_args(&inst));
+        match a.lines {
+            Some(n) => cmd.arg(format!("--lines={n}")),
+            None => cmd.arg("--lines=all"),
+        };
+        if a.follow {
+            cmd.arg("--follow");
+        }
+        let e = cmd.exec();
+        return Err(e).context("cannot run journalctl (Debian package systemd)");
+    }
     let path = ctx.store.console_log(&a.name);
     let mut out = std::io::stdout().lock();
     let mut f = match std::fs::File::open(&path) {
@@ -236,7 +312,8 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
 
 pub fn exec(ctx: &Ctx, a: ExecArgs) -> Result<ExitCode> {
     let inst = ctx.store.instance(&a.name)?;
-    let native = Native::new(&ctx.store)?;
+    let rt = Runtime::new(&ctx.store)?;
+    let target = rt.target(&inst)?;
     let env = a
         .env
         .iter()
@@ -246,7 +323,9 @@ pub fn exec(ctx: &Ctx, a: ExecArgs) -> Result<ExitCode> {
                 .with_context(|| format!("--env {kv:?}: use KEY=VALUE"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let code = native.exec(&inst, a.user.as_deref(), &a.cmd, &env)?;
+    let code = rt
+        .native
+        .exec(&inst, &target, a.user.as_deref(), &a.cmd, &env)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 
-use super::{find_init, userns, Native};
+use super::{userns, Native};
 use crate::store::Instance;
 use crate::{sys, Error, Result};
 
@@ -45,10 +45,16 @@ pub struct User {
 impl Native {
     /// Opens the merged root of an instance, running or not. A stopped
     /// instance stays locked (no start) while the root is open.
-    pub fn open_root(&self, inst: &Instance) -> Result<Root> {
+    /// `running` finds the init of a running instance (whichever backend
+    /// runs it); it is asked under the instance's lock.
+    pub fn open_root(
+        &self,
+        inst: &Instance,
+        running: impl Fn(&Instance) -> Option<i32>,
+    ) -> Result<Root> {
         let base = inst.security.uid_base.unwrap_or(0);
         let lock = super::lock(&self.store.instance_dir(&inst.name))?;
-        if let Some(pid) = find_init(&self.cgroup(&inst.name).procs()) {
+        if let Some(pid) = running(inst) {
             let p = format!("/proc/{pid}/root");
             let fd = rustix::fs::open(
                 &p,
@@ -78,7 +84,7 @@ impl Native {
     }
 
     /// The overlay of a stopped instance as a detached mount.
-    fn detached_overlay(
+    pub(crate) fn detached_overlay(
         &self,
         inst: &Instance,
     ) -> std::result::Result<OwnedFd, (String, rustix::io::Errno)> {

@@ -103,6 +103,17 @@ impl Native {
         }
     }
 
+    /// Where a running native instance lives: its init and its cgroups.
+    pub fn target(&self, inst: &Instance) -> Result<super::Target> {
+        check_backend(inst)?;
+        let cg = self.cgroup(&inst.name);
+        let pid = find_init(&cg.procs()).ok_or_else(|| Error::NotRunning(inst.name.clone()))?;
+        Ok(super::Target {
+            pid,
+            procs_files: cg.procs_files(),
+        })
+    }
+
     /// Boots an instance. Fails if it runs already.
     pub fn start(&self, inst: &Instance) -> Result<i32> {
         check_backend(inst)?;
@@ -337,13 +348,12 @@ impl Native {
     pub fn exec(
         &self,
         inst: &Instance,
+        target: &super::Target,
         user: Option<&str>,
         cmd: &[String],
         env: &[(String, String)],
     ) -> Result<i32> {
-        check_backend(inst)?;
-        let pid = find_init(&self.cgroup(&inst.name).procs())
-            .ok_or_else(|| Error::NotRunning(inst.name.clone()))?;
+        let pid = target.pid;
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let open_ns = |ns: &str| {
             let p = proc_dir.join("ns").join(ns);
@@ -368,9 +378,8 @@ impl Native {
                 e => e,
             })?,
         };
-        let cgroup_files: Vec<OwnedFd> = self
-            .cgroup(&inst.name)
-            .procs_files()
+        let cgroup_files: Vec<OwnedFd> = target
+            .procs_files
             .iter()
             .map(|p| {
                 rustix::fs::open(p, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())

@@ -1,0 +1,855 @@
+//! The systemd backend: the article's path, done right. Every instance is
+//! `nifty@NAME.service`, one template unit whose ExecStart runs
+//! systemd-nspawn on the instance's root; nifty talks to systemd over D-Bus
+//! (start, stop and kill of a thousand units are a thousand queued jobs,
+//! not a thousand `systemctl` processes) and reads state back from it.
+
+pub mod dbus;
+pub mod unit;
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use zbus::blocking::Connection;
+use zbus::zvariant::OwnedObjectPath;
+
+use self::dbus::{ManagerProxy, ServiceProxy, UnitProxy};
+use self::unit::Names;
+use super::native::cgroup::Hierarchy;
+use super::native::{find_init, uptime};
+use super::{Info, State, StopOptions};
+use crate::store::{parse_bind, write_file, Backend, Instance, Store};
+use crate::{Error, Result};
+
+/// Where unit files go: the administrator's directory, so that `enable`
+/// survives a reboot.
+pub const UNIT_DIR: &str = "/etc/systemd/system";
+
+/// Is PID 1 systemd? (`sd_booted()`: /run/systemd/system exists.)
+pub fn booted() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// systemd-nspawn on the PATH (or in /usr/bin).
+pub fn nspawn_path() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|d| d.join("systemd-nspawn"))
+        .find(|p| p.is_file())
+}
+
+/// Can this host run the systemd backend? Returns systemd-nspawn's path,
+/// or says what is missing and what to do.
+pub fn check_host() -> Result<PathBuf> {
+    if !booted() {
+        let pid1 = std::fs::read_to_string("/proc/1/comm")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        return Err(Error::Host(format!(
+            "the systemd backend needs systemd as PID 1, and PID 1 here is {pid1:?} \
+             (/run/systemd/system is missing); use --backend native, nifty's own launcher"
+        )));
+    }
+    nspawn_path().ok_or_else(|| {
+        Error::Host(
+            "systemd-nspawn is not installed: apt-get install systemd-container \
+             (or use --backend native)"
+                .into(),
+        )
+    })
+}
+
+fn dbus_err(what: impl std::fmt::Display) -> impl FnOnce(zbus::Error) -> Error {
+    move |e| Error::Host(format!("systemd over D-Bus: {what}: {e}"))
+}
+
+/// The systemd backend of one store.
+pub struct Systemd {
+    store: Store,
+    names: Names,
+    nspawn: PathBuf,
+    conn: Connection,
+    hierarchy: Hierarchy,
+    /// Subscribe() is once per connection.
+    subscribed: std::sync::OnceLock<()>,
+}
+
+/// How a job of ours ended.
+struct JobEnd {
+    unit: String,
+    result: String,
+}
+
+impl Systemd {
+    /// Connects to systemd (the system bus); fails with what to do when
+    /// the host cannot run this backend.
+    pub fn new(store: &Store) -> Result<Systemd> {
+        let nspawn = check_host()?;
+        let conn = zbus::blocking::connection::Builder::system()
+            .and_then(|b| b.max_queued(1 << 20).build())
+            .map_err(|e| {
+                Error::Host(format!(
+                    "cannot reach systemd on the system bus: {e}; is dbus running? \
+                     (apt-get install dbus)"
+                ))
+            })?;
+        Ok(Systemd {
+            store: store.clone(),
+            names: Names {
+                prefix: store.cgroup_name(),
+            },
+            nspawn,
+            conn,
+            hierarchy: Hierarchy::detect()?,
+            subscribed: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    fn manager(&self) -> Result<ManagerProxy<'_>> {
+        ManagerProxy::new(&self.conn).map_err(dbus_err("org.freedesktop.systemd1.Manager"))
+    }
+
+    /// Path of the template unit file.
+    pub fn template_path(&self) -> PathBuf {
+        Path::new(UNIT_DIR).join(self.names.template())
+    }
+
+    /// Directory of an instance's drop-ins.
+    pub fn dropin_dir(&self, name: &str) -> PathBuf {
+        Path::new(UNIT_DIR).join(format!("{}.d", self.names.unit(name)))
+    }
+
+    /// The template unit as nifty would write it now.
+    pub fn render_template(&self) -> Result<String> {
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::Host(format!("cannot find nifty's own binary: {e}")))?;
+        // A binary replaced while running reads as "<path> (deleted)": the
+        // unit must name the path, where the new one is.
+        let nifty = PathBuf::from(
+            exe.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string(),
+        );
+        Ok(unit::template(&unit::TemplateSpec {
+            names: &self.names,
+            nifty: &nifty,
+            root: self.store.root(),
+            nspawn: &self.nspawn,
+            register: false,
+        }))
+    }
+
+    /// Writes the template unit if it is missing or differs; tells whether
+    /// it changed (and systemd must reload).
+    fn write_template(&self) -> Result<bool> {
+        let text = self.render_template()?;
+        let path = self.template_path();
+        if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
+            return Ok(false);
+        }
+        std::fs::create_dir_all(UNIT_DIR).map_err(Error::io("create", UNIT_DIR))?;
+        write_atomic(&path, &text)?;
+        Ok(true)
+    }
+
+    /// Writes an instance's drop-in if it is missing or differs.
+    fn write_dropin(&self, inst: &Instance) -> Result<bool> {
+        let dir = self.dropin_dir(&inst.name);
+        let path = dir.join("50-nifty.conf");
+        let text = unit::dropin(&inst.name, &inst.limits);
+        if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
+            return Ok(false);
+        }
+        std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        write_atomic(&path, &text)?;
+        Ok(true)
+    }
+
+    /// `nifty systemd install`: writes the template unit and reloads
+    /// systemd if it changed. Returns whether it changed.
+    pub fn install(&self) -> Result<bool> {
+        let changed = self.write_template()?;
+        if changed {
+            self.reload()?;
+        }
+        Ok(changed)
+    }
+
+    /// `nifty systemd uninstall`: removes the template unit (refused while
+    /// instances of this store still use the systemd backend).
+    pub fn uninstall(&self, users: &[String]) -> Result<bool> {
+        if !users.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{} instance(s) still use the systemd backend ({}{}); remove them first (`nifty rm -f`)",
+                users.len(),
+                users[..users.len().min(5)].join(", "),
+                if users.len() > 5 { ", ..." } else { "" }
+            )));
+        }
+        let path = self.template_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                self.reload()?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("remove", &path)(e)),
+        }
+    }
+
+    /// `systemctl daemon-reload`.
+    pub fn reload(&self) -> Result<()> {
+        self.manager()?
+            .reload()
+            .map_err(dbus_err("Reload (daemon-reload)"))
+    }
+
+    /// Prepares the unit files of new instances: the template if needed,
+    /// one drop-in each; reloads systemd once if anything changed.
+    pub fn prepare(&self, insts: &[&Instance]) -> Result<()> {
+        for inst in insts {
+            check_machine_name(inst)?;
+        }
+        let mut changed = self.write_template()?;
+        for inst in insts {
+            changed |= self.write_dropin(inst)?;
+        }
+        if changed {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
+    /// Removes the drop-ins of removed instances (and their boot links).
+    pub fn forget(&self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let units: Vec<String> = names.iter().map(|n| self.names.unit(n)).collect();
+        let refs: Vec<&str> = units.iter().map(String::as_str).collect();
+        // Not enabled is fine: DisableUnitFiles only removes what exists.
+        let _ = self.manager()?.disable_unit_files(&refs, false);
+        for n in names {
+            let dir = self.dropin_dir(n);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &dir)(e)),
+            }
+        }
+        self.reload()
+    }
+
+    /// Active state of every loaded unit of this store, by instance name.
+    fn states(&self) -> Result<HashMap<String, (String, OwnedObjectPath)>> {
+        let rows = self
+            .manager()?
+            .list_units_by_patterns(&[], &[&self.names.pattern()])
+            .map_err(dbus_err("ListUnitsByPatterns"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| Some((self.names.instance_of(&r.0)?, (r.3, r.6))))
+            .collect())
+    }
+
+    /// The unit's cgroup and the container's init in it.
+    fn init_of(&self, unit_path: &OwnedObjectPath) -> Option<(String, i32)> {
+        let svc = ServiceProxy::builder(&self.conn)
+            .path(unit_path.clone())
+            .ok()?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .ok()?;
+        let cg = svc.control_group().ok()?;
+        if cg.is_empty() {
+            return None;
+        }
+        let pid = find_init(&procs_under(
+            &self.hierarchy.v2.join(cg.trim_start_matches('/')),
+        ))?;
+        Some((cg, pid))
+    }
+
+    /// The PID (on the host) of a running instance's init.
+    pub fn init_pid(&self, inst: &Instance) -> Option<i32> {
+        let path = self
+            .manager()
+            .ok()?
+            .load_unit(&self.names.unit(&inst.name))
+            .ok()?;
+        self.init_of(&path).map(|(_, pid)| pid)
+    }
+
+    /// Where a running instance lives: its init and its v2 cgroup (the
+    /// one init itself is in).
+    pub fn target(&self, inst: &Instance) -> Result<super::Target> {
+        let pid = self
+            .init_pid(inst)
+            .ok_or_else(|| Error::NotRunning(inst.name.clone()))?;
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(Error::io("read", format!("/proc/{pid}/cgroup")))?;
+        let v2 = cg
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| Error::NotRunning(inst.name.clone()))?;
+        Ok(super::Target {
+            pid,
+            procs_files: vec![self
+                .hierarchy
+                .v2
+                .join(v2.trim_start_matches('/'))
+                .join("cgroup.procs")],
+        })
+    }
+
+    /// The directory of a cgroup systemd names (`/machine.slice/...`).
+    pub fn cgroup_dir(&self, cg: &str) -> PathBuf {
+        self.hierarchy.v2.join(cg.trim_start_matches('/'))
+    }
+
+    /// The unit's cgroup path (as systemd names it), if it has one.
+    pub fn cgroup_path(&self, inst: &Instance) -> Option<String> {
+        let path = self
+            .manager()
+            .ok()?
+            .load_unit(&self.names.unit(&inst.name))
+            .ok()?;
+        self.init_of(&path).map(|(cg, _)| cg)
+    }
+
+    /// What systemd says about these instances (one call for the states,
+    /// one more per running instance).
+    pub fn infos(&self, insts: &[&Instance]) -> Vec<Info> {
+        let states = self.states().unwrap_or_default();
+        insts
+            .iter()
+            .map(|inst| {
+                let running = states
+                    .get(&inst.name)
+                    .filter(|(s, _)| s == "active" || s == "deactivating" || s == "reloading")
+                    .and_then(|(_, p)| Some((p.clone(), self.init_of(p)?)));
+                let (pid, memory) = match &running {
+                    Some((path, (cg, pid))) => (Some(*pid), self.memory(path, cg)),
+                    None => (None, None),
+                };
+                Info {
+                    name: inst.name.clone(),
+                    state: if pid.is_some() {
+                        State::Running
+                    } else {
+                        State::Stopped
+                    },
+                    backend: Backend::Systemd,
+                    pid,
+                    port: inst.port,
+                    uptime_secs: pid.and_then(uptime),
+                    memory_bytes: memory,
+                    template: inst.template.clone(),
+                }
+            })
+            .collect()
+    }
+
+    fn memory(&self, path: &OwnedObjectPath, cg: &str) -> Option<u64> {
+        let svc = ServiceProxy::builder(&self.conn)
+            .path(path.clone())
+            .ok()?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .ok()?;
+        match svc.memory_current() {
+            Ok(m) if m != u64::MAX => Some(m),
+            _ => {
+                let v1 = self.hierarchy.v1_memory.as_ref()?;
+                std::fs::read_to_string(
+                    v1.join(cg.trim_start_matches('/'))
+                        .join("memory.usage_in_bytes"),
+                )
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+            }
+        }
+    }
+
+    /// The unit's main process (systemd-nspawn), while it runs.
+    pub fn main_pid(&self, inst: &Instance) -> Option<u32> {
+        let path = self
+            .manager()
+            .ok()?
+            .load_unit(&self.names.unit(&inst.name))
+            .ok()?;
+        ServiceProxy::builder(&self.conn)
+            .path(path)
+            .ok()?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .ok()?
+            .main_pid()
+            .ok()
+            .filter(|p| *p != 0)
+    }
+
+    /// Whether an instance starts at boot (`enabled`, `disabled`, ...).
+    pub fn unit_file_state(&self, inst: &Instance) -> Option<String> {
+        let path = self
+            .manager()
+            .ok()?
+            .load_unit(&self.names.unit(&inst.name))
+            .ok()?;
+        UnitProxy::builder(&self.conn)
+            .path(path)
+            .ok()?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .ok()?
+            .unit_file_state()
+            .ok()
+    }
+
+    /// Runs one job per instance (`start` or `stop`), all queued at once,
+    /// and waits for them: systemd runs them in parallel. `deadline`, when
+    /// given, is when jobs still running are cut short by killing their
+    /// units.
+    fn jobs(
+        &self,
+        insts: &[&Instance],
+        verb: &str,
+        kill_after: Option<Duration>,
+        done: &(dyn Fn(&str) + Sync),
+    ) -> Vec<(String, Result<()>)> {
+        let mut results: Vec<(String, Result<()>)> = Vec::new();
+        let manager = match self.manager() {
+            Ok(m) => m,
+            Err(e) => return fail_all(insts, &e),
+        };
+        // Listen before queueing anything, from a thread of its own, so no
+        // JobRemoved is missed and none blocks the replies behind it.
+        if self.subscribed.get().is_none() {
+            match manager.subscribe() {
+                Ok(()) => {
+                    let _ = self.subscribed.set(());
+                }
+                Err(e) => return fail_all(insts, &dbus_err("Subscribe")(e)),
+            }
+        }
+        let signals = match manager.receive_job_removed() {
+            Ok(s) => s,
+            Err(e) => return fail_all(insts, &dbus_err("JobRemoved")(e)),
+        };
+        let (tx, rx) = mpsc::channel::<(OwnedObjectPath, JobEnd)>();
+        let listener = std::thread::spawn(move || {
+            for sig in signals {
+                let Ok(a) = sig.args() else { continue };
+                let end = JobEnd {
+                    unit: a.unit.clone(),
+                    result: a.result.clone(),
+                };
+                if tx.send((a.job.clone(), end)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut pending: HashMap<OwnedObjectPath, String> = HashMap::new();
+        for inst in insts {
+            let unit = self.names.unit(&inst.name);
+            let r = match verb {
+                "start" => manager.start_unit(&unit, "replace"),
+                _ => manager.stop_unit(&unit, "replace"),
+            };
+            match r {
+                Ok(job) => {
+                    pending.insert(job, inst.name.clone());
+                }
+                Err(e) => results.push((
+                    inst.name.clone(),
+                    Err(Error::Host(format!(
+                        "instance {:?}: systemd refused to {verb} {unit}: {e}",
+                        inst.name
+                    ))),
+                )),
+            }
+        }
+        let start = Instant::now();
+        let mut killed = false;
+        // The unit's own timeouts bound every job; this only guards against
+        // a bus that went silent.
+        let hard_end = start + Duration::from_secs(unit::STOP_TIMEOUT_SECS + 120);
+        while !pending.is_empty() {
+            if let Some(k) = kill_after.filter(|_| !killed) {
+                if start.elapsed() >= k {
+                    killed = true;
+                    for name in pending.values() {
+                        let _ = manager.kill_unit(&self.names.unit(name), "all", libc::SIGKILL);
+                    }
+                }
+            }
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok((job, end)) => {
+                    let Some(name) = pending.remove(&job) else {
+                        continue;
+                    };
+                    done(&name);
+                    let r = if end.result == "done" {
+                        Ok(())
+                    } else {
+                        Err(Error::Host(format!(
+                            "instance {name:?}: {verb} job of {} ended {:?}; see `journalctl -u '{}'`",
+                            end.unit, end.result, end.unit
+                        )))
+                    };
+                    results.push((name, r));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < hard_end => {}
+                Err(_) => {
+                    for (_, name) in pending.drain() {
+                        results.push((
+                            name.clone(),
+                            Err(Error::Host(format!(
+                                "instance {name:?}: systemd did not finish the {verb} job in time"
+                            ))),
+                        ));
+                    }
+                }
+            }
+        }
+        drop(rx);
+        // The listener ends with the connection; do not wait for it.
+        drop(listener);
+        results
+    }
+
+    /// Starts instances: writes what is missing of their unit files, then
+    /// one StartUnit each. An instance that runs already is an error.
+    pub fn start_many(
+        &self,
+        insts: &[&Instance],
+        done: &(dyn Fn(&str) + Sync),
+    ) -> Vec<(String, Result<()>)> {
+        let mut out = Vec::new();
+        if let Err(e) = self.prepare(insts) {
+            return fail_all(insts, &e);
+        }
+        let states = self.states().unwrap_or_default();
+        let mut todo = Vec::new();
+        for inst in insts {
+            let active = states
+                .get(&inst.name)
+                .is_some_and(|(s, _)| s == "active" || s == "activating");
+            if active {
+                done(&inst.name);
+                out.push((
+                    inst.name.clone(),
+                    Err(Error::Running(inst.name.clone(), "")),
+                ));
+            } else if !self.store.template_rootfs(&inst.template).is_dir() {
+                done(&inst.name);
+                out.push((
+                    inst.name.clone(),
+                    Err(Error::NoTemplate(inst.template.clone())),
+                ));
+            } else {
+                // A unit left failed by an earlier run would refuse nothing,
+                // but its old result would linger in `status`.
+                let _ = self
+                    .manager()
+                    .map(|m| m.reset_failed_unit(&self.names.unit(&inst.name)));
+                todo.push(*inst);
+            }
+        }
+        out.extend(self.jobs(&todo, "start", None, done));
+        out
+    }
+
+    /// Stops instances: one StopUnit each (systemd-nspawn passes init
+    /// SIGUSR2, BusyBox init powers off); after `opts.timeout` what is
+    /// left is killed. A stopped instance is not an error.
+    pub fn stop_many(
+        &self,
+        insts: &[&Instance],
+        opts: StopOptions,
+        done: &(dyn Fn(&str) + Sync),
+    ) -> Vec<(String, Result<()>)> {
+        if opts.signal != rustix::process::Signal::Usr2 && !opts.kill {
+            return insts
+                .iter()
+                .map(|i| {
+                    (
+                        i.name.clone(),
+                        Err(Error::Invalid(format!(
+                            "instance {:?} runs under systemd, whose unit stops it with SIGUSR2 \
+                             (BusyBox init's poweroff); --signal is for native instances; \
+                             use `nifty kill` to kill it at once",
+                            i.name
+                        ))),
+                    )
+                })
+                .collect();
+        }
+        if opts.kill {
+            if let Ok(m) = self.manager() {
+                for inst in insts {
+                    let _ = m.kill_unit(&self.names.unit(&inst.name), "all", libc::SIGKILL);
+                }
+            }
+        }
+        let out = self.jobs(insts, "stop", Some(opts.timeout), done);
+        if let Ok(m) = self.manager() {
+            for inst in insts {
+                // A killed container leaves its unit "failed": clear it.
+                let _ = m.reset_failed_unit(&self.names.unit(&inst.name));
+            }
+        }
+        out
+    }
+
+    /// `nifty enable`: the instances start at boot (multi-user.target
+    /// wants them).
+    pub fn enable(&self, insts: &[&Instance]) -> Result<Vec<dbus::Change>> {
+        self.prepare(insts)?;
+        let units: Vec<String> = insts.iter().map(|i| self.names.unit(&i.name)).collect();
+        let refs: Vec<&str> = units.iter().map(String::as_str).collect();
+        let (_, changes) = self
+            .manager()?
+            .enable_unit_files(&refs, false, false)
+            .map_err(dbus_err(format!("EnableUnitFiles({})", units.join(" "))))?;
+        self.reload()?;
+        Ok(changes)
+    }
+
+    /// `nifty disable`.
+    pub fn disable(&self, insts: &[&Instance]) -> Result<Vec<dbus::Change>> {
+        let units: Vec<String> = insts.iter().map(|i| self.names.unit(&i.name)).collect();
+        let refs: Vec<&str> = units.iter().map(String::as_str).collect();
+        let changes = self
+            .manager()?
+            .disable_unit_files(&refs, false)
+            .map_err(dbus_err(format!("DisableUnitFiles({})", units.join(" "))))?;
+        self.reload()?;
+        Ok(changes)
+    }
+
+    /// `journalctl` arguments for an instance's log.
+    pub fn journal_args(&self, inst: &Instance) -> Vec<String> {
+        vec![
+            format!("--unit={}", self.names.unit(&inst.name)),
+            "--no-pager".into(),
+            "--output=short".into(),
+        ]
+    }
+}
+
+fn fail_all(insts: &[&Instance], e: &Error) -> Vec<(String, Result<()>)> {
+    insts
+        .iter()
+        .map(|i| {
+            (
+                i.name.clone(),
+                Err(Error::Host(format!("instance {:?}: {e}", i.name))),
+            )
+        })
+        .collect()
+}
+
+/// Every PID in a cgroup and its children (systemd-nspawn may make
+/// sub-cgroups).
+pub fn procs_under(dir: &Path) -> Vec<i32> {
+    let mut out: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.parse().ok()).collect())
+        .unwrap_or_default();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(procs_under(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("nifty-tmp");
+    write_file(&tmp, text.as_bytes(), 0o644)?;
+    std::fs::rename(&tmp, path).map_err(Error::io("rename", &tmp))
+}
+
+/// The machine name `nifty<name>` must be a valid hostname: systemd
+/// refuses `_` there.
+pub fn check_machine_name(inst: &Instance) -> Result<()> {
+    if inst.name.contains('_') {
+        return Err(Error::Invalid(format!(
+            "instance {:?}: under the systemd backend the machine name is nifty{}, and systemd \
+             machine names allow letters, digits and '-' only; rename it (e.g. {:?})",
+            inst.name,
+            inst.name,
+            inst.name.replace('_', "-")
+        )));
+    }
+    Ok(())
+}
+
+/// The ExecStart of `nifty@.service`: mounts the instance's root in a mount
+/// namespace of this process's own and execs systemd-nspawn with `args`
+/// plus the instance's own (user namespace range, binds, capabilities).
+/// Returns only on failure.
+pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
+    match prepare_root(store, name) {
+        Ok(extra) => {
+            let Some((prog, rest)) = args.split_first() else {
+                return Error::Invalid("systemd exec: no systemd-nspawn command after --".into());
+            };
+            let e = std::process::Command::new(prog)
+                .args(rest)
+                .args(extra)
+                .exec_replace();
+            Error::Sys {
+                call: format!("instance {name:?}: execve({prog})"),
+                source: e,
+            }
+        }
+        Err(e) => e,
+    }
+}
+
+trait ExecReplace {
+    fn exec_replace(&mut self) -> std::io::Error;
+}
+impl ExecReplace for std::process::Command {
+    fn exec_replace(&mut self) -> std::io::Error {
+        std::os::unix::process::CommandExt::exec(self)
+    }
+}
+
+/// Mounts the overlay root of `name` on `<instance>/root` in a new mount
+/// namespace (no propagation back to the host) and returns the
+/// systemd-nspawn arguments of the instance.
+fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
+    use rustix::mount::*;
+    let inst = store.instance(name)?;
+    if inst.backend != Backend::Systemd {
+        return Err(Error::Invalid(format!(
+            "instance {name:?} uses the {} backend; start it with `nifty start {name}`",
+            inst.backend
+        )));
+    }
+    check_machine_name(&inst)?;
+    rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)
+        .map_err(Error::sys("unshare(CLONE_NEWNS)"))?;
+    mount_change(
+        "/",
+        MountPropagationFlags::SLAVE | MountPropagationFlags::REC,
+    )
+    .map_err(Error::sys("mount(/, MS_SLAVE|MS_REC)"))?;
+    let target = store.instance_dir(name).join("root");
+    match std::fs::create_dir(&target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io("create", &target)(e)),
+    }
+    let native = super::native::Native::new(store)?;
+    let fd = native
+        .detached_overlay(&inst)
+        .map_err(|(call, e)| Error::Sys {
+            call: format!("instance {name:?}: {call}"),
+            source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+        })?;
+    move_mount(
+        fd.as_fd(),
+        "",
+        rustix::fs::CWD,
+        &target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(Error::sys(format!(
+        "move_mount(overlay, {})",
+        target.display()
+    )))?;
+    let mut args = Vec::new();
+    match inst.security.uid_base {
+        Some(base) => {
+            args.push(format!("--private-users={base}:65536"));
+            args.push("--private-users-ownership=off".into());
+        }
+        None => args.push("--private-users=no".into()),
+    }
+    for b in &inst.bind_ro {
+        let (src, dst) = parse_bind(b)?;
+        let idmap = if inst.security.uid_base.is_some() {
+            ":idmap"
+        } else {
+            ""
+        };
+        args.push(format!(
+            "--bind-ro={}:{}{idmap}",
+            src.display(),
+            dst.display()
+        ));
+    }
+    if inst.security.drop_caps {
+        args.push(format!(
+            "--drop-capability={}",
+            NSPAWN_DEFAULT_CAPS
+                .iter()
+                .filter(|c| !super::native::confine::KEEP.iter().any(|(_, k)| k == *c))
+                .copied()
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+        args.push("--no-new-privileges=yes".into());
+    }
+    Ok(args)
+}
+
+/// The capabilities systemd-nspawn gives a container by default
+/// (systemd-nspawn(1), --capability=).
+const NSPAWN_DEFAULT_CAPS: &[&str] = &[
+    "CAP_AUDIT_CONTROL",
+    "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_IPC_OWNER",
+    "CAP_KILL",
+    "CAP_LEASE",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_MKNOD",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_RAW",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TTY_CONFIG",
+];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kept_caps_are_nspawn_defaults() {
+        // Every capability nifty keeps exists in nspawn's default set, so
+        // dropping the rest leaves exactly nifty's set.
+        for (_, c) in super::super::native::confine::KEEP {
+            assert!(super::NSPAWN_DEFAULT_CAPS.contains(c), "{c}");
+        }
+    }
+}

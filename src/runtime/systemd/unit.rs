@@ -1,0 +1,281 @@
+//! The unit files of the systemd backend, generated here and nowhere else:
+//! the template unit `nifty@.service` and each instance's drop-in with its
+//! limits. Pure text; the tests below pin what systemd will read.
+
+use std::path::Path;
+
+/// Unit names of one store: `nifty@NAME.service` for the default root,
+/// `nifty-<hash>@NAME.service` for any other (as with cgroups), so two
+/// roots never share a unit.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// `nifty` or `nifty-<hash>`.
+    pub prefix: String,
+}
+
+impl Names {
+    /// The template unit: `nifty@.service`.
+    pub fn template(&self) -> String {
+        format!("{}@.service", self.prefix)
+    }
+
+    /// The unit of one instance, its name escaped as `systemd-escape` does.
+    pub fn unit(&self, instance: &str) -> String {
+        format!("{}@{}.service", self.prefix, escape(instance))
+    }
+
+    /// The instance name of a unit of ours, unescaped; `None` for any
+    /// other unit (or the template itself).
+    pub fn instance_of(&self, unit: &str) -> Option<String> {
+        let rest = unit.strip_prefix(&self.prefix)?.strip_prefix('@')?;
+        let esc = rest.strip_suffix(".service")?;
+        (!esc.is_empty()).then(|| unescape(esc))
+    }
+
+    /// A glob matching every instance unit of this store.
+    pub fn pattern(&self) -> String {
+        format!("{}@*.service", self.prefix)
+    }
+}
+
+/// Escapes a string for a unit name like `systemd-escape`: `/` becomes
+/// `-`; anything but ASCII letters, digits, `:`, `_` and `.` (and a
+/// leading `.`) becomes `\xNN`. So `my-box` is `my\x2dbox`.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i == 0 => out.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b == b':' || b == b'_' || b == b'.' => {
+                out.push(b as char)
+            }
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+/// Reverses [`escape`] (`systemd-escape --unescape`).
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1] == b'x' {
+            if let Ok(v) = u8::from_str_radix(&s[i + 2..i + 4], 16) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'-' { b'/' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Quotes one word of an `ExecStart=` line: specifiers (`%`) and variable
+/// expansion (`$`) are escaped, and the word is double-quoted when it has
+/// anything systemd would split or unquote.
+pub fn exec_word(s: &str) -> String {
+    let s = s.replace('%', "%%").replace('$', "$$");
+    if s.is_empty()
+        || s.chars()
+            .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | ';'))
+    {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        s
+    }
+}
+
+/// What the template unit is made of.
+#[derive(Debug, Clone)]
+pub struct TemplateSpec<'a> {
+    pub names: &'a Names,
+    /// The nifty binary that mounts each root and execs systemd-nspawn.
+    pub nifty: &'a Path,
+    /// The state root (`--root`).
+    pub root: &'a Path,
+    /// systemd-nspawn.
+    pub nspawn: &'a Path,
+    /// Register each container with systemd-machined (`machinectl list`).
+    pub register: bool,
+}
+
+/// Seconds systemd gives a container to power off before killing it.
+/// BusyBox init needs about two (TERM to all, one second, KILL, one more).
+pub const STOP_TIMEOUT_SECS: u64 = 30;
+
+/// Arguments of systemd-nspawn that are the same for every instance; nifty
+/// adds the per-instance ones (user namespace range, binds) from
+/// instance.toml when it execs it.
+pub fn nspawn_args(spec: &TemplateSpec<'_>) -> Vec<String> {
+    vec![
+        "--quiet".into(),
+        "--keep-unit".into(),
+        format!("--register={}", if spec.register { "yes" } else { "no" }),
+        "--boot".into(),
+        "--machine=nifty%I".into(),
+        format!(
+            "--directory={}/%I/root",
+            exec_word(&spec.root.join("instances").display().to_string())
+        ),
+        // BusyBox init powers off on SIGUSR2; nspawn's default (SIGRTMIN+4)
+        // is ignored by it.
+        "--kill-signal=SIGUSR2".into(),
+        "--link-journal=no".into(),
+        "--resolv-conf=off".into(),
+        "--timezone=off".into(),
+    ]
+}
+
+/// The text of the template unit `nifty@.service`.
+pub fn template(spec: &TemplateSpec<'_>) -> String {
+    let root = exec_word(&spec.root.display().to_string());
+    let nifty = exec_word(&spec.nifty.display().to_string());
+    let nspawn = exec_word(&spec.nspawn.display().to_string());
+    let args = nspawn_args(spec).join(" \\\n    ");
+    format!(
+        "\
+# {template}: one nifty container per instance (%I), booted by systemd-nspawn.
+# Written by `nifty systemd install` (nifty {version}); rewritten by it, do
+# not edit. Per-instance limits live in {prefix}@<instance>.service.d/.
+
+[Unit]
+Description=nifty container # %I
+Documentation=man:systemd-nspawn(1)
+PartOf=machines.target
+Before=machines.target
+After=network.target
+RequiresMountsFor={root_path}
+
+[Service]
+Type=notify
+# nifty mounts the instance's root (the template, idmapped to the instance's
+# UID range, under its overlay upper layer) in a mount namespace of its own,
+# then execs systemd-nspawn there with the instance's own arguments: the
+# root is never in the host's mount table and goes away with the container.
+ExecStart={nifty} --root {root} systemd exec %I -- {nspawn} \\
+    {args}
+# `systemctl stop` sends SIGTERM to systemd-nspawn, which passes the
+# container's init its --kill-signal (SIGUSR2: BusyBox init powers off);
+# whatever is left after the timeout is killed.
+KillMode=mixed
+KillSignal=SIGTERM
+SyslogIdentifier=nifty%I
+TimeoutStopSec={timeout}s
+# nspawn exits 133 when the container reboots: start it again.
+SuccessExitStatus=133
+RestartForceExitStatus=133
+Delegate=yes
+Slice=machine.slice
+TasksMax=512
+
+[Install]
+WantedBy=multi-user.target
+",
+        template = spec.names.template(),
+        version = env!("CARGO_PKG_VERSION"),
+        prefix = spec.names.prefix,
+        root_path = root,
+        timeout = STOP_TIMEOUT_SECS,
+    )
+}
+
+/// The drop-in of one instance: its limits as unit properties.
+pub fn dropin(instance: &str, limits: &crate::store::Limits) -> String {
+    format!(
+        "\
+# Limits of nifty instance {instance} (from its instance.toml); written by nifty.
+[Service]
+TasksMax={tasks}
+MemoryMax={memory}
+",
+        tasks = limits.tasks,
+        memory = limits.memory,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_like_systemd_escape() {
+        // Values checked against `systemd-escape` 252.
+        assert_eq!(escape("1"), "1");
+        assert_eq!(escape("slick"), "slick");
+        assert_eq!(escape("my-box"), "my\\x2dbox");
+        assert_eq!(escape("web_1"), "web_1");
+        assert_eq!(escape("a b"), "a\\x20b");
+        assert_eq!(escape(".hidden"), "\\x2ehidden");
+        assert_eq!(escape("a/b"), "a-b");
+        for s in ["1", "slick", "my-box", "web_1", "x-y-z", "a b"] {
+            assert_eq!(unescape(&escape(s)), s);
+        }
+    }
+
+    #[test]
+    fn unit_names_round_trip() {
+        let n = Names {
+            prefix: "nifty".into(),
+        };
+        assert_eq!(n.template(), "nifty@.service");
+        assert_eq!(n.unit("my-box"), "nifty@my\\x2dbox.service");
+        assert_eq!(
+            n.instance_of("nifty@my\\x2dbox.service").as_deref(),
+            Some("my-box")
+        );
+        assert_eq!(n.instance_of("nifty@.service"), None);
+        assert_eq!(n.instance_of("nifty-abc@1.service"), None);
+        assert_eq!(n.instance_of("other@1.service"), None);
+    }
+
+    #[test]
+    fn exec_words_are_quoted() {
+        assert_eq!(exec_word("/var/lib/nifty"), "/var/lib/nifty");
+        assert_eq!(exec_word("/tmp/a b"), "\"/tmp/a b\"");
+        assert_eq!(exec_word("/tmp/50%"), "/tmp/50%%");
+        assert_eq!(exec_word("/tmp/$x"), "/tmp/$$x");
+    }
+
+    #[test]
+    fn template_unit_has_what_the_article_and_issue_need() {
+        let names = Names {
+            prefix: "nifty".into(),
+        };
+        let t = template(&TemplateSpec {
+            names: &names,
+            nifty: Path::new("/usr/local/bin/nifty"),
+            root: Path::new("/var/lib/nifty"),
+            nspawn: Path::new("/usr/bin/systemd-nspawn"),
+            register: false,
+        });
+        for want in [
+            "Description=nifty container # %I",
+            "ExecStart=/usr/local/bin/nifty --root /var/lib/nifty systemd exec %I -- /usr/bin/systemd-nspawn",
+            "--machine=nifty%I",
+            "--keep-unit",
+            "--boot",
+            "--directory=/var/lib/nifty/instances/%I/root",
+            "--kill-signal=SIGUSR2",
+            "KillSignal=SIGTERM",
+            "KillMode=mixed",
+            "Type=notify",
+            "Delegate=yes",
+            "WantedBy=multi-user.target",
+        ] {
+            assert!(t.contains(want), "unit lacks {want:?}:\n{t}");
+        }
+        let d = dropin(
+            "1",
+            &crate::store::Limits {
+                tasks: 64,
+                memory: 1 << 20,
+            },
+        );
+        assert!(d.contains("TasksMax=64") && d.contains("MemoryMax=1048576"));
+    }
+}

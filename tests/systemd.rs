@@ -1,0 +1,398 @@
+//! The systemd backend on a real systemd: each test boots one as PID 1 of
+//! a container made from this machine's own root (systemd-nspawn
+//! --volatile=yes), with the built nifty and the test's state root bound
+//! in, and drives it with `nsenter`. The harness powers it off (and kills
+//! what is left) even when a test fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{privileged, wait_port, Root, NIFTY};
+
+/// A systemd booted in a container of this machine's root.
+struct SystemdHost {
+    /// The state root, bound at /var/lib/nifty inside (so the units are
+    /// plain `nifty@N.service`).
+    root: Root,
+    /// /etc/systemd/system of the booted host, kept on disk so that
+    /// `enable` survives its reboot.
+    etc: tempfile::TempDir,
+    machine: String,
+    nspawn: Option<Child>,
+    init: i32,
+}
+
+impl SystemdHost {
+    fn boot() -> SystemdHost {
+        let root = Root::new();
+        root.ok(&["template", "build", "-q"]);
+        let etc = tempfile::Builder::new()
+            .prefix("nifty-test-etc-")
+            .tempdir()
+            .unwrap();
+        // Start from this machine's own unit links (getty, dbus, ...).
+        let st = Command::new("cp")
+            .args(["-a", "/etc/systemd/system/."])
+            .arg(etc.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "copy /etc/systemd/system");
+        let mut h = SystemdHost {
+            root,
+            etc,
+            machine: format!("nifty-sd-{}", std::process::id()),
+            nspawn: None,
+            init: 0,
+        };
+        h.start();
+        h
+    }
+
+    /// Boots (again) with the same state.
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.root.path().join("systemd-host.log")).unwrap();
+        // Options must come before -b: what follows goes to systemd.
+        let child = Command::new("systemd-nspawn")
+            .args(["--register=no", "--keep-unit", "--volatile=yes", "-D", "/"])
+            .arg(format!("--machine={}", self.machine))
+            .arg(format!(
+                "--bind={}:/var/lib/nifty",
+                self.root.path().display()
+            ))
+            .arg(format!(
+                "--bind={}:/etc/systemd/system",
+                self.etc.path().display()
+            ))
+            .arg(format!("--bind-ro={NIFTY}"))
+            .args(["-b", "systemd.firstboot=off"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("run systemd-nspawn (Debian package systemd-container)");
+        let pid = child.id() as i32;
+        self.nspawn = Some(child);
+        // Its PID 1 is the child of systemd-nspawn named systemd.
+        let end = Instant::now() + Duration::from_secs(30);
+        self.init = loop {
+            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            if let Some(k) = kids
+                .split_whitespace()
+                .filter_map(|k| k.parse::<i32>().ok())
+                .find(|k| {
+                    std::fs::read_to_string(format!("/proc/{k}/comm"))
+                        .is_ok_and(|c| c.trim() == "systemd")
+                })
+            {
+                break k;
+            }
+            assert!(
+                Instant::now() < end,
+                "the systemd host did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Wait until boot is done (degraded is fine: some host units fail
+        // in a container).
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = self.sh(&["systemctl", "is-system-running"]);
+            let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            if s == "running" || s == "degraded" {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "systemd host state {s:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("systemd-host.log")).unwrap_or_default()
+    }
+
+    /// Runs a command inside the booted host.
+    fn sh(&self, cmd: &[&str]) -> Output {
+        Command::new("nsenter")
+            .args(["-t", &self.init.to_string(), "-a"])
+            .args(cmd)
+            .output()
+            .expect("run nsenter")
+    }
+
+    fn stdout(&self, cmd: &[&str]) -> String {
+        String::from_utf8_lossy(&self.sh(cmd).stdout).into_owned()
+    }
+
+    /// Runs nifty inside (its default root: /var/lib/nifty); asserts success.
+    fn nifty(&self, args: &[&str]) -> String {
+        let mut cmd = vec![NIFTY];
+        cmd.extend_from_slice(args);
+        let o = self.sh(&cmd);
+        assert!(
+            o.status.success(),
+            "nifty {args:?} failed inside systemd: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn is_active(&self, unit: &str) -> String {
+        self.stdout(&["systemctl", "is-active", unit])
+            .trim()
+            .to_string()
+    }
+
+    /// Waits for the nspawn of the host to exit (after poweroff/reboot).
+    fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let Some(child) = self.nspawn.as_mut() else {
+            return true;
+        };
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if child.try_wait().ok().flatten().is_some() {
+                self.nspawn = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// `systemctl reboot`, then a fresh boot with the same state.
+    fn reboot(&mut self) {
+        let _ = self.sh(&["systemctl", "reboot"]);
+        assert!(
+            self.wait_exit(Duration::from_secs(60)),
+            "the systemd host did not go down: {}",
+            self.log()
+        );
+        self.start();
+    }
+
+    /// Processes of this machine whose root is inside our state root or
+    /// whose cgroup is one of nifty's units: what a stop must not leave.
+    fn leftovers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let ours = |p: &Path| p.starts_with(self.root.path().join("instances"));
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let root: PathBuf = std::fs::read_link(format!("/proc/{pid}/root")).unwrap_or_default();
+            if cg.contains("/nifty@") || ours(&root) {
+                out.push(format!("pid {pid}: {}", cg.lines().next().unwrap_or("")));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for SystemdHost {
+    fn drop(&mut self) {
+        if self.nspawn.is_none() {
+            return;
+        }
+        // Kill the containers at once, then power the host off cleanly.
+        let _ = self.sh(&[NIFTY, "kill", "--all", "-q"]);
+        let pid = self.nspawn.as_ref().map(|c| c.id() as i32).unwrap_or(0);
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::Term,
+        );
+        if !self.wait_exit(Duration::from_secs(30)) {
+            // Killing its PID 1 ends the whole PID namespace.
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(self.init).unwrap(),
+                rustix::process::Signal::Kill,
+            );
+            if let Some(mut c) = self.nspawn.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir(format!("/run/systemd/nspawn/propagate/{}", self.machine));
+    }
+}
+
+fn privileged_systemd() -> bool {
+    if !privileged() {
+        return false;
+    }
+    assert!(
+        Path::new("/usr/bin/systemd-nspawn").exists() && Path::new("/lib/systemd/systemd").exists(),
+        "the systemd tests need systemd and systemd-container (scripts/install-deps)"
+    );
+    true
+}
+
+/// The article's path end to end: ten clones under nifty@.service, a real
+/// SSH login, `systemctl status`, a clean stop on the unit's signal,
+/// `nifty@slick` and an escaped name, and `enable` across a reboot.
+#[test]
+fn article_fleet_under_systemd() {
+    if !privileged_systemd() {
+        return;
+    }
+    let mut host = SystemdHost::boot();
+    let root = &host.root;
+    host.nifty(&["create", "1..10", "--backend", "systemd"]);
+    let unit = std::fs::read_to_string(host.etc.path().join("nifty@.service")).unwrap();
+    assert!(unit.contains("Description=nifty container # %I"), "{unit}");
+    assert!(unit.contains("--kill-signal=SIGUSR2"), "{unit}");
+    assert!(
+        host.etc
+            .path()
+            .join("nifty@3.service.d/50-nifty.conf")
+            .exists(),
+        "no drop-in with the limits"
+    );
+    host.nifty(&["start", "1..10"]);
+    for n in 1..=10 {
+        assert_eq!(host.is_active(&format!("nifty@{n}")), "active", "nifty@{n}");
+    }
+    for n in ["3", "10"] {
+        assert!(
+            wait_port(root.port(n), Duration::from_secs(20)),
+            "dropbear of {n} does not listen"
+        );
+    }
+    let help = root.ssh("3", "sh --help 2>&1");
+    assert!(help.contains("BusyBox"), "sh --help over ssh: {help}");
+    assert_eq!(root.ssh("10", "hostname").trim(), "nifty10");
+
+    let status = host.stdout(&["systemctl", "status", "--no-pager", "--lines=0", "nifty@3"]);
+    for want in [
+        "nifty container # 3",
+        "init",
+        "/sbin/syslogd",
+        "dropbear",
+        "-p 2203",
+    ] {
+        assert!(
+            status.contains(want),
+            "systemctl status lacks {want:?}:\n{status}"
+        );
+    }
+    let ours = host.nifty(&["status", "3"]);
+    assert!(
+        ours.contains("nifty@3.service") && ours.contains("dropbear"),
+        "{ours}"
+    );
+    let list = host.nifty(&["list"]);
+    assert!(list.contains("10 instance(s), 10 running"), "{list}");
+    // restart goes through systemd too: a new init, reachable again.
+    let before = host.stdout(&["systemctl", "show", "--property=MainPID", "nifty@10"]);
+    host.nifty(&["restart", "10"]);
+    let after = host.stdout(&["systemctl", "show", "--property=MainPID", "nifty@10"]);
+    assert_ne!(before, after, "nifty@10 was not restarted");
+    assert!(wait_port(root.port("10"), Duration::from_secs(20)));
+    assert_eq!(root.ssh("10", "hostname").trim(), "nifty10");
+
+    // Stop: every unit ends on BusyBox init's own poweroff, not on the
+    // unit's timeout (which would log "timed out" and kill).
+    host.nifty(&["stop", "1..10"]);
+    for n in 1..=10 {
+        let u = format!("nifty@{n}");
+        assert_eq!(host.is_active(&u), "inactive", "{u}");
+        let r = host.stdout(&["systemctl", "show", "--property=Result", &u]);
+        assert_eq!(r.trim(), "Result=success", "{u}");
+    }
+    let journal = host.stdout(&["journalctl", "--no-pager", "--unit=nifty@*"]);
+    assert!(
+        !journal.contains("timed out") && !journal.contains("Killing process"),
+        "a container was killed on the stop timeout:\n{journal}"
+    );
+    assert!(
+        journal.contains("The system is going down NOW"),
+        "{journal}"
+    );
+    let active = host.stdout(&[
+        "systemctl",
+        "list-units",
+        "--no-legend",
+        "--state=active",
+        "nifty@*",
+    ]);
+    assert_eq!(active.trim(), "", "units left active");
+    let mounts = host.stdout(&["cat", "/proc/self/mountinfo"]);
+    assert!(!mounts.contains("/var/lib/nifty/instances"), "{mounts}");
+    assert!(common::mounted_under(&root.path().join("instances")).is_empty());
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+
+    // A name, and a name systemd escapes; systemd is the default backend
+    // where PID 1 is systemd.
+    host.nifty(&["create", "slick", "my-box"]);
+    assert_eq!(
+        root.instance_toml("slick")["backend"].as_str(),
+        Some("systemd")
+    );
+    host.nifty(&["start", "slick", "my-box"]);
+    assert_eq!(host.is_active("nifty@slick"), "active");
+    assert_eq!(host.is_active("nifty@my\\x2dbox.service"), "active");
+    for n in ["slick", "my-box"] {
+        assert!(wait_port(root.port(n), Duration::from_secs(20)), "{n}");
+        assert_eq!(root.ssh(n, "hostname").trim(), format!("nifty{n}"));
+    }
+    host.nifty(&["rm", "-f", "slick", "my-box"]);
+    assert!(!host.etc.path().join("nifty@slick.service.d").exists());
+    assert!(!host.etc.path().join("nifty@my\\x2dbox.service.d").exists());
+
+    // enable: instance 2 comes up by itself after a reboot, 1 does not.
+    host.nifty(&["enable", "2"]);
+    assert_eq!(
+        host.stdout(&["systemctl", "is-enabled", "nifty@2"]).trim(),
+        "enabled"
+    );
+    host.reboot();
+    let end = Instant::now() + Duration::from_secs(30);
+    while host.is_active("nifty@2") != "active" && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(host.is_active("nifty@2"), "active", "{}", host.log());
+    assert_eq!(host.is_active("nifty@1"), "inactive");
+    assert!(wait_port(host.root.port("2"), Duration::from_secs(20)));
+    assert_eq!(host.root.ssh("2", "hostname").trim(), "nifty2");
+    host.nifty(&["disable", "2"]);
+    assert_eq!(
+        host.stdout(&["systemctl", "is-enabled", "nifty@2"]).trim(),
+        "disabled"
+    );
+    host.nifty(&["rm", "-f", "--all"]);
+    host.nifty(&["systemd", "uninstall"]);
+    assert!(!host.etc.path().join("nifty@.service").exists());
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}
+
+/// On a host whose PID 1 is not systemd (this CI machine), asking for the
+/// systemd backend is refused with what to do, and nothing is created.
+#[test]
+fn systemd_backend_refused_without_systemd() {
+    if !privileged() {
+        return;
+    }
+    if Path::new("/run/systemd/system").exists() {
+        eprintln!("SKIP: this host runs systemd");
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build", "-q"]);
+    let e = root.fails(&["create", "1", "--backend", "systemd"]);
+    assert!(e.contains("PID 1") && e.contains("--backend native"), "{e}");
+    assert!(root.ok(&["list"]).contains("0 instance(s)"));
+    assert!(!root.path().join("ports/2201").exists());
+    // Native instances have no boot-time start.
+    root.ok(&["create", "1"]);
+    let e = root.fails(&["enable", "1"]);
+    assert!(e.contains("native launcher"), "{e}");
+}
