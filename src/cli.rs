@@ -224,9 +224,12 @@ pub struct CreateArgs {
     /// Maximum number of tasks.
     #[arg(long, default_value_t = 512)]
     pub tasks: u64,
-    /// Maximum memory (bytes, or with K, M, G).
-    #[arg(long, default_value = "256M")]
-    pub memory: String,
+    /// A memory limit of the instance's own (bytes, or with K, M, G). Without
+    /// it, instances share their fleet's memory cgroup, limited to 90% of
+    /// the host's memory as a whole (a memory cgroup per container costs
+    /// kernel memory that grows with the fleet).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
     /// Bind a host directory read-only: SRC or SRC:DST.
     #[arg(long = "bind-ro", value_name = "SRC[:DST]")]
     pub bind_ro: Vec<String>,

@@ -60,15 +60,17 @@ impl std::fmt::Display for Backend {
 pub struct Limits {
     /// Maximum number of tasks (pids cgroup).
     pub tasks: u64,
-    /// Maximum memory in bytes (memory cgroup).
-    pub memory: u64,
+    /// Maximum memory in bytes: a memory cgroup of the instance's own.
+    /// `None`: it shares its store's memory cgroup, limited as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             tasks: 512,
-            memory: 256 << 20,
+            memory: None,
         }
     }
 }

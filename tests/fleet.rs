@@ -368,3 +368,87 @@ fn password_login_with_sha512_crypt() {
     root.ok(&["stop", "401"]);
     assert_clean(&root, &pids);
 }
+
+/// Memory: an instance with `--memory` has a memory cgroup of its own with
+/// that limit; one without is charged to its store's shared memory cgroup,
+/// which is limited as a whole (a hybrid host; on a pure v2 host every
+/// container has its own, unlimited unless told).
+#[test]
+fn memory_cgroup_own_only_when_limited() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build", "-q"]);
+    root.ok(&["create", "601"]);
+    root.ok(&["create", "602", "--memory", "48M"]);
+    root.ok(&["start", "601", "602"]);
+    let pids = [root.procs("601"), root.procs("602")].concat();
+    let h = nifty::runtime::native::cgroup::Hierarchy::detect().unwrap();
+    let base = nifty::store::Store::new(Some(root.path().into())).cgroup_name();
+    let memcg_of = |name: &str| {
+        let pid = root.procs(name)[0];
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        cg.lines()
+            .find(|l| l.split(':').nth(1) == Some("memory"))
+            .map(|l| l.rsplit(':').next().unwrap().to_string())
+    };
+    let total: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        * 1024;
+    match &h.v1_memory {
+        Some(mem) => {
+            assert_eq!(
+                memcg_of("601").as_deref(),
+                Some(format!("/{base}").as_str())
+            );
+            assert_eq!(
+                memcg_of("602").as_deref(),
+                Some(format!("/{base}/602").as_str())
+            );
+            assert!(!mem.join(&base).join("601").exists());
+            let read = |p: std::path::PathBuf| -> u64 {
+                std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+            };
+            assert_eq!(
+                read(mem.join(&base).join("602/memory.limit_in_bytes")),
+                48 << 20
+            );
+            let fleet = read(mem.join(&base).join("memory.limit_in_bytes"));
+            assert!(
+                fleet <= total / 100 * 90 && fleet > total / 2,
+                "fleet limit {fleet}"
+            );
+        }
+        None => {
+            let max = |n: &str| {
+                std::fs::read_to_string(root.cgroup_base().join(n).join("memory.max")).unwrap()
+            };
+            assert_eq!(max("601").trim(), "max");
+            assert_eq!(max("602").trim(), (48u64 << 20).to_string());
+        }
+    }
+    // Both boot and answer; `list` shows a memory figure for both.
+    booted(&root, &["601".into(), "602".into()]);
+    assert_eq!(root.ssh("601", "echo ok"), "ok\n");
+    let list: serde_json::Value = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    for i in list.as_array().unwrap() {
+        assert!(i["memory_bytes"].as_u64().unwrap_or(0) > 0, "{i}");
+    }
+    root.ok(&["stop", "601", "602"]);
+    assert_clean(&root, &pids);
+    if let Some(mem) = &h.v1_memory {
+        assert!(
+            !mem.join(&base).exists(),
+            "the shared memory cgroup is left"
+        );
+    }
+}

@@ -54,7 +54,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     }
     let limits = Limits {
         tasks: a.tasks,
-        memory: parse_size(&a.memory)?,
+        memory: a.memory.as_deref().map(parse_size).transpose()?,
     };
     anyhow::ensure!(limits.tasks > 0, "--tasks must be at least 1");
     for b in &a.bind_ro {

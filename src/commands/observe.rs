@@ -211,7 +211,9 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
     println!(
         "      Limits: tasks {}, memory {}",
         inst.limits.tasks,
-        size(inst.limits.memory)
+        inst.limits
+            .memory
+            .map_or("shared with the fleet".to_string(), size)
     );
     println!("      CGroup: {}", st.cgroup);
     let mut children: HashMap<i32, Vec<&Proc>> = HashMap::new();

@@ -83,11 +83,8 @@ impl Hierarchy {
         Cgroup {
             v2: sub(&self.v2),
             v2_controllers: self.v2_controllers,
-            v1: [&self.v1_pids, &self.v1_memory]
-                .into_iter()
-                .flatten()
-                .map(|p| sub(p))
-                .collect(),
+            pids: self.v1_pids.as_deref().map(sub),
+            memory: self.v1_memory.as_deref().map(sub),
         }
     }
 
@@ -104,11 +101,40 @@ impl Hierarchy {
 }
 
 /// One container's cgroup(s).
+///
+/// On a hybrid host a container has a v1 memory cgroup of its own only
+/// when it has a memory limit of its own; otherwise it is charged to its
+/// store's memory cgroup (`memory/<base>`), shared by the fleet and
+/// limited as a whole. A memory cgroup per container is what makes a
+/// fleet's kernel memory grow as N²: each one carries a map sized by the
+/// number of memcg-aware shrinkers, and every container's superblocks
+/// (overlay, proc, devpts, mqueue) add shrinkers. On a pure v2 host the
+/// controller is enabled per level, so every container has one.
 #[derive(Debug, Clone)]
 pub struct Cgroup {
     pub v2: PathBuf,
     v2_controllers: bool,
-    v1: Vec<PathBuf>,
+    /// v1 pids cgroup of the container (hybrid host).
+    pids: Option<PathBuf>,
+    /// v1 memory cgroup of the container, used when it has a limit.
+    memory: Option<PathBuf>,
+}
+
+/// Share of the host's memory that a store's fleet may use as a whole
+/// (its shared memory cgroup's limit), in percent.
+pub const FLEET_MEMORY_PERCENT: u64 = 90;
+
+fn mem_total() -> Option<u64> {
+    let s = fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 fn write(path: &Path, value: &str) -> Result<()> {
@@ -133,20 +159,25 @@ impl Cgroup {
         }
         // create_dir_all also remakes the store's group if the last
         // instance of a parallel stop just removed it.
-        for d in std::iter::once(&self.v2).chain(&self.v1) {
-            mkdir_p(d)?;
-        }
+        mkdir_p(&self.v2)?;
         let tasks = limits.tasks.to_string();
-        let memory = limits.memory.to_string();
         if self.v2_controllers {
+            self.limit_fleet(parent, "memory.max")?;
             write(&self.v2.join("pids.max"), &tasks)?;
+            let memory = limits.memory.map_or("max".to_string(), |m| m.to_string());
             write(&self.v2.join("memory.max"), &memory)?;
         } else {
-            for d in &self.v1 {
-                if d.join("pids.max").exists() {
-                    write(&d.join("pids.max"), &tasks)?;
-                } else {
-                    write(&d.join("memory.limit_in_bytes"), &memory)?;
+            if let Some(d) = &self.pids {
+                mkdir_p(d)?;
+                write(&d.join("pids.max"), &tasks)?;
+            }
+            if let Some(d) = &self.memory {
+                let base = d.parent().expect("instance cgroup has a parent");
+                mkdir_p(base)?;
+                self.limit_fleet(base, "memory.limit_in_bytes")?;
+                if let Some(m) = limits.memory {
+                    mkdir_p(d)?;
+                    write(&d.join("memory.limit_in_bytes"), &m.to_string())?;
                 }
             }
         }
@@ -164,11 +195,39 @@ impl Cgroup {
             .collect()
     }
 
+    /// Sets the limit of the store's shared memory cgroup (`dir`) to
+    /// [`FLEET_MEMORY_PERCENT`] of the host's memory, unless a lower one
+    /// is set already (by the administrator, say).
+    fn limit_fleet(&self, dir: &Path, file: &str) -> Result<()> {
+        let Some(total) = mem_total() else {
+            return Ok(());
+        };
+        let want = total / 100 * FLEET_MEMORY_PERCENT;
+        let current = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        let current: u64 = current.trim().parse().unwrap_or(u64::MAX);
+        if current > want {
+            write(&dir.join(file), &want.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The memory cgroup the container is charged to: its own, if it
+    /// exists, or its store's shared one.
+    fn memory_dir(&self) -> Option<PathBuf> {
+        let own = self.memory.as_ref()?;
+        if own.is_dir() {
+            Some(own.clone())
+        } else {
+            own.parent().map(Path::to_path_buf)
+        }
+    }
+
     /// Files through which a process joins every cgroup of this container
     /// (written with "0" from the joining process itself).
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        std::iter::once(&self.v2)
-            .chain(&self.v1)
+        std::iter::once(self.v2.clone())
+            .chain(self.pids.clone())
+            .chain(self.memory_dir())
             .map(|d| d.join("cgroup.procs"))
             .collect()
     }
@@ -182,18 +241,42 @@ impl Cgroup {
 
     /// Does the cgroup directory exist?
     pub fn exists(&self) -> bool {
-        self.v2.exists() || self.v1.iter().any(|d| d.exists())
+        self.own_dirs().iter().any(|d| d.exists())
     }
 
-    /// Memory charged to the container, in bytes.
+    /// The container's own directories (not the store's shared ones).
+    fn own_dirs(&self) -> Vec<&PathBuf> {
+        std::iter::once(&self.v2)
+            .chain(&self.pids)
+            .chain(&self.memory)
+            .collect()
+    }
+
+    /// Memory of the container, in bytes: what its own memory cgroup is
+    /// charged, or, when it shares its store's, the private memory of its
+    /// processes (resident minus shared pages).
     pub fn memory(&self) -> Option<u64> {
         let file = if self.v2_controllers {
             self.v2.join("memory.current")
         } else {
-            self.v1
-                .iter()
-                .map(|d| d.join("memory.usage_in_bytes"))
-                .find(|p| p.exists())?
+            match &self.memory {
+                Some(d) if d.is_dir() => d.join("memory.usage_in_bytes"),
+                _ => {
+                    let page = rustix::param::page_size() as u64;
+                    let pages: u64 = self
+                        .procs()
+                        .iter()
+                        .filter_map(|p| {
+                            let s = fs::read_to_string(format!("/proc/{p}/statm")).ok()?;
+                            let mut f = s.split_whitespace().skip(1);
+                            let rss: u64 = f.next()?.parse().ok()?;
+                            let shared: u64 = f.next()?.parse().ok()?;
+                            Some(rss.saturating_sub(shared))
+                        })
+                        .sum();
+                    return Some(pages * page);
+                }
+            }
         };
         fs::read_to_string(file).ok()?.trim().parse().ok()
     }
@@ -229,7 +312,7 @@ impl Cgroup {
 
     /// Removes the (empty) cgroup directories.
     pub fn remove(&self) -> Result<()> {
-        for d in std::iter::once(&self.v2).chain(&self.v1) {
+        for d in self.own_dirs() {
             let mut tries = 0;
             loop {
                 match fs::remove_dir(d) {
@@ -289,7 +372,9 @@ mod tests {
             [
                 "/sys/fs/cgroup/unified/nifty/7/cgroup.procs",
                 "/sys/fs/cgroup/pids/nifty/7/cgroup.procs",
-                "/sys/fs/cgroup/memory/nifty/7/cgroup.procs"
+                // No memory cgroup of its own (none exists here): the
+                // store's shared one.
+                "/sys/fs/cgroup/memory/nifty/cgroup.procs"
             ]
             .map(PathBuf::from)
         );

@@ -186,16 +186,18 @@ WantedBy=multi-user.target
 
 /// The drop-in of one instance: its limits as unit properties.
 pub fn dropin(instance: &str, limits: &crate::store::Limits) -> String {
-    format!(
+    let mut s = format!(
         "\
 # Limits of nifty instance {instance} (from its instance.toml); written by nifty.
 [Service]
 TasksMax={tasks}
-MemoryMax={memory}
 ",
         tasks = limits.tasks,
-        memory = limits.memory,
-    )
+    );
+    if let Some(m) = limits.memory {
+        s.push_str(&format!("MemoryMax={m}\n"));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -273,7 +275,7 @@ mod tests {
             "1",
             &crate::store::Limits {
                 tasks: 64,
-                memory: 1 << 20,
+                memory: Some(1 << 20),
             },
         );
         assert!(d.contains("TasksMax=64") && d.contains("MemoryMax=1048576"));
