@@ -125,6 +125,11 @@ pub struct Cgroup {
 pub const FLEET_MEMORY_PERCENT: u64 = 90;
 
 fn mem_total() -> Option<u64> {
+    static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(read_mem_total)
+}
+
+fn read_mem_total() -> Option<u64> {
     let s = fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = s
         .lines()
@@ -149,8 +154,12 @@ impl Cgroup {
     /// `cgroup.procs` files open for writing.
     pub fn create(&self, limits: &Limits) -> Result<Vec<OwnedFd>> {
         let parent = self.v2.parent().expect("instance cgroup has a parent");
+        let made_parent = if self.v2_controllers {
+            mkdir_new(parent)?
+        } else {
+            false
+        };
         if self.v2_controllers {
-            mkdir_p(parent)?;
             // Controllers must be enabled top-down to reach our cgroups.
             let root = parent.parent().expect("base cgroup has a parent");
             for dir in [root, parent] {
@@ -162,7 +171,9 @@ impl Cgroup {
         mkdir_p(&self.v2)?;
         let tasks = limits.tasks.to_string();
         if self.v2_controllers {
-            self.limit_fleet(parent, "memory.max")?;
+            if made_parent {
+                self.limit_fleet(parent, "memory.max")?;
+            }
             write(&self.v2.join("pids.max"), &tasks)?;
             let memory = limits.memory.map_or("max".to_string(), |m| m.to_string());
             write(&self.v2.join("memory.max"), &memory)?;
@@ -173,8 +184,11 @@ impl Cgroup {
             }
             if let Some(d) = &self.memory {
                 let base = d.parent().expect("instance cgroup has a parent");
-                mkdir_p(base)?;
-                self.limit_fleet(base, "memory.limit_in_bytes")?;
+                // The group gets its limit when it is made (by whichever
+                // start makes it), not at every start.
+                if mkdir_new(base)? {
+                    self.limit_fleet(base, "memory.limit_in_bytes")?;
+                }
                 if let Some(m) = limits.memory {
                     mkdir_p(d)?;
                     write(&d.join("memory.limit_in_bytes"), &m.to_string())?;
@@ -338,6 +352,22 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+}
+
+/// Makes a directory (and its parents); tells whether this call made it.
+fn mkdir_new(p: &Path) -> Result<bool> {
+    match fs::create_dir(p) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            mkdir_p(p)?;
+            Ok(true)
+        }
+        Err(e) => Err(Error::Sys {
+            call: format!("mkdir({})", p.display()),
+            source: e,
+        }),
     }
 }
 

@@ -541,11 +541,12 @@ fn open_log(path: &Path, name: &str) -> Result<OwnedFd> {
         .mode(0o640)
         .open(path)
         .map_err(Error::io("open", path))?;
-    let _ = writeln!(
-        f,
-        "nifty: starting instance {name} at {}",
+    // One write: the line never interleaves with the container's output.
+    let line = format!(
+        "nifty: starting instance {name} at {}\n",
         crate::store::now()
     );
+    let _ = f.write_all(line.as_bytes());
     Ok(f.into())
 }
 
