@@ -69,6 +69,24 @@ fn dbus_err(what: impl std::fmt::Display) -> impl FnOnce(zbus::Error) -> Error {
     move |e| Error::Host(format!("systemd over D-Bus: {what}: {e}"))
 }
 
+/// Connects to systemd through the system bus.
+fn connect() -> Result<Connection> {
+    zbus::blocking::connection::Builder::system()
+        .and_then(|b| b.max_queued(1 << 20).build())
+        .map_err(|e| {
+            Error::Host(format!(
+                "cannot reach systemd on the system bus: {e}; is dbus running? \
+                 (apt-get install dbus)"
+            ))
+        })
+}
+
+/// Jobs queued at once. systemd runs queued jobs in parallel, and tracks
+/// the client of each through a match rule on the bus; dbus-daemon allows
+/// a connection 512 of them and cuts systemd off past that (seen with a
+/// thousand queued stops). 200 stay well below.
+const JOB_WINDOW: usize = 200;
+
 /// The systemd backend of one store.
 pub struct Systemd {
     store: Store,
@@ -91,14 +109,7 @@ impl Systemd {
     /// the host cannot run this backend.
     pub fn new(store: &Store) -> Result<Systemd> {
         let nspawn = check_host()?;
-        let conn = zbus::blocking::connection::Builder::system()
-            .and_then(|b| b.max_queued(1 << 20).build())
-            .map_err(|e| {
-                Error::Host(format!(
-                    "cannot reach systemd on the system bus: {e}; is dbus running? \
-                     (apt-get install dbus)"
-                ))
-            })?;
+        let conn = connect()?;
         Ok(Systemd {
             store: store.clone(),
             names: Names {
@@ -461,45 +472,53 @@ impl Systemd {
                 }
             }
         });
-        let mut pending: HashMap<OwnedObjectPath, String> = HashMap::new();
-        for inst in insts {
-            let unit = self.names.unit(&inst.name);
-            let r = match verb {
-                "start" => manager.start_unit(&unit, "replace"),
-                _ => manager.stop_unit(&unit, "replace"),
-            };
-            match r {
-                Ok(job) => {
-                    pending.insert(job, inst.name.clone());
+        // Jobs in flight: job object -> (instance, when it was queued).
+        let mut pending: HashMap<OwnedObjectPath, (String, Instant)> = HashMap::new();
+        let mut queue = insts.iter();
+        let mut killed: std::collections::HashSet<OwnedObjectPath> = Default::default();
+        let mut last_progress = Instant::now();
+        loop {
+            // Keep the window full.
+            while pending.len() < JOB_WINDOW {
+                let Some(inst) = queue.next() else { break };
+                let unit = self.names.unit(&inst.name);
+                let r = match verb {
+                    "start" => manager.start_unit(&unit, "replace"),
+                    _ => manager.stop_unit(&unit, "replace"),
+                };
+                match r {
+                    Ok(job) => {
+                        pending.insert(job, (inst.name.clone(), Instant::now()));
+                    }
+                    Err(e) => {
+                        done(&inst.name);
+                        results.push((
+                            inst.name.clone(),
+                            Err(Error::Host(format!(
+                                "instance {:?}: systemd refused to {verb} {unit}: {e}",
+                                inst.name
+                            ))),
+                        ));
+                    }
                 }
-                Err(e) => results.push((
-                    inst.name.clone(),
-                    Err(Error::Host(format!(
-                        "instance {:?}: systemd refused to {verb} {unit}: {e}",
-                        inst.name
-                    ))),
-                )),
             }
-        }
-        let start = Instant::now();
-        let mut killed = false;
-        // The unit's own timeouts bound every job; this only guards against
-        // a bus that went silent.
-        let hard_end = start + Duration::from_secs(unit::STOP_TIMEOUT_SECS + 120);
-        while !pending.is_empty() {
-            if let Some(k) = kill_after.filter(|_| !killed) {
-                if start.elapsed() >= k {
-                    killed = true;
-                    for name in pending.values() {
+            if pending.is_empty() {
+                break;
+            }
+            // A stop that outlives its timeout: kill what is left of it.
+            if let Some(k) = kill_after {
+                for (job, (name, queued)) in &pending {
+                    if queued.elapsed() >= k && killed.insert(job.clone()) {
                         let _ = manager.kill_unit(&self.names.unit(name), "all", libc::SIGKILL);
                     }
                 }
             }
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok((job, end)) => {
-                    let Some(name) = pending.remove(&job) else {
+                    let Some((name, _)) = pending.remove(&job) else {
                         continue;
                     };
+                    last_progress = Instant::now();
                     done(&name);
                     let r = if end.result == "done" {
                         Ok(())
@@ -511,13 +530,27 @@ impl Systemd {
                     };
                     results.push((name, r));
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < hard_end => {}
+                // The units' own timeouts bound every job; this only guards
+                // against a systemd that went silent.
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if last_progress.elapsed()
+                        < Duration::from_secs(unit::STOP_TIMEOUT_SECS + 120) => {}
                 Err(_) => {
-                    for (_, name) in pending.drain() {
+                    for (_, (name, _)) in pending.drain() {
+                        done(&name);
                         results.push((
                             name.clone(),
                             Err(Error::Host(format!(
                                 "instance {name:?}: systemd did not finish the {verb} job in time"
+                            ))),
+                        ));
+                    }
+                    for inst in queue.by_ref() {
+                        results.push((
+                            inst.name.clone(),
+                            Err(Error::Host(format!(
+                                "instance {:?}: not {verb}ed: systemd stopped answering",
+                                inst.name
                             ))),
                         ));
                     }
