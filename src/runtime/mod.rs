@@ -44,6 +44,26 @@ pub struct Info {
     pub template: String,
 }
 
+impl Info {
+    /// What `list` shows of an instance whose init is `pid` (None: stopped).
+    pub fn new(inst: &Instance, pid: Option<i32>, memory_bytes: Option<u64>) -> Info {
+        Info {
+            name: inst.name.clone(),
+            state: if pid.is_some() {
+                State::Running
+            } else {
+                State::Stopped
+            },
+            backend: inst.backend,
+            pid,
+            port: inst.port,
+            uptime_secs: pid.and_then(native::uptime),
+            memory_bytes,
+            template: inst.template.clone(),
+        }
+    }
+}
+
 /// How to stop.
 #[derive(Debug, Clone, Copy)]
 pub struct StopOptions {
@@ -253,19 +273,10 @@ impl Runtime {
 }
 
 fn stopped(inst: &Instance) -> Info {
-    Info {
-        name: inst.name.clone(),
-        state: State::Stopped,
-        backend: inst.backend,
-        pid: None,
-        port: inst.port,
-        uptime_secs: None,
-        memory_bytes: None,
-        template: inst.template.clone(),
-    }
+    Info::new(inst, None, None)
 }
 
-fn fail(insts: &[&Instance], e: &Error) -> Results {
+pub(crate) fn fail(insts: &[&Instance], e: &Error) -> Results {
     insts
         .iter()
         .map(|i| {

@@ -20,7 +20,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, Signal};
 
 use self::cgroup::{Cgroup, Hierarchy};
-use super::{check_backend, Info, State, StopOptions};
+use super::{check_backend, Info, StopOptions};
 use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
 use crate::{Error, Result};
@@ -87,20 +87,7 @@ impl Native {
     pub fn info(&self, inst: &Instance) -> Info {
         let cg = self.cgroup(&inst.name);
         let pid = find_init(&cg.procs());
-        Info {
-            name: inst.name.clone(),
-            state: if pid.is_some() {
-                State::Running
-            } else {
-                State::Stopped
-            },
-            backend: inst.backend,
-            pid,
-            port: inst.port,
-            uptime_secs: pid.and_then(uptime),
-            memory_bytes: pid.and_then(|_| cg.memory()),
-            template: inst.template.clone(),
-        }
+        Info::new(inst, pid, pid.and_then(|_| cg.memory()))
     }
 
     /// Where a running native instance lives: its init and its cgroups.

@@ -45,7 +45,6 @@ pub trait Manager {
         force: bool,
     ) -> zbus::Result<(bool, Vec<Change>)>;
     fn disable_unit_files(&self, files: &[&str], runtime: bool) -> zbus::Result<Vec<Change>>;
-    fn get_unit_file_state(&self, file: &str) -> zbus::Result<String>;
 
     #[zbus(signal)]
     fn job_removed(
@@ -64,12 +63,6 @@ pub trait Manager {
 )]
 pub trait Unit {
     #[zbus(property)]
-    fn active_state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn sub_state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn need_daemon_reload(&self) -> zbus::Result<bool>;
-    #[zbus(property)]
     fn unit_file_state(&self) -> zbus::Result<String>;
 }
 
@@ -85,6 +78,4 @@ pub trait Service {
     fn control_group(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn memory_current(&self) -> zbus::Result<u64>;
-    #[zbus(property)]
-    fn result(&self) -> zbus::Result<String>;
 }

@@ -19,8 +19,8 @@ use zbus::zvariant::OwnedObjectPath;
 use self::dbus::{ManagerProxy, ServiceProxy, UnitProxy};
 use self::unit::Names;
 use super::native::cgroup::Hierarchy;
-use super::native::{find_init, uptime};
-use super::{Info, State, StopOptions};
+use super::native::find_init;
+use super::{Info, StopOptions};
 use crate::store::{parse_bind, write_file, Backend, Instance, Store};
 use crate::{Error, Result};
 
@@ -273,15 +273,37 @@ impl Systemd {
             .collect())
     }
 
-    /// The unit's cgroup and the container's init in it.
-    fn init_of(&self, unit_path: &OwnedObjectPath) -> Option<(String, i32)> {
-        let svc = ServiceProxy::builder(&self.conn)
-            .path(unit_path.clone())
+    /// The object of an instance's unit (loading it if needed).
+    fn unit_path(&self, inst: &Instance) -> Option<OwnedObjectPath> {
+        self.manager()
+            .ok()?
+            .load_unit(&self.names.unit(&inst.name))
+            .ok()
+    }
+
+    /// The Service interface of a unit object, uncached.
+    fn service(&self, path: &OwnedObjectPath) -> Option<ServiceProxy<'_>> {
+        ServiceProxy::builder(&self.conn)
+            .path(path.clone())
             .ok()?
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
-            .ok()?;
-        let cg = svc.control_group().ok()?;
+            .ok()
+    }
+
+    /// The Unit interface of a unit object, uncached.
+    fn unit_proxy(&self, path: &OwnedObjectPath) -> Option<UnitProxy<'_>> {
+        UnitProxy::builder(&self.conn)
+            .path(path.clone())
+            .ok()?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .ok()
+    }
+
+    /// The unit's cgroup and the container's init in it.
+    fn init_of(&self, unit_path: &OwnedObjectPath) -> Option<(String, i32)> {
+        let cg = self.service(unit_path)?.control_group().ok()?;
         if cg.is_empty() {
             return None;
         }
@@ -293,12 +315,7 @@ impl Systemd {
 
     /// The PID (on the host) of a running instance's init.
     pub fn init_pid(&self, inst: &Instance) -> Option<i32> {
-        let path = self
-            .manager()
-            .ok()?
-            .load_unit(&self.names.unit(&inst.name))
-            .ok()?;
-        self.init_of(&path).map(|(_, pid)| pid)
+        self.init_of(&self.unit_path(inst)?).map(|(_, pid)| pid)
     }
 
     /// Where a running instance lives: its init and its v2 cgroup (the
@@ -330,12 +347,7 @@ impl Systemd {
 
     /// The unit's cgroup path (as systemd names it), if it has one.
     pub fn cgroup_path(&self, inst: &Instance) -> Option<String> {
-        let path = self
-            .manager()
-            .ok()?
-            .load_unit(&self.names.unit(&inst.name))
-            .ok()?;
-        self.init_of(&path).map(|(cg, _)| cg)
+        self.init_of(&self.unit_path(inst)?).map(|(cg, _)| cg)
     }
 
     /// What systemd says about these instances (one call for the states,
@@ -353,32 +365,13 @@ impl Systemd {
                     Some((path, (cg, pid))) => (Some(*pid), self.memory(path, cg)),
                     None => (None, None),
                 };
-                Info {
-                    name: inst.name.clone(),
-                    state: if pid.is_some() {
-                        State::Running
-                    } else {
-                        State::Stopped
-                    },
-                    backend: Backend::Systemd,
-                    pid,
-                    port: inst.port,
-                    uptime_secs: pid.and_then(uptime),
-                    memory_bytes: memory,
-                    template: inst.template.clone(),
-                }
+                Info::new(inst, pid, memory)
             })
             .collect()
     }
 
     fn memory(&self, path: &OwnedObjectPath, cg: &str) -> Option<u64> {
-        let svc = ServiceProxy::builder(&self.conn)
-            .path(path.clone())
-            .ok()?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .ok()?;
-        match svc.memory_current() {
+        match self.service(path)?.memory_current() {
             Ok(m) if m != u64::MAX => Some(m),
             _ => {
                 let v1 = self.hierarchy.v1_memory.as_ref()?;
@@ -396,17 +389,7 @@ impl Systemd {
 
     /// The unit's main process (systemd-nspawn), while it runs.
     pub fn main_pid(&self, inst: &Instance) -> Option<u32> {
-        let path = self
-            .manager()
-            .ok()?
-            .load_unit(&self.names.unit(&inst.name))
-            .ok()?;
-        ServiceProxy::builder(&self.conn)
-            .path(path)
-            .ok()?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .ok()?
+        self.service(&self.unit_path(inst)?)?
             .main_pid()
             .ok()
             .filter(|p| *p != 0)
@@ -414,17 +397,7 @@ impl Systemd {
 
     /// Whether an instance starts at boot (`enabled`, `disabled`, ...).
     pub fn unit_file_state(&self, inst: &Instance) -> Option<String> {
-        let path = self
-            .manager()
-            .ok()?
-            .load_unit(&self.names.unit(&inst.name))
-            .ok()?;
-        UnitProxy::builder(&self.conn)
-            .path(path)
-            .ok()?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .ok()?
+        self.unit_proxy(&self.unit_path(inst)?)?
             .unit_file_state()
             .ok()
     }
@@ -443,7 +416,7 @@ impl Systemd {
         let mut results: Vec<(String, Result<()>)> = Vec::new();
         let manager = match self.manager() {
             Ok(m) => m,
-            Err(e) => return fail_all(insts, &e),
+            Err(e) => return super::fail(insts, &e),
         };
         // Listen before queueing anything, from a thread of its own, so no
         // JobRemoved is missed and none blocks the replies behind it.
@@ -452,12 +425,12 @@ impl Systemd {
                 Ok(()) => {
                     let _ = self.subscribed.set(());
                 }
-                Err(e) => return fail_all(insts, &dbus_err("Subscribe")(e)),
+                Err(e) => return super::fail(insts, &dbus_err("Subscribe")(e)),
             }
         }
         let signals = match manager.receive_job_removed() {
             Ok(s) => s,
-            Err(e) => return fail_all(insts, &dbus_err("JobRemoved")(e)),
+            Err(e) => return super::fail(insts, &dbus_err("JobRemoved")(e)),
         };
         let (tx, rx) = mpsc::channel::<(OwnedObjectPath, JobEnd)>();
         let listener = std::thread::spawn(move || {
@@ -572,7 +545,7 @@ impl Systemd {
     ) -> Vec<(String, Result<()>)> {
         let mut out = Vec::new();
         if let Err(e) = self.prepare(insts) {
-            return fail_all(insts, &e);
+            return super::fail(insts, &e);
         }
         let states = self.states().unwrap_or_default();
         let mut todo = Vec::new();
@@ -681,18 +654,6 @@ impl Systemd {
             "--output=short".into(),
         ]
     }
-}
-
-fn fail_all(insts: &[&Instance], e: &Error) -> Vec<(String, Result<()>)> {
-    insts
-        .iter()
-        .map(|i| {
-            (
-                i.name.clone(),
-                Err(Error::Host(format!("instance {:?}: {e}", i.name))),
-            )
-        })
-        .collect()
 }
 
 /// Every PID in a cgroup and its children (systemd-nspawn may make
