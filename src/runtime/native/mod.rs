@@ -25,6 +25,9 @@ use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
 use crate::{Error, Result};
 
+/// Cgroups `stop` reads per round of its watch loop (every 20 ms at most).
+const SCAN_PER_ROUND: usize = 512;
+
 /// Console logs are rotated at start past this size.
 const LOG_ROTATE: u64 = 1 << 20;
 
@@ -242,50 +245,69 @@ impl Native {
         // Phase 2: one loop watches them all. BusyBox init, once it has run
         // its shutdown actions and signalled everything, only sleeps before
         // powering off: when it is alone in its cgroup, the shutdown is done.
-        let mut last_scan = Instant::now() - Duration::from_secs(1);
         let mut timed_out = 0usize;
+        let mut cursor = 0usize;
         // Then it waits, in the same loop, until every cgroup is empty.
         while pending.iter().any(|p| !p.drained) {
-            let mut fds: Vec<rustix::event::PollFd<'_>> = pending
+            // Sleep until an init exits (its pidfd turns readable) or 20 ms.
+            let watched: Vec<usize> = (0..pending.len())
+                .filter(|&i| !pending[i].done && pending[i].pidfd.is_some())
+                .collect();
+            let mut fds: Vec<rustix::event::PollFd<'_>> = watched
                 .iter()
-                .filter(|p| !p.done)
-                .filter_map(|p| p.pidfd.as_ref())
+                .filter_map(|&i| pending[i].pidfd.as_ref())
                 .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
                 .collect();
             let _ = rustix::event::poll(&mut fds, 20);
+            let exited: Vec<usize> = fds
+                .iter()
+                .zip(&watched)
+                .filter(|(f, _)| !f.revents().is_empty())
+                .map(|(_, &i)| i)
+                .collect();
             drop(fds);
-            let scan = last_scan.elapsed() >= Duration::from_millis(50);
-            if scan {
-                last_scan = Instant::now();
+            for i in exited {
+                pending[i].done = true;
             }
+            // Deadlines: no system call unless one passed.
             let now = Instant::now();
             for p in pending.iter_mut().filter(|p| !p.drained) {
-                if p.done {
-                    if scan && p.cg.procs().is_empty() {
-                        p.drained = true;
-                    } else if now >= p.deadline + Duration::from_secs(10) {
-                        // Stuck: give up here; phase 3 reports it.
-                        p.drained = true;
-                    }
-                    continue;
-                }
-                let exited = p.pidfd.as_ref().map_or(true, |fd| {
-                    let mut one = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-                    rustix::event::poll(&mut one, 0).unwrap_or(0) > 0
-                });
-                if exited {
+                if p.pidfd.is_none() {
                     p.done = true;
-                } else if now >= p.deadline {
+                }
+                if !p.done && now >= p.deadline {
                     p.deadline = now;
                     timed_out += 1;
                     tracing::debug!(instance = %p.name, "did not stop within the timeout; killing it");
                     let _ = p.cg.kill();
                     p.done = true;
-                } else if scan && p.cg.procs() == [p.pid] {
+                } else if p.done && now >= p.deadline + Duration::from_secs(10) {
+                    // Stuck: give up here; phase 3 reports it.
+                    p.drained = true;
+                }
+            }
+            // Read a bounded number of cgroups per round, round robin, so
+            // that watching ten thousand containers does not take the CPU
+            // they need to shut down.
+            let n = pending.len();
+            let mut read = 0;
+            let mut k = 0;
+            while k < n && read < SCAN_PER_ROUND {
+                let p = &mut pending[(cursor + k) % n];
+                k += 1;
+                if p.drained {
+                    continue;
+                }
+                read += 1;
+                let procs = p.cg.procs();
+                if p.done {
+                    p.drained = procs.is_empty();
+                } else if procs == [p.pid] {
                     let _ = p.cg.kill();
                     p.done = true;
                 }
             }
+            cursor = (cursor + k) % n.max(1);
         }
         if timed_out > 0 {
             tracing::warn!(
