@@ -395,4 +395,19 @@ fn systemd_backend_refused_without_systemd() {
     root.ok(&["create", "1"]);
     let e = root.fails(&["enable", "1"]);
     assert!(e.contains("native launcher"), "{e}");
+    // A systemd instance seen from a host without systemd (a state root
+    // moved here, say): it cannot run, so it is stopped; starting it says
+    // why.
+    let record = root.path().join("instances/1/instance.toml");
+    let text = std::fs::read_to_string(&record).unwrap();
+    std::fs::write(
+        &record,
+        text.replace("backend = \"native\"", "backend = \"systemd\""),
+    )
+    .unwrap();
+    assert!(root.ok(&["list"]).contains("stopped systemd"));
+    root.ok(&["stop", "1"]);
+    root.ok(&["kill", "--all"]);
+    let e = root.fails(&["start", "1"]);
+    assert!(e.contains("PID 1"), "{e}");
 }
