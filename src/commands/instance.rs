@@ -67,12 +67,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
         // systemd cannot take as a machine name, a bind it cannot parse.
         rt.systemd()?;
         for n in &names {
-            anyhow::ensure!(
-                !n.contains('_'),
-                "invalid instance name {n:?} for the systemd backend: its machine name nifty{n} \
-                 must be a hostname (letters, digits and '-'); try {:?}",
-                n.replace('_', "-")
-            );
+            nifty::runtime::systemd::check_machine_name(n)?;
         }
         for b in &a.bind_ro {
             anyhow::ensure!(

@@ -17,7 +17,7 @@ use std::path::Path;
 use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 
 use super::{userns, Native};
-use crate::store::Instance;
+use crate::store::{Instance, Store};
 use crate::{sys, Error, Result};
 
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT
@@ -69,12 +69,7 @@ impl Native {
                 _lock: None,
             });
         }
-        let fd = self
-            .detached_overlay(inst)
-            .map_err(|(call, e)| Error::Sys {
-                call: format!("instance {:?}: {call}", inst.name),
-                source: std::io::Error::from_raw_os_error(e.raw_os_error()),
-            })?;
+        let fd = detached_overlay(&self.store, inst)?;
         Ok(Root {
             name: inst.name.clone(),
             fd,
@@ -82,63 +77,70 @@ impl Native {
             _lock: Some(lock),
         })
     }
+}
 
-    /// The overlay of a stopped instance as a detached mount.
-    pub(crate) fn detached_overlay(
-        &self,
-        inst: &Instance,
-    ) -> std::result::Result<OwnedFd, (String, rustix::io::Errno)> {
-        use rustix::mount::*;
-        let lower = self.store.template_rootfs(&inst.template);
-        let dir = self.store.instance_dir(&inst.name);
-        let tree = open_tree(
-            CWD,
-            &lower,
-            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-        )
-        .map_err(|e| (format!("open_tree({})", lower.display()), e))?;
-        if let Some(base) = inst.security.uid_base {
-            let ns = userns::create(base).map_err(|_| {
-                (
-                    "creating its user namespace".to_string(),
-                    rustix::io::Errno::PERM,
-                )
-            })?;
-            sys::mount_setattr_idmap(tree.as_fd(), ns.as_fd()).map_err(|e| {
-                (
-                    "mount_setattr(MOUNT_ATTR_IDMAP)".to_string(),
-                    rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
-                )
-            })?;
-        }
-        let open_dir = |p: &Path| {
-            rustix::fs::open(
-                p,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
+/// The overlay of an instance (the template idmapped to its range,
+/// under its upper layer) as a detached mount: for host-side writes to a
+/// stopped instance, and for the systemd backend's root.
+pub(crate) fn detached_overlay(store: &Store, inst: &Instance) -> Result<OwnedFd> {
+    overlay_fd(store, inst).map_err(|(call, e)| Error::Sys {
+        call: format!("instance {:?}: {call}", inst.name),
+        source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+    })
+}
+
+fn overlay_fd(
+    store: &Store,
+    inst: &Instance,
+) -> std::result::Result<OwnedFd, (String, rustix::io::Errno)> {
+    use rustix::mount::*;
+    let lower = store.template_rootfs(&inst.template);
+    let dir = store.instance_dir(&inst.name);
+    let tree = open_tree(
+        CWD,
+        &lower,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(|e| (format!("open_tree({})", lower.display()), e))?;
+    if let Some(base) = inst.security.uid_base {
+        let ns = userns::create(base).map_err(|_| {
+            (
+                "creating its user namespace".to_string(),
+                rustix::io::Errno::PERM,
             )
-            .map_err(|e| (format!("open({})", p.display()), e))
-        };
-        let upper = open_dir(&dir.join("upper"))?;
-        let work = open_dir(&dir.join("work"))?;
-        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-            .map_err(|e| ("fsopen(overlay)".to_string(), e))?;
-        let set = |k: &str, fd: &OwnedFd| {
-            fsconfig_set_fd(fs.as_fd(), k, fd.as_fd())
-                .map_err(|e| (format!("fsconfig({k}, fd)"), e))
-        };
-        set("lowerdir+", &tree)?;
-        set("upperdir", &upper)?;
-        set("workdir", &work)?;
-        fsconfig_create(fs.as_fd())
-            .map_err(|e| ("fsconfig(FSCONFIG_CMD_CREATE)".to_string(), e))?;
-        fsmount(
-            fs.as_fd(),
-            FsMountFlags::FSMOUNT_CLOEXEC,
-            MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
-        )
-        .map_err(|e| ("fsmount(overlay)".to_string(), e))
+        })?;
+        sys::mount_setattr_idmap(tree.as_fd(), ns.as_fd()).map_err(|e| {
+            (
+                "mount_setattr(MOUNT_ATTR_IDMAP)".to_string(),
+                rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
+            )
+        })?;
     }
+    let open_dir = |p: &Path| {
+        rustix::fs::open(
+            p,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| (format!("open({})", p.display()), e))
+    };
+    let upper = open_dir(&dir.join("upper"))?;
+    let work = open_dir(&dir.join("work"))?;
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| ("fsopen(overlay)".to_string(), e))?;
+    let set = |k: &str, fd: &OwnedFd| {
+        fsconfig_set_fd(fs.as_fd(), k, fd.as_fd()).map_err(|e| (format!("fsconfig({k}, fd)"), e))
+    };
+    set("lowerdir+", &tree)?;
+    set("upperdir", &upper)?;
+    set("workdir", &work)?;
+    fsconfig_create(fs.as_fd()).map_err(|e| ("fsconfig(FSCONFIG_CMD_CREATE)".to_string(), e))?;
+    fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+    )
+    .map_err(|e| ("fsmount(overlay)".to_string(), e))
 }
 
 impl Root {

@@ -229,7 +229,7 @@ impl Systemd {
     /// one drop-in each; reloads systemd once if anything changed.
     pub fn prepare(&self, insts: &[&Instance]) -> Result<()> {
         for inst in insts {
-            check_machine_name(inst)?;
+            check_machine_name(&inst.name)?;
         }
         let mut changed = self.write_template()?;
         for inst in insts {
@@ -680,14 +680,12 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 
 /// The machine name `nifty<name>` must be a valid hostname: systemd
 /// refuses `_` there.
-pub fn check_machine_name(inst: &Instance) -> Result<()> {
-    if inst.name.contains('_') {
+pub fn check_machine_name(name: &str) -> Result<()> {
+    if name.contains('_') {
         return Err(Error::Invalid(format!(
-            "instance {:?}: under the systemd backend the machine name is nifty{}, and systemd \
-             machine names allow letters, digits and '-' only; rename it (e.g. {:?})",
-            inst.name,
-            inst.name,
-            inst.name.replace('_', "-")
+            "invalid instance name {name:?} for the systemd backend: its machine name \
+             nifty{name} must be a hostname (letters, digits and '-'); try {:?}",
+            name.replace('_', "-")
         )));
     }
     Ok(())
@@ -703,25 +701,17 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
             let Some((prog, rest)) = args.split_first() else {
                 return Error::Invalid("systemd exec: no systemd-nspawn command after --".into());
             };
+            use std::os::unix::process::CommandExt;
             let e = std::process::Command::new(prog)
                 .args(rest)
                 .args(extra)
-                .exec_replace();
+                .exec();
             Error::Sys {
                 call: format!("instance {name:?}: execve({prog})"),
                 source: e,
             }
         }
         Err(e) => e,
-    }
-}
-
-trait ExecReplace {
-    fn exec_replace(&mut self) -> std::io::Error;
-}
-impl ExecReplace for std::process::Command {
-    fn exec_replace(&mut self) -> std::io::Error {
-        std::os::unix::process::CommandExt::exec(self)
     }
 }
 
@@ -737,7 +727,7 @@ fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
             inst.backend
         )));
     }
-    check_machine_name(&inst)?;
+    check_machine_name(&inst.name)?;
     rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)
         .map_err(Error::sys("unshare(CLONE_NEWNS)"))?;
     mount_change(
@@ -751,13 +741,7 @@ fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io("create", &target)(e)),
     }
-    let native = super::native::Native::new(store)?;
-    let fd = native
-        .detached_overlay(&inst)
-        .map_err(|(call, e)| Error::Sys {
-            call: format!("instance {name:?}: {call}"),
-            source: std::io::Error::from_raw_os_error(e.raw_os_error()),
-        })?;
+    let fd = super::native::files::detached_overlay(store, &inst)?;
     move_mount(
         fd.as_fd(),
         "",
