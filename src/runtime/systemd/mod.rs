@@ -353,7 +353,11 @@ impl Systemd {
     /// What systemd says about these instances (one call for the states,
     /// one more per running instance).
     pub fn infos(&self, insts: &[&Instance]) -> Vec<Info> {
-        let states = self.states().unwrap_or_default();
+        let states = self.states().unwrap_or_else(|e| {
+            // Say so rather than show running containers as stopped.
+            tracing::warn!("{e}: systemd instances are shown as stopped");
+            HashMap::new()
+        });
         insts
             .iter()
             .map(|inst| {
