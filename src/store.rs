@@ -223,8 +223,9 @@ impl Store {
     pub fn client_key(&self) -> PathBuf {
         self.keys_dir().join("id_ed25519")
     }
-    /// The mount point every container mounts its root on, each inside its
-    /// own mount namespace: the host never sees these mounts.
+    /// Where nifty's empty root (an empty read-only tmpfs that containers'
+    /// mount namespaces are copied from) is mounted, in its own namespace:
+    /// the host never sees it.
     pub fn mount_point(&self) -> PathBuf {
         self.run.join("mnt")
     }

@@ -124,12 +124,35 @@ struct MountAttr {
 /// namespace `userns` (mount_setattr(2) with MOUNT_ATTR_IDMAP).
 pub fn mount_setattr_idmap(fd: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> std::io::Result<()> {
     const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
+    mount_setattr(
+        fd,
+        &MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns.as_raw_fd() as u64,
+        },
+    )
+}
+
+/// Sets mount attributes (`MOUNT_ATTR_RDONLY`, `_NOSUID`, ...) on the mount
+/// `fd` refers to, e.g. a detached bind made by `open_tree`.
+pub fn mount_setattr_flags(
+    fd: BorrowedFd<'_>,
+    set: rustix::mount::MountAttrFlags,
+) -> std::io::Result<()> {
+    mount_setattr(
+        fd,
+        &MountAttr {
+            attr_set: u64::from(set.bits()),
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        },
+    )
+}
+
+fn mount_setattr(fd: BorrowedFd<'_>, attr: &MountAttr) -> std::io::Result<()> {
     // SAFETY: `attr` is a valid mount_attr that outlives the call, its size
     // is passed, and the path is an empty C string used with AT_EMPTY_PATH.
     let r = unsafe {
@@ -138,7 +161,7 @@ pub fn mount_setattr_idmap(fd: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> std::i
             fd.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH,
-            &attr as *const MountAttr,
+            attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
     };

@@ -378,3 +378,49 @@ fn fork_bomb_stays_contained() {
     let _ = bomb.kill();
     let _ = bomb.wait();
 }
+
+#[test]
+fn a_chroot_escape_finds_nothing_of_the_host() {
+    if !privileged() {
+        return;
+    }
+    use rustix::thread::{move_into_link_name_space, unshare, LinkNameSpaceType, UnshareFlags};
+    use std::os::fd::AsFd;
+    let root = fleet(&["561"], &[]);
+    // Container root may chroot (CAP_SYS_CHROOT in its user namespace). The
+    // classic escape: chroot into a subdirectory, keep the cwd outside it,
+    // climb with "..", chroot("."). Played here with the host's full
+    // capabilities, from a thread that joins the container's mount
+    // namespace: climbing past the container's root must land back in it
+    // (under it is only an empty tmpfs, with the root mounted on top).
+    as_root(&root, "561", "mkdir -p /tmp/jail");
+    let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    let pid = v[0]["pid"].as_i64().unwrap();
+    let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let names = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (inside, escaped) = std::thread::spawn(move || {
+        unshare(UnshareFlags::FS).unwrap();
+        move_into_link_name_space(mnt.as_fd(), Some(LinkNameSpaceType::Mount)).unwrap();
+        let inside = names("/");
+        rustix::process::chroot("/tmp/jail").unwrap();
+        for _ in 0..32 {
+            rustix::process::chdir("..").unwrap();
+        }
+        rustix::process::chroot(".").unwrap();
+        (inside, names("/"))
+    })
+    .join()
+    .unwrap();
+    assert!(
+        inside.iter().any(|n| n == "etc") && inside.iter().any(|n| n == "tmp"),
+        "the container's root: {inside:?}"
+    );
+    assert_eq!(escaped, inside, "past the container's root");
+}

@@ -12,9 +12,8 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
 
-use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use super::{userns, Native};
 use crate::store::{Instance, Store};
@@ -93,54 +92,22 @@ fn overlay_fd(
     store: &Store,
     inst: &Instance,
 ) -> std::result::Result<OwnedFd, (String, rustix::io::Errno)> {
-    use rustix::mount::*;
-    let lower = store.template_rootfs(&inst.template);
     let dir = store.instance_dir(&inst.name);
-    let tree = open_tree(
-        CWD,
-        &lower,
-        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )
-    .map_err(|e| (format!("open_tree({})", lower.display()), e))?;
-    if let Some(base) = inst.security.uid_base {
-        let ns = userns::create(base).map_err(|_| {
+    let ns = match inst.security.uid_base {
+        Some(base) => Some(userns::create(base).map_err(|_| {
             (
                 "creating its user namespace".to_string(),
                 rustix::io::Errno::PERM,
             )
-        })?;
-        sys::mount_setattr_idmap(tree.as_fd(), ns.as_fd()).map_err(|e| {
-            (
-                "mount_setattr(MOUNT_ATTR_IDMAP)".to_string(),
-                rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
-            )
-        })?;
-    }
-    let open_dir = |p: &Path| {
-        rustix::fs::open(
-            p,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| (format!("open({})", p.display()), e))
+        })?),
+        None => None,
     };
-    let upper = open_dir(&dir.join("upper"))?;
-    let work = open_dir(&dir.join("work"))?;
-    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-        .map_err(|e| ("fsopen(overlay)".to_string(), e))?;
-    let set = |k: &str, fd: &OwnedFd| {
-        fsconfig_set_fd(fs.as_fd(), k, fd.as_fd()).map_err(|e| (format!("fsconfig({k}, fd)"), e))
-    };
-    set("lowerdir+", &tree)?;
-    set("upperdir", &upper)?;
-    set("workdir", &work)?;
-    fsconfig_create(fs.as_fd()).map_err(|e| ("fsconfig(FSCONFIG_CMD_CREATE)".to_string(), e))?;
-    fsmount(
-        fs.as_fd(),
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+    super::spawn::overlay(
+        &store.template_rootfs(&inst.template),
+        &dir.join("upper"),
+        &dir.join("work"),
+        ns.as_ref().map(|n| n.as_fd()),
     )
-    .map_err(|e| ("fsmount(overlay)".to_string(), e))
 }
 
 impl Root {

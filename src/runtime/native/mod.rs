@@ -38,6 +38,9 @@ pub struct Native {
     base: String,
     /// The seccomp programs, compiled once per process.
     seccomp: std::sync::OnceLock<std::result::Result<Vec<seccompiler::BpfProgram>, String>>,
+    /// The empty mount namespace containers' are copied from, made once
+    /// per process (see `spawn`).
+    empty_root: std::sync::OnceLock<std::result::Result<OwnedFd, String>>,
 }
 
 impl Native {
@@ -47,6 +50,7 @@ impl Native {
             hierarchy: Hierarchy::detect()?,
             base: store.cgroup_name(),
             seccomp: std::sync::OnceLock::new(),
+            empty_root: std::sync::OnceLock::new(),
         })
     }
 
@@ -69,6 +73,26 @@ impl Native {
             seccomp,
             mask_proc: true,
         })
+    }
+
+    /// The empty mount namespace every container's is a copy of.
+    fn empty_root(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
+        let ns = self.empty_root.get_or_init(|| {
+            let dir = self.store.mount_point();
+            if !dir.is_dir() {
+                self.store.ensure().map_err(|e| e.to_string())?;
+            }
+            spawn::empty_root_ns(&dir).map_err(|(call, e)| {
+                format!(
+                    "cannot make the empty mount namespace containers start from: {call}: {}",
+                    std::io::Error::from_raw_os_error(e.raw_os_error())
+                )
+            })
+        });
+        match ns {
+            Ok(fd) => Ok(fd.as_fd()),
+            Err(e) => Err(Error::Host(e.clone())),
+        }
     }
 
     /// The cgroup of an instance.
@@ -130,11 +154,9 @@ impl Native {
             .collect::<Result<Vec<_>>>()?;
         let log = open_log(&self.store.console_log(&inst.name), &inst.name)?;
         let env = init_env(inst);
-        let mount_point = self.store.mount_point();
         let upper = dir.join("upper");
         let work = dir.join("work");
         let plan = spawn::Plan::new(spawn::Spec {
-            mount_point: &mount_point,
             lower: &lower,
             upper: &upper,
             work: &work,
@@ -149,11 +171,9 @@ impl Native {
             step: "preparing".into(),
             source: e,
         })?;
-        if !mount_point.is_dir() {
-            self.store.ensure()?;
-        }
+        let empty_root = self.empty_root()?;
         let procs = cg.create(&inst.limits)?;
-        match spawn::spawn(&plan, &procs) {
+        match spawn::spawn(&plan, &procs, empty_root) {
             Ok(s) => {
                 tracing::debug!(instance = %inst.name, pid = s.pid, "started");
                 Ok(s.pid)
