@@ -452,3 +452,50 @@ fn memory_cgroup_own_only_when_limited() {
         );
     }
 }
+
+#[test]
+fn stop_powers_off_from_the_host_unless_the_inittab_has_shutdown_actions() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "611", "612"]);
+    root.ok(&["start", "611", "612"]);
+    booted(&root, &range(611, 612));
+    // 612's inittab gains a shutdown action (BusyBox init re-reads it on
+    // SIGHUP): its poweroff is left to init, so that the action runs.
+    root.ok(&[
+        "exec",
+        "612",
+        "--",
+        "sh",
+        "-c",
+        "echo '::shutdown:/bin/echo custom shutdown ran' >> /etc/inittab && kill -HUP 1",
+    ]);
+    let reloaded = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        root.ok(&["logs", "612"]).contains("reloading /etc/inittab")
+    });
+    assert!(reloaded, "init did not re-read its inittab");
+    let pids: Vec<i32> = ["611", "612"].iter().flat_map(|n| root.procs(n)).collect();
+    root.ok(&["stop", "611", "612"]);
+    assert_clean(&root, &pids);
+
+    // 611: nifty stopped init and sent SIGTERM; the services exited on it
+    // (Dropbear and syslogd say so), init's own poweroff never ran.
+    let log = root.ok(&["logs", "611"]);
+    assert!(log.contains("nifty: powering off"), "{log}");
+    assert!(log.contains("syslogd exiting"), "{log}");
+    assert!(log.contains("Terminated by signal"), "{log}");
+    assert!(!log.contains("The system is going down"), "{log}");
+    // 612: init ran its shutdown action, then its poweroff.
+    let log = root.ok(&["logs", "612"]);
+    assert!(log.contains("custom shutdown ran"), "{log}");
+    assert!(log.contains("The system is going down"), "{log}");
+    assert!(!log.contains("nifty: powering off"), "{log}");
+    // Both boot again.
+    root.ok(&["start", "611", "612"]);
+    booted(&root, &range(611, 612));
+    root.ok(&["rm", "-f", "611", "612"]);
+}

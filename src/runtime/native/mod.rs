@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod confine;
 pub mod files;
+pub mod poweroff;
 pub mod spawn;
 pub mod userns;
 
@@ -92,6 +93,18 @@ impl Native {
         match ns {
             Ok(fd) => Ok(fd.as_fd()),
             Err(e) => Err(Error::Host(e.clone())),
+        }
+    }
+
+    /// Appends a line to an instance's console log (`nifty logs`), for what
+    /// nifty does to it that init would otherwise have printed.
+    fn console_note(&self, name: &str, line: &str) {
+        let r = fs::OpenOptions::new()
+            .append(true)
+            .open(self.store.console_log(name))
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = r {
+            tracing::debug!(instance = %name, "console log: {e}");
         }
     }
 
@@ -206,6 +219,9 @@ impl Native {
             pid: i32,
             pidfd: Option<OwnedFd>,
             deadline: Instant,
+            /// nifty powers it off (init is stopped; see `poweroff`): the
+            /// processes sent SIGTERM so far.
+            by_nifty: Option<Vec<i32>>,
             /// Init is gone or was killed.
             done: bool,
             /// The cgroup is empty.
@@ -232,12 +248,28 @@ impl Native {
                     )
                     .ok();
                     let killed = opts.kill;
+                    let mut by_nifty = None;
                     if killed {
                         cg.kill()?;
                     } else if let Some(fd) = &pidfd {
-                        rustix::process::pidfd_send_signal(fd, opts.signal).map_err(Error::sys(
-                            format!("pidfd_send_signal({pid}, {:?})", opts.signal),
-                        ))?;
+                        let signal = if opts.signal == Signal::Usr2
+                            && !poweroff::init_has_shutdown_actions(pid)
+                        {
+                            Signal::Stop
+                        } else {
+                            opts.signal
+                        };
+                        rustix::process::pidfd_send_signal(fd, signal)
+                            .map_err(Error::sys(format!("pidfd_send_signal({pid}, {signal:?})")))?;
+                        if signal == Signal::Stop {
+                            self.console_note(
+                                &inst.name,
+                                "nifty: powering off: init stopped, SIGTERM to its processes",
+                            );
+                            let mut termed = Vec::new();
+                            poweroff::term_services(&cg, pid, &mut termed);
+                            by_nifty = Some(termed);
+                        }
                     }
                     Ok(Some(Pending {
                         name: inst.name.clone(),
@@ -245,6 +277,7 @@ impl Native {
                         pid,
                         pidfd,
                         deadline: Instant::now() + opts.timeout,
+                        by_nifty,
                         done: killed,
                         drained: false,
                     }))
@@ -265,6 +298,8 @@ impl Native {
         // Phase 2: one loop watches them all. BusyBox init, once it has run
         // its shutdown actions and signalled everything, only sleeps before
         // powering off: when it is alone in its cgroup, the shutdown is done.
+        // The same holds when nifty powers off (init is stopped); a service
+        // init respawned before its SIGSTOP landed gets its SIGTERM here.
         let mut timed_out = 0usize;
         let mut cursor = 0usize;
         // Then it waits, in the same loop, until every cgroup is empty.
@@ -325,6 +360,10 @@ impl Native {
                 } else if procs == [p.pid] {
                     let _ = p.cg.kill();
                     p.done = true;
+                } else if let Some(termed) = &mut p.by_nifty {
+                    if procs.iter().any(|q| *q != p.pid && !termed.contains(q)) {
+                        poweroff::term_services(&p.cg, p.pid, termed);
+                    }
                 }
             }
             cursor = (cursor + k) % n.max(1);
