@@ -121,12 +121,12 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
     ));
     let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     let hard = nofile.maximum.unwrap_or(u64::MAX);
-    let need_nofile = count + 1024;
+    let need_nofile = count * 3 + 1024;
     out.push(info(
         "open files of nifty (RLIMIT_NOFILE)",
         if hard >= need_nofile { Status::Ok } else { Status::Fail },
         format!("hard limit {hard}"),
-        &format!(">= {need_nofile}: `stop` of N containers holds one pidfd each"),
+        &format!(">= {need_nofile}: `stop` holds a pidfd per container process (nifty raises its own limit up to fs.nr_open when root)"),
         if hard >= need_nofile { "" } else { "raise it: `ulimit -Hn 1048576` in the shell that runs nifty, or LimitNOFILE= in its unit" },
     ));
     out.push(at_least(

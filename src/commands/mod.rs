@@ -129,13 +129,34 @@ fn not_yet(verb: &str, issue: u32) -> Result<bool> {
     anyhow::bail!("`nifty {verb}` is not built yet (planned in issue #{issue}); nothing was done")
 }
 
-/// Fleets of thousands hold many pidfds and files at once: lift the soft
-/// limit on open files to the hard one.
+/// Fleets of thousands hold many pidfds and files at once (`stop` one per
+/// container process): lift the limit on open files, the hard one too when
+/// nifty may (root: up to fs.nr_open, as systemd does for itself), else
+/// the soft one to the hard one.
 fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut l = getrlimit(Resource::Nofile);
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let want = nr_open.min(1 << 20);
+    if l.maximum.is_some_and(|m| m < want) {
+        let all = Rlimit {
+            current: Some(want),
+            maximum: Some(want),
+        };
+        if setrlimit(Resource::Nofile, all).is_ok() {
+            return;
+        }
+    }
     if l.current < l.maximum {
-        l.current = l.maximum;
-        let _ = setrlimit(Resource::Nofile, l);
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: l.maximum,
+                maximum: l.maximum,
+            },
+        );
     }
 }

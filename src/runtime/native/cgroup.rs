@@ -89,6 +89,16 @@ impl Hierarchy {
     }
 
     /// Names of the instance cgroups that exist under `base`.
+    /// Flushes the statistics of the store's v2 cgroup and everything under
+    /// it (a read of its `cpu.stat` does it). The kernel keeps the children
+    /// with unflushed statistics on a singly linked list of their parent,
+    /// and releasing a removed cgroup walks it to unlink itself: removing
+    /// ten thousand containers one by one after they all ran costs N² (7 s
+    /// of a 10,000 stop) unless the list is emptied first.
+    pub fn flush_stats(&self, base: &str) {
+        let _ = fs::read_to_string(self.v2.join(base).join("cpu.stat"));
+    }
+
     pub fn existing(&self, base: &str) -> Vec<String> {
         let Ok(rd) = fs::read_dir(self.v2.join(base)) else {
             return Vec::new();

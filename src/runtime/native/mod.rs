@@ -26,9 +26,6 @@ use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
 use crate::{Error, Result};
 
-/// Cgroups `stop` reads per round of its watch loop (every 20 ms at most).
-const SCAN_PER_ROUND: usize = 512;
-
 /// Console logs are rotated at start past this size.
 const LOG_ROTATE: u64 = 1 << 20;
 
@@ -213,23 +210,10 @@ impl Native {
         done: &(dyn Fn(&str) + Sync),
     ) -> Vec<(String, Result<()>)> {
         use rayon::prelude::*;
-        struct Pending {
-            name: String,
-            cg: Cgroup,
-            pid: i32,
-            pidfd: Option<OwnedFd>,
-            deadline: Instant,
-            /// nifty powers it off (init is stopped; see `poweroff`): the
-            /// processes sent SIGTERM so far.
-            by_nifty: Option<Vec<i32>>,
-            /// Init is gone or was killed.
-            done: bool,
-            /// The cgroup is empty.
-            drained: bool,
-        }
         let phase = Instant::now();
+        let budget = poweroff::FdBudget::new(insts.len());
         // Phase 1: signal (or kill) every container, in parallel.
-        let signalled: Vec<(String, Result<Option<Pending>>)> = insts
+        let signalled: Vec<(String, Result<Option<poweroff::Stopping>>)> = insts
             .par_iter()
             .map(|inst| {
                 let cg = self.cgroup(&inst.name);
@@ -247,11 +231,12 @@ impl Native {
                         rustix::process::PidfdFlags::empty(),
                     )
                     .ok();
-                    let killed = opts.kill;
-                    let mut by_nifty = None;
-                    if killed {
+                    let mut services = None;
+                    if opts.kill {
                         cg.kill()?;
                     } else if let Some(fd) = &pidfd {
+                        // See `poweroff`: without shutdown actions, nifty
+                        // powers off from the host.
                         let signal = if opts.signal == Signal::Usr2
                             && !poweroff::init_has_shutdown_actions(pid)
                         {
@@ -266,20 +251,19 @@ impl Native {
                                 &inst.name,
                                 "nifty: powering off: init stopped, SIGTERM to its processes",
                             );
-                            let mut termed = Vec::new();
-                            poweroff::term_services(&cg, pid, &mut termed);
-                            by_nifty = Some(termed);
+                            let mut signalled = Vec::new();
+                            let fds = poweroff::term_services(&cg, pid, &mut signalled, &budget);
+                            services = Some((signalled, fds));
                         }
                     }
-                    Ok(Some(Pending {
+                    Ok(Some(poweroff::Stopping {
                         name: inst.name.clone(),
                         cg: cg.clone(),
                         pid,
                         pidfd,
                         deadline: Instant::now() + opts.timeout,
-                        by_nifty,
-                        done: killed,
-                        drained: false,
+                        services,
+                        killed: opts.kill,
                     }))
                 })();
                 (inst.name.clone(), r)
@@ -295,87 +279,17 @@ impl Native {
             }
         }
         tracing::debug!(elapsed = ?phase.elapsed(), count = pending.len(), "signalled");
-        // Phase 2: one loop watches them all. BusyBox init, once it has run
-        // its shutdown actions and signalled everything, only sleeps before
-        // powering off: when it is alone in its cgroup, the shutdown is done.
-        // The same holds when nifty powers off (init is stopped); a service
-        // init respawned before its SIGSTOP landed gets its SIGTERM here.
-        let mut timed_out = 0usize;
-        let mut cursor = 0usize;
-        // Then it waits, in the same loop, until every cgroup is empty.
-        while pending.iter().any(|p| !p.drained) {
-            // Sleep until an init exits (its pidfd turns readable) or 20 ms.
-            let watched: Vec<usize> = (0..pending.len())
-                .filter(|&i| !pending[i].done && pending[i].pidfd.is_some())
-                .collect();
-            let mut fds: Vec<rustix::event::PollFd<'_>> = watched
-                .iter()
-                .filter_map(|&i| pending[i].pidfd.as_ref())
-                .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
-                .collect();
-            let _ = rustix::event::poll(&mut fds, 20);
-            let exited: Vec<usize> = fds
-                .iter()
-                .zip(&watched)
-                .filter(|(f, _)| !f.revents().is_empty())
-                .map(|(_, &i)| i)
-                .collect();
-            drop(fds);
-            for i in exited {
-                pending[i].done = true;
-            }
-            // Deadlines: no system call unless one passed.
-            let now = Instant::now();
-            for p in pending.iter_mut().filter(|p| !p.drained) {
-                if p.pidfd.is_none() {
-                    p.done = true;
-                }
-                if !p.done && now >= p.deadline {
-                    p.deadline = now;
-                    timed_out += 1;
-                    tracing::debug!(instance = %p.name, "did not stop within the timeout; killing it");
-                    let _ = p.cg.kill();
-                    p.done = true;
-                } else if p.done && now >= p.deadline + Duration::from_secs(10) {
-                    // Stuck: give up here; phase 3 reports it.
-                    p.drained = true;
-                }
-            }
-            // Read a bounded number of cgroups per round, round robin, so
-            // that watching ten thousand containers does not take the CPU
-            // they need to shut down.
-            let n = pending.len();
-            let mut read = 0;
-            let mut k = 0;
-            while k < n && read < SCAN_PER_ROUND {
-                let p = &mut pending[(cursor + k) % n];
-                k += 1;
-                if p.drained {
-                    continue;
-                }
-                read += 1;
-                let procs = p.cg.procs();
-                if p.done {
-                    p.drained = procs.is_empty();
-                } else if procs == [p.pid] {
-                    let _ = p.cg.kill();
-                    p.done = true;
-                } else if let Some(termed) = &mut p.by_nifty {
-                    if procs.iter().any(|q| *q != p.pid && !termed.contains(q)) {
-                        poweroff::term_services(&p.cg, p.pid, termed);
-                    }
-                }
-            }
-            cursor = (cursor + k) % n.max(1);
-        }
+        // Phase 2: one epoll set watches them all until every init is gone.
+        let timed_out = poweroff::watch(&mut pending, &budget);
         if timed_out > 0 {
             tracing::warn!(
                 "{timed_out} container(s) did not power off within {:?} and were killed",
                 opts.timeout
             );
         }
-        tracing::debug!(elapsed = ?phase.elapsed(), "all inits signalled and watched");
+        tracing::debug!(elapsed = ?phase.elapsed(), "all inits gone");
         // Phase 3: wait for the cgroups to empty and remove them.
+        self.hierarchy.flush_stats(&self.base);
         let cleaned: Vec<(String, Result<()>)> = pending
             .par_iter()
             .map(|p| {
