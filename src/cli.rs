@@ -40,7 +40,7 @@ pub enum Command {
     Create(CreateArgs),
     /// Boot instances: BusyBox init as PID 1, Dropbear on their port.
     Start(Selection),
-    /// Power instances off (init's poweroff signal), kill what is left after --timeout.
+    /// Power instances off: SIGTERM to their processes, kill what is left after --timeout.
     Stop(StopArgs),
     /// Stop, then start.
     Restart(StopArgs),
@@ -258,10 +258,12 @@ pub struct Selection {
 pub struct StopArgs {
     #[command(flatten)]
     pub sel: Selection,
-    /// Seconds to wait for a clean poweroff before killing.
+    /// Seconds to wait for a clean poweroff before killing what is left.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
-    /// Signal for init (BusyBox init: USR2 powers off, TERM reboots).
+    /// Signal for init (BusyBox init: USR2 powers off, TERM reboots). For USR2, the
+    /// default, nifty does the poweroff itself when the instance's inittab has no
+    /// `shutdown` action: init stopped, SIGTERM to the rest, then SIGKILL.
     #[arg(long, default_value = "USR2")]
     pub signal: String,
 }
