@@ -99,6 +99,19 @@ impl Hierarchy {
         let _ = fs::read_to_string(self.v2.join(base).join("cpu.stat"));
     }
 
+    /// Removes the store's groups if no instance has one left (best
+    /// effort: a sibling may be created right now). Once per command, not
+    /// per container: the kernel answers an rmdir by walking the group's
+    /// children, so trying after each of N removals costs N².
+    pub fn remove_base(&self, base: &str) {
+        for root in std::iter::once(&self.v2)
+            .chain(&self.v1_pids)
+            .chain(&self.v1_memory)
+        {
+            let _ = fs::remove_dir(root.join(base));
+        }
+    }
+
     pub fn existing(&self, base: &str) -> Vec<String> {
         let Ok(rd) = fs::read_dir(self.v2.join(base)) else {
             return Vec::new();
@@ -354,11 +367,6 @@ impl Cgroup {
                         })
                     }
                 }
-            }
-            // The store's group goes with its last instance (best effort: a
-            // sibling may still be there, or be created right now).
-            if let Some(parent) = d.parent() {
-                let _ = fs::remove_dir(parent);
             }
         }
         Ok(())

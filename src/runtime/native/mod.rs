@@ -190,6 +190,7 @@ impl Native {
             }
             Err((step, source)) => {
                 let _ = cg.remove();
+                self.hierarchy.remove_base(&self.base);
                 Err(Error::Start {
                     name: inst.name.clone(),
                     step,
@@ -320,6 +321,7 @@ impl Native {
             done(name);
         }
         results.extend(cleaned);
+        self.hierarchy.remove_base(&self.base);
         results
     }
 

@@ -26,8 +26,9 @@ use rustix::process::{Pid, PidfdFlags, Signal};
 
 use super::cgroup::Cgroup;
 
-/// The shutdown line of inittabs written by nifty before 0.1 stopped using
-/// one: it only printed a message, so it does not need init.
+/// The shutdown line of the inittabs nifty wrote before it powered off
+/// itself (templates and instances made then still have it): it only
+/// printed a message, so it does not need init.
 const LEGACY_SHUTDOWN: &str = "/bin/echo nifty: shutting down";
 
 /// The `shutdown` actions of an inittab (BusyBox `id:runlevels:action:process`).
