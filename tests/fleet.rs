@@ -499,3 +499,42 @@ fn stop_powers_off_from_the_host_unless_the_inittab_has_shutdown_actions() {
     booted(&root, &range(611, 612));
     root.ok(&["rm", "-f", "611", "612"]);
 }
+
+#[test]
+fn stop_works_past_the_open_files_limit() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "621..625"]);
+    root.ok(&["start", "621..625"]);
+    let names = range(621, 625);
+    booted(&root, &names);
+    let pids: Vec<i32> = names.iter().flat_map(|n| root.procs(n)).collect();
+    // Without CAP_SYS_RESOURCE nifty cannot lift a hard limit of 512 open
+    // files: too few to keep a pidfd per process besides its reserve, so
+    // every container is watched by reading its cgroup instead.
+    let o = Command::new("setpriv")
+        .args(["--bounding-set=-sys_resource", "--", "sh", "-c"])
+        .arg(r#"ulimit -n 512 && exec "$0" --root "$1" stop 621..625"#)
+        .arg(NIFTY)
+        .arg(root.path())
+        .env_remove("NIFTY_ROOT")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "stop failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_clean(&root, &pids);
+    for n in &names {
+        let log = root.ok(&["logs", n]);
+        assert!(
+            log.contains("nifty: powering off") && log.contains("syslogd exiting"),
+            "{n}: {log}"
+        );
+    }
+    root.ok(&["rm", "621..625"]);
+}
