@@ -36,8 +36,8 @@ pub struct Native {
     base: String,
     /// The seccomp programs, compiled once per process.
     seccomp: std::sync::OnceLock<std::result::Result<Vec<seccompiler::BpfProgram>, String>>,
-    /// The empty mount namespace containers' are copied from, made once
-    /// per process (see `spawn`).
+    /// The empty mount namespace the containers' namespaces are copies
+    /// of, made once per process (see `spawn`).
     empty_root: std::sync::OnceLock<std::result::Result<OwnedFd, String>>,
 }
 
@@ -82,7 +82,8 @@ impl Native {
             }
             spawn::empty_root_ns(&dir).map_err(|(call, e)| {
                 format!(
-                    "cannot make the empty mount namespace containers start from: {call}: {}",
+                    "cannot make the empty mount namespace containers start from: {call}: {} \
+                     (nifty needs root with CAP_SYS_ADMIN; `nifty doctor` checks mount namespaces)",
                     std::io::Error::from_raw_os_error(e.raw_os_error())
                 )
             })
