@@ -538,3 +538,41 @@ fn stop_works_past_the_open_files_limit() {
     }
     root.ok(&["rm", "621..625"]);
 }
+
+#[test]
+fn an_interrupted_stop_shows_and_is_finished_by_stop() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "631"]);
+    root.ok(&["start", "631"]);
+    booted(&root, &range(631, 631));
+    let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    let pid = v[0]["pid"].as_i64().unwrap() as i32;
+    let pids = root.procs("631");
+    // What a `nifty stop` killed after its first step leaves: init stopped.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::Stop,
+    )
+    .unwrap();
+    let stopping = (0..100).any(|_| {
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+        v[0]["state"] == "stopping" || {
+            std::thread::sleep(Duration::from_millis(20));
+            false
+        }
+    });
+    assert!(stopping, "list never showed it stopping");
+    assert!(root.ok(&["list"]).contains("1 stopping"));
+    let e = root.fails(&["start", "631"]);
+    assert!(e.contains("its init is stopped"), "{e}");
+    let e = root.fails(&["rm", "631"]);
+    assert!(e.contains("stop it first"), "{e}");
+    root.ok(&["stop", "631"]);
+    assert_clean(&root, &pids);
+    root.ok(&["rm", "631"]);
+}

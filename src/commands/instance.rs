@@ -139,7 +139,7 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
         .infos(&insts)
         .into_iter()
         .zip(&insts)
-        .filter(|(info, _)| info.state == State::Running)
+        .filter(|(info, _)| info.state != State::Stopped)
         .map(|(_, i)| i.clone())
         .collect();
     if !running.is_empty() && !a.force {

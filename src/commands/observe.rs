@@ -55,8 +55,17 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
             i.memory_bytes.map_or("-".into(), size),
         );
     }
-    let running = infos.iter().filter(|i| i.state == State::Running).count();
-    let _ = writeln!(out, "{} instance(s), {running} running", infos.len());
+    let count = |st: State| infos.iter().filter(|i| i.state == st).count();
+    let running = count(State::Running);
+    let stopping = match count(State::Stopping) {
+        0 => String::new(),
+        n => format!(", {n} stopping (finish with `nifty stop`)"),
+    };
+    let _ = writeln!(
+        out,
+        "{} instance(s), {running} running{stopping}",
+        infos.len()
+    );
     Ok(ok)
 }
 

@@ -19,6 +19,9 @@ use crate::{Error, Result};
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Running,
+    /// Init is stopped (SIGSTOP from the host): a `nifty stop` that was
+    /// interrupted (another `nifty stop` finishes it), or an administrator.
+    Stopping,
     Stopped,
 }
 
@@ -26,6 +29,7 @@ impl std::fmt::Display for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             State::Running => "running",
+            State::Stopping => "stopping",
             State::Stopped => "stopped",
         })
     }

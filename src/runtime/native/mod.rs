@@ -124,8 +124,13 @@ impl Native {
     /// State, init PID, uptime and memory of an instance, from the kernel.
     pub fn info(&self, inst: &Instance) -> Info {
         let cg = self.cgroup(&inst.name);
-        let pid = find_init(&cg.procs());
-        Info::new(inst, pid, pid.and_then(|_| cg.memory()))
+        let init = find_init_state(&cg.procs());
+        let pid = init.map(|(pid, _)| pid);
+        let mut info = Info::new(inst, pid, pid.and_then(|_| cg.memory()));
+        if init.is_some_and(|(_, stopped)| stopped) {
+            info.state = super::State::Stopping;
+        }
+        info
     }
 
     /// Where a running native instance lives: its init and its cgroups.
@@ -147,8 +152,15 @@ impl Native {
         let cg = self.cgroup(&inst.name);
         let procs = cg.procs();
         if !procs.is_empty() {
-            if find_init(&procs).is_some() {
-                return Err(Error::Running(inst.name.clone(), ""));
+            if let Some((_, stopped)) = find_init_state(&procs) {
+                return Err(Error::Running(
+                    inst.name.clone(),
+                    if stopped {
+                        " (its init is stopped: a `nifty stop` was interrupted, which that finishes)"
+                    } else {
+                        ""
+                    },
+                ));
             }
             // Leftovers of a container whose init is gone: clear them.
             cg.kill()?;
@@ -558,13 +570,18 @@ pub fn lock(dir: &Path) -> Result<OwnedFd> {
 /// in its own namespace and has exec'd (a first process still setting up,
 /// or left behind by a nifty killed mid-start, does not count).
 pub fn find_init(procs: &[i32]) -> Option<i32> {
+    find_init_state(procs).map(|(pid, _)| pid)
+}
+
+/// [`find_init`], and whether that init is stopped (state T: SIGSTOP).
+pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
     let starting = spawn::STARTING.to_str().unwrap_or_default();
-    procs.iter().copied().find(|pid| {
-        fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-            let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
-            field("NSpid:").and_then(|l| l.split_whitespace().last()) == Some("1")
-                && field("Name:") != Some(starting)
-        })
+    procs.iter().find_map(|&pid| {
+        let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
+        let init = field("NSpid:").and_then(|l| l.split_whitespace().last()) == Some("1")
+            && field("Name:") != Some(starting);
+        init.then(|| (pid, field("State:").is_some_and(|st| st.starts_with('T'))))
     })
 }
 
