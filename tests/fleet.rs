@@ -27,6 +27,18 @@ fn booted(root: &Root, names: &[String]) {
     }
 }
 
+/// A root with a template and the instances `lo..=hi`, created, started
+/// and listening.
+fn running(lo: u32, hi: u32) -> Root {
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    let sel = format!("{lo}..{hi}");
+    root.ok(&["create", &sel]);
+    root.ok(&["start", &sel]);
+    booted(&root, &range(lo, hi));
+    root
+}
+
 /// Everything of this root is gone: no process, no cgroup, no mount.
 fn assert_clean(root: &Root, pids: &[i32]) {
     for pid in pids {
@@ -458,11 +470,7 @@ fn stop_powers_off_from_the_host_unless_the_inittab_has_shutdown_actions() {
     if !privileged() {
         return;
     }
-    let root = Root::new();
-    root.ok(&["template", "build"]);
-    root.ok(&["create", "611", "612"]);
-    root.ok(&["start", "611", "612"]);
-    booted(&root, &range(611, 612));
+    let root = running(611, 612);
     // 612's inittab gains a shutdown action (BusyBox init re-reads it on
     // SIGHUP): its poweroff is left to init, so that the action runs.
     root.ok(&[
@@ -505,12 +513,8 @@ fn stop_works_past_the_open_files_limit() {
     if !privileged() {
         return;
     }
-    let root = Root::new();
-    root.ok(&["template", "build"]);
-    root.ok(&["create", "621..625"]);
-    root.ok(&["start", "621..625"]);
+    let root = running(621, 625);
     let names = range(621, 625);
-    booted(&root, &names);
     let pids: Vec<i32> = names.iter().flat_map(|n| root.procs(n)).collect();
     // Without CAP_SYS_RESOURCE nifty cannot lift a hard limit of 512 open
     // files: too few to keep a pidfd per process besides its reserve, so
@@ -544,11 +548,7 @@ fn an_interrupted_stop_shows_and_is_finished_by_stop() {
     if !privileged() {
         return;
     }
-    let root = Root::new();
-    root.ok(&["template", "build"]);
-    root.ok(&["create", "631"]);
-    root.ok(&["start", "631"]);
-    booted(&root, &range(631, 631));
+    let root = running(631, 631);
     let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
     let pid = v[0]["pid"].as_i64().unwrap() as i32;
     let pids = root.procs("631");
