@@ -136,14 +136,7 @@ impl SystemdHost {
     fn nifty(&self, args: &[&str]) -> String {
         let mut cmd = vec![NIFTY];
         cmd.extend_from_slice(args);
-        let o = self.sh(&cmd);
-        assert!(
-            o.status.success(),
-            "nifty {args:?} failed inside systemd: {}\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        common::succeeded(&self.sh(&cmd), &format!("nifty {args:?} inside systemd"))
     }
 
     fn is_active(&self, unit: &str) -> String {

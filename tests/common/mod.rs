@@ -63,14 +63,7 @@ impl Root {
 
     /// Runs nifty and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "nifty {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        succeeded(&self.run(args), &format!("nifty {args:?}"))
     }
 
     /// Runs nifty, asserts failure, returns stderr.
@@ -172,6 +165,18 @@ impl Drop for Root {
 }
 
 /// Waits until a TCP port accepts connections.
+/// Asserts that the command `what` succeeded (its output says why not);
+/// returns its stdout.
+pub fn succeeded(o: &Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 pub fn wait_port(port: u16, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {

@@ -266,7 +266,8 @@ impl Native {
                                 "nifty: powering off: init stopped, SIGTERM to its processes",
                             );
                             let mut signalled = Vec::new();
-                            let fds = poweroff::term_services(&cg, pid, &mut signalled, &budget);
+                            let fds =
+                                poweroff::term_services(&cg, procs, pid, &mut signalled, &budget);
                             services = Some((signalled, fds));
                         }
                     }

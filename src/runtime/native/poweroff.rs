@@ -106,20 +106,21 @@ impl FdBudget {
     }
 }
 
-/// Sends SIGTERM to every process of `cg` but `init` that is not in
-/// `signalled` yet, adds them there, and returns the pidfds of those it
-/// signalled, as many as `budget` allows (readable once they exit). A PID
-/// read from the cgroup may be reused by then: each one is opened as a
-/// pidfd first and signalled only if the cgroup still lists it after, so
-/// that a signal never reaches a process outside the container.
+/// Sends SIGTERM to every process of `cg` (as `procs`, the caller's read
+/// of it, lists them) but `init` that is not in `signalled` yet, adds them
+/// there, and returns the pidfds of those it signalled, as many as `budget`
+/// allows (readable once they exit). A PID read from the cgroup may be
+/// reused by then: each one is opened as a pidfd first and signalled only
+/// if the cgroup still lists it after, so that a signal never reaches a
+/// process outside the container.
 pub fn term_services(
     cg: &Cgroup,
+    procs: Vec<i32>,
     init: i32,
     signalled: &mut Vec<i32>,
     budget: &FdBudget,
 ) -> Vec<OwnedFd> {
-    let fresh: Vec<(i32, OwnedFd)> = cg
-        .procs()
+    let fresh: Vec<(i32, OwnedFd)> = procs
         .into_iter()
         .filter(|p| *p != init && !signalled.contains(p))
         .filter_map(|p| {
@@ -241,7 +242,7 @@ pub fn watch(stopping: &mut [Stopping], budget: &FdBudget) -> usize {
         let Some((signalled, _)) = &mut s.services else {
             return 0;
         };
-        let fds = term_services(&s.cg, s.pid, signalled, budget);
+        let fds = term_services(&s.cg, procs, s.pid, signalled, budget);
         register(ep, slab, i, fds)
     }
     let mut slab: Slab = Vec::new();

@@ -281,19 +281,13 @@ impl Systemd {
             .ok()
     }
 
-    /// The Service interface of a unit object, uncached.
-    fn service(&self, path: &OwnedObjectPath) -> Option<ServiceProxy<'_>> {
-        ServiceProxy::builder(&self.conn)
-            .path(path.clone())
-            .ok()?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .ok()
-    }
-
-    /// The Unit interface of a unit object, uncached.
-    fn unit_proxy(&self, path: &OwnedObjectPath) -> Option<UnitProxy<'_>> {
-        UnitProxy::builder(&self.conn)
+    /// An interface (`ServiceProxy`, `UnitProxy`) of a unit object,
+    /// uncached: systemd changes its properties under us.
+    fn proxy<'a, P>(&'a self, path: &OwnedObjectPath) -> Option<P>
+    where
+        P: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
+    {
+        zbus::blocking::proxy::Builder::<P>::new(&self.conn)
             .path(path.clone())
             .ok()?
             .cache_properties(zbus::proxy::CacheProperties::No)
@@ -303,7 +297,10 @@ impl Systemd {
 
     /// The unit's cgroup and the container's init in it.
     fn init_of(&self, unit_path: &OwnedObjectPath) -> Option<(String, i32)> {
-        let cg = self.service(unit_path)?.control_group().ok()?;
+        let cg = self
+            .proxy::<ServiceProxy>(unit_path)?
+            .control_group()
+            .ok()?;
         if cg.is_empty() {
             return None;
         }
@@ -375,7 +372,7 @@ impl Systemd {
     }
 
     fn memory(&self, path: &OwnedObjectPath, cg: &str) -> Option<u64> {
-        match self.service(path)?.memory_current() {
+        match self.proxy::<ServiceProxy>(path)?.memory_current() {
             Ok(m) if m != u64::MAX => Some(m),
             _ => {
                 let v1 = self.hierarchy.v1_memory.as_ref()?;
@@ -393,7 +390,7 @@ impl Systemd {
 
     /// The unit's main process (systemd-nspawn), while it runs.
     pub fn main_pid(&self, inst: &Instance) -> Option<u32> {
-        self.service(&self.unit_path(inst)?)?
+        self.proxy::<ServiceProxy>(&self.unit_path(inst)?)?
             .main_pid()
             .ok()
             .filter(|p| *p != 0)
@@ -401,7 +398,7 @@ impl Systemd {
 
     /// Whether an instance starts at boot (`enabled`, `disabled`, ...).
     pub fn unit_file_state(&self, inst: &Instance) -> Option<String> {
-        self.unit_proxy(&self.unit_path(inst)?)?
+        self.proxy::<UnitProxy>(&self.unit_path(inst)?)?
             .unit_file_state()
             .ok()
     }
