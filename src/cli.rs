@@ -21,6 +21,10 @@ pub struct Cli {
     /// State root: templates, instances, keys.
     #[arg(long, global = true, env = "NIFTY_ROOT", value_name = "DIR", default_value = nifty::store::DEFAULT_ROOT)]
     pub root: PathBuf,
+    /// Instance N listens on PORT_BASE + N; other names take ports below
+    /// PORT_BASE. Read when instances are created (their port is recorded).
+    #[arg(long, global = true, env = "NIFTY_PORT_BASE", value_name = "PORT", default_value_t = nifty::store::PORT_BASE, value_parser = clap::value_parser!(u16).range(1026..))]
+    pub port_base: u16,
     /// Say only what failed.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -199,9 +203,10 @@ pub struct BuildArgs {
     /// Read a password for the user from stdin (stored as a SHA-512 crypt hash).
     #[arg(long)]
     pub password_stdin: bool,
-    /// Zoneinfo directory to copy in.
-    #[arg(long, default_value = "/usr/share/zoneinfo", value_name = "DIR")]
-    pub zoneinfo: PathBuf,
+    /// Zoneinfo directory to copy in [default: /usr/share/zoneinfo if it
+    /// exists; without it (no tzdata on the host) the containers keep UTC].
+    #[arg(long, value_name = "DIR")]
+    pub zoneinfo: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::runtime::native::cgroup::Hierarchy;
-use crate::store::{Store, PORT_BASE};
+use crate::store::Store;
 
 /// Processes of one idle container: init, syslogd, Dropbear, plus room
 /// for a login (dropbear child, shell) in a good share of them.
@@ -176,7 +176,8 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         "none: each container's root is its own host UID (own key quota), and its seccomp filter refuses keyctl/add_key",
         "",
     ));
-    let top_port = u64::from(PORT_BASE) + count;
+    let port_base = store.port_base();
+    let top_port = u64::from(port_base) + count;
     let range = sysctl("net.ipv4.ip_local_port_range").unwrap_or_default();
     let low: u64 = range
         .split(' ')
@@ -184,7 +185,7 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(32768);
     let reserved = sysctl("net.ipv4.ip_local_reserved_ports").unwrap_or_default();
-    let want_reserved = format!("{}-{}", PORT_BASE + 1, top_port.min(65535));
+    let want_reserved = format!("{}-{}", port_base + 1, top_port.min(65535));
     let overlap = top_port >= low && !reserved.split(',').any(|r| r == want_reserved);
     out.push(Finding {
         check: "local port range".into(),
@@ -192,7 +193,7 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         value: format!("net.ipv4.ip_local_port_range = {range}; reserved = {reserved:?}"),
         need: format!(
             "instance ports {}..{top_port} outside the ephemeral range, or reserved",
-            PORT_BASE + 1
+            port_base + 1
         ),
         fix: if overlap {
             format!("sysctl -w net.ipv4.ip_local_reserved_ports={want_reserved}")
@@ -210,54 +211,35 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         out.push(info(
             "port numbers",
             Status::Fail,
-            format!("2200 + {count} = {top_port}"),
+            format!("{port_base} + {count} = {top_port}"),
             "<= 65535",
             "give ports explicitly (--port) or use fewer numeric instances per host",
         ));
     }
-    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    let overlay = fs.lines().any(|l| l.ends_with("\toverlay"));
-    out.push(info(
-        "overlayfs",
-        if overlay { Status::Ok } else { Status::Fail },
-        if overlay {
-            "available".into()
-        } else {
-            "not in /proc/filesystems".into()
-        },
-        "instances are overlays of the template",
-        if overlay { "" } else { "modprobe overlay" },
-    ));
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let (maj, min) = {
-        let mut it = release
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|p| p.parse::<u32>().ok());
-        (it.next().unwrap_or(0), it.next().unwrap_or(0))
-    };
-    let idmap = (maj, min) >= (5, 19);
-    out.push(info(
-        "idmapped overlay layers",
-        if idmap { Status::Ok } else { Status::Fail },
-        format!("Linux {release}"),
-        ">= 5.19 (user namespaces with a shared template); fd-based layers for stopped-instance edits: >= 6.13",
-        if idmap { "" } else { "upgrade the kernel, or create instances with --no-userns" },
-    ));
+    out.extend(kernel_features(store));
     match Hierarchy::detect() {
         Ok(h) => out.push(info(
             "cgroups",
             Status::Ok,
-            if h.v2_controllers {
-                format!("pure cgroup v2 at {}", h.v2.display())
-            } else {
-                format!(
-                    "hybrid: v2 at {} for membership, v1 pids/memory for limits",
-                    h.v2.display()
-                )
-            },
+            format!(
+                "{}; native containers in {}",
+                if h.v2_controllers {
+                    format!("pure cgroup v2 at {}", h.v2.display())
+                } else {
+                    format!(
+                        "hybrid: v2 at {} for membership, v1 pids/memory for limits",
+                        h.v2.display()
+                    )
+                },
+                if h.systemd {
+                    format!(
+                        "/{} (a scope systemd delegated)",
+                        h.base(&store.cgroup_name())
+                    )
+                } else {
+                    format!("/{} (no systemd to delegate)", h.base(&store.cgroup_name()))
+                }
+            ),
             "a cgroup v2 hierarchy",
             "",
         )),
@@ -339,6 +321,142 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
             "run fewer containers or add memory"
         },
     ));
+    out
+}
+
+/// Is overlayfs loaded, built in, or a module that loads on first use?
+fn overlay_status(release: &str) -> (Status, String) {
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if fs.lines().any(|l| l.ends_with("\toverlay")) {
+        return (Status::Ok, "available".into());
+    }
+    let modules = Path::new("/lib/modules").join(release);
+    let listed = |file: &str| {
+        std::fs::read_to_string(modules.join(file)).is_ok_and(|t| {
+            t.lines()
+                .any(|l| l.contains("/overlay.ko") || l.contains("/overlayfs.ko"))
+        })
+    };
+    if listed("modules.builtin") || listed("modules.dep") {
+        (
+            Status::Ok,
+            "a module, loaded by the kernel on first use".into(),
+        )
+    } else {
+        (
+            Status::Fail,
+            format!(
+                "not in /proc/filesystems, and no module in {}",
+                modules.display()
+            ),
+        )
+    }
+}
+
+/// What the running kernel offers nifty, one row per feature: the version
+/// that brought it, and what nifty does without it.
+fn kernel_features(store: &Store) -> Vec<Finding> {
+    use crate::runtime::native::features;
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let v = features::parse_release(&release);
+    let mut out = Vec::new();
+    let (st, value) = overlay_status(&release);
+    out.push(info(
+        "overlayfs",
+        st,
+        value,
+        "instances are overlays of the template",
+        if st == Status::Ok {
+            ""
+        } else {
+            "install the kernel's modules (modprobe overlay must work)"
+        },
+    ));
+    let at_least = |want: (u32, u32)| v >= want;
+    out.push(info(
+        "new mount API",
+        if at_least((5, 12)) {
+            Status::Ok
+        } else {
+            Status::Fail
+        },
+        format!("Linux {release}"),
+        ">= 5.12: fsopen/fsmount/open_tree/move_mount (5.2), mount_setattr and idmapped mounts (5.12)",
+        if at_least((5, 12)) {
+            ""
+        } else {
+            "a newer kernel (Debian 12's 6.1, Ubuntu 22.04's 5.15, RHEL 9's 5.14 have it)"
+        },
+    ));
+    let idmap = at_least((5, 19));
+    out.push(info(
+        "idmapped overlay layers",
+        if idmap { Status::Ok } else { Status::Fail },
+        format!("Linux {release}"),
+        ">= 5.19: each instance's own UID range over the one shared template",
+        if idmap {
+            ""
+        } else {
+            "a newer kernel (Ubuntu 22.04: its HWE kernel), or create with --no-userns (container root is host root: see SECURITY.md)"
+        },
+    ));
+    let by_fd = features::probe_overlay_fd_layers();
+    out.push(info(
+        "overlay layers by fd",
+        Status::Ok,
+        match by_fd {
+            Some(true) => "yes (lowerdir+, Linux 6.7+)".to_string(),
+            Some(false) => "no (before Linux 6.7); fallback: the idmapped template is attached in a private mount namespace of nifty's and named by path, then detached (same isolation; see the README for its cost)".to_string(),
+            None => "unknown (overlayfs did not open)".to_string(),
+        },
+        "fast path >= 6.7",
+        "",
+    ));
+    let kill = at_least((5, 14));
+    out.push(info(
+        "cgroup.kill",
+        Status::Ok,
+        if kill {
+            "yes (Linux 5.14+)".to_string()
+        } else {
+            "no; fallback: SIGKILL to each process of the cgroup".to_string()
+        },
+        "fast path >= 5.14",
+        "",
+    ));
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .is_ok();
+    out.push(info(
+        "pidfds",
+        if pidfd { Status::Ok } else { Status::Fail },
+        if pidfd {
+            "pidfd_open works".to_string()
+        } else {
+            "pidfd_open fails".to_string()
+        },
+        ">= 5.3: stop and start follow containers by pidfd, never by a reusable PID",
+        if pidfd { "" } else { "a newer kernel" },
+    ));
+    let template = store.template_rootfs("default");
+    if template.is_dir() {
+        let r = features::preflight(&template, true);
+        out.push(info(
+            "default template",
+            if r.is_ok() { Status::Ok } else { Status::Fail },
+            match &r {
+                Ok(()) => "overlay, user namespace and idmapped mount all work".to_string(),
+                Err(e) => e.to_string(),
+            },
+            "what `start` needs, tried on the template",
+            "",
+        ));
+    }
     out
 }
 

@@ -164,6 +164,9 @@ pub struct CreateSpec {
 pub struct Store {
     root: PathBuf,
     run: PathBuf,
+    /// Instance N listens on `port_base + N` (default [`PORT_BASE`]);
+    /// other names take ports downwards from `port_base - 1`.
+    port_base: u16,
 }
 
 impl Store {
@@ -177,13 +180,33 @@ impl Store {
                 Store {
                     run: root.join("run"),
                     root,
+                    port_base: PORT_BASE,
                 }
             }
             _ => Store {
                 root: DEFAULT_ROOT.into(),
                 run: DEFAULT_RUN.into(),
+                port_base: PORT_BASE,
             },
         }
+    }
+
+    /// The same store with numeric instances on `base + N` (`--port-base`).
+    pub fn with_port_base(mut self, base: u16) -> Store {
+        self.port_base = base;
+        self
+    }
+
+    pub fn port_base(&self) -> u16 {
+        self.port_base
+    }
+
+    /// The ports non-numeric names take, from the top down: below the
+    /// numeric ones, as many as the default pool has (1025-2199).
+    pub fn pool(&self) -> (u16, u16) {
+        let top = self.port_base.saturating_sub(1).max(POOL_BOTTOM);
+        let bottom = top.saturating_sub(POOL_TOP - POOL_BOTTOM).max(POOL_BOTTOM);
+        (bottom, top)
     }
 
     pub fn root(&self) -> &Path {
@@ -517,14 +540,16 @@ impl Store {
     /// `ports/<port> -> <name>`, so two instances can never hold one port;
     /// a port already bound on the host is refused now, not at boot.
     fn claim_port(&self, name: &str, requested: Option<u16>) -> Result<u16> {
+        let (bottom, top) = self.pool();
         let fixed = match requested {
             Some(p) => Some(p),
             None => match name.parse::<u32>() {
                 Ok(n) if !name.starts_with('0') || name == "0" => {
-                    let p = u32::from(PORT_BASE) + n;
+                    let p = u32::from(self.port_base) + n;
                     if p > 65535 {
                         return Err(Error::Invalid(format!(
-                            "instance {name:?}: port 2200 + {n} is above 65535; give --port or a smaller number"
+                            "instance {name:?}: port {} + {n} is above 65535; give --port or a smaller number",
+                            self.port_base
                         )));
                     }
                     Some(p as u16)
@@ -542,7 +567,7 @@ impl Store {
             self.try_claim(port, name)?;
             return Ok(port);
         }
-        for port in (POOL_BOTTOM..=POOL_TOP).rev() {
+        for port in (bottom..=top).rev() {
             match self.try_claim(port, name) {
                 Ok(()) => return Ok(port),
                 Err(Error::Port { .. }) => continue,
@@ -550,7 +575,7 @@ impl Store {
             }
         }
         Err(Error::Host(format!(
-            "instance {name:?}: no free port left in {POOL_BOTTOM}-{POOL_TOP}; give --port"
+            "instance {name:?}: no free port left in {bottom}-{top}; give --port"
         )))
     }
 

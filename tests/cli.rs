@@ -3,12 +3,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{Root, NIFTY};
+use common::Root;
 
 fn nifty(args: &[&str]) -> std::process::Output {
-    Command::new(NIFTY)
+    common::nifty()
         .args(args)
         .env_remove("NIFTY_ROOT")
         .output()
@@ -60,7 +59,7 @@ fn verbs_not_built_say_so() {
 fn bad_build(args: &[&str], expect: &str) {
     let root = Root::new();
     let state = root.path().join("state");
-    let o = Command::new(NIFTY)
+    let o = common::nifty()
         .arg("--root")
         .arg(&state)
         .args(["template", "build"])
@@ -126,7 +125,7 @@ fn unwritable_root_is_refused() {
         eprintln!("SKIP: busybox-static or dropbear-bin missing");
         return;
     }
-    let o = Command::new(NIFTY)
+    let o = common::nifty()
         .args(["--root", "/proc/nifty-state", "template", "build"])
         .output()
         .unwrap();

@@ -81,7 +81,7 @@ fn fleet_of_twenty() {
         .collect();
     let unique: std::collections::HashSet<_> = keys.iter().collect();
     assert_eq!(unique.len(), 20, "host keys are shared");
-    assert_eq!(root.port("101"), 2301);
+    assert_eq!(root.port("101"), common::TEST_PORT_BASE + 101);
     root.ok(&["start", "101..120"]);
     booted(&root, &names);
 
@@ -223,9 +223,13 @@ fn port_in_use_is_refused_at_create() {
     let e = root.fails(&["create", "slick", "--port", &port]);
     assert!(e.contains("in use on the host"), "{e}");
     assert!(!root.path().join("instances/slick").exists());
-    // Non-numeric names get a port of the pool below 2200.
-    root.ok(&["create", "slick", "--port", "2150"]);
-    assert_eq!(root.port("slick"), 2150);
+    // A free port given explicitly is taken.
+    let free = common::TEST_PORT_BASE - 50;
+    root.ok(&["create", "slick", "--port", &free.to_string()]);
+    assert_eq!(root.port("slick"), free);
+    // Non-numeric names get a port of the pool below the numeric ones.
+    root.ok(&["create", "slack"]);
+    assert!(root.port("slack") < common::TEST_PORT_BASE);
 }
 
 #[test]
@@ -237,7 +241,7 @@ fn killing_nifty_mid_start_leaves_nothing_invisible() {
     root.ok(&["template", "build"]);
     root.ok(&["create", "301..320"]);
     for delay_ms in [2u64, 8, 15] {
-        let mut child = Command::new(NIFTY)
+        let mut child = common::nifty()
             .arg("--root")
             .arg(root.path())
             .args(["start", "301..320"])
@@ -280,7 +284,7 @@ fn killing_nifty_mid_start_leaves_nothing_invisible() {
     root.ssh("315", "true");
     // A stop killed midway leaves nothing nifty cannot see or finish.
     let pids: Vec<i32> = range(301, 320).iter().flat_map(|n| root.procs(n)).collect();
-    let mut child = Command::new(NIFTY)
+    let mut child = common::nifty()
         .arg("--root")
         .arg(root.path())
         .args(["stop", "--all"])
@@ -307,7 +311,7 @@ fn up_twice_leaves_five_running() {
     assert!(v.iter().all(|i| i["state"] == "running"), "{v:?}");
     booted(&root, &range(1, 5));
     // `nifty ssh` itself logs in, trusting only the instance's own host key.
-    let o = Command::new(NIFTY)
+    let o = common::nifty()
         .arg("--root")
         .arg(root.path())
         .args(["ssh", "3", "--", "echo", "hello from", "$(hostname)"])
@@ -330,7 +334,7 @@ fn password_login_with_sha512_crypt() {
         return;
     }
     let root = Root::new();
-    let mut child = Command::new(NIFTY)
+    let mut child = common::nifty()
         .arg("--root")
         .arg(root.path())
         .args(["template", "build", "--password-stdin", "--user", "alice"])
@@ -355,7 +359,15 @@ fn password_login_with_sha512_crypt() {
     booted(&root, &range(401, 401));
     let login = |pw: &str| {
         Command::new("sshpass")
-            .args(["-p", pw, "ssh", "-p", "2601", "-l", "alice"])
+            .args([
+                "-p",
+                pw,
+                "ssh",
+                "-p",
+                &root.port("401").to_string(),
+                "-l",
+                "alice",
+            ])
             .args([
                 "-o",
                 "PubkeyAuthentication=no",
@@ -397,7 +409,7 @@ fn memory_cgroup_own_only_when_limited() {
     root.ok(&["start", "601", "602"]);
     let pids = [root.procs("601"), root.procs("602")].concat();
     let h = nifty::runtime::native::cgroup::Hierarchy::detect().unwrap();
-    let base = nifty::store::Store::new(Some(root.path().into())).cgroup_name();
+    let base = h.base(&nifty::store::Store::new(Some(root.path().into())).cgroup_name());
     let memcg_of = |name: &str| {
         let pid = root.procs(name)[0];
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -446,6 +458,17 @@ fn memory_cgroup_own_only_when_limited() {
             };
             assert_eq!(max("601").trim(), "max");
             assert_eq!(max("602").trim(), (48u64 << 20).to_string());
+            // The fleet as a whole: limited by nifty, or by systemd in the
+            // scope it delegated (MemoryMax=).
+            let fleet: u64 = std::fs::read_to_string(root.cgroup_base().join("memory.max"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(
+                fleet <= total / 100 * 90 && fleet > total / 2,
+                "fleet limit {fleet}"
+            );
         }
     }
     // Both boot and answer; `list` shows a memory figure for both.

@@ -292,7 +292,7 @@ fn planted_symlinks_do_not_redirect_host_writes() {
         let e = root.fails(&["rekey", "541"]);
         assert!(e.contains("symlink"), "{state}: {e}");
         let o = root.run(&["authorized-keys", "541", "luser", "--add", key.trim()]);
-        let o2 = Command::new(common::NIFTY)
+        let o2 = common::nifty()
             .arg("--root")
             .arg(root.path())
             .args(["passwd", "541", "luser"])

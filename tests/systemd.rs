@@ -134,7 +134,8 @@ impl SystemdHost {
 
     /// Runs nifty inside (its default root: /var/lib/nifty); asserts success.
     fn nifty(&self, args: &[&str]) -> String {
-        let mut cmd = vec![NIFTY];
+        let base = format!("NIFTY_PORT_BASE={}", common::TEST_PORT_BASE);
+        let mut cmd = vec!["env", base.as_str(), NIFTY];
         cmd.extend_from_slice(args);
         common::succeeded(&self.sh(&cmd), &format!("nifty {args:?} inside systemd"))
     }
@@ -270,7 +271,7 @@ fn article_fleet_under_systemd() {
         "init",
         "/sbin/syslogd",
         "dropbear",
-        "-p 2203",
+        &format!("-p {}", root.port("3")),
     ] {
         assert!(
             status.contains(want),
@@ -383,7 +384,10 @@ fn systemd_backend_refused_without_systemd() {
     let e = root.fails(&["create", "1", "--backend", "systemd"]);
     assert!(e.contains("PID 1") && e.contains("--backend native"), "{e}");
     assert!(root.ok(&["list"]).contains("0 instance(s)"));
-    assert!(!root.path().join("ports/2201").exists());
+    assert!(!root
+        .path()
+        .join(format!("ports/{}", common::TEST_PORT_BASE + 1))
+        .exists());
     // Native instances have no boot-time start.
     root.ok(&["create", "1"]);
     let e = root.fails(&["enable", "1"]);

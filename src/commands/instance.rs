@@ -62,6 +62,11 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     }
     let backend = a.backend.unwrap_or_else(runtime::default_backend);
     let rt = Runtime::new(&ctx.store)?;
+    // Both backends mount the same overlay, idmapped unless --no-userns.
+    nifty::runtime::native::features::preflight(
+        &ctx.store.template_rootfs(&a.template),
+        !a.no_userns,
+    )?;
     if backend == Backend::Systemd {
         // Refuse before creating anything: a host without systemd, a name
         // systemd cannot take as a machine name, a bind it cannot parse.
@@ -211,6 +216,7 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         .collect();
     let rt = Runtime::new(&ctx.store)?;
     if !missing.is_empty() {
+        nifty::runtime::native::features::preflight(&ctx.store.template_rootfs(&a.template), true)?;
         ctx.store.ensure()?;
         let backend = runtime::default_backend();
         let mut out = fleet::run(&ctx.printer, "create", &missing, |name| {
@@ -250,11 +256,27 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
     bar.finish_and_clear();
     let out = fleet::outcome(results, started.elapsed().as_secs_f64());
     let ok = out.report(&ctx.printer, "start");
-    let first = &insts[0];
-    let last = &insts[insts.len() - 1];
+    // Count what runs now, not what was asked for.
+    let running: Vec<&nifty::store::Instance> = rt
+        .infos(&insts)
+        .into_iter()
+        .zip(&insts)
+        .filter(|(info, _)| info.state == State::Running)
+        .map(|(_, i)| i)
+        .collect();
+    let (Some(first), Some(last)) = (running.first(), running.last()) else {
+        ctx.printer
+            .info(format!("none of the {} instance(s) is up", a.count));
+        return Ok(false);
+    };
+    let of = if running.len() == insts.len() {
+        String::new()
+    } else {
+        format!(" of {}", insts.len())
+    };
     ctx.printer.info(format!(
-        "{} instance(s) up. Log in with `nifty ssh {}`, or\n  ssh -i {} -p {} {}@localhost   (ports {}..{})",
-        a.count,
+        "{}{of} instance(s) up. Log in with `nifty ssh {}`, or\n  ssh -i {} -p {} {}@localhost   (ports {}..{})",
+        running.len(),
         first.name,
         ctx.store.client_key().display(),
         first.port,

@@ -24,7 +24,7 @@ pub struct Ctx {
 /// Runs the parsed command line; the exit code says whether all of it worked.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     raise_nofile();
-    let store = Store::new(Some(cli.root.clone()));
+    let store = Store::new(Some(cli.root.clone())).with_port_base(cli.port_base);
     let json = match &cli.command {
         Command::List(j) => j.json,
         Command::Status(s) => s.json,

@@ -42,6 +42,10 @@ pub fn run(ctx: &Ctx, cmd: TemplateCmd) -> Result<bool> {
                 meta.user,
                 ctx.store.template_rootfs(&meta.name).display()
             ));
+            if meta.zoneinfo == "none" {
+                ctx.printer
+                    .info("no zoneinfo on this host (Debian's tzdata): the containers keep UTC");
+            }
         }
         TemplateCmd::List(_) => {
             let all = ctx.store.templates()?;

@@ -4,6 +4,7 @@
 //! whose PID inside its namespace is 1. Nothing about a running container
 //! is stored in a file that could go stale.
 
+pub mod dbus;
 pub mod native;
 pub mod systemd;
 

@@ -43,7 +43,9 @@ pub struct BuildOptions {
     pub authorized_keys: Vec<PathBuf>,
     /// A password for the login user, in clear (hashed here).
     pub password: Option<String>,
-    pub zoneinfo: PathBuf,
+    /// Zoneinfo to copy in; `None`: the host's `/usr/share/zoneinfo` if it
+    /// exists, else none (the containers keep UTC).
+    pub zoneinfo: Option<PathBuf>,
 }
 
 impl Default for BuildOptions {
@@ -56,7 +58,7 @@ impl Default for BuildOptions {
             user: "luser".into(),
             authorized_keys: Vec::new(),
             password: None,
-            zoneinfo: "/usr/share/zoneinfo".into(),
+            zoneinfo: None,
         }
     }
 }
@@ -70,6 +72,9 @@ struct Binary {
 
 /// Builds (or rebuilds) a template. Everything is checked before anything
 /// is written.
+/// Where Debian's tzdata puts zoneinfo.
+const HOST_ZONEINFO: &str = "/usr/share/zoneinfo";
+
 pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
     check_name("template", &opts.name)?;
     check_user(&opts.user)?;
@@ -118,12 +123,16 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
                 .map(String::from),
         );
     }
-    if !opts.zoneinfo.is_dir() {
-        return Err(Error::Invalid(format!(
-            "zoneinfo {} is not a directory; install Debian's tzdata",
-            opts.zoneinfo.display()
-        )));
-    }
+    let zoneinfo = match &opts.zoneinfo {
+        Some(dir) if !dir.is_dir() => {
+            return Err(Error::Invalid(format!(
+                "--zoneinfo {} is not a directory (Debian's tzdata installs /usr/share/zoneinfo)",
+                dir.display()
+            )))
+        }
+        Some(dir) => Some(dir.clone()),
+        None => Some(PathBuf::from(HOST_ZONEINFO)).filter(|d| d.is_dir()),
+    };
     let hash = opts
         .password
         .as_deref()
@@ -151,6 +160,7 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
             &applets,
             &authorized,
             hash.as_deref(),
+            zoneinfo.as_deref(),
             &mut libraries,
         )?;
         let meta = TemplateMeta {
@@ -161,7 +171,11 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
             dropbear: source(&opts.dropbear, Some(dropbear_version.clone()))?,
             extra: extra.clone(),
             libraries,
-            zoneinfo: "copied".into(),
+            zoneinfo: if zoneinfo.is_some() {
+                "copied".into()
+            } else {
+                "none".into()
+            },
             applets: applets.len(),
         };
         let text = toml::to_string(&meta).map_err(|e| Error::Host(e.to_string()))?;
@@ -323,6 +337,7 @@ fn populate(
     applets: &[String],
     authorized: &[String],
     hash: Option<&str>,
+    zoneinfo: Option<&Path>,
     libraries: &mut Vec<String>,
 ) -> Result<()> {
     for (d, mode) in [
@@ -420,7 +435,13 @@ fn populate(
         .map_err(Error::io("symlink", etc.join("localtime")))?;
     write_file(&rootfs.join("var/log/lastlog"), b"", 0o644)?;
 
-    copy_tree(&opts.zoneinfo, &rootfs.join("usr/share/zoneinfo"))?;
+    match zoneinfo {
+        Some(dir) => copy_tree(dir, &rootfs.join("usr/share/zoneinfo"))?,
+        // Without tzdata on the host (a minimal install): UTC only, which
+        // is what the `localtime` link names; BusyBox reads no TZ file then.
+        None => fs::create_dir_all(rootfs.join("usr/share/zoneinfo"))
+            .map_err(Error::io("mkdir", rootfs.join("usr/share/zoneinfo")))?,
+    }
 
     // The login user's home, reachable by nifty's key (and any others).
     let home = rootfs.join("home").join(user);

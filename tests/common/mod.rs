@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 
 pub const NIFTY: &str = env!("CARGO_BIN_EXE_nifty");
 
+/// Tests' numeric instances listen on TEST_PORT_BASE + N, never on the
+/// default 2200 + N, so the suite passes while a user's fleet runs.
+pub const TEST_PORT_BASE: u16 = 20000;
+
+/// The nifty under test, with the tests' port base.
+pub fn nifty() -> Command {
+    let mut c = Command::new(NIFTY);
+    c.env("NIFTY_PORT_BASE", TEST_PORT_BASE.to_string());
+    c
+}
+
 /// Are privileged tests possible here? If not: skip, or fail when CI
 /// requires them (NIFTY_REQUIRE_PRIVILEGED=1).
 pub fn privileged() -> bool {
@@ -52,7 +63,7 @@ impl Root {
 
     /// Runs nifty with this root.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(NIFTY)
+        nifty()
             .arg("--root")
             .arg(self.path())
             .args(args)
@@ -100,7 +111,7 @@ impl Root {
     pub fn cgroup_base(&self) -> PathBuf {
         let store = nifty::store::Store::new(Some(self.path().into()));
         let h = nifty::runtime::native::cgroup::Hierarchy::detect().unwrap();
-        h.v2.join(store.cgroup_name())
+        h.v2.join(h.base(&store.cgroup_name()))
     }
 
     /// PIDs in an instance's cgroup.
@@ -156,7 +167,7 @@ impl Root {
 impl Drop for Root {
     fn drop(&mut self) {
         // Kill whatever this root still runs, even after a failed assertion.
-        let _ = Command::new(NIFTY)
+        let _ = nifty()
             .arg("--root")
             .arg(self.path())
             .args(["kill", "--all", "-q"])

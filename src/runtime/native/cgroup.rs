@@ -26,6 +26,9 @@ pub struct Hierarchy {
     /// v1 mount points of the pids and memory controllers (hybrid host).
     pub v1_pids: Option<PathBuf>,
     pub v1_memory: Option<PathBuf>,
+    /// PID 1 is systemd: the stores' groups live in scopes it delegated
+    /// (see `delegate`), never beside its own.
+    pub systemd: bool,
 }
 
 impl Hierarchy {
@@ -33,7 +36,20 @@ impl Hierarchy {
     pub fn detect() -> Result<Hierarchy> {
         let info = fs::read_to_string("/proc/self/mountinfo")
             .map_err(Error::io("read", "/proc/self/mountinfo"))?;
-        Self::parse(&info)
+        let mut h = Self::parse(&info)?;
+        h.systemd = crate::runtime::dbus::booted();
+        Ok(h)
+    }
+
+    /// Where the containers of the store whose cgroup name is `store` live,
+    /// relative to each hierarchy's mount: `nifty.slice/<store>.scope` on
+    /// a systemd host, `<store>` elsewhere.
+    pub fn base(&self, store: &str) -> String {
+        if self.systemd {
+            super::delegate::base(store)
+        } else {
+            store.to_string()
+        }
     }
 
     /// Parses mountinfo text (separate for unit tests).
@@ -74,6 +90,7 @@ impl Hierarchy {
             v2,
             v1_pids,
             v1_memory,
+            systemd: false,
         })
     }
 
@@ -83,6 +100,7 @@ impl Hierarchy {
         Cgroup {
             v2: sub(&self.v2),
             v2_controllers: self.v2_controllers,
+            delegated: self.systemd,
             pids: self.v1_pids.as_deref().map(sub),
             memory: self.v1_memory.as_deref().map(sub),
         }
@@ -104,6 +122,10 @@ impl Hierarchy {
     /// per container: the kernel answers an rmdir by walking the group's
     /// children, so trying after each of N removals costs N².
     pub fn remove_base(&self, base: &str) {
+        if self.systemd {
+            // systemd ends the scope, and removes it, once it is empty.
+            return;
+        }
         for root in std::iter::once(&self.v2)
             .chain(&self.v1_pids)
             .chain(&self.v1_memory)
@@ -119,6 +141,8 @@ impl Hierarchy {
         rd.flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter_map(|e| e.file_name().into_string().ok())
+            // Not an instance: the delegated scope's own leaf.
+            .filter(|n| !n.starts_with('.'))
             .collect()
     }
 }
@@ -137,6 +161,9 @@ impl Hierarchy {
 pub struct Cgroup {
     pub v2: PathBuf,
     v2_controllers: bool,
+    /// The store's group is a scope systemd delegated: its own attributes
+    /// (memory limit) and everything above it are systemd's.
+    delegated: bool,
     /// v1 pids cgroup of the container (hybrid host).
     pids: Option<PathBuf>,
     /// v1 memory cgroup of the container, used when it has a limit.
@@ -146,6 +173,11 @@ pub struct Cgroup {
 /// Share of the host's memory that a store's fleet may use as a whole
 /// (its shared memory cgroup's limit), in percent.
 pub const FLEET_MEMORY_PERCENT: u64 = 90;
+
+/// The limit of a store's fleet as a whole, in bytes.
+pub fn fleet_memory_max() -> Option<u64> {
+    mem_total().map(|t| t / 100 * FLEET_MEMORY_PERCENT)
+}
 
 fn mem_total() -> Option<u64> {
     static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
@@ -177,15 +209,21 @@ impl Cgroup {
     /// `cgroup.procs` files open for writing.
     pub fn create(&self, limits: &Limits) -> Result<Vec<OwnedFd>> {
         let parent = self.v2.parent().expect("instance cgroup has a parent");
-        let made_parent = if self.v2_controllers {
+        let made_parent = if self.v2_controllers && !self.delegated {
             mkdir_new(parent)?
         } else {
             false
         };
         if self.v2_controllers {
-            // Controllers must be enabled top-down to reach our cgroups.
+            // Controllers must be enabled top-down to reach our cgroups;
+            // in a delegated scope systemd enabled them down to it.
             let root = parent.parent().expect("base cgroup has a parent");
-            for dir in [root, parent] {
+            let dirs = if self.delegated {
+                vec![parent]
+            } else {
+                vec![root, parent]
+            };
+            for dir in dirs {
                 let _ = fs::write(dir.join("cgroup.subtree_control"), "+pids +memory");
             }
         }
@@ -208,8 +246,9 @@ impl Cgroup {
             if let Some(d) = &self.memory {
                 let base = d.parent().expect("instance cgroup has a parent");
                 // The group gets its limit when it is made (by whichever
-                // start makes it), not at every start.
-                if mkdir_new(base)? {
+                // start makes it), not at every start; a delegated scope
+                // gets it from systemd (MemoryMax=).
+                if mkdir_new(base)? && !self.delegated {
                     self.limit_fleet(base, "memory.limit_in_bytes")?;
                 }
                 if let Some(m) = limits.memory {

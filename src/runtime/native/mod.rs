@@ -5,6 +5,8 @@
 
 pub mod cgroup;
 pub mod confine;
+pub mod delegate;
+pub mod features;
 pub mod files;
 pub mod poweroff;
 pub mod spawn;
@@ -39,14 +41,23 @@ pub struct Native {
     /// The empty mount namespace the containers' namespaces are copies
     /// of, made once per process (see `spawn`).
     empty_root: std::sync::OnceLock<std::result::Result<OwnedFd, String>>,
+    /// On a systemd host: the store's delegated scope is active (checked,
+    /// or made, once per process; see `delegate`).
+    delegated: std::sync::OnceLock<std::result::Result<(), String>>,
+    /// What the kernel offers, checked once per process: without and with
+    /// a user namespace (see `features::preflight`).
+    preflight: [std::sync::OnceLock<std::result::Result<(), String>>; 2],
 }
 
 impl Native {
     pub fn new(store: &Store) -> Result<Native> {
+        let hierarchy = Hierarchy::detect()?;
         Ok(Native {
             store: store.clone(),
-            hierarchy: Hierarchy::detect()?,
-            base: store.cgroup_name(),
+            base: hierarchy.base(&store.cgroup_name()),
+            hierarchy,
+            delegated: std::sync::OnceLock::new(),
+            preflight: Default::default(),
             seccomp: std::sync::OnceLock::new(),
             empty_root: std::sync::OnceLock::new(),
         })
@@ -74,6 +85,25 @@ impl Native {
     }
 
     /// The empty mount namespace every container's is a copy of.
+    /// On a systemd host, makes sure the store's delegated scope is active.
+    fn delegation(&self) -> Result<()> {
+        if !self.hierarchy.systemd {
+            return Ok(());
+        }
+        self.delegated
+            .get_or_init(|| {
+                delegate::ensure(
+                    &self.hierarchy.v2,
+                    &self.store.cgroup_name(),
+                    self.store.root(),
+                    cgroup::fleet_memory_max(),
+                )
+                .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(Error::Host)
+    }
+
     fn empty_root(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
         let ns = self.empty_root.get_or_init(|| {
             let dir = self.store.mount_point();
@@ -170,6 +200,11 @@ impl Native {
         if !lower.is_dir() {
             return Err(Error::NoTemplate(inst.template.clone()));
         }
+        let userns = inst.security.uid_base.is_some();
+        self.preflight[usize::from(userns)]
+            .get_or_init(|| features::preflight(&lower, userns).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(Error::Host)?;
         let binds = inst
             .bind_ro
             .iter()
@@ -195,6 +230,7 @@ impl Native {
             source: e,
         })?;
         let empty_root = self.empty_root()?;
+        self.delegation()?;
         let procs = cg.create(&inst.limits)?;
         match spawn::spawn(&plan, &procs, empty_root) {
             Ok(s) => {

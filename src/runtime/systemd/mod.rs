@@ -4,7 +4,6 @@
 //! (start, stop and kill of a thousand units are a thousand queued jobs,
 //! not a thousand `systemctl` processes) and reads state back from it.
 
-pub mod dbus;
 pub mod unit;
 
 use std::collections::HashMap;
@@ -16,8 +15,9 @@ use std::time::{Duration, Instant};
 use zbus::blocking::Connection;
 use zbus::zvariant::OwnedObjectPath;
 
-use self::dbus::{ManagerProxy, ServiceProxy, UnitProxy};
 use self::unit::Names;
+pub use super::dbus::booted;
+use super::dbus::{self, connect, dbus_err, ManagerProxy, ServiceProxy, UnitProxy};
 use super::native::cgroup::Hierarchy;
 use super::native::find_init;
 use super::{Info, StopOptions};
@@ -27,11 +27,6 @@ use crate::{Error, Result};
 /// Where unit files go: the administrator's directory, so that `enable`
 /// survives a reboot.
 pub const UNIT_DIR: &str = "/etc/systemd/system";
-
-/// Is PID 1 systemd? (`sd_booted()`: /run/systemd/system exists.)
-pub fn booted() -> bool {
-    Path::new("/run/systemd/system").is_dir()
-}
 
 /// systemd-nspawn on the PATH (or in /usr/bin).
 pub fn nspawn_path() -> Option<PathBuf> {
@@ -63,22 +58,6 @@ pub fn check_host() -> Result<PathBuf> {
                 .into(),
         )
     })
-}
-
-fn dbus_err(what: impl std::fmt::Display) -> impl FnOnce(zbus::Error) -> Error {
-    move |e| Error::Host(format!("systemd over D-Bus: {what}: {e}"))
-}
-
-/// Connects to systemd through the system bus.
-fn connect() -> Result<Connection> {
-    zbus::blocking::connection::Builder::system()
-        .and_then(|b| b.max_queued(1 << 20).build())
-        .map_err(|e| {
-            Error::Host(format!(
-                "cannot reach systemd on the system bus: {e}; is dbus running? \
-                 (apt-get install dbus)"
-            ))
-        })
 }
 
 /// Jobs queued at once. systemd runs queued jobs in parallel, and tracks

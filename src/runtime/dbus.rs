@@ -1,6 +1,37 @@
-//! The few parts of systemd's D-Bus API nifty uses (org.freedesktop.systemd1).
+//! The few parts of systemd's D-Bus API nifty uses (org.freedesktop.systemd1),
+//! shared by the systemd backend (units of instances) and the native
+//! launcher (its delegated cgroup subtree on systemd hosts).
 
-use zbus::zvariant::OwnedObjectPath;
+use std::path::Path;
+
+use zbus::blocking::Connection;
+use zbus::zvariant::{OwnedObjectPath, Value};
+
+use crate::{Error, Result};
+
+/// Is PID 1 systemd? (`sd_booted()`: /run/systemd/system exists.)
+pub fn booted() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+pub fn dbus_err(what: impl std::fmt::Display) -> impl FnOnce(zbus::Error) -> Error {
+    move |e| Error::Host(format!("systemd over D-Bus: {what}: {e}"))
+}
+
+/// Connects to systemd through the system bus.
+pub fn connect() -> Result<Connection> {
+    zbus::blocking::connection::Builder::system()
+        .and_then(|b| b.max_queued(1 << 20).build())
+        .map_err(|e| {
+            Error::Host(format!(
+                "cannot reach systemd on the system bus: {e}; is dbus running? \
+                 (apt-get install dbus)"
+            ))
+        })
+}
+
+/// Properties of a transient unit, as `StartTransientUnit` takes them.
+pub type Properties<'a> = Vec<(&'a str, Value<'a>)>;
 
 /// One row of `ListUnitsByPatterns`.
 pub type UnitRow = (
@@ -31,6 +62,14 @@ pub trait Manager {
     fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, Value<'_>)],
+        aux: &[(&str, &[(&str, Value<'_>)])],
+    ) -> zbus::Result<OwnedObjectPath>;
     fn list_units_by_patterns(
         &self,
         states: &[&str],
@@ -64,6 +103,8 @@ pub trait Manager {
 pub trait Unit {
     #[zbus(property)]
     fn unit_file_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
 }
 
 #[zbus::proxy(
