@@ -220,11 +220,12 @@ pub struct CreateArgs {
     /// Template to clone.
     #[arg(long, default_value = "default")]
     pub template: String,
-    /// SSH port (one instance only; default 2200 + N, or a free one below 2200).
+    /// SSH port (one instance only; default PORT_BASE + N, or a free one below PORT_BASE).
     #[arg(long)]
     pub port: Option<u16>,
-    /// Launcher.
-    #[arg(long, value_enum)]
+    /// Launcher [default: systemd where PID 1 is systemd and systemd-nspawn
+    /// is installed, native elsewhere].
+    #[arg(long, value_enum, env = "NIFTY_BACKEND")]
     pub backend: Option<Backend>,
     /// Maximum number of tasks.
     #[arg(long, default_value_t = 512)]
@@ -304,6 +305,10 @@ pub struct LogsArgs {
     /// Show only the last N lines.
     #[arg(short = 'n', long)]
     pub lines: Option<usize>,
+    /// Print the container's bytes as they are, control characters
+    /// included (by default they are escaped on a terminal).
+    #[arg(long)]
+    pub raw: bool,
 }
 
 #[derive(Debug, Args)]
@@ -337,4 +342,7 @@ pub struct UpArgs {
     /// Template to clone (built from the host's binaries if missing and "default").
     #[arg(long, default_value = "default")]
     pub template: String,
+    /// Launcher of the instances it creates [default: as `create`'s].
+    #[arg(long, value_enum, env = "NIFTY_BACKEND")]
+    pub backend: Option<Backend>,
 }

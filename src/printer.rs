@@ -44,3 +44,42 @@ impl Printer {
         bar
     }
 }
+
+/// Tenant text made safe for a terminal: control characters (C0 but tab
+/// and newline, DEL, C1: escape sequences, cursor moves, title changes)
+/// are shown as `\x1b`-style escapes; invalid UTF-8 as U+FFFD.
+pub fn escape_controls(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {
+                let n = u32::from(c);
+                if n <= 0xff {
+                    out.push_str(&format!("\\x{n:02x}"));
+                } else {
+                    out.push_str(&format!("\\u{{{n:x}}}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn controls_are_escaped() {
+        assert_eq!(escape_controls(b"ok\tline\n"), "ok\tline\n");
+        assert_eq!(
+            escape_controls(b"\x1b]0;pwned\x07\x1b[2J\r\x7f"),
+            "\\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x7f"
+        );
+        assert_eq!(escape_controls("\u{9b}31m".as_bytes()), "\\x9b31m");
+        assert_eq!(escape_controls(b"\xff"), "\u{fffd}");
+    }
+}

@@ -599,3 +599,61 @@ fn an_interrupted_stop_shows_and_is_finished_by_stop() {
     assert_clean(&root, &pids);
     root.ok(&["rm", "631"]);
 }
+
+/// The overlay of kernels before 6.7 (layers named by path in a private
+/// mount namespace of nifty's), forced on this kernel: the containers boot
+/// and answer, each still sees the template through its own ID range, the
+/// template stays read-only to them, and the host's mount table never
+/// shows their roots.
+#[test]
+fn the_overlay_fallback_of_older_kernels_boots_and_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build", "-q"]);
+    root.ok(&["create", "641..642"]);
+    let o = common::nifty()
+        .env("NIFTY_FALLBACKS", "overlay")
+        .arg("--root")
+        .arg(root.path())
+        .args(["start", "641..642"])
+        .output()
+        .unwrap();
+    common::succeeded(&o, "start with NIFTY_FALLBACKS=overlay");
+    booted(&root, &range(641, 642));
+    let pids = [root.procs("641"), root.procs("642")].concat();
+    // Its root is the overlay, its layers named only by fd number.
+    let mounts = root.ssh("641", "cat /proc/self/mountinfo");
+    let top = mounts.lines().find(|l| l.contains(" / / ")).unwrap_or("");
+    assert!(
+        top.contains("overlay") && top.contains("lowerdir=/proc/thread-self/fd/"),
+        "{mounts}"
+    );
+    assert!(
+        !mounts.contains(&root.path().display().to_string()),
+        "{mounts}"
+    );
+    // Container root is its own range, and cannot write the template.
+    let uid_map = std::fs::read_to_string(format!("/proc/{}/uid_map", pids[0])).unwrap();
+    assert!(
+        !uid_map.split_whitespace().nth(1).is_some_and(|h| h == "0"),
+        "{uid_map}"
+    );
+    let out = common::succeeded(
+        &root.run(&[
+            "exec",
+            "641",
+            "--",
+            "sh",
+            "-c",
+            "echo x > /bin/planted; ls -ln /bin/busybox",
+        ]),
+        "exec",
+    );
+    assert!(out.contains(" 0 "), "template files show as root's: {out}");
+    assert!(!root.rootfs().join("bin/planted").exists());
+    assert!(mounted_under(root.path()).is_empty());
+    root.ok(&["stop", "641..642"]);
+    assert_clean(&root, &pids);
+}

@@ -424,3 +424,173 @@ fn a_chroot_escape_finds_nothing_of_the_host() {
     );
     assert_eq!(escaped, inside, "past the container's root");
 }
+
+/// Runs `nifty args` with a deadline; None if it had to be killed.
+fn nifty_within(root: &Root, args: &[&str], limit: Duration) -> Option<std::process::Output> {
+    let mut child = common::nifty()
+        .arg("--root")
+        .arg(root.path())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Issue "Security, second pass", item 4: files the tenant controls are
+/// read by type and size: a FIFO in place of authorized_keys neither hangs
+/// nifty (nor, through the instance lock it holds, `start`), and a huge
+/// sparse file is refused without being read.
+#[test]
+fn tenant_files_read_by_nifty_are_checked_for_type_and_size() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["561"], &[]);
+    let keys = "/home/luser/.ssh/authorized_keys";
+    let (code, out) = as_root(&root, "561", &format!("rm {keys} && mkfifo {keys}"));
+    assert_eq!(code, 0, "{out}");
+    let o = nifty_within(
+        &root,
+        &["authorized-keys", "561", "luser"],
+        Duration::from_secs(20),
+    )
+    .expect("nifty hung on a FIFO planted in the container");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not a regular file"), "{err}");
+    let (code, out) = as_root(
+        &root,
+        "561",
+        &format!("rm {keys} && truncate -s 64G {keys}"),
+    );
+    assert_eq!(code, 0, "{out}");
+    let o = nifty_within(
+        &root,
+        &["authorized-keys", "561", "luser"],
+        Duration::from_secs(20),
+    )
+    .expect("nifty read a sparse 64 GiB file");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("more than"), "{err}");
+    // The same checks hold on a stopped instance (a detached overlay).
+    root.ok(&["stop", "561"]);
+    let o = nifty_within(
+        &root,
+        &["authorized-keys", "561", "luser"],
+        Duration::from_secs(20),
+    )
+    .expect("nifty hung on a stopped instance");
+    assert!(!o.status.success());
+}
+
+/// Item 5: escape sequences a tenant plants (in an authorized_keys
+/// comment, in the console log) reach the administrator's terminal only
+/// escaped; `logs --raw` keeps the bytes for those who want them.
+#[test]
+fn tenant_escape_sequences_do_not_reach_the_terminal() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["562"], &[]);
+    let (code, out) = as_root(
+        &root,
+        "562",
+        // A key comment, and a service of its inittab that prints to the
+        // console log.
+        r#"printf 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEvil \033]0;pwned\007\033[2J\n' >> /home/luser/.ssh/authorized_keys && echo "::respawn:printf '\\033[2J\\033]0;pwned\\007 planted\\n'; exec sleep 99999" >> /etc/inittab && kill -HUP 1"#,
+    );
+    assert_eq!(code, 0, "{out}");
+    let log = root.path().join("instances/562/console.log");
+    let end = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("planted"))
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let listed = root.ok(&["authorized-keys", "562", "luser"]);
+    assert!(
+        !listed.contains('\u{1b}') && listed.contains("\\x1b]0;pwned\\x07"),
+        "{listed:?}"
+    );
+    // `logs` on a terminal (a pty from script(1)).
+    let shown = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} --root {} logs 562",
+            common::NIFTY,
+            root.path().display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("planted"), "{shown:?}");
+    assert!(
+        !shown.contains("\u{1b}]0;pwned") && shown.contains("\\x1b]0;pwned"),
+        "{shown:?}"
+    );
+    let raw = root.ok(&["logs", "562", "--raw"]);
+    assert!(raw.contains("\u{1b}]0;pwned"), "{raw:?}");
+    let status = root.ok(&["status", "562"]);
+    assert!(!status.contains('\u{1b}'), "{status:?}");
+}
+
+/// Item 6: a container that renames its init (to the name nifty gives a
+/// container's first process before it execs) is still running to nifty:
+/// `list` says so, and `rm` refuses while its cgroup holds a process, so
+/// its port and UID range are never released under it.
+#[test]
+fn a_renamed_init_is_still_seen_running_and_rm_refuses() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["563"], &[]);
+    // Only PID 1 can rename itself: make init re-exec (its `restart`
+    // action) a script whose file name is the name; the shell running it
+    // keeps that name as PID 1, and serves SSH again.
+    let port = root.port("563");
+    let (code, out) = as_root(
+        &root,
+        "563",
+        &format!(
+            "printf '#!/bin/sh\n/usr/sbin/dropbear -E -w -r /etc/dropbear/dropbear_ed25519_host_key -p {port}\nwhile :; do sleep 1; done\n' > '/etc/nifty:starting' && chmod 755 '/etc/nifty:starting' && echo '::restart:/etc/nifty:starting' >> /etc/inittab && kill -HUP 1"
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    let _ = as_root(&root, "563", "kill -QUIT 1");
+    let pid1 = || {
+        root.procs("563").into_iter().find_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            let one = s
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.split_whitespace().last() == Some("1"));
+            one.then(|| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default())
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    while pid1().as_deref().map(str::trim) != Some("nifty:starting") && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(pid1().as_deref().map(str::trim), Some("nifty:starting"));
+    assert!(wait_port(port, Duration::from_secs(20)));
+    let list = root.ok(&["list"]);
+    let line = list.lines().find(|l| l.starts_with("563 ")).unwrap_or("");
+    assert!(line.contains("running"), "{list}");
+    let e = root.fails(&["rm", "563"]);
+    assert!(e.contains("running") || e.contains("stop"), "{e}");
+    assert!(root.path().join("instances/563").exists());
+    assert_eq!(root.ssh("563", "echo up"), "up\n");
+    root.ok(&["stop", "563"]);
+    root.ok(&["rm", "563"]);
+}

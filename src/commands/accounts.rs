@@ -98,7 +98,7 @@ pub fn authorized_keys(ctx: &Ctx, a: KeysArgs) -> Result<bool> {
     let mut lines: Vec<String> = current.lines().map(String::from).collect();
     if add.is_empty() && a.remove.is_empty() {
         for l in &lines {
-            println!("{l}");
+            println!("{}", nifty::printer::escape_controls(l.as_bytes()));
         }
         return Ok(true);
     }

@@ -172,7 +172,19 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
     let mut out = fleet::run(&ctx.printer, "rm", &names, |name| {
         let inst = removable.iter().find(|i| i.name == name).expect("selected");
         if inst.backend == Backend::Native {
-            let _ = rt.native.cgroup(name).remove();
+            // Whatever runs in its cgroup, init or not, keeps its port and
+            // ID range: never release them under a live process.
+            let cg = rt.native.cgroup(name);
+            let left = cg.procs();
+            if !left.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "instance {name:?}: its cgroup still holds {} process(es) (PID {}); \
+                     `nifty stop {name}` or `nifty kill {name}` first, or `nifty rm -f {name}`",
+                    left.len(),
+                    left[0]
+                )));
+            }
+            let _ = cg.remove();
         }
         ctx.store.remove_instance(inst)
     });
@@ -218,7 +230,7 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
     if !missing.is_empty() {
         nifty::runtime::native::features::preflight(&ctx.store.template_rootfs(&a.template), true)?;
         ctx.store.ensure()?;
-        let backend = runtime::default_backend();
+        let backend = a.backend.unwrap_or_else(runtime::default_backend);
         let mut out = fleet::run(&ctx.printer, "create", &missing, |name| {
             ctx.store.create_instance(&CreateSpec {
                 name: name.to_string(),

@@ -1,7 +1,7 @@
 //! `nifty list`, `status`, `logs`, `exec`, `ssh`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, Seek, Write};
+use std::io::{BufRead, IsTerminal, Read, Seek, Write};
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -240,7 +240,7 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
             "              {prefix}{}{} {}",
             if last { "└─" } else { "├─" },
             p.pid,
-            p.cmdline
+            nifty::printer::escape_controls(p.cmdline.as_bytes())
         );
         let kids = children.get(&p.pid).map(Vec::as_slice).unwrap_or(&[]);
         let next = format!("{prefix}{}", if last { "  " } else { "│ " });
@@ -254,7 +254,7 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
     if !st.log.is_empty() {
         println!();
         for l in &st.log {
-            println!("{l}");
+            println!("{}", nifty::printer::escape_controls(l.as_bytes()));
         }
     }
     Ok(true)
@@ -280,6 +280,16 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
     }
     let path = ctx.store.console_log(&a.name);
     let mut out = std::io::stdout().lock();
+    // What the container wrote, escaped on a terminal (a tenant's escape
+    // sequences must not drive the administrator's terminal) unless --raw.
+    let escape = !a.raw && std::io::stdout().is_terminal();
+    let emit = |out: &mut std::io::StdoutLock<'_>, bytes: &[u8]| {
+        if escape {
+            out.write_all(nifty::printer::escape_controls(bytes).as_bytes())
+        } else {
+            out.write_all(bytes)
+        }
+    };
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !a.follow => return Ok(true),
@@ -288,13 +298,23 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
     match a.lines {
         Some(n) => {
             for l in tail(&path, n) {
-                writeln!(out, "{l}").ok();
+                emit(&mut out, format!("{l}\n").as_bytes()).ok();
             }
             f.seek(std::io::SeekFrom::End(0))?;
         }
         None => {
-            if std::io::copy(&mut f, &mut out).is_err() {
-                return Ok(true); // broken pipe: the reader is gone
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        if emit(&mut out, &buf[..k]).is_err() {
+                            return Ok(true); // broken pipe: the reader is gone
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+                }
             }
         }
     }
@@ -302,10 +322,10 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
         return Ok(true);
     }
     let mut reader = std::io::BufReader::new(f);
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
         line.clear();
-        if reader.read_line(&mut line)? == 0 {
+        if reader.read_until(b'\n', &mut line)? == 0 {
             out.flush().ok();
             std::thread::sleep(Duration::from_millis(200));
             // Rotated at a restart: reopen.
@@ -315,7 +335,7 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
             }
             continue;
         }
-        if out.write_all(line.as_bytes()).is_err() {
+        if emit(&mut out, &line).is_err() {
             return Ok(true);
         }
     }

@@ -14,10 +14,13 @@ pub const NIFTY: &str = env!("CARGO_BIN_EXE_nifty");
 /// default 2200 + N, so the suite passes while a user's fleet runs.
 pub const TEST_PORT_BASE: u16 = 20000;
 
-/// The nifty under test, with the tests' port base.
+/// The nifty under test, with the tests' port base, and the native
+/// launcher unless a test names `--backend` (the default would be systemd
+/// on a systemd host, such as the VMs of tests/vm).
 pub fn nifty() -> Command {
     let mut c = Command::new(NIFTY);
-    c.env("NIFTY_PORT_BASE", TEST_PORT_BASE.to_string());
+    c.env("NIFTY_PORT_BASE", TEST_PORT_BASE.to_string())
+        .env("NIFTY_BACKEND", "native");
     c
 }
 

@@ -16,8 +16,16 @@ const NO: u8 = 2;
 static OVERLAY_FD_LAYERS: AtomicU8 = AtomicU8::new(UNKNOWN);
 
 /// Does overlayfs take its layers as fds (`lowerdir+`, Linux 6.7)?
-/// `None` until the first overlay was made.
+/// `None` until the first overlay was made. `NIFTY_FALLBACKS=overlay`
+/// makes nifty use the fallback of older kernels (to test and measure it
+/// on a new one).
 pub fn overlay_fd_layers() -> Option<bool> {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *FORCED.get_or_init(|| {
+        std::env::var("NIFTY_FALLBACKS").is_ok_and(|v| v.split(',').any(|f| f == "overlay"))
+    }) {
+        return Some(false);
+    }
     match OVERLAY_FD_LAYERS.load(Ordering::Relaxed) {
         YES => Some(true),
         NO => Some(false),

@@ -140,21 +140,47 @@ impl Root {
         .map_err(self.err("open directory", path))
     }
 
-    /// Reads a file of the container; `None` if it does not exist.
+    /// Reads a file of the container; `None` if it does not exist. The
+    /// tenant controls it: it is opened without following a link and
+    /// without blocking (a FIFO would hang nifty while it holds the
+    /// instance's lock), refused unless it is a regular file, and read up
+    /// to [`MAX_READ`] bytes (a sparse file could claim terabytes).
     pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
         let rel = path.trim_start_matches('/');
         match rustix::fs::openat2(
             &self.fd,
             rel,
-            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY,
             Mode::empty(),
             RESOLVE,
         ) {
             Ok(fd) => {
+                let st = rustix::fs::fstat(&fd).map_err(self.err("stat", path))?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    != rustix::fs::FileType::RegularFile
+                {
+                    return Err(Error::Invalid(format!(
+                        "instance {:?}: {path} is not a regular file; nifty reads nothing else from a container",
+                        self.name
+                    )));
+                }
+                if st.st_size as u64 > MAX_READ {
+                    return Err(Error::Invalid(format!(
+                        "instance {:?}: {path} is {} bytes, more than the {} nifty reads from a container",
+                        self.name, st.st_size, MAX_READ
+                    )));
+                }
                 let mut v = Vec::new();
                 std::fs::File::from(fd)
+                    .take(MAX_READ + 1)
                     .read_to_end(&mut v)
                     .map_err(Error::io("read", path))?;
+                if v.len() as u64 > MAX_READ {
+                    return Err(Error::Invalid(format!(
+                        "instance {:?}: {path} grew past the {MAX_READ} bytes nifty reads from a container",
+                        self.name
+                    )));
+                }
                 Ok(Some(v))
             }
             Err(rustix::io::Errno::NOENT) => Ok(None),
@@ -242,6 +268,10 @@ impl Root {
         )))
     }
 }
+
+/// The most nifty reads of one file of a container (passwd, shadow,
+/// authorized_keys: a few KiB in practice).
+pub const MAX_READ: u64 = 4 << 20;
 
 fn split(path: &str) -> Result<(&str, &str)> {
     match path.rsplit_once('/') {

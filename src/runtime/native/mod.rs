@@ -611,14 +611,38 @@ pub fn find_init(procs: &[i32]) -> Option<i32> {
 }
 
 /// [`find_init`], and whether that init is stopped (state T: SIGSTOP).
+///
+/// Only what the tenant cannot forge counts: membership of the cgroup
+/// (`procs`, read by the caller), the kernel's `NSpid` (PID 1 of its own
+/// namespace), and whether it has exec'd: until then the container's first
+/// process still runs nifty's own executable, which no process inside can
+/// ever exec (the host binary is not reachable from a container). Names
+/// (comm, argv) are the tenant's to change and are not read.
 pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
-    let starting = spawn::STARTING.to_str().unwrap_or_default();
+    let own = nifty_exe();
     procs.iter().find_map(|&pid| {
         let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
-        let init = field("NSpid:").and_then(|l| l.split_whitespace().last()) == Some("1")
-            && field("Name:") != Some(starting);
-        init.then(|| (pid, field("State:").is_some_and(|st| st.starts_with('T'))))
+        if field("NSpid:").and_then(|l| l.split_whitespace().last()) != Some("1") {
+            return None;
+        }
+        let exe = rustix::fs::stat(format!("/proc/{pid}/exe").as_str())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino));
+        if exe.is_some() && exe == own {
+            return None; // not exec'd yet: still starting
+        }
+        Some((pid, field("State:").is_some_and(|st| st.starts_with('T'))))
+    })
+}
+
+/// (device, inode) of the running nifty's executable.
+fn nifty_exe() -> Option<(u64, u64)> {
+    static EXE: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    *EXE.get_or_init(|| {
+        rustix::fs::stat("/proc/self/exe")
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino))
     })
 }
 
