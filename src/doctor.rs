@@ -408,11 +408,11 @@ fn kernel_features(store: &Store) -> Vec<Finding> {
         "overlay layers by fd",
         Status::Ok,
         match by_fd {
-            Some(true) => "yes (lowerdir+, Linux 6.7+)".to_string(),
-            Some(false) => "no (before Linux 6.7); fallback: the idmapped template is attached in a private mount namespace of nifty's and named by path, then detached (same isolation; see the README for its cost)".to_string(),
+            Some(true) => "yes (lowerdir+ by fd, Linux 6.13+)".to_string(),
+            Some(false) => "no (before Linux 6.13); fallback: the idmapped template is attached in a private mount namespace of nifty's and named by path, then detached (same isolation; see the README for its cost)".to_string(),
             None => "unknown (overlayfs did not open)".to_string(),
         },
-        "fast path >= 6.7",
+        "fast path >= 6.13",
         "",
     ));
     let kill = at_least((5, 14));

@@ -9,6 +9,23 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    // Verbs that put processes into containers run from a sealed copy of
+    // the binary (see `sys::reexec_sealed`).
+    if matches!(
+        cli.command,
+        cli::Command::Start(_)
+            | cli::Command::Restart(_)
+            | cli::Command::Up(_)
+            | cli::Command::Exec(_)
+    ) && !nifty::sys::running_sealed()
+    {
+        let e = nifty::sys::reexec_sealed();
+        eprintln!(
+            "nifty: error: cannot run from a sealed copy of nifty (memfd_create, fexecve: {e}); \
+             nifty does not let a container reach its host binary"
+        );
+        return ExitCode::FAILURE;
+    }
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         (_, 0) => "warn",

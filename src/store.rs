@@ -349,7 +349,7 @@ impl Store {
             return Err(Error::Port {
                 port,
                 why: format!(
-                    "below {}: container root is unprivileged and cannot bind it; pick a higher port, or create with --no-userns",
+                    "below {}: container root is unprivileged and cannot bind it; pick a higher port, or lower net.ipv4.ip_unprivileged_port_start (--no-userns would also do it, at the cost of container root being host root: see SECURITY.md)",
                     unprivileged_port_start()
                 ),
             });

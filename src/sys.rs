@@ -1,7 +1,7 @@
 //! The only module with `unsafe`: thin wrappers over the few system calls
 //! that rustix does not offer safely, each with its SAFETY note.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, CStr, CString};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// In a forked child: waits for one byte on `go` unless the parent process
@@ -78,20 +78,20 @@ pub fn borrow_fd(fd: RawFd) -> BorrowedFd<'static> {
 }
 
 /// Runs `command` with `hook` executed in the child between fork and exec,
-/// and waits for it.
+/// and returns it running.
 ///
 /// The hook must restrict itself to system calls: the child of a fork may
 /// not take locks that another thread of the parent held.
 pub fn spawn_with_hook(
     command: &mut std::process::Command,
     hook: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
-) -> std::io::Result<std::process::ExitStatus> {
+) -> std::io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the hook only makes raw system calls (setns, write, chdir,
-    // setgroups/setgid/setuid) on fds and C strings it owns; it does not
-    // allocate or lock.
+    // SAFETY: the hook only makes raw system calls (setsid, ioctl, setns,
+    // write, chdir, setgroups/setgid/setuid) on fds and C strings it owns;
+    // it does not allocate or lock.
     unsafe { command.pre_exec(hook) };
-    command.status()
+    command.spawn()
 }
 
 /// rustix's Uid/Gid from raw numbers (read from a container's passwd).
@@ -260,4 +260,79 @@ pub fn spawn_vfork(
     f: &mut dyn FnMut() -> i32,
 ) -> std::io::Result<(i32, OwnedFd)> {
     clone_vm(flags | libc::CLONE_VFORK, stack, f)
+}
+
+/// Re-executes this process from a sealed in-memory copy of its own
+/// binary, unless it already runs from one; returns only on error.
+///
+/// A process that enters a container runs nifty's binary until it execs
+/// the container's program, and a program of the tenant's can make the
+/// kernel run that binary again from inside (a script whose interpreter is
+/// `/proc/self/exe`), then write to it through `/proc/<pid>/exe` (the
+/// CVE-2019-5736 class). From a memfd with every seal set, there is no
+/// host file to reach and nothing to write: the copy cannot change.
+/// `NIFTY_EXE` keeps the binary's real path for those who need it (the
+/// systemd unit's ExecStart).
+pub fn reexec_sealed() -> std::io::Error {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    use std::os::unix::ffi::OsStrExt;
+    let run = || -> std::io::Result<std::convert::Infallible> {
+        let path = std::fs::read_link("/proc/self/exe")?;
+        let mut src = std::fs::File::open("/proc/self/exe")?;
+        let mfd =
+            rustix::fs::memfd_create("nifty", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+        let mut dst = std::fs::File::from(mfd);
+        std::io::copy(&mut src, &mut dst)?;
+        rustix::fs::fcntl_add_seals(
+            &dst,
+            SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE,
+        )?;
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in an argument")
+            })
+        };
+        let argv = std::env::args_os()
+            .map(|a| cstr(a.as_bytes()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut envp = std::env::vars_os()
+            .filter(|(k, _)| k != "NIFTY_EXE")
+            .map(|(k, v)| cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        envp.push(cstr(
+            &[b"NIFTY_EXE=", path.as_os_str().as_bytes()].concat(),
+        )?);
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain([std::ptr::null()])
+                .collect::<Vec<_>>()
+        };
+        let (argv_p, envp_p) = (ptrs(&argv), ptrs(&envp));
+        // SAFETY: `dst` is an open memfd; argv and envp are NULL-terminated
+        // arrays of pointers to C strings that outlive the call (it returns
+        // only on failure).
+        unsafe { libc::fexecve(dst.as_raw_fd(), argv_p.as_ptr(), envp_p.as_ptr()) };
+        Err(std::io::Error::last_os_error())
+    };
+    match run() {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+/// Does this process run from a memfd (see [`reexec_sealed`])?
+pub fn running_sealed() -> bool {
+    std::fs::read_link("/proc/self/exe")
+        .is_ok_and(|p| p.as_os_str().as_encoded_bytes().starts_with(b"/memfd:"))
+}
+
+/// The path of nifty's binary on the host, also when running sealed.
+pub fn exe_path() -> std::io::Result<std::path::PathBuf> {
+    if running_sealed() {
+        if let Some(p) = std::env::var_os("NIFTY_EXE") {
+            return Ok(p.into());
+        }
+    }
+    std::env::current_exe()
 }

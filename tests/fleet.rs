@@ -600,7 +600,7 @@ fn an_interrupted_stop_shows_and_is_finished_by_stop() {
     root.ok(&["rm", "631"]);
 }
 
-/// The overlay of kernels before 6.7 (layers named by path in a private
+/// The overlay of kernels before 6.13 (layers named by path in a private
 /// mount namespace of nifty's), forced on this kernel: the containers boot
 /// and answer, each still sees the template through its own ID range, the
 /// template stays read-only to them, and the host's mount table never

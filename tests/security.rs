@@ -594,3 +594,132 @@ fn a_renamed_init_is_still_seen_running_and_rm_refuses() {
     root.ok(&["stop", "563"]);
     root.ok(&["rm", "563"]);
 }
+
+/// Item 1: `nifty exec` from a terminal (a real pty, from script(1)) hands
+/// the tenant's command a pty of nifty's own, in a session of its own: a
+/// process it leaves behind holds no fd of the caller's terminal and does
+/// not have it as its controlling terminal, so it can neither read what is
+/// typed next nor push input into the caller's shell (TIOCSTI needs the
+/// terminal to be its controlling one). Output still reaches the caller.
+#[test]
+fn exec_never_hands_the_callers_terminal_to_the_container() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["564"], &[]);
+    let script = format!(
+        "stat -Lc 'caller %t %T' /proc/self/fd/0; NIFTY_PORT_BASE={} {} --root {} exec 564 -- sh -c 'setsid sleep 60 & echo left $!; echo inside; sleep 1; exit 3'; echo exit $?",
+        common::TEST_PORT_BASE,
+        common::NIFTY,
+        root.path().display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &script, "/dev/null"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
+    assert!(out.contains("inside") && out.contains("exit 3"), "{out}");
+    let mut caller = out
+        .lines()
+        .find_map(|l| l.strip_prefix("caller "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|h| u64::from_str_radix(h, 16).unwrap());
+    let (major, minor) = (caller.next().unwrap(), caller.next().unwrap());
+    let caller_tty = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+    // The process left behind, found from the host by its cgroup.
+    let left: Vec<i32> = root
+        .procs("564")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        })
+        .collect();
+    assert_eq!(left.len(), 1, "{out}");
+    let pid = left[0];
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let tty_nr: u64 = fields[4].parse().unwrap();
+    assert_ne!(
+        tty_nr, caller_tty,
+        "the caller's terminal is its controlling terminal"
+    );
+    for fd in 0..3 {
+        let l = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+        let st = rustix::fs::stat(&format!("/proc/{pid}/fd/{fd}")[..]).unwrap();
+        assert!(
+            st.st_rdev != rustix::fs::makedev(major as u32, minor as u32),
+            "fd {fd} of the left process is the caller's terminal ({})",
+            l.display()
+        );
+    }
+    // Without a terminal: a session of its own too, no controlling tty.
+    let (_, out) = as_root(&root, "564", "cat /proc/self/stat");
+    let f: Vec<&str> = out[out.rfind(')').unwrap() + 2..].split(' ').collect();
+    assert_eq!(
+        f[4], "0",
+        "exec without a terminal has a controlling tty: {out}"
+    );
+}
+
+/// Item 2 (the CVE-2019-5736 class): the nifty that enters a container
+/// runs from a sealed in-memory copy of itself, so a container that makes
+/// the kernel run it again (a script whose interpreter is
+/// `/proc/self/exe`), or that holds `/proc/<pid>/exe` until nifty exits,
+/// reaches no host file and can write nothing, even as host root
+/// (`--no-userns`).
+#[test]
+fn the_host_binary_cannot_be_reached_from_a_container() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["565"], &["--no-userns"]);
+    let before = sha(std::path::Path::new(common::NIFTY));
+    // A script of the tenant's that runs "/proc/self/exe": nifty's copy
+    // starts inside (and fails on its arguments); nothing on the host moves.
+    let (code, out) = as_root(
+        &root,
+        "565",
+        "printf '#!/proc/self/exe\\n' > /bin/evil && chmod 755 /bin/evil && echo ok",
+    );
+    assert_eq!(code, 0, "{out}");
+    let o = root.run(&["exec", "565", "--", "/bin/evil"]);
+    assert!(!o.status.success());
+    // What a process inside sees as nifty's binary while it runs.
+    let mut child = common::nifty()
+        .arg("--root")
+        .arg(root.path())
+        .args(["exec", "565", "--", "sleep", "2"])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let exe = format!("/proc/{pid}/exe");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_link(&exe).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:"))
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let link = std::fs::read_link(&exe).unwrap();
+    assert!(
+        link.to_string_lossy().starts_with("/memfd:nifty"),
+        "nifty entered the container from {}",
+        link.display()
+    );
+    let held = rustix::fs::open(
+        exe.as_str(),
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    assert!(std::fs::OpenOptions::new().write(true).open(&exe).is_err());
+    assert!(child.wait().unwrap().success());
+    // After it exited: what the handle held cannot be written (sealed).
+    let reopen = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held));
+    let wrote = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&reopen)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\x7fELF"));
+    assert!(wrote.is_err(), "the binary nifty ran from was writable");
+    assert_eq!(sha(std::path::Path::new(common::NIFTY)), before);
+}

@@ -15,7 +15,7 @@ const NO: u8 = 2;
 
 static OVERLAY_FD_LAYERS: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-/// Does overlayfs take its layers as fds (`lowerdir+`, Linux 6.7)?
+/// Does overlayfs take its layers as fds (`lowerdir+` by fd, Linux 6.13)?
 /// `None` until the first overlay was made. `NIFTY_FALLBACKS=overlay`
 /// makes nifty use the fallback of older kernels (to test and measure it
 /// on a new one).

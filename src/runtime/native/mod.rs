@@ -9,6 +9,7 @@ pub mod delegate;
 pub mod features;
 pub mod files;
 pub mod poweroff;
+pub mod pty;
 pub mod spawn;
 pub mod userns;
 
@@ -455,8 +456,43 @@ impl Native {
             )));
         }
         let (uid, gid) = crate::sys::ids(account.uid, account.gid);
+        // Never the caller's terminal (see `pty`): a session of its own,
+        // and a pty of nifty's for those of stdin/stdout/stderr that are
+        // terminals.
+        let ttys = pty::Ttys::of_caller();
+        let term = if ttys.any() {
+            let p = pty::open(ttys)?;
+            let end = || {
+                p.slave
+                    .try_clone()
+                    .map(std::process::Stdio::from)
+                    .map_err(Error::io("dup", "pty"))
+            };
+            if ttys.stdin {
+                command.stdin(end()?);
+            }
+            if ttys.stdout {
+                command.stdout(end()?);
+            }
+            if ttys.stderr {
+                command.stderr(end()?);
+            }
+            Some(p)
+        } else {
+            None
+        };
+        let ctty = match (ttys.stdin, ttys.stdout, ttys.stderr) {
+            (true, _, _) => Some(0),
+            (_, true, _) => Some(1),
+            (_, _, true) => Some(2),
+            _ => None,
+        };
         let hook = move || -> std::io::Result<()> {
             let err = |e: rustix::io::Errno| std::io::Error::from_raw_os_error(e.raw_os_error());
+            rustix::process::setsid().map_err(err)?;
+            if let Some(fd) = ctty {
+                rustix::process::ioctl_tiocsctty(crate::sys::borrow_fd(fd)).map_err(err)?;
+            }
             move_into_link_name_space(mnt.as_fd(), Some(LinkNameSpaceType::Mount)).map_err(err)?;
             move_into_link_name_space(
                 uts.as_fd(),
@@ -491,12 +527,24 @@ impl Native {
             }
             Ok(())
         };
-        let status = crate::sys::spawn_with_hook(&mut command, hook).map_err(|e| {
+        let mut child = crate::sys::spawn_with_hook(&mut command, hook).map_err(|e| {
             Error::Host(format!(
                 "instance {:?}: cannot run {:?}: {e}",
                 inst.name, cmd[0]
             ))
         })?;
+        drop(command); // its copies of the pty's far end
+        if let Some(p) = term {
+            drop(p.slave);
+            let pid = rustix::process::Pid::from_raw(child.id() as i32)
+                .ok_or_else(|| Error::Host("exec: the command has no PID".into()))?;
+            let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                .map_err(Error::sys("pidfd_open(command)"))?;
+            pty::proxy(&p.master, &pidfd, ttys);
+        }
+        let status = child
+            .wait()
+            .map_err(|e| Error::Host(format!("instance {:?}: wait: {e}", inst.name)))?;
         use std::os::unix::process::ExitStatusExt;
         Ok(status
             .code()

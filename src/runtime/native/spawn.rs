@@ -365,7 +365,8 @@ pub fn empty_root_ns(dir: &Path) -> Result<OwnedFd, (String, rustix::io::Errno)>
 /// template `lower` (idmapped through `userns`, if given) under `upper`,
 /// with `work`.
 ///
-/// Linux 6.7 and later take the layers as fds (`lowerdir+`), so no option
+/// Linux 6.13 and later take the layers as fds (`lowerdir+`, `upperdir`,
+/// `workdir` with FSCONFIG_SET_FD), so no option
 /// string is parsed, any path works and the idmapped lower layer can stay a
 /// detached mount. Older kernels (Debian 12's 6.1, Ubuntu 22.04's 5.15,
 /// RHEL 9's 5.14) take only option strings, and their overlayfs accepts a
@@ -395,15 +396,16 @@ pub fn overlay(
     };
     match set("lowerdir+", &tree) {
         Ok(()) => crate::runtime::native::features::set_overlay_fd_layers(true),
-        // Before 6.7: overlayfs has no `lowerdir+` (6.5-6.6 answer EINVAL
-        // from its own parser, older ones EINVAL or EOPNOTSUPP from the
-        // legacy option parser).
-        Err((_, e)) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::OPNOTSUPP => {
+        // Before 6.13 overlayfs takes no layer by fd: 6.8-6.12 have
+        // `lowerdir+` for paths only (EBADF), 6.5-6.7 no `lowerdir+`
+        // (EINVAL), older ones only the legacy option parser (EINVAL or
+        // EOPNOTSUPP). Whatever the answer, the path fallback is tried and
+        // reports its own error if it fails too.
+        Err(_) => {
             crate::runtime::native::features::set_overlay_fd_layers(false);
             drop(fs);
             return overlay_by_path(lower, tree, upper, work);
         }
-        Err(e) => return Err(e),
     }
     set("upperdir", &upper_fd)?;
     set("workdir", &work_fd)?;
@@ -459,7 +461,7 @@ thread_local! {
         const { std::cell::OnceCell::new() };
 }
 
-/// The overlay for kernels before 6.7 (see [`overlay`]). The calling thread
+/// The overlay for kernels before 6.13 (see [`overlay`]). The calling thread
 /// gets, once, a private copy of the mount namespace (`unshare(CLONE_NEWNS)`
 /// on one thread unshares only that thread's view; `MS_REC|MS_PRIVATE`, so
 /// nothing it mounts propagates to the host). There the idmapped `tree` is

@@ -121,7 +121,7 @@ impl Systemd {
 
     /// The template unit as nifty would write it now.
     pub fn render_template(&self) -> Result<String> {
-        let exe = std::env::current_exe()
+        let exe = crate::sys::exe_path()
             .map_err(|e| Error::Host(format!("cannot find nifty's own binary: {e}")))?;
         // A binary replaced while running reads as "<path> (deleted)": the
         // unit must name the path, where the new one is.
