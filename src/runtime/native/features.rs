@@ -84,6 +84,16 @@ pub fn preflight(template_rootfs: &Path, userns: bool) -> Result<()> {
     if !userns {
         return Ok(());
     }
+    let (major, minor) = kernel_version();
+    if (major, minor) < (5, 19) {
+        return Err(Error::Host(format!(
+            "Linux {major}.{minor} cannot use an idmapped template as an overlay layer \
+             (overlayfs takes idmapped layers from Linux 5.19), so each instance cannot \
+             have its own ID range over the shared template: use a newer kernel \
+             (Ubuntu 22.04: its HWE kernel), or create with --no-userns (container root \
+             is then host root: see SECURITY.md)"
+        )));
+    }
     let ns = super::userns::create(super::userns::FIRST).map_err(|e| {
         let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
             .map(|s| s.trim().to_string())
