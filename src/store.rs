@@ -236,9 +236,36 @@ impl Store {
     pub fn ports_dir(&self) -> PathBuf {
         self.root.join("ports")
     }
-    /// Claims of user-namespace ID ranges: `uids/<slot> -> <name>`.
+    /// Claims of user-namespace ID ranges, host-wide (every state root):
+    /// `<slot> -> <instance dir>`.
     pub fn uids_dir(&self) -> PathBuf {
-        self.root.join("uids")
+        PathBuf::from(crate::runtime::native::userns::HOST_CLAIMS)
+    }
+
+    /// Once per state root made by an older nifty (its claims were in
+    /// `<root>/uids/`): records its instances' ranges host-wide, and warns
+    /// of any another root holds already.
+    fn adopt_legacy_ranges(&self) {
+        let legacy = self.root.join("uids");
+        if !legacy.is_dir() {
+            return;
+        }
+        for name in self.instance_names().unwrap_or_default() {
+            let Ok(inst) = self.instance(&name) else {
+                continue;
+            };
+            if let Some(base) = inst.security.uid_base {
+                let dir = self.instance_dir(&name);
+                if !crate::runtime::native::userns::adopt(&self.uids_dir(), &dir, base) {
+                    tracing::warn!(
+                        instance = %name,
+                        "its UID range {base} is claimed by another instance of this host; \
+                         recreate one of them"
+                    );
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&legacy);
     }
     pub fn keys_dir(&self) -> PathBuf {
         self.root.join("keys")
@@ -356,7 +383,8 @@ impl Store {
         }
         let uid_base = if spec.userns {
             let hint = spec.name.parse::<u32>().ok();
-            match crate::runtime::native::userns::claim(&self.uids_dir(), &spec.name, hint) {
+            self.adopt_legacy_ranges();
+            match crate::runtime::native::userns::claim(&self.uids_dir(), &final_dir, hint) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     self.release_port(port, &spec.name);
@@ -401,7 +429,7 @@ impl Store {
             let _ = fs::remove_dir_all(&tmp);
             self.release_port(port, &spec.name);
             if let Some(b) = uid_base {
-                crate::runtime::native::userns::release(&self.uids_dir(), &spec.name, b);
+                crate::runtime::native::userns::release(&self.uids_dir(), &final_dir, b);
             }
         }
         result
@@ -530,7 +558,11 @@ impl Store {
         fs::rename(&dir, &trash).map_err(Error::io("rename", &dir))?;
         self.release_port(inst.port, &inst.name);
         if let Some(b) = inst.security.uid_base {
-            crate::runtime::native::userns::release(&self.uids_dir(), &inst.name, b);
+            crate::runtime::native::userns::release(
+                &self.uids_dir(),
+                &self.instance_dir(&inst.name),
+                b,
+            );
         }
         fs::remove_dir_all(&trash).map_err(Error::io("remove", &trash))
     }

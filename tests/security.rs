@@ -714,3 +714,57 @@ fn the_host_binary_cannot_be_reached_from_a_container() {
     assert!(wrote.is_err(), "the binary nifty ran from was writable");
     assert_eq!(sha(std::path::Path::new(common::NIFTY)), before);
 }
+
+/// Item 7: ID ranges are unique on the host, not per state root: two roots
+/// numbering their instances alike get different ranges; a claim left by
+/// a root deleted without `rm` is taken back; ranges come first from the
+/// region systemd-nspawn's `--private-users=pick` never picks.
+#[test]
+fn uid_ranges_are_unique_across_state_roots() {
+    if !privileged() {
+        return;
+    }
+    let base = |root: &Root, n: &str| {
+        root.instance_toml(n)["security"]["uid_base"]
+            .as_integer()
+            .unwrap() as u64
+    };
+    let a = Root::new();
+    let b = Root::new();
+    for r in [&a, &b] {
+        r.ok(&["template", "build", "-q"]);
+    }
+    a.ok(&["create", "571", "572"]);
+    b.ok(&["create", "571", "572"]);
+    let ranges = [
+        base(&a, "571"),
+        base(&a, "572"),
+        base(&b, "571"),
+        base(&b, "572"),
+    ];
+    let unique: std::collections::HashSet<_> = ranges.iter().collect();
+    assert_eq!(unique.len(), 4, "{ranges:?}");
+    for r in ranges {
+        assert!(
+            (0x7000_0000..0x7FFE_0000).contains(&r),
+            "range {r:#x} is where nspawn picks"
+        );
+    }
+    // A root deleted without `rm`: its claims are taken back.
+    let gone = Root::new();
+    gone.ok(&["template", "build", "-q"]);
+    gone.ok(&["create", "573"]);
+    let lost = base(&gone, "573");
+    std::fs::remove_dir_all(gone.path()).unwrap();
+    let c = Root::new();
+    c.ok(&["template", "build", "-q"]);
+    c.ok(&["create", "573"]);
+    assert_eq!(
+        base(&c, "573"),
+        lost,
+        "the claim of a deleted root was not taken back"
+    );
+    for r in [&a, &b, &c] {
+        r.ok(&["rm", "--all"]);
+    }
+}
