@@ -443,6 +443,32 @@ fn kernel_features(store: &Store) -> Vec<Finding> {
         ">= 5.3: stop and start follow containers by pidfd, never by a reusable PID",
         if pidfd { "" } else { "a newer kernel" },
     ));
+    let net = crate::runtime::native::confine::NetConfinement::of_kernel();
+    out.push(info(
+        "port ownership",
+        if net.bind { Status::Ok } else { Status::Warn },
+        if net.bind {
+            "Landlock: a container binds only its own TCP port".to_string()
+        } else {
+            format!(
+                "not defended: Landlock ABI {} has no network rules (6.7); a container can bind any free port, a stopped neighbour's SSH port among them",
+                crate::sys::landlock_abi()
+            )
+        },
+        ">= 6.7 (Landlock ABI 4)",
+        if net.bind { "" } else { "a newer kernel" },
+    ));
+    out.push(info(
+        "abstract unix sockets",
+        if net.abstract_unix { Status::Ok } else { Status::Warn },
+        if net.abstract_unix {
+            "Landlock: out of reach of containers".to_string()
+        } else {
+            "not defended: containers reach the host's abstract unix sockets (Landlock scoping: 6.12)".to_string()
+        },
+        ">= 6.12 (Landlock ABI 6)",
+        if net.abstract_unix { "" } else { "a newer kernel; meanwhile let no host service trust an abstract socket" },
+    ));
     let template = store.template_rootfs("default");
     if template.is_dir() {
         let r = features::preflight(&template, true);

@@ -336,3 +336,124 @@ pub fn exe_path() -> std::io::Result<std::path::PathBuf> {
     }
     std::env::current_exe()
 }
+
+/// Landlock (landlock(7)): the ABI version the kernel offers (0: none).
+pub fn landlock_abi() -> u32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: with a NULL attribute and size 0, the call only returns the
+    // ABI version (or an error); no memory is read or written.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(r).unwrap_or(0)
+}
+
+/// `struct landlock_ruleset_attr` (ABI 6 layout; the size passed tells
+/// the kernel which fields it may read).
+#[repr(C)]
+struct RulesetAttr {
+    handled_access_fs: u64,
+    handled_access_net: u64,
+    scoped: u64,
+}
+
+/// `struct landlock_net_port_attr`.
+#[repr(C, packed)]
+struct NetPortAttr {
+    allowed_access: u64,
+    port: u64,
+}
+
+/// A Landlock ruleset that handles TCP binds (ABI >= 4) and, if
+/// `scope_abstract` (ABI >= 6), scopes abstract unix sockets; `ports` are
+/// the only TCP ports a process under it may bind.
+pub fn landlock_ruleset(ports: &[u16], scope_abstract: bool) -> std::io::Result<OwnedFd> {
+    const ACCESS_NET_BIND_TCP: u64 = 1;
+    const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1;
+    const RULE_NET_PORT: u32 = 2;
+    let attr = RulesetAttr {
+        handled_access_fs: 0,
+        handled_access_net: ACCESS_NET_BIND_TCP,
+        scoped: if scope_abstract {
+            SCOPE_ABSTRACT_UNIX_SOCKET
+        } else {
+            0
+        },
+    };
+    let size = if scope_abstract {
+        std::mem::size_of::<RulesetAttr>()
+    } else {
+        // ABI 4/5 know only the first two fields.
+        2 * std::mem::size_of::<u64>()
+    };
+    // SAFETY: `attr` is a valid landlock_ruleset_attr of at least `size`
+    // bytes that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const RulesetAttr,
+            size,
+            0u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    for &port in ports {
+        let rule = NetPortAttr {
+            allowed_access: ACCESS_NET_BIND_TCP,
+            port: u64::from(port),
+        };
+        // SAFETY: `rule` is a valid landlock_net_port_attr that outlives
+        // the call; `fd` is a ruleset fd.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_add_rule,
+                fd.as_raw_fd(),
+                RULE_NET_PORT,
+                &rule as *const NetPortAttr,
+                0u32,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(fd)
+}
+
+/// Puts the calling thread under the Landlock ruleset `fd` (no_new_privs
+/// must be set). Raw system call only: safe in a vfork'd child.
+pub fn landlock_restrict_self(fd: BorrowedFd<'_>) -> rustix::io::Result<()> {
+    // SAFETY: plain system call on an fd; no memory is passed.
+    let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd.as_raw_fd(), 0u32) };
+    if r < 0 {
+        return Err(rustix::io::Errno::from_raw_os_error(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes system call `nr` with every argument 0 and returns its errno (0
+/// if it succeeded): a probe of what a seccomp filter answers, for tests.
+/// Only for calls that do nothing with zero arguments (they fail on the
+/// missing pointers or sizes, or are refused first).
+#[doc(hidden)]
+pub fn probe_syscall(nr: i64) -> i32 {
+    // SAFETY: all arguments are 0, so no memory of this process is passed
+    // to the kernel; callers name calls that change nothing with them.
+    let r = unsafe { libc::syscall(nr, 0usize, 0usize, 0usize, 0usize, 0usize, 0usize) };
+    if r < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        0
+    }
+}

@@ -768,3 +768,186 @@ fn uid_ranges_are_unique_across_state_roots() {
         r.ok(&["rm", "--all"]);
     }
 }
+
+/// Item 3: on the shared host network each instance owns its SSH port: no
+/// container (root or login user) can bind another's port while it is
+/// stopped, nor any port but its own (Landlock, Linux 6.7); and abstract
+/// unix sockets of the host are out of a container's reach (Landlock
+/// scoping, Linux 6.12). Older kernels: `doctor` says what is not defended.
+#[test]
+fn a_container_owns_only_its_port_and_no_abstract_socket_of_the_host() {
+    if !privileged() {
+        return;
+    }
+    let k = nifty::runtime::native::confine::NetConfinement::of_kernel();
+    let root = Root::new();
+    root.ok(&["template", "build", "-q", "--with", "/usr/bin/socat"]);
+    root.ok(&["create", "581", "582"]);
+    root.ok(&["start", "581"]);
+    assert!(wait_port(root.port("581"), Duration::from_secs(20)));
+    let doctor = root.ok(&["doctor", "--count", "10"]);
+    let theirs = root.port("582");
+    let (code, out) = as_root(
+        &root,
+        "581",
+        &format!("timeout 2 nc -l -p {theirs}; echo rc=$?"),
+    );
+    if k.bind {
+        assert!(out.contains("Permission denied"), "{code} {out}");
+        let (ok, _, err) = root.ssh_as("581", "luser", &format!("timeout 2 nc -l -p {theirs}"));
+        assert!(!ok && err.contains("Permission denied"), "{err}");
+    } else {
+        assert!(
+            doctor.contains("port ownership") && doctor.contains("not defended"),
+            "{doctor}"
+        );
+    }
+    // An abstract socket of the host.
+    let name = format!("nifty-test-{}", std::process::id());
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (_, out) = as_root(
+        &root,
+        "581",
+        &format!("echo hi | socat - ABSTRACT-CONNECT:{name}; echo rc=$?"),
+    );
+    let reached = listener.accept().is_ok();
+    if k.abstract_unix {
+        assert!(
+            !reached,
+            "the container reached the host's abstract socket: {out}"
+        );
+        assert!(out.contains("rc=1"), "{out}");
+    } else {
+        assert!(
+            doctor.contains("abstract unix sockets") && doctor.contains("not defended"),
+            "{doctor}"
+        );
+    }
+    // Its own port it serves, and logins work.
+    assert_eq!(root.ssh("581", "echo up"), "up\n");
+}
+
+/// Item 8, the filter itself: installed in a child (no root needed), the
+/// calls the probing found reaching the kernel are answered without it
+/// (ENOSYS: not on the allow-list; EPERM: refused by argument), and an
+/// ordinary call still works.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn seccomp_refuses_what_the_probe_found() {
+    let filters = nifty::runtime::native::confine::filters().unwrap();
+    // (system call, errno it must answer), as numbers: the child may not
+    // allocate, so a mismatch exits with the index of the failing probe.
+    const STATMOUNT: i64 = 457;
+    const LISTMOUNT: i64 = 458;
+    const OPEN_TREE_ATTR: i64 = 467;
+    let probes: [(i64, i32); 8] = [
+        (libc::SYS_io_uring_setup, libc::ENOSYS),
+        (libc::SYS_io_setup, libc::ENOSYS),
+        (libc::SYS_quotactl_fd, libc::ENOSYS),
+        (STATMOUNT, libc::ENOSYS),
+        (LISTMOUNT, libc::ENOSYS),
+        (OPEN_TREE_ATTR, libc::ENOSYS),
+        (libc::SYS_mount, libc::EPERM),
+        (libc::SYS_kcmp, libc::ENOSYS),
+    ];
+    let hook = move || -> std::io::Result<()> {
+        rustix::thread::set_no_new_privs(true)?;
+        for f in &filters {
+            seccompiler::apply_filter(f).map_err(|_| std::io::Error::from_raw_os_error(200))?;
+        }
+        for (i, (nr, want)) in probes.iter().enumerate() {
+            if nifty::sys::probe_syscall(*nr) != *want {
+                return Err(std::io::Error::from_raw_os_error(100 + i as i32));
+            }
+        }
+        // socket(AF_VSOCK) and a netlink uevent socket: EPERM.
+        let vsock = rustix::net::socket(
+            rustix::net::AddressFamily::from_raw(libc::AF_VSOCK as u16),
+            rustix::net::SocketType::STREAM,
+            None,
+        );
+        if vsock.err() != Some(rustix::io::Errno::PERM) {
+            return Err(std::io::Error::from_raw_os_error(150));
+        }
+        let uevent = rustix::net::socket(
+            rustix::net::AddressFamily::NETLINK,
+            rustix::net::SocketType::DGRAM,
+            Some(rustix::net::Protocol::from_raw(
+                std::num::NonZeroU32::new(libc::NETLINK_KOBJECT_UEVENT as u32).unwrap(),
+            )),
+        );
+        if uevent.err() != Some(rustix::io::Errno::PERM) {
+            return Err(std::io::Error::from_raw_os_error(151));
+        }
+        // An ordinary socket and getpid still work.
+        rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .map_err(|_| std::io::Error::from_raw_os_error(152))?;
+        if nifty::sys::probe_syscall(libc::SYS_getpid) != 0 {
+            return Err(std::io::Error::from_raw_os_error(153));
+        }
+        Ok(())
+    };
+    let r = nifty::sys::spawn_with_hook(&mut Command::new("/bin/true"), hook)
+        .and_then(|mut c| c.wait());
+    match r {
+        Ok(st) => assert!(st.success()),
+        Err(e) => {
+            let code = e.raw_os_error().unwrap_or(0);
+            let what = match code {
+                100..=107 => format!("probe {:?}", probes[(code - 100) as usize]),
+                150 => "socket(AF_VSOCK) not EPERM".into(),
+                151 => "netlink uevent socket not EPERM".into(),
+                152 => "socket(AF_INET) refused".into(),
+                153 => "getpid refused".into(),
+                _ => e.to_string(),
+            };
+            panic!("seccomp: {what}");
+        }
+    }
+}
+
+/// Item 8, in use: every BusyBox applet (`--help`), a workload of the
+/// common ones, and a Dropbear login session behave the same under the
+/// allow-list as in a container without seccomp.
+#[test]
+fn the_seccomp_allow_list_runs_busybox_and_dropbear_as_without_it() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build", "-q"]);
+    root.ok(&["create", "591"]);
+    root.ok(&["create", "592", "--no-seccomp"]);
+    root.ok(&["start", "591", "592"]);
+    for n in ["591", "592"] {
+        assert!(wait_port(root.port(n), Duration::from_secs(20)));
+    }
+    let applets = "for a in $(busybox --list); do case $a in init|halt|poweroff|reboot|linuxrc|sh|ash|login|getty|kill|killall|killall5|pkill|reset) continue;; esac; timeout 5 busybox $a --help </dev/null >/dev/null 2>&1; echo \"$a $?\"; done";
+    let workload = r#"cd /tmp && mkdir -p w && cd w && echo hello > a && cp a b && mv b c && ln -s c d && readlink d && chmod 640 c && stat -c '%a %s' c && mkfifo f && rm f && tar czf t.tgz a c && tar tzf t.tgz && gzip -c a | gunzip && sort -r /etc/passwd | md5sum && awk 'BEGIN{print 6*7}' && sed -n 1p /etc/passwd && find /etc -name passwd 2>/dev/null; dd if=/dev/zero of=z bs=1k count=64 2>/dev/null && wc -c z && sleep 0.1 && date +%Y >/dev/null && id -u && ps -o comm | sort | uniq | wc -l && echo done"#;
+    let run = |n: &str, what: &str| {
+        let (ok, out, err) = root.ssh_as(n, "luser", what);
+        assert!(ok, "{n}: {err}");
+        out
+    };
+    let (with, without) = (run("591", applets), run("592", applets));
+    assert!(with.lines().count() > 200, "{with}");
+    let differ: Vec<_> = with
+        .lines()
+        .zip(without.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "applets that behave differently under seccomp: {differ:?}"
+    );
+    let (with, without) = (run("591", workload), run("592", workload));
+    assert!(with.ends_with("done\n"), "{with}");
+    assert_eq!(with, without);
+}

@@ -6,8 +6,9 @@
 //! root, killing their own processes. Everything else is dropped from the
 //! bounding set, so no process of the container can ever regain it.
 //!
-//! The seccomp filter refuses (EPERM) what a BusyBox system never needs and
-//! what would widen its reach: new mounts and namespaces, keyrings, kexec,
+//! The seccomp filter allows, on x86_64, only a list of system calls (the
+//! rest answer ENOSYS), and refuses (EPERM) among those what a BusyBox
+//! system never needs and what would widen its reach: new mounts and namespaces, keyrings, kexec,
 //! modules, bpf, perf, ptrace of other processes' memory, clock setting,
 //! swap, raw I/O ports. `clone3` answers ENOSYS so that libc falls back to
 //! `clone`, whose namespace flags the filter can inspect.
@@ -84,6 +85,304 @@ pub const DENIED: &[&str] = &[
     "pidfd_getfd",
     "fanotify_init",
 ];
+
+/// The system calls a container may make at all (x86_64): what BusyBox,
+/// Dropbear and the programs users run in a shell container need, after
+/// the default profiles of Docker and Podman, without what reaches parts of
+/// the kernel a shell never needs (io_uring, AIO, fanotify, kcmp,
+/// modify_ldt, statmount/listmount, open_tree_attr, quotactl_fd, and every
+/// system call newer than this list). Anything else answers ENOSYS, so
+/// that libc falls back to an older call where it has one. Within the
+/// list, [`DENIED`] and the argument rules of `socket` and `clone` still
+/// refuse with EPERM.
+#[cfg(target_arch = "x86_64")]
+pub const ALLOWED: &[i64] = &[
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_access,
+    libc::SYS_alarm,
+    libc::SYS_arch_prctl,
+    libc::SYS_bind,
+    libc::SYS_brk,
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_chdir,
+    libc::SYS_chmod,
+    libc::SYS_chown,
+    libc::SYS_chroot,
+    libc::SYS_clock_getres,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_close,
+    libc::SYS_close_range,
+    libc::SYS_connect,
+    libc::SYS_copy_file_range,
+    libc::SYS_creat,
+    libc::SYS_dup,
+    libc::SYS_dup2,
+    libc::SYS_dup3,
+    libc::SYS_epoll_create,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_epoll_wait,
+    libc::SYS_eventfd,
+    libc::SYS_eventfd2,
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_fadvise64,
+    libc::SYS_fallocate,
+    libc::SYS_fchdir,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_fcntl,
+    libc::SYS_fdatasync,
+    libc::SYS_fgetxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_flock,
+    libc::SYS_fork,
+    libc::SYS_fremovexattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_fstat,
+    libc::SYS_fstatfs,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_futex,
+    libc::SYS_futex_waitv,
+    libc::SYS_futimesat,
+    libc::SYS_getcpu,
+    libc::SYS_getcwd,
+    libc::SYS_getdents,
+    libc::SYS_getdents64,
+    libc::SYS_getegid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getgroups,
+    libc::SYS_getitimer,
+    libc::SYS_getpeername,
+    libc::SYS_getpgid,
+    libc::SYS_getpgrp,
+    libc::SYS_getpid,
+    libc::SYS_getppid,
+    libc::SYS_getpriority,
+    libc::SYS_getrandom,
+    libc::SYS_getresgid,
+    libc::SYS_getresuid,
+    libc::SYS_getrlimit,
+    libc::SYS_get_robust_list,
+    libc::SYS_getrusage,
+    libc::SYS_getsid,
+    libc::SYS_getsockname,
+    libc::SYS_getsockopt,
+    libc::SYS_gettid,
+    libc::SYS_gettimeofday,
+    libc::SYS_getuid,
+    libc::SYS_getxattr,
+    libc::SYS_get_mempolicy,
+    libc::SYS_inotify_add_watch,
+    libc::SYS_inotify_init,
+    libc::SYS_inotify_init1,
+    libc::SYS_inotify_rm_watch,
+    libc::SYS_ioctl,
+    libc::SYS_ioprio_get,
+    libc::SYS_ioprio_set,
+    libc::SYS_kill,
+    libc::SYS_landlock_add_rule,
+    libc::SYS_landlock_create_ruleset,
+    libc::SYS_landlock_restrict_self,
+    libc::SYS_lchown,
+    libc::SYS_lgetxattr,
+    libc::SYS_link,
+    libc::SYS_linkat,
+    libc::SYS_listen,
+    libc::SYS_listxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_lseek,
+    libc::SYS_lsetxattr,
+    libc::SYS_lstat,
+    libc::SYS_madvise,
+    libc::SYS_mbind,
+    libc::SYS_membarrier,
+    libc::SYS_memfd_create,
+    libc::SYS_mincore,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_mknod,
+    libc::SYS_mknodat,
+    libc::SYS_mlock,
+    libc::SYS_mlock2,
+    libc::SYS_mlockall,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mq_getsetattr,
+    libc::SYS_mq_notify,
+    libc::SYS_mq_open,
+    libc::SYS_mq_timedreceive,
+    libc::SYS_mq_timedsend,
+    libc::SYS_mq_unlink,
+    libc::SYS_mremap,
+    libc::SYS_msgctl,
+    libc::SYS_msgget,
+    libc::SYS_msgrcv,
+    libc::SYS_msgsnd,
+    libc::SYS_msync,
+    libc::SYS_munlock,
+    libc::SYS_munlockall,
+    libc::SYS_munmap,
+    libc::SYS_nanosleep,
+    libc::SYS_newfstatat,
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_pause,
+    libc::SYS_personality,
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_pipe,
+    libc::SYS_pipe2,
+    libc::SYS_pkey_alloc,
+    libc::SYS_pkey_free,
+    libc::SYS_pkey_mprotect,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_prctl,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_prlimit64,
+    libc::SYS_pselect6,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_read,
+    libc::SYS_readahead,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_readv,
+    libc::SYS_reboot,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_remap_file_pages,
+    libc::SYS_removexattr,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_restart_syscall,
+    libc::SYS_rmdir,
+    libc::SYS_rseq,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigpending,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_getattr,
+    libc::SYS_sched_getparam,
+    libc::SYS_sched_get_priority_max,
+    libc::SYS_sched_get_priority_min,
+    libc::SYS_sched_getscheduler,
+    libc::SYS_sched_rr_get_interval,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_sched_setattr,
+    libc::SYS_sched_setparam,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_yield,
+    libc::SYS_seccomp,
+    libc::SYS_select,
+    libc::SYS_semctl,
+    libc::SYS_semget,
+    libc::SYS_semop,
+    libc::SYS_semtimedop,
+    libc::SYS_sendfile,
+    libc::SYS_sendmmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_set_mempolicy,
+    libc::SYS_setdomainname,
+    libc::SYS_setfsgid,
+    libc::SYS_setfsuid,
+    libc::SYS_setgid,
+    libc::SYS_setgroups,
+    libc::SYS_sethostname,
+    libc::SYS_setitimer,
+    libc::SYS_setpgid,
+    libc::SYS_setpriority,
+    libc::SYS_setregid,
+    libc::SYS_setresgid,
+    libc::SYS_setresuid,
+    libc::SYS_setreuid,
+    libc::SYS_setrlimit,
+    libc::SYS_set_robust_list,
+    libc::SYS_setsid,
+    libc::SYS_setsockopt,
+    libc::SYS_set_tid_address,
+    libc::SYS_setuid,
+    libc::SYS_setxattr,
+    libc::SYS_shmat,
+    libc::SYS_shmctl,
+    libc::SYS_shmdt,
+    libc::SYS_shmget,
+    libc::SYS_shutdown,
+    libc::SYS_sigaltstack,
+    libc::SYS_signalfd,
+    libc::SYS_signalfd4,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_splice,
+    libc::SYS_stat,
+    libc::SYS_statfs,
+    libc::SYS_statx,
+    libc::SYS_symlink,
+    libc::SYS_symlinkat,
+    libc::SYS_sync,
+    libc::SYS_sync_file_range,
+    libc::SYS_syncfs,
+    libc::SYS_sysinfo,
+    libc::SYS_tee,
+    libc::SYS_tgkill,
+    libc::SYS_time,
+    libc::SYS_timer_create,
+    libc::SYS_timer_delete,
+    libc::SYS_timer_getoverrun,
+    libc::SYS_timer_gettime,
+    libc::SYS_timer_settime,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_timerfd_settime,
+    libc::SYS_times,
+    libc::SYS_tkill,
+    libc::SYS_truncate,
+    libc::SYS_umask,
+    libc::SYS_uname,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_utime,
+    libc::SYS_utimensat,
+    libc::SYS_utimes,
+    libc::SYS_vfork,
+    libc::SYS_vmsplice,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+];
+
+/// Socket families refused (EPERM): AF_VSOCK (the hypervisor's sockets).
+const DENIED_FAMILIES: &[u64] = &[libc::AF_VSOCK as u64];
 
 fn sysno(name: &str) -> Option<i64> {
     let n = match name {
@@ -180,6 +479,23 @@ pub fn filters() -> Result<Vec<BpfProgram>, String> {
         })
         .collect::<Result<Vec<_>, String>>()?;
     deny.insert(libc::SYS_clone, rules);
+    // socket(AF_VSOCK, ...) and socket(AF_NETLINK, *, NETLINK_KOBJECT_UEVENT).
+    let cond = |arg: u8, v: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
+            .map_err(|e| format!("seccomp: {e:?}"))
+    };
+    let mut socket_rules = DENIED_FAMILIES
+        .iter()
+        .map(|f| SeccompRule::new(vec![cond(0, *f)?]).map_err(|e| format!("seccomp: {e:?}")))
+        .collect::<Result<Vec<_>, String>>()?;
+    socket_rules.push(
+        SeccompRule::new(vec![
+            cond(0, libc::AF_NETLINK as u64)?,
+            cond(2, libc::NETLINK_KOBJECT_UEVENT as u64)?,
+        ])
+        .map_err(|e| format!("seccomp: {e:?}"))?,
+    );
+    deny.insert(libc::SYS_socket, socket_rules);
     let program = |rules: BTreeMap<i64, Vec<SeccompRule>>,
                    action: SeccompAction|
      -> Result<BpfProgram, String> {
@@ -189,14 +505,27 @@ pub fn filters() -> Result<Vec<BpfProgram>, String> {
             .map_err(|e| format!("seccomp: {e:?}"))
     };
     let only = |sysno: i64| BTreeMap::from([(sysno, vec![])]);
-    Ok(vec![
-        program(
-            only(libc::SYS_clone3),
+    let mut programs = vec![program(
+        only(libc::SYS_clone3),
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )?];
+    // The allow-list first: of filters that answer with an errno, the
+    // last installed wins, so the deny-list's EPERM comes after it.
+    #[cfg(target_arch = "x86_64")]
+    programs.push(
+        SeccompFilter::new(
+            ALLOWED.iter().map(|n| (*n, vec![])).collect(),
             SeccompAction::Errno(libc::ENOSYS as u32),
-        )?,
-        program(deny, SeccompAction::Errno(libc::EPERM as u32))?,
-        program(only(libc::SYS_sync), SeccompAction::Errno(0))?,
-    ])
+            SeccompAction::Allow,
+            arch,
+        )
+        .map_err(|e| format!("seccomp: {e:?}"))?
+        .try_into()
+        .map_err(|e| format!("seccomp: {e:?}"))?,
+    );
+    programs.push(program(deny, SeccompAction::Errno(libc::EPERM as u32))?);
+    programs.push(program(only(libc::SYS_sync), SeccompAction::Errno(0))?);
+    Ok(programs)
 }
 
 #[cfg(test)]
@@ -217,11 +546,52 @@ mod tests {
     #[test]
     fn filters_compile() {
         let f = filters().unwrap();
-        assert_eq!(f.len(), 3);
+        assert_eq!(f.len(), if cfg!(target_arch = "x86_64") { 4 } else { 3 });
         assert!(f.iter().all(|p| !p.is_empty()));
         assert!(
             DENIED.iter().all(|n| sysno(n).is_some()),
             "unknown syscall in DENIED"
         );
+        #[cfg(target_arch = "x86_64")]
+        for n in DENIED.iter().filter_map(|n| sysno(n)) {
+            if n != libc::SYS_clone {
+                assert!(!ALLOWED.contains(&n), "{n} is both denied and allowed");
+            }
+        }
     }
+}
+
+/// What Landlock can do for the network on this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfinement {
+    /// TCP binds limited to the instance's own port (Landlock ABI 4,
+    /// Linux 6.7).
+    pub bind: bool,
+    /// Abstract unix sockets of the host and of other containers out of
+    /// reach (Landlock ABI 6, Linux 6.12).
+    pub abstract_unix: bool,
+}
+
+impl NetConfinement {
+    pub fn of_kernel() -> NetConfinement {
+        let abi = crate::sys::landlock_abi();
+        NetConfinement {
+            bind: abi >= 4,
+            abstract_unix: abi >= 6,
+        }
+    }
+}
+
+/// The Landlock ruleset of an instance listening on `port`: it may bind
+/// that TCP port only (and port 0, an ephemeral one, for clients), so no
+/// container can answer on a stopped neighbour's SSH port; with ABI 6 its
+/// processes reach only abstract unix sockets made inside it. `None` where
+/// the kernel has no Landlock network rules (`doctor` and SECURITY.md say
+/// what is then not defended).
+pub fn network(port: u16) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    let k = NetConfinement::of_kernel();
+    if !k.bind {
+        return Ok(None);
+    }
+    crate::sys::landlock_ruleset(&[port, 0], k.abstract_unix).map(Some)
 }

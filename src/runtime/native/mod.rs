@@ -80,12 +80,15 @@ impl Native {
             userns: sec.uid_base.map(userns::create).transpose()?,
             id_base: sec.uid_base.unwrap_or(0),
             caps_keep: sec.drop_caps.then(confine::keep_mask),
+            landlock: confine::network(inst.port).map_err(|e| Error::Sys {
+                call: format!("instance {:?}: landlock_create_ruleset", inst.name),
+                source: e,
+            })?,
             seccomp,
             mask_proc: true,
         })
     }
 
-    /// The empty mount namespace every container's is a copy of.
     /// On a systemd host, makes sure the store's delegated scope is active.
     fn delegation(&self) -> Result<()> {
         if !self.hierarchy.systemd {
@@ -105,6 +108,7 @@ impl Native {
             .map_err(Error::Host)
     }
 
+    /// The empty mount namespace every container's is a copy of.
     fn empty_root(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
         let ns = self.empty_root.get_or_init(|| {
             let dir = self.store.mount_point();
@@ -521,6 +525,9 @@ impl Native {
             }
             crate::sys::cloexec_from(3)?;
             rustix::thread::set_no_new_privs(true).map_err(err)?;
+            if let Some(fd) = &confine.landlock {
+                crate::sys::landlock_restrict_self(fd.as_fd()).map_err(err)?;
+            }
             for prog in &confine.seccomp {
                 seccompiler::apply_filter(prog)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;

@@ -67,12 +67,13 @@ pub enum Step {
     DropCaps,
     Stdio,
     CloseFds,
+    Landlock,
     Seccomp,
     ExecInit,
 }
 
 impl Step {
-    const ALL: [Step; 24] = [
+    const ALL: [Step; 25] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::EnterEmptyRoot,
@@ -95,6 +96,7 @@ impl Step {
         Step::DropCaps,
         Step::Stdio,
         Step::CloseFds,
+        Step::Landlock,
         Step::Seccomp,
         Step::ExecInit,
     ];
@@ -128,6 +130,7 @@ impl Step {
             Step::DropCaps => "dropping capabilities (PR_CAPBSET_DROP)",
             Step::Stdio => "redirecting stdio to the console log",
             Step::CloseFds => "close_range(3.., CLOEXEC)",
+            Step::Landlock => "landlock_restrict_self (its own port, abstract sockets)",
             Step::Seccomp => "installing the seccomp filter",
             Step::ExecInit => "execve(/sbin/init)",
         }
@@ -194,6 +197,9 @@ pub struct Confine {
     pub id_base: u32,
     /// Capabilities to keep in the bounding set; `None` keeps all.
     pub caps_keep: Option<u64>,
+    /// Landlock ruleset to enter (see `confine::network`); `None` where
+    /// the kernel has no Landlock network rules.
+    pub landlock: Option<OwnedFd>,
     /// Seccomp programs to install; empty: none (no_new_privs still set).
     pub seccomp: Vec<seccompiler::BpfProgram>,
     /// Mask sensitive /proc paths and mount /sys read-only.
@@ -855,6 +861,9 @@ fn child(
     // Last: no_new_privs and the seccomp filters (after which the calls
     // above would be refused).
     check(Step::Seccomp, rustix::thread::set_no_new_privs(true));
+    if let Some(fd) = &plan.confine.landlock {
+        check(Step::Landlock, sys::landlock_restrict_self(fd.as_fd()));
+    }
     for prog in &plan.confine.seccomp {
         if let Err(e) = seccompiler::apply_filter(prog) {
             let errno = match e {

@@ -682,6 +682,29 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
                 return Error::Invalid("systemd exec: no systemd-nspawn command after --".into());
             };
             use std::os::unix::process::CommandExt;
+            // nspawn and everything it starts own only the instance's port
+            // (and keep off abstract sockets of others), as native ones do.
+            let inst = match store.instance(name) {
+                Ok(i) => i,
+                Err(e) => return e,
+            };
+            match super::native::confine::network(inst.port) {
+                Ok(Some(fd)) => {
+                    if let Err(e) = crate::sys::landlock_restrict_self(fd.as_fd()) {
+                        return Error::Sys {
+                            call: format!("instance {name:?}: landlock_restrict_self"),
+                            source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+                        };
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Error::Sys {
+                        call: format!("instance {name:?}: landlock_create_ruleset"),
+                        source: e,
+                    }
+                }
+            }
             let e = std::process::Command::new(prog)
                 .args(rest)
                 .args(extra)
