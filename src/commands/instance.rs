@@ -267,14 +267,13 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
     let results = rt.start_many(&stopped, &|_| bar.inc(1));
     bar.finish_and_clear();
     let out = fleet::outcome(results, started.elapsed().as_secs_f64());
+    let started_ok = out.ok.clone();
     let ok = out.report(&ctx.printer, "start");
-    // Count what runs now, not what was asked for.
-    let running: Vec<&nifty::store::Instance> = rt
-        .infos(&insts)
-        .into_iter()
-        .zip(&insts)
-        .filter(|(info, _)| info.state == State::Running)
-        .map(|(_, i)| i)
+    // Count what is up, not what was asked for: those that ran already
+    // and those whose start succeeded (their init was exec'd).
+    let running: Vec<&nifty::store::Instance> = insts
+        .iter()
+        .filter(|i| !stopped.iter().any(|s| s.name == i.name) || started_ok.contains(&i.name))
         .collect();
     let (Some(first), Some(last)) = (running.first(), running.last()) else {
         ctx.printer
