@@ -573,12 +573,16 @@ pub struct NetConfinement {
 }
 
 impl NetConfinement {
+    /// Asked of the kernel once per process (not at every start).
     pub fn of_kernel() -> NetConfinement {
-        let abi = crate::sys::landlock_abi();
-        NetConfinement {
-            bind: abi >= 4,
-            abstract_unix: abi >= 6,
-        }
+        static K: std::sync::OnceLock<NetConfinement> = std::sync::OnceLock::new();
+        *K.get_or_init(|| {
+            let abi = crate::sys::landlock_abi();
+            NetConfinement {
+                bind: abi >= 4,
+                abstract_unix: abi >= 6,
+            }
+        })
     }
 }
 
