@@ -444,20 +444,43 @@ fn kernel_features(store: &Store) -> Vec<Finding> {
         if pidfd { "" } else { "a newer kernel" },
     ));
     let net = crate::runtime::native::confine::NetConfinement::of_kernel();
-    out.push(info(
-        "port ownership",
-        if net.bind { Status::Ok } else { Status::Warn },
-        if net.bind {
-            "Landlock: a container binds only its own TCP port".to_string()
-        } else {
-            format!(
-                "not defended: Landlock ABI {} has no network rules (6.7); a container can bind any free port, a stopped neighbour's SSH port among them",
-                crate::sys::landlock_abi()
-            )
-        },
-        ">= 6.7 (Landlock ABI 4)",
-        if net.bind { "" } else { "a newer kernel" },
-    ));
+    {
+        use crate::runtime::native::confine::PortOwnership;
+        let (status, what, fix) = match net.ports {
+            PortOwnership::Landlock => (
+                Status::Ok,
+                "Landlock: a container binds only its own TCP port".to_string(),
+                "",
+            ),
+            PortOwnership::CgroupBpf => (
+                Status::Ok,
+                format!(
+                    "cgroup bind programs ({}): a container binds only its own TCP port",
+                    if crate::sys::landlock_abi() >= 4 {
+                        "forced by NIFTY_FALLBACKS=bind".to_string()
+                    } else {
+                        format!(
+                            "fallback: Landlock ABI {} has no network rules",
+                            crate::sys::landlock_abi()
+                        )
+                    }
+                ),
+                "",
+            ),
+            PortOwnership::None => (
+                Status::Warn,
+                "not defended: no Landlock network rules (6.7) and no cgroup BPF (CONFIG_CGROUP_BPF); a container can bind any free port, a stopped neighbour's SSH port among them".to_string(),
+                "a kernel with CONFIG_CGROUP_BPF, or 6.7+",
+            ),
+        };
+        out.push(info(
+            "port ownership",
+            status,
+            what,
+            ">= 6.7 (Landlock ABI 4); fallback >= 4.17 (cgroup BPF_CGROUP_INET4/6_BIND)",
+            fix,
+        ));
+    }
     out.push(info(
         "abstract unix sockets",
         if net.abstract_unix { Status::Ok } else { Status::Warn },

@@ -369,16 +369,20 @@ struct NetPortAttr {
     port: u64,
 }
 
-/// A Landlock ruleset that handles TCP binds (ABI >= 4) and, if
-/// `scope_abstract` (ABI >= 6), scopes abstract unix sockets; `ports` are
-/// the only TCP ports a process under it may bind.
-pub fn landlock_ruleset(ports: &[u16], scope_abstract: bool) -> std::io::Result<OwnedFd> {
+/// A Landlock ruleset that, with `ports` (ABI >= 4), handles TCP binds,
+/// `ports` being the only TCP ports a process under it may bind, and, if
+/// `scope_abstract` (ABI >= 6), scopes abstract unix sockets.
+pub fn landlock_ruleset(ports: Option<&[u16]>, scope_abstract: bool) -> std::io::Result<OwnedFd> {
     const ACCESS_NET_BIND_TCP: u64 = 1;
     const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1;
     const RULE_NET_PORT: u32 = 2;
     let attr = RulesetAttr {
         handled_access_fs: 0,
-        handled_access_net: ACCESS_NET_BIND_TCP,
+        handled_access_net: if ports.is_some() {
+            ACCESS_NET_BIND_TCP
+        } else {
+            0
+        },
         scoped: if scope_abstract {
             SCOPE_ABSTRACT_UNIX_SOCKET
         } else {
@@ -406,7 +410,7 @@ pub fn landlock_ruleset(ports: &[u16], scope_abstract: bool) -> std::io::Result<
     }
     // SAFETY: the kernel returned a new fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    for &port in ports {
+    for &port in ports.unwrap_or_default() {
         let rule = NetPortAttr {
             allowed_access: ACCESS_NET_BIND_TCP,
             port: u64::from(port),
@@ -456,4 +460,127 @@ pub fn probe_syscall(nr: i64) -> i32 {
     } else {
         0
     }
+}
+
+/// The head of `union bpf_attr` for BPF_PROG_LOAD (fields up to
+/// `expected_attach_type`, Linux 4.17; the size passed tells the kernel
+/// which fields it may read, the rest it takes as zero).
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `union bpf_attr` for BPF_PROG_ATTACH.
+#[repr(C)]
+struct BpfProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+const BPF_PROG_LOAD: i32 = 5;
+const BPF_PROG_ATTACH: i32 = 8;
+
+/// Loads a BPF program of `prog_type` for `attach_type` (bpf(2),
+/// BPF_PROG_LOAD). On a verifier refusal the error carries the
+/// verifier's log.
+pub fn bpf_prog_load(
+    prog_type: u32,
+    attach_type: u32,
+    insns: &[u64],
+    name: &str,
+) -> std::io::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let load = |log: Option<&mut [u8]>| {
+        let mut attr = BpfProgLoad {
+            prog_type,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name,
+            expected_attach_type: attach_type,
+            ..Default::default()
+        };
+        if let Some(buf) = log {
+            attr.log_level = 1;
+            attr.log_size = buf.len() as u32;
+            attr.log_buf = buf.as_mut_ptr() as u64;
+        }
+        // SAFETY: `attr` is a valid bpf_attr head of the size passed; the
+        // instructions, the license and the log buffer it points to
+        // outlive the call, and the log's size is the buffer's.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &attr as *const BpfProgLoad,
+                std::mem::size_of::<BpfProgLoad>() as u32,
+            )
+        };
+        if fd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            // SAFETY: the kernel returned a new fd that nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        }
+    };
+    load(None).or_else(|e| {
+        if e.raw_os_error() != Some(libc::EACCES) && e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+        let mut log = vec![0u8; 8192];
+        load(Some(&mut log)).map_err(|e| {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            std::io::Error::new(e.kind(), format!("{e}; verifier: {}", text.trim()))
+        })
+    })
+}
+
+/// Attaches the BPF program `prog` to the cgroup `cgroup` (a cgroup v2
+/// directory fd) at `attach_type`, with `flags` (bpf(2),
+/// BPF_PROG_ATTACH).
+pub fn bpf_prog_attach(
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+    flags: u32,
+) -> std::io::Result<()> {
+    let attr = BpfProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: flags,
+    };
+    // SAFETY: `attr` is a valid bpf_attr for BPF_PROG_ATTACH of the size
+    // passed and outlives the call; both fds are borrowed open fds.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attr as *const BpfProgAttach,
+            std::mem::size_of::<BpfProgAttach>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

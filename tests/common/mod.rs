@@ -212,3 +212,37 @@ pub fn mounted_under(path: &Path) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// Everything of this root is gone: no process, no cgroup, no mount.
+pub fn assert_clean(root: &Root, pids: &[i32]) {
+    for pid in pids {
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            cmd.is_empty() || !cmd.contains("dropbear") && !cmd.starts_with("init"),
+            "pid {pid} survives: {cmd}"
+        );
+    }
+    let base = root.cgroup_base();
+    let left: Vec<_> = std::fs::read_dir(&base)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                // On a systemd host, the empty leaf of the process that made
+                // the delegated scope: systemd removes it with the scope,
+                // once it sees the scope empty.
+                .filter(|e| {
+                    e.file_name() != ".nifty"
+                        || std::fs::read_to_string(e.path().join("cgroup.procs"))
+                            .is_ok_and(|p| !p.trim().is_empty())
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    assert!(
+        mounted_under(root.path()).is_empty(),
+        "mounts left: {:?}",
+        mounted_under(root.path())
+    );
+}

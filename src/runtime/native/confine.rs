@@ -544,6 +544,30 @@ mod tests {
     }
 
     #[test]
+    fn the_bind_program_allows_its_port_and_zero_and_jumps_to_allow() {
+        let p = bind_program(2222);
+        let field = |i: usize, range: std::ops::Range<usize>| {
+            let b = p[i].to_ne_bytes();
+            b[range].to_vec()
+        };
+        let imm = |i: usize| i32::from_ne_bytes(field(i, 4..8).try_into().unwrap());
+        let off = |i: usize| i16::from_ne_bytes(field(i, 2..4).try_into().unwrap());
+        // Loads of `type` (32) and `user_port` (24) from the context in r1.
+        assert_eq!((field(0, 0..1)[0], off(0)), (0x61, 32));
+        assert_eq!((field(2, 0..1)[0], off(2)), (0x61, 24));
+        // Every conditional jump lands on "allow" (r0 = 1, exit).
+        for i in [1, 3, 4] {
+            assert_eq!(i as i16 + 1 + off(i), 7, "jump of insn {i}");
+        }
+        assert_eq!((field(7, 0..1)[0], imm(7)), (0xb7, 1));
+        assert_eq!((field(5, 0..1)[0], imm(5)), (0xb7, 0));
+        // The port as the kernel keeps it: network byte order.
+        assert_eq!(imm(4).to_ne_bytes()[..2], 2222u16.to_be_bytes());
+        assert_eq!((imm(1), imm(3)), (1, 0));
+        assert!([6, 8].iter().all(|&i| field(i, 0..1)[0] == 0x95));
+    }
+
+    #[test]
     fn filters_compile() {
         let f = filters().unwrap();
         assert_eq!(f.len(), if cfg!(target_arch = "x86_64") { 4 } else { 3 });
@@ -561,41 +585,178 @@ mod tests {
     }
 }
 
-/// What Landlock can do for the network on this kernel.
+/// How a container is held to its own TCP port on this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortOwnership {
+    /// Landlock network rules (ABI 4, Linux 6.7).
+    Landlock,
+    /// The fallback of older kernels: a cgroup bind program per container
+    /// (`BPF_CGROUP_INET4_BIND`/`INET6_BIND`, Linux 4.17).
+    CgroupBpf,
+    /// Neither works (no Landlock network rules and no cgroup BPF).
+    None,
+}
+
+/// What this kernel offers to keep containers off each other's network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetConfinement {
-    /// TCP binds limited to the instance's own port (Landlock ABI 4,
-    /// Linux 6.7).
-    pub bind: bool,
+    /// How TCP binds are limited to the instance's own port.
+    pub ports: PortOwnership,
     /// Abstract unix sockets of the host and of other containers out of
     /// reach (Landlock ABI 6, Linux 6.12).
     pub abstract_unix: bool,
 }
 
 impl NetConfinement {
-    /// Asked of the kernel once per process (not at every start).
+    /// Asked of the kernel once per process (not at every start): the
+    /// Landlock ABI, and whether a cgroup bind program loads where
+    /// Landlock has no network rules. `NIFTY_FALLBACKS=bind` takes the
+    /// cgroup programs on a kernel with Landlock too (to test and measure
+    /// the fallback).
     pub fn of_kernel() -> NetConfinement {
         static K: std::sync::OnceLock<NetConfinement> = std::sync::OnceLock::new();
         *K.get_or_init(|| {
             let abi = crate::sys::landlock_abi();
+            let ports = if abi >= 4 && !super::features::forced("bind") {
+                PortOwnership::Landlock
+            } else if BindPrograms::load(22).is_ok() {
+                PortOwnership::CgroupBpf
+            } else {
+                PortOwnership::None
+            };
             NetConfinement {
-                bind: abi >= 4,
+                ports,
                 abstract_unix: abi >= 6,
             }
         })
     }
+
+    /// Containers bind only their own TCP port.
+    pub fn owns_port(&self) -> bool {
+        self.ports != PortOwnership::None
+    }
 }
 
-/// The Landlock ruleset of an instance listening on `port`: it may bind
-/// that TCP port only (and port 0, an ephemeral one, for clients), so no
-/// container can answer on a stopped neighbour's SSH port; with ABI 6 its
-/// processes reach only abstract unix sockets made inside it. `None` where
-/// the kernel has no Landlock network rules (`doctor` and SECURITY.md say
+/// What holds one instance to its own network share: a Landlock ruleset
+/// its processes enter, and/or bind programs for its cgroup.
+#[derive(Debug, Default)]
+pub struct NetGuard {
+    /// Landlock ruleset to enter (own port only with `PortOwnership::
+    /// Landlock`; abstract unix sockets scoped with ABI 6).
+    pub landlock: Option<std::os::fd::OwnedFd>,
+    /// Bind programs to attach to the instance's cgroup (the fallback
+    /// before 6.7). Everything that joins the cgroup is held by them,
+    /// `nifty exec` included.
+    pub bind: Option<BindPrograms>,
+}
+
+/// The network guard of an instance listening on `port`: it may bind that
+/// TCP port only (and port 0, an ephemeral one, for clients), so no
+/// container can answer on a stopped neighbour's SSH port; with Landlock
+/// ABI 6 its processes reach only abstract unix sockets made inside it.
+/// Empty where the kernel offers neither (`doctor` and SECURITY.md say
 /// what is then not defended).
-pub fn network(port: u16) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+pub fn network(port: u16) -> std::io::Result<NetGuard> {
     let k = NetConfinement::of_kernel();
-    if !k.bind {
-        return Ok(None);
+    let landlock_ports = [port, 0];
+    let ports = (k.ports == PortOwnership::Landlock).then_some(&landlock_ports[..]);
+    Ok(NetGuard {
+        landlock: if ports.is_some() || k.abstract_unix {
+            Some(crate::sys::landlock_ruleset(ports, k.abstract_unix)?)
+        } else {
+            None
+        },
+        bind: if k.ports == PortOwnership::CgroupBpf {
+            Some(BindPrograms::load(port)?)
+        } else {
+            None
+        },
+    })
+}
+
+/// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`.
+const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+/// `BPF_CGROUP_INET4_BIND`, `BPF_CGROUP_INET6_BIND`.
+const ATTACH_INET4_BIND: u32 = 8;
+const ATTACH_INET6_BIND: u32 = 9;
+/// `BPF_F_ALLOW_MULTI`: other programs on the cgroup (systemd's) stay.
+const F_ALLOW_MULTI: u32 = 2;
+
+/// The two bind programs of one instance (IPv4 and IPv6; a program serves
+/// one attach type). Attached to the instance's cgroup, they are freed
+/// with it.
+#[derive(Debug)]
+pub struct BindPrograms {
+    v4: std::os::fd::OwnedFd,
+    v6: std::os::fd::OwnedFd,
+}
+
+impl BindPrograms {
+    /// Loads the programs that let a stream socket bind `port` or 0 only.
+    pub fn load(port: u16) -> std::io::Result<BindPrograms> {
+        let insns = bind_program(port);
+        let load = |attach| {
+            crate::sys::bpf_prog_load(PROG_TYPE_CGROUP_SOCK_ADDR, attach, &insns, "nifty_bind")
+        };
+        Ok(BindPrograms {
+            v4: load(ATTACH_INET4_BIND)?,
+            v6: load(ATTACH_INET6_BIND)?,
+        })
     }
-    crate::sys::landlock_ruleset(&[port, 0], k.abstract_unix).map(Some)
+
+    /// Attaches both to the cgroup v2 directory `cgroup`.
+    pub fn attach(&self, cgroup: &std::path::Path) -> std::io::Result<()> {
+        use std::os::fd::AsFd;
+        let dir = rustix::fs::open(
+            cgroup,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        for (prog, attach) in [(&self.v4, ATTACH_INET4_BIND), (&self.v6, ATTACH_INET6_BIND)] {
+            crate::sys::bpf_prog_attach(dir.as_fd(), prog.as_fd(), attach, F_ALLOW_MULTI)?;
+        }
+        Ok(())
+    }
+}
+
+/// One BPF instruction (`struct bpf_insn`).
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let regs = if cfg!(target_endian = "little") {
+        (src << 4) | dst
+    } else {
+        (dst << 4) | src
+    };
+    let mut b = [0u8; 8];
+    b[0] = code;
+    b[1] = regs;
+    b[2..4].copy_from_slice(&off.to_ne_bytes());
+    b[4..8].copy_from_slice(&imm.to_ne_bytes());
+    u64::from_ne_bytes(b)
+}
+
+/// The bind program: a stream socket may bind `port` or 0 (an ephemeral
+/// port); anything else is refused (EPERM). Other socket types pass, as
+/// under Landlock, which limits TCP only. Reads `struct bpf_sock_addr`:
+/// `type` at 32, `user_port` (network byte order) at 24.
+fn bind_program(port: u16) -> [u64; 9] {
+    const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+    const JNE_K: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
+    const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+    const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
+    const SOCK_STREAM: i32 = 1;
+    let (r0, r1, r2) = (0, 1, 2);
+    [
+        insn(LDX_W, r2, r1, 32, 0),                     // r2 = ctx->type
+        insn(JNE_K, r2, 0, 5, SOCK_STREAM),             // not a stream: allow
+        insn(LDX_W, r2, r1, 24, 0),                     // r2 = ctx->user_port
+        insn(JEQ_K, r2, 0, 3, 0),                       // port 0: allow
+        insn(JEQ_K, r2, 0, 2, i32::from(port.to_be())), // own port: allow
+        insn(MOV_K, r0, 0, 0, 0),                       // refuse
+        insn(EXIT, 0, 0, 0, 0),
+        insn(MOV_K, r0, 0, 0, 1), // allow
+        insn(EXIT, 0, 0, 0, 0),
+    ]
 }

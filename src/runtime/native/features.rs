@@ -21,9 +21,7 @@ static OVERLAY_FD_LAYERS: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// on a new one).
 pub fn overlay_fd_layers() -> Option<bool> {
     static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *FORCED.get_or_init(|| {
-        std::env::var("NIFTY_FALLBACKS").is_ok_and(|v| v.split(',').any(|f| f == "overlay"))
-    }) {
+    if *FORCED.get_or_init(|| forced("overlay")) {
         return Some(false);
     }
     match OVERLAY_FD_LAYERS.load(Ordering::Relaxed) {
@@ -31,6 +29,14 @@ pub fn overlay_fd_layers() -> Option<bool> {
         NO => Some(false),
         _ => None,
     }
+}
+
+/// `NIFTY_FALLBACKS` (comma-separated) names the fallback `what`: nifty
+/// takes the path of older kernels for it even where the kernel has the
+/// newer means (`overlay`: layers by path; `bind`: cgroup bind programs
+/// instead of Landlock), so tests and benchmarks reach it here.
+pub fn forced(what: &str) -> bool {
+    std::env::var("NIFTY_FALLBACKS").is_ok_and(|v| v.split(',').any(|f| f == what))
 }
 
 pub(crate) fn set_overlay_fd_layers(yes: bool) {

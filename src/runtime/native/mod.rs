@@ -65,8 +65,13 @@ impl Native {
     }
 
     /// The confinement of an instance: its user namespace (made now), the
-    /// capabilities it keeps, its seccomp filters.
-    fn confinement(&self, inst: &Instance) -> Result<spawn::Confine> {
+    /// capabilities it keeps, its seccomp filters and network guard (the
+    /// bind programs of kernels before 6.7, if any, are returned for its
+    /// cgroup).
+    fn confinement(
+        &self,
+        inst: &Instance,
+    ) -> Result<(spawn::Confine, Option<confine::BindPrograms>)> {
         let sec = &inst.security;
         let seccomp = if sec.seccomp {
             self.seccomp
@@ -76,17 +81,22 @@ impl Native {
         } else {
             Vec::new()
         };
-        Ok(spawn::Confine {
+        let net = confine::network(inst.port).map_err(|e| Error::Sys {
+            call: format!(
+                "instance {:?}: its network guard (landlock_create_ruleset or bpf(BPF_PROG_LOAD))",
+                inst.name
+            ),
+            source: e,
+        })?;
+        let c = spawn::Confine {
             userns: sec.uid_base.map(userns::create).transpose()?,
             id_base: sec.uid_base.unwrap_or(0),
             caps_keep: sec.drop_caps.then(confine::keep_mask),
-            landlock: confine::network(inst.port).map_err(|e| Error::Sys {
-                call: format!("instance {:?}: landlock_create_ruleset", inst.name),
-                source: e,
-            })?,
+            landlock: net.landlock,
             seccomp,
             mask_proc: true,
-        })
+        };
+        Ok((c, net.bind))
     }
 
     /// On a systemd host, makes sure the store's delegated scope is active.
@@ -219,6 +229,7 @@ impl Native {
         let env = init_env(inst);
         let upper = dir.join("upper");
         let work = dir.join("work");
+        let (confine, bind_guard) = self.confinement(inst)?;
         let plan = spawn::Plan::new(spawn::Spec {
             lower: &lower,
             upper: &upper,
@@ -227,7 +238,7 @@ impl Native {
             hostname: &format!("nifty{}", inst.name),
             env: &env,
             log_fd: log,
-            confine: self.confinement(inst)?,
+            confine,
         })
         .map_err(|e| Error::Start {
             name: inst.name.clone(),
@@ -237,7 +248,20 @@ impl Native {
         let empty_root = self.empty_root()?;
         self.delegation()?;
         let procs = cg.create(&inst.limits)?;
-        match spawn::spawn(&plan, &procs, empty_root) {
+        let started = match &bind_guard {
+            Some(g) => g.attach(&cg.v2).map_err(|e| {
+                (
+                    format!(
+                        "bpf(BPF_PROG_ATTACH) of its bind programs to {}",
+                        cg.v2.display()
+                    ),
+                    e,
+                )
+            }),
+            None => Ok(()),
+        }
+        .and_then(|()| spawn::spawn(&plan, &procs, empty_root));
+        match started {
             Ok(s) => {
                 tracing::debug!(instance = %inst.name, pid = s.pid, "started");
                 Ok(s.pid)
@@ -446,7 +470,7 @@ impl Native {
             Some(_) => Some(open_ns("user")?),
             None => None,
         };
-        let confine = self.confinement(&Instance {
+        let (confine, _bind_guard_is_on_the_cgroup) = self.confinement(&Instance {
             security: crate::store::Security {
                 uid_base: None,
                 ..inst.security.clone()

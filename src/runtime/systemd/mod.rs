@@ -688,22 +688,8 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
                 Ok(i) => i,
                 Err(e) => return e,
             };
-            match super::native::confine::network(inst.port) {
-                Ok(Some(fd)) => {
-                    if let Err(e) = crate::sys::landlock_restrict_self(fd.as_fd()) {
-                        return Error::Sys {
-                            call: format!("instance {name:?}: landlock_restrict_self"),
-                            source: std::io::Error::from_raw_os_error(e.raw_os_error()),
-                        };
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Error::Sys {
-                        call: format!("instance {name:?}: landlock_create_ruleset"),
-                        source: e,
-                    }
-                }
+            if let Err(e) = guard_network(&inst) {
+                return e;
             }
             let e = std::process::Command::new(prog)
                 .args(rest)
@@ -716,6 +702,50 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
         }
         Err(e) => e,
     }
+}
+
+/// Holds this ExecStart process, nspawn and the container it starts to
+/// the instance's own port: a Landlock ruleset entered here, or, before
+/// Linux 6.7, bind programs on the unit's own cgroup (nspawn's payload
+/// cgroup is below it, so they hold the container too; systemd frees them
+/// with the cgroup).
+fn guard_network(inst: &Instance) -> Result<()> {
+    let name = &inst.name;
+    let net = super::native::confine::network(inst.port).map_err(|e| Error::Sys {
+        call: format!(
+            "instance {name:?}: its network guard (landlock_create_ruleset or bpf(BPF_PROG_LOAD))"
+        ),
+        source: e,
+    })?;
+    if let Some(progs) = &net.bind {
+        let own = own_cgroup()?;
+        progs.attach(&own).map_err(|e| Error::Sys {
+            call: format!(
+                "instance {name:?}: bpf(BPF_PROG_ATTACH) of its bind programs to {}",
+                own.display()
+            ),
+            source: e,
+        })?;
+    }
+    if let Some(fd) = &net.landlock {
+        crate::sys::landlock_restrict_self(fd.as_fd()).map_err(|e| Error::Sys {
+            call: format!("instance {name:?}: landlock_restrict_self"),
+            source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+        })?;
+    }
+    Ok(())
+}
+
+/// The cgroup v2 directory of this process (the unit's).
+fn own_cgroup() -> Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(Error::io("read", "/proc/self/cgroup"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| Error::Host("no cgroup v2 entry in /proc/self/cgroup".into()))?;
+    let v2 = super::native::cgroup::Hierarchy::detect()?.v2;
+    Ok(v2.join(rel.trim_start_matches('/')))
 }
 
 /// Mounts the overlay root of `name` on `<instance>/root` in a new mount
