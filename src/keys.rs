@@ -7,7 +7,7 @@ use std::path::Path;
 use ssh_key::private::{Ed25519Keypair, KeypairData};
 use ssh_key::{LineEnding, PrivateKey};
 
-use crate::store::write_file;
+use crate::store::write_atomic;
 use crate::{Error, Result};
 
 /// An ed25519 host key.
@@ -63,16 +63,10 @@ pub fn ensure_client_key(path: &Path) -> Result<String> {
         .public_key()
         .to_openssh()
         .map_err(|e| Error::Host(format!("cannot encode the client key: {e}")))?;
-    // Write both under temporary names, then rename the private key last:
-    // its presence means the pair is complete.
-    let tmp = path.with_extension("tmp");
-    let tmp_pub = path.with_extension("pub.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_file(&tmp_pub);
-    write_file(&tmp_pub, format!("{public}\n").as_bytes(), 0o644)?;
-    write_file(&tmp, private.as_bytes(), 0o600)?;
-    std::fs::rename(&tmp_pub, &pub_path).map_err(Error::io("rename", &tmp_pub))?;
-    std::fs::rename(&tmp, path).map_err(Error::io("rename", &tmp))?;
+    // Each file appears whole; the private key last: its presence means
+    // the pair is complete.
+    write_atomic(&pub_path, format!("{public}\n").as_bytes(), 0o644)?;
+    write_atomic(path, private.as_bytes(), 0o600)?;
     Ok(public)
 }
 

@@ -1,5 +1,6 @@
 //! The only module with `unsafe`: thin wrappers over the few system calls
 //! that rustix does not offer safely, each with its SAFETY note.
+#![allow(unsafe_code)]
 
 use std::ffi::{c_char, CStr, CString};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -96,12 +97,12 @@ pub fn spawn_with_hook(
 
 /// rustix's Uid/Gid from raw numbers (read from a container's passwd).
 pub fn ids(uid: u32, gid: u32) -> (rustix::process::Uid, rustix::process::Gid) {
-    // SAFETY: from_raw is unsafe only because -1 means "no change" to some
-    // calls; passwd IDs that are u32::MAX are rejected here.
     assert!(
         uid != u32::MAX && gid != u32::MAX,
         "uid/gid -1 is not an ID"
     );
+    // SAFETY: from_raw is unsafe only because -1 means "no change" to some
+    // calls; passwd IDs that are u32::MAX are rejected above.
     unsafe {
         (
             rustix::process::Uid::from_raw(uid),

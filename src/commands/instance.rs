@@ -5,7 +5,7 @@ use nifty::fleet;
 use std::time::Instant;
 
 use nifty::runtime::{self, Runtime, State, StopOptions};
-use nifty::store::{Backend, CreateSpec, Limits};
+use nifty::store::{CreateSpec, Limits};
 use nifty::template::{self, BuildOptions};
 use nifty::Error;
 
@@ -67,20 +67,9 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
         &ctx.store.template_rootfs(&a.template),
         !a.no_userns,
     )?;
-    if backend == Backend::Systemd {
-        // Refuse before creating anything: a host without systemd, a name
-        // systemd cannot take as a machine name, a bind it cannot parse.
-        rt.systemd()?;
-        for n in &names {
-            nifty::runtime::systemd::check_machine_name(n)?;
-        }
-        for b in &a.bind_ro {
-            anyhow::ensure!(
-                !b.chars().any(char::is_whitespace),
-                "--bind-ro {b:?}: systemd-nspawn cannot take a path with spaces"
-            );
-        }
-    }
+    // Refuse before creating anything: a backend that is not here (no
+    // systemd), a name or a bind it cannot take.
+    rt.check_create(backend, &names, &a.bind_ro)?;
     ctx.store.ensure()?;
     let mut out = fleet::run(&ctx.printer, "create", &names, |name| {
         ctx.store.create_instance(&CreateSpec {
@@ -95,9 +84,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
             drop_caps: !a.keep_caps,
         })
     });
-    if backend == Backend::Systemd && !out.ok.is_empty() {
-        register_units(ctx, &rt, &mut out)?;
-    }
+    register(ctx, &rt, &mut out)?;
     if names.len() == 1 && out.failed.is_empty() {
         let inst = ctx.store.instance(&names[0])?;
         ctx.printer
@@ -106,21 +93,23 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     Ok(out.report(&ctx.printer, "create"))
 }
 
-/// Writes the unit files of new systemd instances (one reload for all).
-/// If systemd cannot take them, the instances are removed again: nothing
-/// half-made is left.
-fn register_units(ctx: &Ctx, rt: &Runtime, out: &mut fleet::Outcome) -> Result<()> {
+/// Registers new instances with their backend (systemd: the unit files,
+/// one reload for all). If the backend cannot take them, the instances are
+/// removed again: nothing half-made is left.
+fn register(ctx: &Ctx, rt: &Runtime, out: &mut fleet::Outcome) -> Result<()> {
+    if out.ok.is_empty() {
+        return Ok(());
+    }
     let insts = out
         .ok
         .iter()
         .map(|n| ctx.store.instance(n))
         .collect::<Result<Vec<_>, _>>()?;
-    let refs: Vec<&nifty::store::Instance> = insts.iter().collect();
-    if let Err(e) = rt.systemd().and_then(|s| s.prepare(&refs)) {
+    if let Err(e) = rt.register(&insts) {
         for i in &insts {
             let _ = ctx.store.remove_instance(i);
         }
-        let _ = rt.systemd().map(|s| s.forget(&out.ok));
+        let _ = rt.forget(&insts);
         for n in out.ok.drain(..) {
             out.failed.push((
                 n.clone(),
@@ -171,33 +160,16 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
     let names: Vec<String> = removable.iter().map(|i| i.name.clone()).collect();
     let mut out = fleet::run(&ctx.printer, "rm", &names, |name| {
         let inst = removable.iter().find(|i| i.name == name).expect("selected");
-        if inst.backend == Backend::Native {
-            // Whatever runs in its cgroup, init or not, keeps its port and
-            // ID range: never release them under a live process.
-            let cg = rt.native.cgroup(name);
-            let left = cg.procs();
-            if !left.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "instance {name:?}: its cgroup still holds {} process(es) (PID {}); \
-                     `nifty stop {name}` or `nifty kill {name}` first, or `nifty rm -f {name}`",
-                    left.len(),
-                    left[0]
-                )));
-            }
-            let _ = cg.remove();
-        }
+        rt.release(inst)?;
         ctx.store.remove_instance(inst)
     });
-    let gone: Vec<String> = removable
-        .iter()
-        .filter(|i| i.backend == Backend::Systemd && out.ok.contains(&i.name))
-        .map(|i| i.name.clone())
+    let gone: Vec<nifty::store::Instance> = removable
+        .into_iter()
+        .filter(|i| out.ok.contains(&i.name))
         .collect();
-    if !gone.is_empty() {
-        // Their drop-ins and boot links go with them.
-        if let Err(e) = rt.systemd().and_then(|s| s.forget(&gone)) {
-            eprintln!("nifty: rm: {e}");
-        }
+    // What their backends keep (systemd: drop-ins, boot links) goes too.
+    if let Err(e) = rt.forget(&gone) {
+        eprintln!("nifty: rm: {e}");
     }
     out.failed.extend(failed);
     Ok(out.report(&ctx.printer, "rm"))
@@ -244,9 +216,7 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
                 drop_caps: true,
             })
         });
-        if backend == Backend::Systemd && !out.ok.is_empty() {
-            register_units(ctx, &rt, &mut out)?;
-        }
+        register(ctx, &rt, &mut out)?;
         if !out.report(&ctx.printer, "create") {
             return Ok(false);
         }

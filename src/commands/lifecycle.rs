@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use nifty::fleet::{self, Outcome};
 use nifty::runtime::{parse_signal, Runtime, StopOptions};
-use nifty::store::{Backend, Instance};
+use nifty::store::Instance;
 
 use super::instance::select;
 use super::Ctx;
@@ -40,10 +40,7 @@ pub fn start(ctx: &Ctx, sel: Selection) -> Result<bool> {
     out.failed.extend(failed.failed);
     if insts.len() == 1 && out.failed.is_empty() {
         let inst = &insts[0];
-        let how = match inst.backend {
-            Backend::Native => String::new(),
-            Backend::Systemd => format!(" as {}", rt.systemd()?.names().unit(&inst.name)),
-        };
+        let how = rt.launched_as(inst);
         ctx.printer.info(format!(
             "started {}{how} (ssh port {})",
             inst.name, inst.port
@@ -61,15 +58,9 @@ fn stop_selected(ctx: &Ctx, rt: &Runtime, a: &StopArgs, kill: bool, verb: &str) 
     let names = select(ctx, &a.sel)?;
     let (insts, mut out) = load(ctx, &names);
     if a.sel.all {
-        // Also end native containers whose instance record is gone.
-        for n in rt.native.cgroup_names() {
-            if names.contains(&n) {
-                continue;
-            }
-            let cg = rt.native.cgroup(&n);
-            let _ = cg.kill();
-            cg.wait_empty(Duration::from_secs(5));
-            match cg.remove() {
+        // Also end containers whose instance record is gone.
+        for (n, r) in rt.reap_orphans(&names) {
+            match r {
                 Ok(()) => out.ok.push(n),
                 Err(e) => out.failed.push((n, e)),
             }

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nifty::runtime::{Info, Runtime, State};
-use nifty::store::{Backend, Instance};
+use nifty::runtime::status::{tail, Proc};
+use nifty::runtime::{LogSource, Runtime, State};
+use nifty::store::Instance;
 use rayon::prelude::*;
-use serde::Serialize;
 
 use super::Ctx;
 use crate::cli::{ExecArgs, LogsArgs, SshArgs, StatusArgs};
@@ -69,103 +69,10 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
     Ok(ok)
 }
 
-/// A process of a container, for `status`.
-#[derive(Debug, Serialize)]
-struct Proc {
-    pid: i32,
-    ppid: i32,
-    cmdline: String,
-}
-
-/// The systemd unit of an instance, for `status`.
-#[derive(Debug, Serialize)]
-struct UnitStatus {
-    name: String,
-    /// systemd-nspawn, the unit's main process.
-    main_pid: Option<u32>,
-    file: String,
-    enabled: String,
-}
-
-#[derive(Debug, Serialize)]
-struct Status {
-    #[serde(flatten)]
-    info: Info,
-    cgroup: String,
-    listening: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unit: Option<UnitStatus>,
-    processes: Vec<Proc>,
-    log: Vec<String>,
-}
-
 pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
     let inst = ctx.store.instance(&a.name)?;
     let rt = Runtime::new(&ctx.store)?;
-    let info = rt.info(&inst);
-    let (cgroup, pids, log, unit) = match inst.backend {
-        Backend::Native => (
-            rt.native.cgroup_path(&inst.name),
-            rt.native.cgroup(&inst.name).procs(),
-            tail(&ctx.store.console_log(&inst.name), a.lines),
-            None,
-        ),
-        Backend::Systemd => {
-            let sd = rt.systemd()?;
-            let cg = sd.cgroup_path(&inst).unwrap_or_else(|| "-".into());
-            let pids = if cg == "-" {
-                Vec::new()
-            } else {
-                nifty::runtime::systemd::procs_under(&sd.cgroup_dir(&cg))
-            };
-            let out = std::process::Command::new("journalctl")
-                .args(sd.journal_args(&inst))
-                .arg(format!("--lines={}", a.lines))
-                .output();
-            let log = out
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .filter(|l| !l.starts_with("-- "))
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let unit = UnitStatus {
-                main_pid: sd.main_pid(&inst),
-                name: sd.names().unit(&inst.name),
-                file: sd.template_path().display().to_string(),
-                enabled: sd
-                    .unit_file_state(&inst)
-                    .unwrap_or_else(|| "unknown".into()),
-            };
-            (cg, pids, log, Some(unit))
-        }
-    };
-    let processes: Vec<Proc> = pids
-        .into_iter()
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let ppid = stat[stat.rfind(')')? + 2..]
-                .split(' ')
-                .nth(1)?
-                .parse()
-                .ok()?;
-            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&raw)
-                .trim_end_matches('\0')
-                .replace('\0', " ");
-            Some(Proc { pid, ppid, cmdline })
-        })
-        .collect();
-    let st = Status {
-        listening: info.state == State::Running && listening(inst.port),
-        cgroup,
-        log,
-        unit,
-        processes,
-        info,
-    };
+    let st = rt.status(&inst, a.lines)?;
     if ctx.printer.json {
         ctx.printer.json(&st);
         return Ok(true);
@@ -262,23 +169,23 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
 
 pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
     let inst = ctx.store.instance(&a.name)?;
-    if inst.backend == Backend::Systemd {
-        // The container's console goes to the journal, with the unit's own
-        // messages: journalctl shows both.
-        let rt = Runtime::new(&ctx.store)?;
-        let mut cmd = std::process::Command::new("journalctl");
-        cmd.args(rt.systemd()?.journal_args(&inst));
-        match a.lines {
-            Some(n) => cmd.arg(format!("--lines={n}")),
-            None => cmd.arg("--lines=all"),
-        };
-        if a.follow {
-            cmd.arg("--follow");
+    let rt = Runtime::new(&ctx.store)?;
+    let path = match rt.log_source(&inst)? {
+        LogSource::Journal(args) => {
+            let mut cmd = std::process::Command::new("journalctl");
+            cmd.args(args);
+            match a.lines {
+                Some(n) => cmd.arg(format!("--lines={n}")),
+                None => cmd.arg("--lines=all"),
+            };
+            if a.follow {
+                cmd.arg("--follow");
+            }
+            let e = cmd.exec();
+            return Err(e).context("cannot run journalctl (Debian package systemd)");
         }
-        let e = cmd.exec();
-        return Err(e).context("cannot run journalctl (Debian package systemd)");
-    }
-    let path = ctx.store.console_log(&a.name);
+        LogSource::File(path) => path,
+    };
     let mut out = std::io::stdout().lock();
     // What the container wrote, escaped on a terminal (a tenant's escape
     // sequences must not drive the administrator's terminal) unless --raw.
@@ -344,7 +251,6 @@ pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
 pub fn exec(ctx: &Ctx, a: ExecArgs) -> Result<ExitCode> {
     let inst = ctx.store.instance(&a.name)?;
     let rt = Runtime::new(&ctx.store)?;
-    let target = rt.target(&inst)?;
     let env = a
         .env
         .iter()
@@ -354,9 +260,7 @@ pub fn exec(ctx: &Ctx, a: ExecArgs) -> Result<ExitCode> {
                 .with_context(|| format!("--env {kv:?}: use KEY=VALUE"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let code = rt
-        .native
-        .exec(&inst, &target, a.user.as_deref(), &a.cmd, &env)?;
+    let code = rt.exec(&inst, a.user.as_deref(), &a.cmd, &env)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
@@ -398,28 +302,6 @@ pub fn ssh(ctx: &Ctx, a: SshArgs) -> Result<ExitCode> {
     }
     let e = cmd.exec();
     Err(e).context("cannot run ssh: install Debian's openssh-client")
-}
-
-/// Is a TCP port in LISTEN state on the host (the containers share its network)?
-fn listening(port: u16) -> bool {
-    let want = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f).is_ok_and(|s| {
-            s.lines().skip(1).any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
-            })
-        })
-    })
-}
-
-fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
 }
 
 fn duration(secs: u64) -> String {

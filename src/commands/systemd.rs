@@ -3,7 +3,6 @@
 
 use anyhow::Result;
 use nifty::runtime::{Runtime, StopOptions};
-use nifty::store::{Backend, Instance};
 
 use super::instance::select;
 use super::Ctx;
@@ -29,11 +28,7 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
         }
         SystemdCmd::Uninstall => {
             let sd = rt.systemd()?;
-            let users: Vec<String> = systemd_instances(ctx)?
-                .into_iter()
-                .map(|i| i.name)
-                .collect();
-            let removed = sd.uninstall(&users)?;
+            let removed = sd.uninstall()?;
             ctx.printer.info(if removed {
                 format!(
                     "removed {} (systemd reloaded)",
@@ -51,16 +46,6 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
     }
 }
 
-fn systemd_instances(ctx: &Ctx) -> Result<Vec<Instance>> {
-    Ok(ctx
-        .store
-        .instance_names()?
-        .iter()
-        .filter_map(|n| ctx.store.instance(n).ok())
-        .filter(|i| i.backend == Backend::Systemd)
-        .collect())
-}
-
 /// `nifty enable` / `nifty disable`.
 pub fn enable(ctx: &Ctx, a: EnableArgs, on: bool) -> Result<bool> {
     let verb = if on { "enable" } else { "disable" };
@@ -69,21 +54,8 @@ pub fn enable(ctx: &Ctx, a: EnableArgs, on: bool) -> Result<bool> {
         .iter()
         .map(|n| ctx.store.instance(n))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(i) = insts.iter().find(|i| i.backend != Backend::Systemd) {
-        anyhow::bail!(
-            "instance {:?} uses the native launcher, which has no boot-time start; \
-             only systemd instances (create --backend systemd) can be {verb}d",
-            i.name
-        );
-    }
     let rt = Runtime::new(&ctx.store)?;
-    let sd = rt.systemd()?;
-    let refs: Vec<&Instance> = insts.iter().collect();
-    let changes = if on {
-        sd.enable(&refs)?
-    } else {
-        sd.disable(&refs)?
-    };
+    let changes = rt.enable(&insts, on)?;
     for (kind, link, dest) in &changes {
         match kind.as_str() {
             "symlink" => ctx

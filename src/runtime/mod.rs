@@ -6,6 +6,7 @@
 
 pub mod dbus;
 pub mod native;
+pub mod status;
 pub mod systemd;
 
 use std::time::Duration;
@@ -14,6 +15,8 @@ use serde::Serialize;
 
 use crate::store::{Backend, Instance, Store};
 use crate::{Error, Result};
+
+pub use status::{LogSource, Status, UnitStatus};
 
 /// What the kernel says about an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -134,11 +137,56 @@ pub fn default_backend() -> Backend {
     }
 }
 
+/// Called once per instance as a fleet operation finishes it (progress).
+pub type Done<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// One door per backend: everything a command may ask of the launcher
+/// that runs an instance. Commands never ask which backend an instance
+/// uses: [`Runtime`] groups instances by backend and hands each group to
+/// its launcher.
+pub trait Launcher: Sync {
+    /// The state of these instances (all of this backend).
+    fn infos(&self, insts: &[&Instance]) -> Vec<Info>;
+    /// Starts them; `done` is called once per instance.
+    fn start_many(&self, insts: &[&Instance], done: Done<'_>) -> Results;
+    /// Stops them; a stopped one is not an error.
+    fn stop_many(&self, insts: &[&Instance], opts: StopOptions, done: Done<'_>) -> Results;
+    /// Where a running instance lives (for `exec` and host-side files).
+    fn target(&self, inst: &Instance) -> Result<Target>;
+    /// Its cgroup, as shown to the user ("-" when it has none), and the
+    /// processes in it and below it.
+    fn processes(&self, inst: &Instance) -> (String, Vec<i32>);
+    /// The unit that runs it, if the backend has units.
+    fn unit(&self, inst: &Instance) -> Option<UnitStatus>;
+    /// Where its console output goes.
+    fn log_source(&self, inst: &Instance) -> LogSource;
+    /// Refuses, before anything is created, what this backend cannot
+    /// take (instance names, `--bind-ro` paths).
+    fn check_create(&self, names: &[String], binds: &[String]) -> Result<()>;
+    /// Registers newly created instances (systemd: the unit's drop-ins).
+    fn register(&self, insts: &[&Instance]) -> Result<()>;
+    /// Before `rm`: refuses while anything of the instance runs; clears
+    /// what the backend keeps of a stopped one.
+    fn release(&self, inst: &Instance) -> Result<()>;
+    /// After `rm`: forgets removed instances (systemd: drop-ins and boot
+    /// links).
+    fn forget(&self, names: &[String]) -> Result<()>;
+    /// How a started instance runs, for messages: "" or
+    /// " as nifty@1.service".
+    fn launched_as(&self, inst: &Instance) -> String;
+    /// Starts the instances at boot (`on`) or no longer; returns the
+    /// (kind, link, destination) of each change made.
+    fn enable(&self, insts: &[&Instance], on: bool) -> Result<Vec<dbus::Change>>;
+    /// Ends the containers of this backend whose instance record is gone
+    /// (`stop --all`); `known` are the instances that exist.
+    fn reap_orphans(&self, known: &[String]) -> Results;
+}
+
 /// Both launchers of one store; every fleet verb goes through here and
 /// each instance goes to its own backend. The systemd one is connected
 /// only when an instance needs it.
 pub struct Runtime {
-    pub native: native::Native,
+    native: native::Native,
     store: Store,
     systemd: std::sync::OnceLock<std::result::Result<systemd::Systemd, String>>,
 }
@@ -163,7 +211,8 @@ impl Runtime {
         })
     }
 
-    /// The systemd backend, connected on first use.
+    /// The systemd backend, connected on first use (for `nifty systemd`,
+    /// whose verbs are about the unit files themselves).
     pub fn systemd(&self) -> Result<&systemd::Systemd> {
         self.systemd
             .get_or_init(|| systemd::Systemd::new(&self.store).map_err(|e| e.to_string()))
@@ -171,28 +220,48 @@ impl Runtime {
             .map_err(|e| Error::Host(e.clone()))
     }
 
-    /// State of every instance, from the kernel (native) or systemd.
-    pub fn infos(&self, insts: &[Instance]) -> Vec<Info> {
-        let sd: Vec<&Instance> = insts
-            .iter()
-            .filter(|i| i.backend == Backend::Systemd)
-            .collect();
-        use rayon::prelude::*;
-        let mut sd_infos = match (sd.is_empty(), self.systemd()) {
-            (true, _) => Vec::new(),
-            (false, Ok(s)) => s.infos(&sd),
-            (false, Err(_)) => sd.iter().map(|i| stopped(i)).collect(),
-        }
-        .into_iter();
-        // Native state is read from /proc and cgroupfs: in parallel.
-        let native: Vec<Option<Info>> = insts
-            .par_iter()
-            .map(|i| (i.backend == Backend::Native).then(|| self.native.info(i)))
-            .collect();
-        native
+    /// The launcher of `backend` (the only place that tells them apart).
+    pub fn launcher(&self, backend: Backend) -> Result<&dyn Launcher> {
+        Ok(match backend {
+            Backend::Native => &self.native,
+            Backend::Systemd => self.systemd()?,
+        })
+    }
+
+    /// The launcher of an instance.
+    fn of(&self, inst: &Instance) -> Result<&dyn Launcher> {
+        self.launcher(inst.backend)
+    }
+
+    /// `insts` grouped by backend, in a fixed order (native first).
+    fn groups(insts: &[Instance]) -> Vec<(Backend, Vec<&Instance>)> {
+        [Backend::Native, Backend::Systemd]
             .into_iter()
-            .zip(insts)
-            .map(|(n, i)| n.unwrap_or_else(|| sd_infos.next().unwrap_or_else(|| stopped(i))))
+            .map(|b| {
+                (
+                    b,
+                    insts.iter().filter(|i| i.backend == b).collect::<Vec<_>>(),
+                )
+            })
+            .filter(|(_, g)| !g.is_empty())
+            .collect()
+    }
+
+    /// State of every instance, from the kernel (native) or systemd, in
+    /// the order given.
+    pub fn infos(&self, insts: &[Instance]) -> Vec<Info> {
+        let mut by_name: std::collections::HashMap<String, Info> = Self::groups(insts)
+            .into_iter()
+            .flat_map(|(b, group)| match self.launcher(b) {
+                Ok(l) => l.infos(&group),
+                // No systemd here: none of them can be running.
+                Err(_) => group.iter().map(|i| stopped(i)).collect(),
+            })
+            .map(|i| (i.name.clone(), i))
+            .collect();
+        insts
+            .iter()
+            .map(|i| by_name.remove(&i.name).unwrap_or_else(|| stopped(i)))
             .collect()
     }
 
@@ -202,18 +271,12 @@ impl Runtime {
 
     /// PID of a running instance's init.
     pub fn init_pid(&self, inst: &Instance) -> Option<i32> {
-        match inst.backend {
-            Backend::Native => self.native.info(inst).pid,
-            Backend::Systemd => self.systemd().ok()?.init_pid(inst),
-        }
+        self.info(inst).pid
     }
 
     /// Where a running instance lives (for `exec`).
     pub fn target(&self, inst: &Instance) -> Result<Target> {
-        match inst.backend {
-            Backend::Native => self.native.target(inst),
-            Backend::Systemd => self.systemd()?.target(inst),
-        }
+        self.of(inst)?.target(inst)
     }
 
     /// Opens an instance's merged root for safe reads and writes.
@@ -221,65 +284,130 @@ impl Runtime {
         self.native.open_root(inst, |i| self.init_pid(i))
     }
 
-    /// Starts instances, native ones in parallel on the worker pool,
-    /// systemd ones as queued jobs.
-    pub fn start_many(&self, insts: &[Instance], done: &(dyn Fn(&str) + Sync)) -> Results {
-        use rayon::prelude::*;
-        let (sd, nat): (Vec<&Instance>, Vec<&Instance>) =
-            insts.iter().partition(|i| i.backend == Backend::Systemd);
-        let work = || {
-            nat.par_iter()
-                .map(|i| {
-                    let r = self.native.start(i).map(|_| ());
-                    done(&i.name);
-                    (i.name.clone(), r)
-                })
-                .collect::<Results>()
-        };
-        let mut out = match crate::fleet::pool(nat.len()) {
-            Ok(p) => p.install(work),
-            Err(_) => work(),
-        };
-        if !sd.is_empty() {
-            out.extend(match self.systemd() {
-                Ok(s) => s.start_many(&sd, done),
-                Err(e) => fail(&sd, &e),
+    /// Runs `cmd` in a running instance as `user` (default: root), with
+    /// a pty of nifty's when on a terminal; returns its exit code.
+    pub fn exec(
+        &self,
+        inst: &Instance,
+        user: Option<&str>,
+        cmd: &[String],
+        env: &[(String, String)],
+    ) -> Result<i32> {
+        let target = self.target(inst)?;
+        self.native.exec(inst, &target, user, cmd, env)
+    }
+
+    /// Everything `status` shows of an instance; its log's last `lines`.
+    pub fn status(&self, inst: &Instance, lines: usize) -> Result<Status> {
+        let info = self.info(inst);
+        let l = self.of(inst)?;
+        let (cgroup, pids) = l.processes(inst);
+        Ok(Status {
+            listening: info.state == State::Running && status::listening(inst.port),
+            cgroup,
+            log: l.log_source(inst).tail(lines),
+            unit: l.unit(inst),
+            processes: status::processes(pids),
+            info,
+        })
+    }
+
+    /// Where an instance's console output goes.
+    pub fn log_source(&self, inst: &Instance) -> Result<LogSource> {
+        Ok(self.of(inst)?.log_source(inst))
+    }
+
+    /// Refuses, before anything is created, names or binds `backend`
+    /// cannot take.
+    pub fn check_create(&self, backend: Backend, names: &[String], binds: &[String]) -> Result<()> {
+        self.launcher(backend)?.check_create(names, binds)
+    }
+
+    /// Registers newly created instances with their backends.
+    pub fn register(&self, insts: &[Instance]) -> Result<()> {
+        for (b, group) in Self::groups(insts) {
+            self.launcher(b)?.register(&group)?;
+        }
+        Ok(())
+    }
+
+    /// Before `rm`: refuses while anything of the instance runs.
+    pub fn release(&self, inst: &Instance) -> Result<()> {
+        self.of(inst)?.release(inst)
+    }
+
+    /// After `rm` (or a create undone): the backends forget `insts`.
+    pub fn forget(&self, insts: &[Instance]) -> Result<()> {
+        for (b, group) in Self::groups(insts) {
+            let names: Vec<String> = group.iter().map(|i| i.name.clone()).collect();
+            self.launcher(b)?.forget(&names)?;
+        }
+        Ok(())
+    }
+
+    /// How a started instance runs, for messages.
+    pub fn launched_as(&self, inst: &Instance) -> String {
+        self.of(inst)
+            .map(|l| l.launched_as(inst))
+            .unwrap_or_default()
+    }
+
+    /// Boot-time start on or off for `insts`.
+    pub fn enable(&self, insts: &[Instance], on: bool) -> Result<Vec<dbus::Change>> {
+        let mut out = Vec::new();
+        for (b, group) in Self::groups(insts) {
+            out.extend(self.launcher(b)?.enable(&group, on)?);
+        }
+        Ok(out)
+    }
+
+    /// Ends containers whose instance record is gone, of every backend
+    /// reachable here; `known` are the instances that exist.
+    pub fn reap_orphans(&self, known: &[String]) -> Results {
+        let mut out = self.native.reap_orphans(known);
+        if let Some(Ok(sd)) = self.systemd.get() {
+            out.extend(sd.reap_orphans(known));
+        }
+        out
+    }
+
+    /// Starts instances: each backend's group at once (native ones in
+    /// parallel on the worker pool, systemd ones as queued jobs).
+    pub fn start_many(&self, insts: &[Instance], done: Done<'_>) -> Results {
+        let mut out = Results::new();
+        for (b, group) in Self::groups(insts) {
+            out.extend(match self.launcher(b) {
+                Ok(l) => l.start_many(&group, done),
+                Err(e) => fail(&group, &e),
             });
         }
         out
     }
 
-    /// Stops instances of both backends at once.
-    pub fn stop_many(
-        &self,
-        insts: &[Instance],
-        opts: StopOptions,
-        done: &(dyn Fn(&str) + Sync),
-    ) -> Results {
-        let (sd, nat): (Vec<Instance>, Vec<Instance>) = insts
-            .iter()
-            .cloned()
-            .partition(|i| i.backend == Backend::Systemd);
-        let sd: Vec<&Instance> = sd.iter().collect();
+    /// Stops instances of every backend at once (one thread per backend).
+    pub fn stop_many(&self, insts: &[Instance], opts: StopOptions, done: Done<'_>) -> Results {
+        let groups = Self::groups(insts);
         std::thread::scope(|s| {
-            let h = (!sd.is_empty()).then(|| {
-                s.spawn(|| match self.systemd() {
-                    Ok(sys) => sys.stop_many(&sd, opts, done),
-                    // No systemd here: none of them can be running.
-                    Err(_) => sd
-                        .iter()
-                        .map(|i| {
-                            done(&i.name);
-                            (i.name.clone(), Ok(()))
-                        })
-                        .collect(),
+            let handles: Vec<_> = groups
+                .iter()
+                .map(|(b, group)| {
+                    s.spawn(move || match self.launcher(*b) {
+                        Ok(l) => l.stop_many(group, opts, done),
+                        // A backend that is not here runs nothing.
+                        Err(_) => group
+                            .iter()
+                            .map(|i| {
+                                done(&i.name);
+                                (i.name.clone(), Ok(()))
+                            })
+                            .collect(),
+                    })
                 })
-            });
-            let mut out = self.native.stop_many(&nat, opts, done);
-            if let Some(h) = h {
-                out.extend(h.join().unwrap_or_default());
-            }
-            out
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
         })
     }
 }

@@ -24,7 +24,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, Signal};
 
 use self::cgroup::{Cgroup, Hierarchy};
-use super::{check_backend, Info, StopOptions};
+use super::{check_backend, Done, Info, LogSource, Results, StopOptions, UnitStatus};
 use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
 use crate::{Error, Result};
@@ -282,9 +282,9 @@ impl Native {
     /// from one loop (so a thousand stops take as long as one), kill what
     /// outlives the timeout, and remove the cgroups. A stopped instance is
     /// not an error (its leftover cgroup, if any, is removed).
-    pub fn stop_many(
+    fn stop_all(
         &self,
-        insts: &[Instance],
+        insts: &[&Instance],
         opts: StopOptions,
         done: &(dyn Fn(&str) + Sync),
     ) -> Vec<(String, Result<()>)> {
@@ -593,6 +593,113 @@ struct Account {
 
 /// Reads the container's /etc/passwd without following any symlink out of
 /// its root (openat2 with RESOLVE_IN_ROOT).
+/// nifty's own launcher behind the runtime's door.
+impl super::Launcher for Native {
+    fn infos(&self, insts: &[&Instance]) -> Vec<Info> {
+        // Read from /proc and cgroupfs: in parallel.
+        use rayon::prelude::*;
+        insts.par_iter().map(|i| self.info(i)).collect()
+    }
+
+    fn start_many(&self, insts: &[&Instance], done: Done<'_>) -> Results {
+        use rayon::prelude::*;
+        let work = || {
+            insts
+                .par_iter()
+                .map(|i| {
+                    let r = self.start(i).map(|_| ());
+                    done(&i.name);
+                    (i.name.clone(), r)
+                })
+                .collect::<Results>()
+        };
+        match crate::fleet::pool(insts.len()) {
+            Ok(p) => p.install(work),
+            Err(_) => work(),
+        }
+    }
+
+    fn stop_many(&self, insts: &[&Instance], opts: StopOptions, done: Done<'_>) -> Results {
+        self.stop_all(insts, opts, done)
+    }
+
+    fn target(&self, inst: &Instance) -> Result<super::Target> {
+        Native::target(self, inst)
+    }
+
+    fn processes(&self, inst: &Instance) -> (String, Vec<i32>) {
+        (
+            self.cgroup_path(&inst.name),
+            self.cgroup(&inst.name).procs(),
+        )
+    }
+
+    fn unit(&self, _: &Instance) -> Option<UnitStatus> {
+        None
+    }
+
+    fn log_source(&self, inst: &Instance) -> LogSource {
+        LogSource::File(self.store.console_log(&inst.name))
+    }
+
+    fn check_create(&self, _: &[String], _: &[String]) -> Result<()> {
+        Ok(())
+    }
+
+    fn register(&self, _: &[&Instance]) -> Result<()> {
+        Ok(())
+    }
+
+    fn release(&self, inst: &Instance) -> Result<()> {
+        // Whatever runs in its cgroup, init or not, keeps its port and ID
+        // range: never release them under a live process.
+        let name = &inst.name;
+        let cg = self.cgroup(name);
+        let left = cg.procs();
+        if !left.is_empty() {
+            return Err(Error::Invalid(format!(
+                "instance {name:?}: its cgroup still holds {} process(es) (PID {}); \
+                 `nifty stop {name}` or `nifty kill {name}` first, or `nifty rm -f {name}`",
+                left.len(),
+                left[0]
+            )));
+        }
+        let _ = cg.remove();
+        Ok(())
+    }
+
+    fn forget(&self, _: &[String]) -> Result<()> {
+        Ok(())
+    }
+
+    fn launched_as(&self, _: &Instance) -> String {
+        String::new()
+    }
+
+    fn enable(&self, insts: &[&Instance], on: bool) -> Result<Vec<super::dbus::Change>> {
+        Err(Error::Invalid(format!(
+            "instance {:?} uses the native launcher, which has no boot-time start; \
+             only systemd instances (create --backend systemd) can be {}d",
+            insts.first().map_or("", |i| i.name.as_str()),
+            if on { "enable" } else { "disable" }
+        )))
+    }
+
+    fn reap_orphans(&self, known: &[String]) -> Results {
+        let mut out = Results::new();
+        for n in self.cgroup_names() {
+            if known.contains(&n) {
+                continue;
+            }
+            let cg = self.cgroup(&n);
+            let _ = cg.kill();
+            cg.wait_empty(Duration::from_secs(5));
+            out.push((n, cg.remove()));
+        }
+        out
+    }
+}
+
 fn lookup_user(root: &Path, user: &str) -> Result<Account> {
     let rootfd = rustix::fs::open(
         root,

@@ -21,7 +21,7 @@ use super::dbus::{self, connect, dbus_err, ManagerProxy, ServiceProxy, UnitProxy
 use super::native::cgroup::Hierarchy;
 use super::native::find_init;
 use super::{Info, StopOptions};
-use crate::store::{parse_bind, write_file, Backend, Instance, Store};
+use crate::store::{parse_bind, Backend, Instance, Store};
 use crate::{Error, Result};
 
 /// Where unit files go: the administrator's directory, so that `enable`
@@ -148,7 +148,7 @@ impl Systemd {
             return Ok(false);
         }
         std::fs::create_dir_all(UNIT_DIR).map_err(Error::io("create", UNIT_DIR))?;
-        write_atomic(&path, &text)?;
+        write_unit_file(&path, &text)?;
         Ok(true)
     }
 
@@ -161,7 +161,7 @@ impl Systemd {
             return Ok(false);
         }
         std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
-        write_atomic(&path, &text)?;
+        write_unit_file(&path, &text)?;
         Ok(true)
     }
 
@@ -177,7 +177,17 @@ impl Systemd {
 
     /// `nifty systemd uninstall`: removes the template unit (refused while
     /// instances of this store still use the systemd backend).
-    pub fn uninstall(&self, users: &[String]) -> Result<bool> {
+    pub fn uninstall(&self) -> Result<bool> {
+        let users: Vec<String> = self
+            .store
+            .instance_names()?
+            .into_iter()
+            .filter(|n| {
+                self.store
+                    .instance(n)
+                    .is_ok_and(|i| i.backend == Backend::Systemd)
+            })
+            .collect();
         if !users.is_empty() {
             return Err(Error::Invalid(format!(
                 "{} instance(s) still use the systemd backend ({}{}); remove them first (`nifty rm -f`)",
@@ -636,6 +646,102 @@ impl Systemd {
     }
 }
 
+/// The systemd backend behind the runtime's door.
+impl super::Launcher for Systemd {
+    fn infos(&self, insts: &[&Instance]) -> Vec<Info> {
+        Systemd::infos(self, insts)
+    }
+
+    fn start_many(&self, insts: &[&Instance], done: super::Done<'_>) -> super::Results {
+        Systemd::start_many(self, insts, done)
+    }
+
+    fn stop_many(
+        &self,
+        insts: &[&Instance],
+        opts: super::StopOptions,
+        done: super::Done<'_>,
+    ) -> super::Results {
+        Systemd::stop_many(self, insts, opts, done)
+    }
+
+    fn target(&self, inst: &Instance) -> Result<super::Target> {
+        Systemd::target(self, inst)
+    }
+
+    fn processes(&self, inst: &Instance) -> (String, Vec<i32>) {
+        match self.cgroup_path(inst) {
+            Some(cg) => {
+                let pids = procs_under(&self.cgroup_dir(&cg));
+                (cg, pids)
+            }
+            None => ("-".into(), Vec::new()),
+        }
+    }
+
+    fn unit(&self, inst: &Instance) -> Option<super::UnitStatus> {
+        Some(super::UnitStatus {
+            main_pid: self.main_pid(inst),
+            name: self.names.unit(&inst.name),
+            file: self.template_path().display().to_string(),
+            enabled: self
+                .unit_file_state(inst)
+                .unwrap_or_else(|| "unknown".into()),
+        })
+    }
+
+    fn log_source(&self, inst: &Instance) -> super::LogSource {
+        // The container's console goes to the journal, with the unit's
+        // own messages: journalctl shows both.
+        super::LogSource::Journal(self.journal_args(inst))
+    }
+
+    fn check_create(&self, names: &[String], binds: &[String]) -> Result<()> {
+        for n in names {
+            check_machine_name(n)?;
+        }
+        for b in binds {
+            if b.chars().any(char::is_whitespace) {
+                return Err(Error::Invalid(format!(
+                    "--bind-ro {b:?}: systemd-nspawn cannot take a path with spaces"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn register(&self, insts: &[&Instance]) -> Result<()> {
+        self.prepare(insts)
+    }
+
+    fn release(&self, _: &Instance) -> Result<()> {
+        // systemd ends what runs in the unit's cgroup at stop; `rm` asked
+        // the state first (a running unit is refused or stopped).
+        Ok(())
+    }
+
+    fn forget(&self, names: &[String]) -> Result<()> {
+        Systemd::forget(self, names)
+    }
+
+    fn launched_as(&self, inst: &Instance) -> String {
+        format!(" as {}", self.names.unit(&inst.name))
+    }
+
+    fn enable(&self, insts: &[&Instance], on: bool) -> Result<Vec<dbus::Change>> {
+        if on {
+            Systemd::enable(self, insts)
+        } else {
+            self.disable(insts)
+        }
+    }
+
+    fn reap_orphans(&self, _: &[String]) -> super::Results {
+        // A unit outlives no instance: `rm` stops it first.
+        Vec::new()
+    }
+}
+
 /// Every PID in a cgroup and its children (systemd-nspawn may make
 /// sub-cgroups).
 pub fn procs_under(dir: &Path) -> Vec<i32> {
@@ -652,10 +758,8 @@ pub fn procs_under(dir: &Path) -> Vec<i32> {
     out
 }
 
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("nifty-tmp");
-    write_file(&tmp, text.as_bytes(), 0o644)?;
-    std::fs::rename(&tmp, path).map_err(Error::io("rename", &tmp))
+fn write_unit_file(path: &Path, text: &str) -> Result<()> {
+    crate::store::write_atomic(path, text.as_bytes(), 0o644)
 }
 
 /// The machine name `nifty<name>` must be a valid hostname: systemd
