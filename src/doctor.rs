@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::runtime::native::cgroup::Hierarchy;
+use crate::runtime::linux::cgroup::Hierarchy;
 use crate::store::Store;
 
 /// Processes of one idle container: init, syslogd, Dropbear, plus room
@@ -356,7 +356,7 @@ fn overlay_status(release: &str) -> (Status, String) {
 /// What the running kernel offers nifty, one row per feature: the version
 /// that brought it, and what nifty does without it.
 fn kernel_features(store: &Store) -> Vec<Finding> {
-    use crate::runtime::native::features;
+    use crate::runtime::linux::features;
     let release = rustix::system::uname()
         .release()
         .to_string_lossy()
@@ -443,9 +443,9 @@ fn kernel_features(store: &Store) -> Vec<Finding> {
         ">= 5.3: stop and start follow containers by pidfd, never by a reusable PID",
         if pidfd { "" } else { "a newer kernel" },
     ));
-    let net = crate::runtime::native::confine::NetConfinement::of_kernel();
+    let net = crate::runtime::linux::confine::NetConfinement::of_kernel();
     {
-        use crate::runtime::native::confine::PortOwnership;
+        use crate::runtime::linux::confine::PortOwnership;
         let (status, what, fix) = match net.ports {
             PortOwnership::Landlock => (
                 Status::Ok,

@@ -190,6 +190,23 @@ pub fn outcome(results: Vec<(String, Result<()>)>, seconds: f64) -> Outcome {
     out
 }
 
+/// Runs a fleet operation over `n` instances behind a progress bar
+/// titled `verb`: `op` gets the callback it calls as each instance is
+/// done, and returns the results, gathered into an [`Outcome`] with the
+/// time it took.
+pub fn tracked(
+    printer: &crate::printer::Printer,
+    verb: &str,
+    n: usize,
+    op: impl FnOnce(crate::runtime::Done<'_>) -> Vec<(String, Result<()>)>,
+) -> Outcome {
+    let start = std::time::Instant::now();
+    let bar = printer.progress(verb, n as u64);
+    let results = op(&|_| bar.inc(1));
+    bar.finish_and_clear();
+    outcome(results, start.elapsed().as_secs_f64())
+}
+
 /// Runs `f` on every name in parallel with a progress bar.
 pub fn run<T: Send>(
     printer: &Printer,

@@ -6,12 +6,15 @@
 //! launcher talks to the kernel directly); [`fleet`] turns a selection such
 //! as `1..1000` into parallel work with progress.
 
+pub mod claims;
+pub mod disk;
 pub mod doctor;
 pub mod error;
 pub mod fleet;
 pub mod keys;
 pub mod names;
 pub mod printer;
+pub mod provision;
 pub mod runtime;
 pub mod store;
 pub mod sys;

@@ -14,15 +14,17 @@
 //! [`crate::runtime`]).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
+
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::claims::Claims;
+pub use crate::disk::{write_atomic, write_file};
 use crate::names::check_name;
-use crate::{keys, Error, Result};
+use crate::{Error, Result};
 
 /// Default state root.
 pub const DEFAULT_ROOT: &str = "/var/lib/nifty";
@@ -144,21 +146,6 @@ pub struct Source {
     pub sha256: String,
 }
 
-/// What `create` needs to know about a new instance.
-#[derive(Debug, Clone)]
-pub struct CreateSpec {
-    pub name: String,
-    pub template: String,
-    pub backend: Backend,
-    pub port: Option<u16>,
-    pub limits: Limits,
-    pub bind_ro: Vec<String>,
-    /// Map container root to an unprivileged host range.
-    pub userns: bool,
-    pub seccomp: bool,
-    pub drop_caps: bool,
-}
-
 /// The state root and runtime directory of one nifty installation.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -239,13 +226,13 @@ impl Store {
     /// Claims of user-namespace ID ranges, host-wide (every state root):
     /// `<slot> -> <instance dir>`.
     pub fn uids_dir(&self) -> PathBuf {
-        PathBuf::from(crate::runtime::native::userns::HOST_CLAIMS)
+        PathBuf::from(crate::claims::uid_range::HOST_CLAIMS)
     }
 
     /// Once per state root made by an older nifty (its claims were in
     /// `<root>/uids/`): records its instances' ranges host-wide, and warns
     /// of any another root holds already.
-    fn adopt_legacy_ranges(&self) {
+    pub(crate) fn adopt_legacy_ranges(&self) {
         let legacy = self.root.join("uids");
         if !legacy.is_dir() {
             return;
@@ -256,7 +243,7 @@ impl Store {
             };
             if let Some(base) = inst.security.uid_base {
                 let dir = self.instance_dir(&name);
-                if !crate::runtime::native::userns::adopt(&self.uids_dir(), &dir, base) {
+                if !crate::claims::uid_range::adopt(&self.uids_dir(), &dir, base) {
                     tracing::warn!(
                         instance = %name,
                         "its UID range {base} is claimed by another instance of this host; \
@@ -356,187 +343,6 @@ impl Store {
         Ok(names)
     }
 
-    /// Creates one instance: its upper layer with its own identity (host
-    /// key, hostname, machine-id), its port claim and its record. The
-    /// instance appears under its name only when complete (rename); on any
-    /// error nothing of it remains.
-    pub fn create_instance(&self, spec: &CreateSpec) -> Result<Instance> {
-        check_name("instance", &spec.name)?;
-        let tmpl = self.template(&spec.template)?;
-        let final_dir = self.instance_dir(&spec.name);
-        if final_dir.exists() {
-            return Err(Error::InstanceExists(spec.name.clone()));
-        }
-        for b in &spec.bind_ro {
-            parse_bind(b)?;
-        }
-        let port = self.claim_port(&spec.name, spec.port)?;
-        if spec.userns && port < unprivileged_port_start() {
-            self.release_port(port, &spec.name);
-            return Err(Error::Port {
-                port,
-                why: format!(
-                    "below {}: container root is unprivileged and cannot bind it; pick a higher port, or lower net.ipv4.ip_unprivileged_port_start (--no-userns would also do it, at the cost of container root being host root: see SECURITY.md)",
-                    unprivileged_port_start()
-                ),
-            });
-        }
-        let uid_base = if spec.userns {
-            let hint = spec.name.parse::<u32>().ok();
-            self.adopt_legacy_ranges();
-            match crate::runtime::native::userns::claim(&self.uids_dir(), &final_dir, hint) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    self.release_port(port, &spec.name);
-                    return Err(e);
-                }
-            }
-        } else {
-            None
-        };
-        let security = Security {
-            uid_base,
-            seccomp: spec.seccomp,
-            drop_caps: spec.drop_caps,
-        };
-        let tmp = self
-            .instances_dir()
-            .join(format!(".new-{}-{}", spec.name, std::process::id()));
-        let result = self
-            .write_instance(&tmp, spec, &tmpl, port, security)
-            .and_then(|inst| {
-                rustix::fs::renameat_with(
-                    rustix::fs::CWD,
-                    &tmp,
-                    rustix::fs::CWD,
-                    &final_dir,
-                    rustix::fs::RenameFlags::NOREPLACE,
-                )
-                .map_err(|e| {
-                    if e == rustix::io::Errno::EXIST || e == rustix::io::Errno::NOTEMPTY {
-                        Error::InstanceExists(spec.name.clone())
-                    } else {
-                        Error::sys(format!(
-                            "renameat2({}, {}, RENAME_NOREPLACE)",
-                            tmp.display(),
-                            final_dir.display()
-                        ))(e)
-                    }
-                })
-                .map(|()| inst)
-            });
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&tmp);
-            self.release_port(port, &spec.name);
-            if let Some(b) = uid_base {
-                crate::runtime::native::userns::release(&self.uids_dir(), &final_dir, b);
-            }
-        }
-        result
-    }
-
-    fn write_instance(
-        &self,
-        dir: &Path,
-        spec: &CreateSpec,
-        tmpl: &TemplateMeta,
-        port: u16,
-        security: Security,
-    ) -> Result<Instance> {
-        let mk = |p: &Path, mode: u32| {
-            fs::DirBuilder::new()
-                .mode(mode)
-                .create(p)
-                .map_err(Error::io("create", p))
-        };
-        mk(dir, 0o700)?;
-        let upper = dir.join("upper");
-        mk(&upper, 0o755)?;
-        mk(&dir.join("work"), 0o700)?;
-        let etc = upper.join("etc");
-        mk(&etc, 0o755)?;
-        mk(&etc.join("dropbear"), 0o700)?;
-        // The directories every boot writes into (syslogd's /dev/log, the
-        // pid files in /var/run) exist in the upper layer from the start, as
-        // the template has them: the first boot copies nothing up.
-        let lower = self.template_rootfs(&spec.template);
-        let mut made = Vec::new();
-        for rel in BOOT_WRITES {
-            if let Ok(m) = fs::metadata(lower.join(rel)) {
-                if m.is_dir() {
-                    let p = upper.join(rel);
-                    mk(&p, 0o755)?;
-                    fs::set_permissions(
-                        &p,
-                        fs::Permissions::from_mode(
-                            std::os::unix::fs::MetadataExt::mode(&m) & 0o7777,
-                        ),
-                    )
-                    .map_err(Error::io("chmod", &p))?;
-                    made.push(p);
-                }
-            }
-        }
-
-        let key = keys::HostKey::generate();
-        write_file(
-            &etc.join("dropbear/dropbear_ed25519_host_key"),
-            &key.dropbear_private(),
-            0o600,
-        )?;
-        write_file(
-            &etc.join("inittab"),
-            crate::template::inittab::render(Some(port)).as_bytes(),
-            0o644,
-        )?;
-        write_file(
-            &etc.join("hostname"),
-            format!("nifty{}\n", spec.name).as_bytes(),
-            0o644,
-        )?;
-        let machine_id: [u8; 16] = rand::random();
-        write_file(
-            &etc.join("machine-id"),
-            format!("{}\n", hex::encode(machine_id)).as_bytes(),
-            0o444,
-        )?;
-        let inst = Instance {
-            name: spec.name.clone(),
-            template: spec.template.clone(),
-            backend: spec.backend,
-            port,
-            user: tmpl.user.clone(),
-            host_key: key.openssh_public(),
-            created: now(),
-            limits: spec.limits.clone(),
-            bind_ro: spec.bind_ro.clone(),
-            security,
-        };
-        // The upper layer belongs to the container's root.
-        if let Some(base) = inst.security.uid_base {
-            for p in [&upper, &etc, &etc.join("dropbear")]
-                .into_iter()
-                .cloned()
-                .chain(made)
-                .chain(
-                    [
-                        "dropbear/dropbear_ed25519_host_key",
-                        "hostname",
-                        "machine-id",
-                        "inittab",
-                    ]
-                    .map(|f| etc.join(f)),
-                )
-            {
-                std::os::unix::fs::lchown(&p, Some(base), Some(base))
-                    .map_err(Error::io("chown", &p))?;
-            }
-        }
-        let text = toml::to_string(&inst).map_err(|e| Error::Host(e.to_string()))?;
-        write_file(&dir.join("instance.toml"), text.as_bytes(), 0o644)?;
-        Ok(inst)
-    }
-
     /// Rewrites an instance's record (atomically: temp file + rename).
     pub fn save_instance(&self, inst: &Instance) -> Result<()> {
         let text = toml::to_string(inst).map_err(|e| Error::Host(e.to_string()))?;
@@ -558,11 +364,7 @@ impl Store {
         fs::rename(&dir, &trash).map_err(Error::io("rename", &dir))?;
         self.release_port(inst.port, &inst.name);
         if let Some(b) = inst.security.uid_base {
-            crate::runtime::native::userns::release(
-                &self.uids_dir(),
-                &self.instance_dir(&inst.name),
-                b,
-            );
+            crate::claims::uid_range::release(&self.uids_dir(), &self.instance_dir(&inst.name), b);
         }
         fs::remove_dir_all(&trash).map_err(Error::io("remove", &trash))
     }
@@ -571,7 +373,7 @@ impl Store {
     /// names, or the next free one of the pool. A claim is a symlink
     /// `ports/<port> -> <name>`, so two instances can never hold one port;
     /// a port already bound on the host is refused now, not at boot.
-    fn claim_port(&self, name: &str, requested: Option<u16>) -> Result<u16> {
+    pub(crate) fn claim_port(&self, name: &str, requested: Option<u16>) -> Result<u16> {
         let (bottom, top) = self.pool();
         let fixed = match requested {
             Some(p) => Some(p),
@@ -612,32 +414,26 @@ impl Store {
     }
 
     fn try_claim(&self, port: u16, name: &str) -> Result<()> {
-        let link = self.ports_dir().join(port.to_string());
-        match symlink(name, &link) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let owner = fs::read_link(&link)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| "?".into());
-                return Err(Error::Port {
-                    port,
-                    why: format!("already assigned to instance {owner:?}"),
-                });
-            }
-            Err(e) => return Err(Error::io("create port claim", link)(e)),
+        let claims = Claims::at(&self.ports_dir());
+        let key = port.to_string();
+        if let Some(owner) = claims.claim(&key, Path::new(name))? {
+            return Err(Error::Port {
+                port,
+                why: format!(
+                    "already assigned to instance {:?}",
+                    owner.display().to_string()
+                ),
+            });
         }
         if let Err(why) = host_port_free(port) {
-            let _ = fs::remove_file(&link);
+            claims.release(&key, Path::new(name));
             return Err(Error::Port { port, why });
         }
         Ok(())
     }
 
-    fn release_port(&self, port: u16, name: &str) {
-        let link = self.ports_dir().join(port.to_string());
-        if fs::read_link(&link).is_ok_and(|p| p == Path::new(name)) {
-            let _ = fs::remove_file(link);
-        }
+    pub(crate) fn release_port(&self, port: u16, name: &str) {
+        Claims::at(&self.ports_dir()).release(&port.to_string(), Path::new(name));
     }
 }
 
@@ -715,10 +511,6 @@ fn list_dir(dir: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Directories of the template that BusyBox init, syslogd and Dropbear
-/// write into at every boot, parents first.
-const BOOT_WRITES: &[&str] = &["dev", "var", "var/run"];
-
 /// Marks a directory as the top of a hierarchy for ext4's Orlov allocator
 /// (`chattr +T`), so that its subdirectories, the instances, are spread
 /// over the block groups. Every start makes and deletes a few inodes in the
@@ -759,40 +551,6 @@ fn read_toml<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Writes a new file with a mode, failing if it exists.
-pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(Error::io("create", path))?;
-    f.write_all(data).map_err(Error::io("write", path))?;
-    // The umask may have narrowed the mode.
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(Error::io("chmod", path))
-}
-
-/// Replaces the file at `path` with `data` (mode `mode`) atomically: a
-/// temp file of a unique name in the same directory, renamed over it. A
-/// crash leaves at most a `.nifty-*` temp file beside it, which no later
-/// write trips over.
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".nifty-")
-        .tempfile_in(dir)
-        .map_err(Error::io("create a temp file in", dir))?;
-    tmp.write_all(data)
-        .map_err(Error::io("write", tmp.path()))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(Error::io("chmod", tmp.path()))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io("rename onto", path)(e.error))?;
-    Ok(())
-}
-
 /// The current time, RFC 3339, seconds precision.
 pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
@@ -801,27 +559,6 @@ pub fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn atomic_writes_replace_and_survive_a_crash_leftover() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("nifty@.service");
-        // What a crash of the old writer left behind.
-        fs::write(dir.path().join("nifty@.nifty-tmp"), "half").unwrap();
-        write_atomic(&p, b"one", 0o644).unwrap();
-        write_atomic(&p, b"two", 0o600).unwrap();
-        assert_eq!(fs::read_to_string(&p).unwrap(), "two");
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        let temps = fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".nifty-"))
-            .count();
-        assert_eq!(temps, 0, "a temp file was left");
-    }
 
     #[test]
     fn sorts_numbers_first() {

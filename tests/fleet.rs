@@ -382,7 +382,7 @@ fn memory_cgroup_own_only_when_limited() {
     root.ok(&["create", "602", "--memory", "48M"]);
     root.ok(&["start", "601", "602"]);
     let pids = [root.procs("601"), root.procs("602")].concat();
-    let h = nifty::runtime::native::cgroup::Hierarchy::detect().unwrap();
+    let h = nifty::runtime::linux::cgroup::Hierarchy::detect().unwrap();
     let base = h.base(&nifty::store::Store::new(Some(root.path().into())).cgroup_name());
     let memcg_of = |name: &str| {
         let pid = root.procs(name)[0];

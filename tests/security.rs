@@ -483,6 +483,20 @@ fn tenant_files_read_by_nifty_are_checked_for_type_and_size() {
     );
     assert_eq!(code, 0, "{out}");
     refused("a sparse 64 GiB file", "more than");
+    // `exec --user` reads the container's /etc/passwd by the same rules.
+    let (code, out) = as_root(&root, "561", "rm /etc/passwd && mkfifo /etc/passwd");
+    assert_eq!(code, 0, "{out}");
+    let o = nifty_within(
+        &root,
+        &["exec", "-u", "luser", "561", "--", "true"],
+        Duration::from_secs(20),
+    )
+    .expect("exec --user hung on a FIFO /etc/passwd");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a regular file"),
+        "{err}"
+    );
 }
 
 /// Item 5: escape sequences a tenant plants (in an authorized_keys
@@ -779,7 +793,7 @@ fn a_container_owns_only_its_port_and_no_abstract_socket_of_the_host() {
     if !privileged() {
         return;
     }
-    let k = nifty::runtime::native::confine::NetConfinement::of_kernel();
+    let k = nifty::runtime::linux::confine::NetConfinement::of_kernel();
     let root = Root::new();
     root.ok(&["template", "build", "-q", "--with", "/usr/bin/socat"]);
     root.ok(&["create", "581", "582"]);
@@ -795,7 +809,7 @@ fn a_container_owns_only_its_port_and_no_abstract_socket_of_the_host() {
     if k.owns_port() {
         // Landlock answers EACCES, the cgroup bind programs EPERM.
         let refusal = match k.ports {
-            nifty::runtime::native::confine::PortOwnership::Landlock => "Permission denied",
+            nifty::runtime::linux::confine::PortOwnership::Landlock => "Permission denied",
             _ => "Operation not permitted",
         };
         assert!(out.contains(refusal), "{code} {out}");
@@ -912,7 +926,7 @@ fn the_cgroup_bind_fallback_holds_a_container_to_its_port() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn seccomp_refuses_what_the_probe_found() {
-    let filters = nifty::runtime::native::confine::filters().unwrap();
+    let filters = nifty::runtime::linux::confine::filters().unwrap();
     // (system call, errno it must answer), as numbers: the child may not
     // allocate, so a mismatch exits with the index of the failing probe.
     const STATMOUNT: i64 = 457;

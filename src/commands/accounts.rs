@@ -6,7 +6,7 @@ use std::io::Read;
 use anyhow::{Context, Result};
 use nifty::fleet;
 use nifty::keys::HostKey;
-use nifty::runtime::native::files::{is_crypt_hash, set_shadow_hash};
+use nifty::runtime::linux::files::{is_crypt_hash, set_shadow_hash};
 use nifty::runtime::Runtime;
 use nifty::template::accounts::hash_password;
 use nifty::template::inittab::HOST_KEY;

@@ -2,10 +2,10 @@
 
 use anyhow::{Context, Result};
 use nifty::fleet;
-use std::time::Instant;
 
+use nifty::provision::{self, CreateSpec};
 use nifty::runtime::{self, Runtime, State, StopOptions};
-use nifty::store::{CreateSpec, Limits};
+use nifty::store::Limits;
 use nifty::template::{self, BuildOptions};
 use nifty::Error;
 
@@ -63,7 +63,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     let backend = a.backend.unwrap_or_else(runtime::default_backend);
     let rt = Runtime::new(&ctx.store)?;
     // Both backends mount the same overlay, idmapped unless --no-userns.
-    nifty::runtime::native::features::preflight(
+    nifty::runtime::linux::features::preflight(
         &ctx.store.template_rootfs(&a.template),
         !a.no_userns,
     )?;
@@ -72,17 +72,20 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     rt.check_create(backend, &names, &a.bind_ro)?;
     ctx.store.ensure()?;
     let mut out = fleet::run(&ctx.printer, "create", &names, |name| {
-        ctx.store.create_instance(&CreateSpec {
-            name: name.to_string(),
-            template: a.template.clone(),
-            backend,
-            port: a.port,
-            limits: limits.clone(),
-            bind_ro: a.bind_ro.clone(),
-            userns: !a.no_userns,
-            seccomp: !a.no_seccomp,
-            drop_caps: !a.keep_caps,
-        })
+        provision::create(
+            &ctx.store,
+            &CreateSpec {
+                name: name.to_string(),
+                template: a.template.clone(),
+                backend,
+                port: a.port,
+                limits: limits.clone(),
+                bind_ro: a.bind_ro.clone(),
+                userns: !a.no_userns,
+                seccomp: !a.no_seccomp,
+                drop_caps: !a.keep_caps,
+            },
+        )
     });
     register(ctx, &rt, &mut out)?;
     if names.len() == 1 && out.failed.is_empty() {
@@ -144,13 +147,10 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
             ));
         }
     } else if !running.is_empty() {
-        let bar = ctx.printer.progress("stop", running.len() as u64);
-        for (n, r) in rt.stop_many(&running, StopOptions::default(), &|_| bar.inc(1)) {
-            if let Err(e) = r {
-                failed.push((n, e));
-            }
-        }
-        bar.finish_and_clear();
+        let out = fleet::tracked(&ctx.printer, "stop", running.len(), |done| {
+            rt.stop_many(&running, StopOptions::default(), done)
+        });
+        failed.extend(out.failed);
     }
     for i in insts {
         if !failed.iter().any(|(n, _)| *n == i.name) {
@@ -200,21 +200,24 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         .collect();
     let rt = Runtime::new(&ctx.store)?;
     if !missing.is_empty() {
-        nifty::runtime::native::features::preflight(&ctx.store.template_rootfs(&a.template), true)?;
+        nifty::runtime::linux::features::preflight(&ctx.store.template_rootfs(&a.template), true)?;
         ctx.store.ensure()?;
         let backend = a.backend.unwrap_or_else(runtime::default_backend);
         let mut out = fleet::run(&ctx.printer, "create", &missing, |name| {
-            ctx.store.create_instance(&CreateSpec {
-                name: name.to_string(),
-                template: a.template.clone(),
-                backend,
-                port: None,
-                limits: Limits::default(),
-                bind_ro: Vec::new(),
-                userns: true,
-                seccomp: true,
-                drop_caps: true,
-            })
+            provision::create(
+                &ctx.store,
+                &CreateSpec {
+                    name: name.to_string(),
+                    template: a.template.clone(),
+                    backend,
+                    port: None,
+                    limits: Limits::default(),
+                    bind_ro: Vec::new(),
+                    userns: true,
+                    seccomp: true,
+                    drop_caps: true,
+                },
+            )
         });
         register(ctx, &rt, &mut out)?;
         if !out.report(&ctx.printer, "create") {
@@ -232,11 +235,9 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         .filter(|(info, _)| info.state == State::Stopped)
         .map(|(_, i)| i.clone())
         .collect();
-    let started = Instant::now();
-    let bar = ctx.printer.progress("start", stopped.len() as u64);
-    let results = rt.start_many(&stopped, &|_| bar.inc(1));
-    bar.finish_and_clear();
-    let out = fleet::outcome(results, started.elapsed().as_secs_f64());
+    let out = fleet::tracked(&ctx.printer, "start", stopped.len(), |done| {
+        rt.start_many(&stopped, done)
+    });
     let started_ok = out.ok.clone();
     let ok = out.report(&ctx.printer, "start");
     // Count what is up, not what was asked for: those that ran already

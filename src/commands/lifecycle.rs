@@ -1,6 +1,6 @@
 //! `nifty start`, `stop`, `restart`, `kill`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use nifty::fleet::{self, Outcome};
@@ -25,11 +25,9 @@ fn load(ctx: &Ctx, names: &[String]) -> (Vec<Instance>, Outcome) {
 }
 
 fn start_insts(ctx: &Ctx, rt: &Runtime, insts: &[Instance]) -> Outcome {
-    let start = Instant::now();
-    let bar = ctx.printer.progress("start", insts.len() as u64);
-    let results = rt.start_many(insts, &|_| bar.inc(1));
-    bar.finish_and_clear();
-    fleet::outcome(results, start.elapsed().as_secs_f64())
+    fleet::tracked(&ctx.printer, "start", insts.len(), |done| {
+        rt.start_many(insts, done)
+    })
 }
 
 pub fn start(ctx: &Ctx, sel: Selection) -> Result<bool> {
@@ -66,11 +64,9 @@ fn stop_selected(ctx: &Ctx, rt: &Runtime, a: &StopArgs, kill: bool, verb: &str) 
             }
         }
     }
-    let start = Instant::now();
-    let bar = ctx.printer.progress(verb, insts.len() as u64);
-    let results = rt.stop_many(&insts, opts, &|_| bar.inc(1));
-    bar.finish_and_clear();
-    let done = fleet::outcome(results, start.elapsed().as_secs_f64());
+    let done = fleet::tracked(&ctx.printer, verb, insts.len(), |done| {
+        rt.stop_many(&insts, opts, done)
+    });
     out.ok.extend(done.ok);
     out.failed.extend(done.failed);
     out.seconds = done.seconds;

@@ -4,7 +4,8 @@
 //! whose PID inside its namespace is 1. Nothing about a running container
 //! is stored in a file that could go stale.
 
-pub mod dbus;
+pub mod linux;
+pub use linux::dbus;
 pub mod native;
 pub mod status;
 pub mod systemd;
@@ -65,7 +66,7 @@ impl Info {
             backend: inst.backend,
             pid,
             port: inst.port,
-            uptime_secs: pid.and_then(native::uptime),
+            uptime_secs: pid.and_then(linux::proc::uptime),
             memory_bytes,
             template: inst.template.clone(),
         }
@@ -280,8 +281,8 @@ impl Runtime {
     }
 
     /// Opens an instance's merged root for safe reads and writes.
-    pub fn open_root(&self, inst: &Instance) -> Result<native::files::Root> {
-        self.native.open_root(inst, |i| self.init_pid(i))
+    pub fn open_root(&self, inst: &Instance) -> Result<linux::files::Root> {
+        linux::files::open_root(&self.store, inst, |i| self.init_pid(i))
     }
 
     /// Runs `cmd` in a running instance as `user` (default: root), with

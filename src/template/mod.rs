@@ -393,11 +393,11 @@ fn populate(
 
     // /dev's entries, for the launchers to bind the host's devices onto
     // and to mount devpts on (no tmpfs per container).
-    for d in crate::runtime::native::spawn::DEVICES {
+    for d in crate::runtime::linux::dev::DEVICES {
         write_file(&rootfs.join("dev").join(d), b"", 0o666)?;
     }
     mkdir(&rootfs.join("dev/pts"), 0o755)?;
-    for (target, link) in crate::runtime::native::spawn::DEV_LINKS {
+    for (target, link) in crate::runtime::linux::dev::DEV_LINKS {
         let link = rootfs.join(link.to_str().unwrap_or_default());
         symlink(target.to_str().unwrap_or_default(), &link).map_err(Error::io("symlink", &link))?;
     }

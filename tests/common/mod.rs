@@ -113,7 +113,7 @@ impl Root {
     /// The v2 cgroup directory of this root's containers.
     pub fn cgroup_base(&self) -> PathBuf {
         let store = nifty::store::Store::new(Some(self.path().into()));
-        let h = nifty::runtime::native::cgroup::Hierarchy::detect().unwrap();
+        let h = nifty::runtime::linux::cgroup::Hierarchy::detect().unwrap();
         h.v2.join(h.base(&store.cgroup_name()))
     }
 

@@ -3,15 +3,8 @@
 //! left behind, like runc's detached containers. Containers outlive the
 //! `nifty start` that made them; their state is read back from the kernel.
 
-pub mod cgroup;
-pub mod confine;
-pub mod delegate;
-pub mod features;
-pub mod files;
 pub mod poweroff;
-pub mod pty;
 pub mod spawn;
-pub mod userns;
 
 use std::fs;
 use std::io::Write;
@@ -23,8 +16,11 @@ use std::time::{Duration, Instant};
 use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, Signal};
 
-use self::cgroup::{Cgroup, Hierarchy};
 use super::{check_backend, Done, Info, LogSource, Results, StopOptions, UnitStatus};
+use crate::runtime::linux::cgroup::{Cgroup, Hierarchy};
+use crate::runtime::linux::files::{self, User};
+use crate::runtime::linux::proc::{find_init, find_init_state, lock};
+use crate::runtime::linux::{cgroup, confine, delegate, features, pty, userns};
 use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
 use crate::{Error, Result};
@@ -430,16 +426,18 @@ impl Native {
             open_ns("pid")?,
         );
         let account = match user {
-            None | Some("root") => Account {
+            None | Some("root") => User {
                 uid: 0,
                 gid: 0,
                 home: "/root".into(),
                 name: "root".into(),
             },
-            Some(u) => lookup_user(&proc_dir.join("root"), u).map_err(|e| match e {
-                Error::Invalid(m) => Error::Invalid(format!("instance {:?}: {m}", inst.name)),
-                e => e,
-            })?,
+            // Read as every tenant file is (no link followed, a regular
+            // file of bounded size), through init's root.
+            Some(u) => {
+                files::Root::of_running(&inst.name, pid, inst.security.uid_base.unwrap_or(0))?
+                    .user(u)?
+            }
         };
         let cgroup_files: Vec<OwnedFd> = target
             .procs_files
@@ -583,14 +581,6 @@ impl Native {
     }
 }
 
-/// A user of the container, from its /etc/passwd.
-struct Account {
-    uid: u32,
-    gid: u32,
-    home: String,
-    name: String,
-}
-
 /// Reads the container's /etc/passwd without following any symlink out of
 /// its root (openat2 with RESOLVE_IN_ROOT).
 /// nifty's own launcher behind the runtime's door.
@@ -700,45 +690,6 @@ impl super::Launcher for Native {
     }
 }
 
-fn lookup_user(root: &Path, user: &str) -> Result<Account> {
-    let rootfd = rustix::fs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(Error::sys(format!("open({})", root.display())))?;
-    let fd = rustix::fs::openat2(
-        &rootfd,
-        "etc/passwd",
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-        rustix::fs::ResolveFlags::IN_ROOT | rustix::fs::ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(Error::sys(format!(
-        "openat2({}, etc/passwd, RESOLVE_IN_ROOT)",
-        root.display()
-    )))?;
-    let text = std::io::read_to_string(fs::File::from(fd))
-        .map_err(Error::io("read", root.join("etc/passwd")))?;
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 6 && f[0] == user {
-            let num = |s: &str| s.parse::<u32>().ok();
-            if let (Some(uid), Some(gid)) = (num(f[2]), num(f[3])) {
-                return Ok(Account {
-                    uid,
-                    gid,
-                    home: f[5].to_string(),
-                    name: user.to_string(),
-                });
-            }
-        }
-    }
-    Err(Error::Invalid(format!(
-        "no user {user:?} in the container's /etc/passwd"
-    )))
-}
-
 /// The environment init starts with.
 fn init_env(inst: &Instance) -> Vec<(String, String)> {
     vec![
@@ -768,92 +719,4 @@ fn open_log(path: &Path, name: &str) -> Result<OwnedFd> {
     );
     let _ = f.write_all(line.as_bytes());
     Ok(f.into())
-}
-
-/// Takes an exclusive lock on the instance directory for the duration of a
-/// start (released by the kernel if nifty dies).
-pub fn lock(dir: &Path) -> Result<OwnedFd> {
-    let fd = rustix::fs::open(
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::NOENT => {
-            Error::NoInstance(dir.file_name().unwrap_or_default().to_string_lossy().into())
-        }
-        e => Error::sys(format!("open({})", dir.display()))(e),
-    })?;
-    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(Error::sys(format!("flock({}, LOCK_EX)", dir.display())))?;
-    Ok(fd)
-}
-
-/// The container's init among its cgroup's processes: the one that is PID 1
-/// in its own namespace and has exec'd (a first process still setting up,
-/// or left behind by a nifty killed mid-start, does not count).
-pub fn find_init(procs: &[i32]) -> Option<i32> {
-    find_init_state(procs).map(|(pid, _)| pid)
-}
-
-/// [`find_init`], and whether that init is stopped (state T: SIGSTOP).
-///
-/// Only what the tenant cannot forge counts: membership of the cgroup
-/// (`procs`, read by the caller), the kernel's `NSpid` (PID 1 of its own
-/// namespace), and whether it has exec'd: until then the container's first
-/// process still runs nifty's own executable, which no process inside can
-/// ever exec (the host binary is not reachable from a container). Names
-/// (comm, argv) are the tenant's to change and are not read.
-pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
-    let own = nifty_exe();
-    procs.iter().find_map(|&pid| {
-        let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
-        if field("NSpid:").and_then(|l| l.split_whitespace().last()) != Some("1") {
-            return None;
-        }
-        let exe = rustix::fs::stat(format!("/proc/{pid}/exe").as_str())
-            .ok()
-            .map(|st| (st.st_dev, st.st_ino));
-        if exe.is_some() && exe == own {
-            return None; // not exec'd yet: still starting
-        }
-        Some((pid, field("State:").is_some_and(|st| st.starts_with('T'))))
-    })
-}
-
-/// (device, inode) of the running nifty's executable.
-fn nifty_exe() -> Option<(u64, u64)> {
-    static EXE: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
-    *EXE.get_or_init(|| {
-        rustix::fs::stat("/proc/self/exe")
-            .ok()
-            .map(|st| (st.st_dev, st.st_ino))
-    })
-}
-
-/// Seconds since a process started.
-pub fn uptime(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let start: u64 = after.split(' ').nth(19)?.parse().ok()?;
-    let up: f64 = fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split(' ')
-        .next()?
-        .parse()
-        .ok()?;
-    let hz = rustix::param::clock_ticks_per_second();
-    Some((up as u64).saturating_sub(start / hz))
-}
-
-/// Does the process exist (signal 0)?
-pub fn alive(pid: i32) -> bool {
-    Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
-}
-
-/// Sends a signal to a process.
-pub fn signal(pid: i32, sig: Signal) -> Result<()> {
-    let p = Pid::from_raw(pid).ok_or_else(|| Error::Invalid(format!("bad pid {pid}")))?;
-    rustix::process::kill_process(p, sig).map_err(Error::sys(format!("kill({pid}, {sig:?})")))
 }

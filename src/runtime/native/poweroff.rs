@@ -24,7 +24,7 @@ use rustix::event::epoll;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::process::{Pid, PidfdFlags, Signal};
 
-use super::cgroup::Cgroup;
+use crate::runtime::linux::cgroup::Cgroup;
 
 /// The shutdown line of the inittabs nifty wrote before it powered off
 /// itself (templates and instances made then still have it): it only

@@ -18,8 +18,8 @@ use zbus::zvariant::OwnedObjectPath;
 use self::unit::Names;
 pub use super::dbus::booted;
 use super::dbus::{self, connect, dbus_err, ManagerProxy, ServiceProxy, UnitProxy};
-use super::native::cgroup::Hierarchy;
-use super::native::find_init;
+use super::linux::cgroup::{procs_under, Hierarchy};
+use super::linux::proc::find_init;
 use super::{Info, StopOptions};
 use crate::store::{parse_bind, Backend, Instance, Store};
 use crate::{Error, Result};
@@ -742,22 +742,6 @@ impl super::Launcher for Systemd {
     }
 }
 
-/// Every PID in a cgroup and its children (systemd-nspawn may make
-/// sub-cgroups).
-pub fn procs_under(dir: &Path) -> Vec<i32> {
-    let mut out: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
-        .map(|s| s.lines().filter_map(|l| l.parse().ok()).collect())
-        .unwrap_or_default();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                out.extend(procs_under(&e.path()));
-            }
-        }
-    }
-    out
-}
-
 fn write_unit_file(path: &Path, text: &str) -> Result<()> {
     crate::store::write_atomic(path, text.as_bytes(), 0o644)
 }
@@ -815,7 +799,7 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
 /// with the cgroup).
 fn guard_network(inst: &Instance) -> Result<()> {
     let name = &inst.name;
-    let net = super::native::confine::network(inst.port).map_err(|e| Error::Sys {
+    let net = super::linux::confine::network(inst.port).map_err(|e| Error::Sys {
         call: format!(
             "instance {name:?}: its network guard (landlock_create_ruleset or bpf(BPF_PROG_LOAD))"
         ),
@@ -848,7 +832,7 @@ fn own_cgroup() -> Result<PathBuf> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| Error::Host("no cgroup v2 entry in /proc/self/cgroup".into()))?;
-    let v2 = super::native::cgroup::Hierarchy::detect()?.v2;
+    let v2 = super::linux::cgroup::Hierarchy::detect()?.v2;
     Ok(v2.join(rel.trim_start_matches('/')))
 }
 
@@ -878,7 +862,7 @@ fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io("create", &target)(e)),
     }
-    let fd = super::native::files::detached_overlay(store, &inst)?;
+    let fd = super::linux::files::detached_overlay(store, &inst)?;
     move_mount(
         fd.as_fd(),
         "",
@@ -916,7 +900,7 @@ fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
             "--drop-capability={}",
             NSPAWN_DEFAULT_CAPS
                 .iter()
-                .filter(|c| !super::native::confine::KEEP.iter().any(|(_, k)| k == *c))
+                .filter(|c| !super::linux::confine::KEEP.iter().any(|(_, k)| k == *c))
                 .copied()
                 .collect::<Vec<_>>()
                 .join(",")
@@ -963,7 +947,7 @@ mod tests {
     fn kept_caps_are_nspawn_defaults() {
         // Every capability nifty keeps exists in nspawn's default set, so
         // dropping the rest leaves exactly nifty's set.
-        for (_, c) in super::super::native::confine::KEEP {
+        for (_, c) in super::super::linux::confine::KEEP {
             assert!(super::NSPAWN_DEFAULT_CAPS.contains(c), "{c}");
         }
     }

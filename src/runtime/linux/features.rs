@@ -100,7 +100,7 @@ pub fn preflight(template_rootfs: &Path, userns: bool) -> Result<()> {
              is then host root: see SECURITY.md)"
         )));
     }
-    let ns = super::userns::create(super::userns::FIRST).map_err(|e| {
+    let ns = super::userns::create(crate::claims::uid_range::FIRST).map_err(|e| {
         let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());

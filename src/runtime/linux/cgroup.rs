@@ -37,7 +37,7 @@ impl Hierarchy {
         let info = fs::read_to_string("/proc/self/mountinfo")
             .map_err(Error::io("read", "/proc/self/mountinfo"))?;
         let mut h = Self::parse(&info)?;
-        h.systemd = crate::runtime::dbus::booted();
+        h.systemd = super::dbus::booted();
         Ok(h)
     }
 
@@ -204,6 +204,28 @@ fn write(path: &Path, value: &str) -> Result<()> {
     })
 }
 
+/// The PIDs in the cgroup at `dir` (its `cgroup.procs`); empty if it
+/// does not exist.
+pub fn procs_of(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// The PIDs in the cgroup at `dir` and in every cgroup below it (a
+/// launcher such as systemd-nspawn makes sub-cgroups).
+pub fn procs_under(dir: &Path) -> Vec<i32> {
+    let mut out = procs_of(dir);
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(procs_under(&e.path()));
+            }
+        }
+    }
+    out
+}
+
 impl Cgroup {
     /// Creates the cgroup(s), applies the limits, and returns their
     /// `cgroup.procs` files open for writing.
@@ -310,9 +332,7 @@ impl Cgroup {
 
     /// PIDs in the container's cgroup; empty if it does not exist.
     pub fn procs(&self) -> Vec<i32> {
-        fs::read_to_string(self.v2.join("cgroup.procs"))
-            .map(|s| s.lines().filter_map(|l| l.parse().ok()).collect())
-            .unwrap_or_default()
+        procs_of(&self.v2)
     }
 
     /// Does the cgroup directory exist?

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
-use super::{userns, Native};
+use super::userns;
 use crate::store::{Instance, Store};
 use crate::{sys, Error, Result};
 
@@ -41,39 +41,46 @@ pub struct User {
     pub home: String,
 }
 
-impl Native {
-    /// Opens the merged root of an instance, running or not. A stopped
-    /// instance stays locked (no start) while the root is open.
-    /// `running` finds the init of a running instance (whichever backend
-    /// runs it); it is asked under the instance's lock.
-    pub fn open_root(
-        &self,
-        inst: &Instance,
-        running: impl Fn(&Instance) -> Option<i32>,
-    ) -> Result<Root> {
-        let base = inst.security.uid_base.unwrap_or(0);
-        let lock = super::lock(&self.store.instance_dir(&inst.name))?;
-        if let Some(pid) = running(inst) {
-            let p = format!("/proc/{pid}/root");
-            let fd = rustix::fs::open(
-                &p,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(Error::sys(format!("open({p})")))?;
-            return Ok(Root {
-                name: inst.name.clone(),
-                fd,
-                base,
-                _lock: None,
-            });
-        }
-        let fd = detached_overlay(&self.store, inst)?;
+/// Opens the merged root of an instance, running or not. A stopped
+/// instance stays locked (no start) while the root is open. `running`
+/// finds the init of a running instance (whichever backend runs it); it
+/// is asked under the instance's lock.
+pub fn open_root(
+    store: &Store,
+    inst: &Instance,
+    running: impl Fn(&Instance) -> Option<i32>,
+) -> Result<Root> {
+    let base = inst.security.uid_base.unwrap_or(0);
+    let lock = super::proc::lock(&store.instance_dir(&inst.name))?;
+    if let Some(pid) = running(inst) {
+        return Root::of_running(&inst.name, pid, base);
+    }
+    let fd = detached_overlay(store, inst)?;
+    Ok(Root {
+        name: inst.name.clone(),
+        fd,
+        base,
+        _lock: Some(lock),
+    })
+}
+
+impl Root {
+    /// The merged root of a running container, as its init `pid` sees it
+    /// (`/proc/<pid>/root`), for reads; `base` is the host ID its root
+    /// maps to. No instance lock is taken.
+    pub fn of_running(name: &str, pid: i32, base: u32) -> Result<Root> {
+        let p = format!("/proc/{pid}/root");
+        let fd = rustix::fs::open(
+            &p,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(Error::sys(format!("open({p})")))?;
         Ok(Root {
-            name: inst.name.clone(),
+            name: name.to_string(),
             fd,
             base,
-            _lock: Some(lock),
+            _lock: None,
         })
     }
 }
@@ -102,7 +109,7 @@ fn overlay_fd(
         })?),
         None => None,
     };
-    super::spawn::overlay(
+    super::overlay::overlay(
         &store.template_rootfs(&inst.template),
         &dir.join("upper"),
         &dir.join("work"),

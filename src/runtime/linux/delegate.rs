@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use zbus::zvariant::Value;
 
-use crate::runtime::dbus::{self, ManagerProxy, UnitProxy};
+use super::dbus::{self, ManagerProxy, UnitProxy};
 use crate::{Error, Result};
 
 /// The slice that holds the fleets of every state root.

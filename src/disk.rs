@@ -1,0 +1,69 @@
+//! Files of nifty's own state: written new (never over an existing file),
+//! or replaced atomically.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// Writes a new file with a mode, failing if it exists.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(Error::io("create", path))?;
+    f.write_all(data).map_err(Error::io("write", path))?;
+    // The umask may have narrowed the mode.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(Error::io("chmod", path))
+}
+
+/// Replaces the file at `path` with `data` (mode `mode`) atomically: a
+/// temp file of a unique name in the same directory, renamed over it. A
+/// crash leaves at most a `.nifty-*` temp file beside it, which no later
+/// write trips over.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".nifty-")
+        .tempfile_in(dir)
+        .map_err(Error::io("create a temp file in", dir))?;
+    tmp.write_all(data)
+        .map_err(Error::io("write", tmp.path()))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(Error::io("chmod", tmp.path()))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("rename onto", path)(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_replace_and_survive_a_crash_leftover() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("nifty@.service");
+        // What a crash of the old writer left behind.
+        fs::write(dir.path().join("nifty@.nifty-tmp"), "half").unwrap();
+        write_atomic(&p, b"one", 0o644).unwrap();
+        write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), "two");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let temps = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".nifty-"))
+            .count();
+        assert_eq!(temps, 0, "a temp file was left");
+    }
+}

@@ -1,0 +1,15 @@
+//! The container's private /dev: what is bound from the host and which
+//! symlinks it holds (the launcher makes them, `template build` checks
+//! the template has their mount points).
+
+/// Symlinks of /dev: (target, link).
+pub const DEV_LINKS: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
+    (c"pts/ptmx", c"dev/ptmx"),
+    (c"/proc/self/fd", c"dev/fd"),
+    (c"/proc/self/fd/0", c"dev/stdin"),
+    (c"/proc/self/fd/1", c"dev/stdout"),
+    (c"/proc/self/fd/2", c"dev/stderr"),
+];
+
+/// Devices bound from the host into the container's private /dev.
+pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];

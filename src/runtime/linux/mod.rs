@@ -1,0 +1,18 @@
+//! The Linux toolbox both backends share: cgroups, user namespaces and
+//! their ID ranges, confinement (capabilities, seccomp, Landlock, bind
+//! programs), the overlay root, host-side access to an instance's files,
+//! /proc readers, ptys, and what the running kernel offers. Nothing here
+//! knows which backend runs an instance; `native` (nifty's own launcher)
+//! and `systemd` build on it, and it builds only on `crate::sys`.
+
+pub mod cgroup;
+pub mod confine;
+pub mod dbus;
+pub mod delegate;
+pub mod dev;
+pub mod features;
+pub mod files;
+pub mod overlay;
+pub mod proc;
+pub mod pty;
+pub mod userns;

@@ -1,0 +1,173 @@
+//! The root of a container: an overlay of the shared template (idmapped
+//! into the instance's ID range) under the instance's own upper layer,
+//! made as a detached mount that no host mount table shows. Both backends
+//! and host-side writes to a stopped instance use it.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags, CWD};
+use rustix::mount::OpenTreeFlags;
+
+use crate::sys;
+
+/// Makes the root of a container as a detached mount: an overlay of the
+/// template `lower` (idmapped through `userns`, if given) under `upper`,
+/// with `work`.
+///
+/// Linux 6.13 and later take the layers as fds (`lowerdir+`, `upperdir`,
+/// `workdir` with FSCONFIG_SET_FD), so no option
+/// string is parsed, any path works and the idmapped lower layer can stay a
+/// detached mount. Older kernels (Debian 12's 6.1, Ubuntu 22.04's 5.15,
+/// RHEL 9's 5.14) take only option strings, and their overlayfs accepts a
+/// layer only if it is attached in the caller's mount namespace
+/// (`clone_private_mount`). For them, [`overlay_by_path`] attaches the
+/// idmapped tree in a private mount namespace of the calling thread, names
+/// the layers by `/proc/thread-self/fd/N` (no commas, whatever the paths),
+/// and detaches the tree again once the overlay holds its own clone of it.
+/// Same result, same properties: nothing appears in the host's mount table.
+pub fn overlay(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    userns: Option<BorrowedFd<'_>>,
+) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+    use rustix::mount::*;
+    let tree = idmapped_tree(lower, userns)?;
+    if super::features::overlay_fd_layers() == Some(false) {
+        return overlay_by_path(lower, tree, upper, work);
+    }
+    let upper_fd = open_path_dir(upper)?;
+    let work_fd = open_path_dir(work)?;
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| ("fsopen(overlay)".to_string(), e))?;
+    let set = |k: &str, fd: &OwnedFd| {
+        fsconfig_set_fd(fs.as_fd(), k, fd.as_fd()).map_err(|e| (format!("fsconfig({k}, fd)"), e))
+    };
+    match set("lowerdir+", &tree) {
+        Ok(()) => super::features::set_overlay_fd_layers(true),
+        // Before 6.13 overlayfs takes no layer by fd: 6.8-6.12 have
+        // `lowerdir+` for paths only (EBADF), 6.5-6.7 no `lowerdir+`
+        // (EINVAL), older ones only the legacy option parser (EINVAL or
+        // EOPNOTSUPP). Whatever the answer, the path fallback is tried and
+        // reports its own error if it fails too.
+        Err(_) => {
+            super::features::set_overlay_fd_layers(false);
+            drop(fs);
+            return overlay_by_path(lower, tree, upper, work);
+        }
+    }
+    set("upperdir", &upper_fd)?;
+    set("workdir", &work_fd)?;
+    fsconfig_create(fs.as_fd()).map_err(|e| ("fsconfig(FSCONFIG_CMD_CREATE)".to_string(), e))?;
+    fsmount_overlay(&fs)
+}
+
+/// A detached clone of `lower`, idmapped through `userns` if given.
+fn idmapped_tree(
+    lower: &Path,
+    userns: Option<BorrowedFd<'_>>,
+) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+    let tree = rustix::mount::open_tree(
+        CWD,
+        lower,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(|e| (format!("open_tree({})", lower.display()), e))?;
+    if let Some(ns) = userns {
+        sys::mount_setattr_idmap(tree.as_fd(), ns).map_err(|e| {
+            (
+                "mount_setattr(MOUNT_ATTR_IDMAP)".to_string(),
+                rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
+            )
+        })?;
+    }
+    Ok(tree)
+}
+
+fn open_path_dir(p: &Path) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+    rustix::fs::open(
+        p,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| (format!("open({})", p.display()), e))
+}
+
+fn fsmount_overlay(fs: &OwnedFd) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+    use rustix::mount::*;
+    fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+    )
+    .map_err(|e| ("fsmount(overlay)".to_string(), e))
+}
+
+thread_local! {
+    /// Whether this thread has its private mount namespace for
+    /// [`overlay_by_path`] (made at its first use, kept for the thread's life).
+    static STAGING_NS: std::cell::OnceCell<Result<(), rustix::io::Errno>> =
+        const { std::cell::OnceCell::new() };
+}
+
+/// The overlay for kernels before 6.13 (see [`overlay`]). The calling thread
+/// gets, once, a private copy of the mount namespace (`unshare(CLONE_NEWNS)`
+/// on one thread unshares only that thread's view; `MS_REC|MS_PRIVATE`, so
+/// nothing it mounts propagates to the host). There the idmapped `tree` is
+/// attached over the template's own directory (the only place a path names
+/// it), the overlay is made from `/proc/thread-self/fd/N` names of the
+/// layers as this namespace sees them, and the tree is detached again.
+fn overlay_by_path(
+    lower: &Path,
+    tree: OwnedFd,
+    upper: &Path,
+    work: &Path,
+) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+    use rustix::mount::*;
+    STAGING_NS
+        .with(|ns| {
+            *ns.get_or_init(|| {
+                rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)?;
+                mount_change(
+                    c"/",
+                    MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+                )
+            })
+        })
+        .map_err(|e| ("unshare(CLONE_NEWNS) for the overlay".to_string(), e))?;
+    // The layers, opened in this namespace (overlayfs checks that each
+    // belongs to the caller's namespace).
+    let upper_fd = open_path_dir(upper)?;
+    let work_fd = open_path_dir(work)?;
+    // The tree goes over the template's own directory, in this namespace
+    // only, and is detached again below.
+    move_mount(
+        tree.as_fd(),
+        c"",
+        CWD,
+        lower,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| ("move_mount(template, staging point)".to_string(), e))?;
+    let result = (|| {
+        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+            .map_err(|e| ("fsopen(overlay)".to_string(), e))?;
+        let name = |fd: &OwnedFd| format!("/proc/thread-self/fd/{}", fd.as_raw_fd());
+        for (k, v) in [
+            ("lowerdir", name(&tree)),
+            ("upperdir", name(&upper_fd)),
+            ("workdir", name(&work_fd)),
+        ] {
+            fsconfig_set_string(fs.as_fd(), k, v.as_str())
+                .map_err(|e| (format!("fsconfig({k}, {v})"), e))?;
+        }
+        fsconfig_create(fs.as_fd())
+            .map_err(|e| ("fsconfig(FSCONFIG_CMD_CREATE)".to_string(), e))?;
+        fsmount_overlay(&fs)
+    })();
+    let detached = unmount(lower, UnmountFlags::DETACH);
+    let root = result?;
+    detached.map_err(|e| ("umount2(template, MNT_DETACH)".to_string(), e))?;
+    Ok(root)
+}

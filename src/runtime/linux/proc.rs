@@ -1,0 +1,100 @@
+//! What the kernel says of a container's processes, read so that nothing
+//! the tenant controls is trusted: its init, its uptime, whether a process
+//! lives; and the lock that serializes work on one instance.
+
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::process::{Pid, Signal};
+
+use crate::{Error, Result};
+
+/// Takes an exclusive lock on the instance directory for the duration of a
+/// start (released by the kernel if nifty dies).
+pub fn lock(dir: &Path) -> Result<OwnedFd> {
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NOENT => {
+            Error::NoInstance(dir.file_name().unwrap_or_default().to_string_lossy().into())
+        }
+        e => Error::sys(format!("open({})", dir.display()))(e),
+    })?;
+    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(Error::sys(format!("flock({}, LOCK_EX)", dir.display())))?;
+    Ok(fd)
+}
+
+/// The container's init among its cgroup's processes: the one that is PID 1
+/// in its own namespace and has exec'd (a first process still setting up,
+/// or left behind by a nifty killed mid-start, does not count).
+pub fn find_init(procs: &[i32]) -> Option<i32> {
+    find_init_state(procs).map(|(pid, _)| pid)
+}
+
+/// [`find_init`], and whether that init is stopped (state T: SIGSTOP).
+///
+/// Only what the tenant cannot forge counts: membership of the cgroup
+/// (`procs`, read by the caller), the kernel's `NSpid` (PID 1 of its own
+/// namespace), and whether it has exec'd: until then the container's first
+/// process still runs nifty's own executable, which no process inside can
+/// ever exec (the host binary is not reachable from a container). Names
+/// (comm, argv) are the tenant's to change and are not read.
+pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
+    let own = nifty_exe();
+    procs.iter().find_map(|&pid| {
+        let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
+        if field("NSpid:").and_then(|l| l.split_whitespace().last()) != Some("1") {
+            return None;
+        }
+        let exe = rustix::fs::stat(format!("/proc/{pid}/exe").as_str())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino));
+        if exe.is_some() && exe == own {
+            return None; // not exec'd yet: still starting
+        }
+        Some((pid, field("State:").is_some_and(|st| st.starts_with('T'))))
+    })
+}
+
+/// (device, inode) of the running nifty's executable.
+fn nifty_exe() -> Option<(u64, u64)> {
+    static EXE: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    *EXE.get_or_init(|| {
+        rustix::fs::stat("/proc/self/exe")
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino))
+    })
+}
+
+/// Seconds since a process started.
+pub fn uptime(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let start: u64 = after.split(' ').nth(19)?.parse().ok()?;
+    let up: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    let hz = rustix::param::clock_ticks_per_second();
+    Some((up as u64).saturating_sub(start / hz))
+}
+
+/// Does the process exist (signal 0)?
+pub fn alive(pid: i32) -> bool {
+    Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: i32, sig: Signal) -> Result<()> {
+    let p = Pid::from_raw(pid).ok_or_else(|| Error::Invalid(format!("bad pid {pid}")))?;
+    rustix::process::kill_process(p, sig).map_err(Error::sys(format!("kill({pid}, {sig:?})")))
+}
