@@ -84,10 +84,48 @@ fn info(check: &str, status: Status, value: String, need: &str, fix: &str) -> Fi
 }
 
 /// Runs every check for a fleet of `count`.
-pub fn check(store: &Store, count: u64) -> Vec<Finding> {
-    let procs = count * PROCS_PER_CONTAINER + 4096;
-    let mut out = Vec::new();
+/// What the checks are asked about: a fleet of `count` in `store`.
+struct Want<'a> {
+    store: &'a Store,
+    count: u64,
+}
 
+/// Every check, in the order `doctor` prints them.
+type Check = fn(&Want<'_>) -> Vec<Finding>;
+const CHECKS: &[Check] = &[
+    auditing,
+    process_limits,
+    open_files,
+    ptys,
+    namespaces,
+    mount_max,
+    inotify,
+    keyrings,
+    ports,
+    overlayfs,
+    mount_api,
+    idmapped_layers,
+    overlay_fd_layers,
+    cgroup_kill,
+    pidfds,
+    port_ownership,
+    abstract_sockets,
+    default_template,
+    cgroups,
+    systemd,
+    disk,
+    memory,
+];
+
+/// Runs every check for a fleet of `count` in `store`.
+pub fn check(store: &Store, count: u64) -> Vec<Finding> {
+    let want = Want { store, count };
+    CHECKS.iter().flat_map(|c| c(&want)).collect()
+}
+
+/// Kernel auditing (the systemd backend's 5 s waits).
+fn auditing(_: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let audit_on = Path::new("/proc/self/loginuid").exists()
         && !cmdline.split_whitespace().any(|a| a == "audit=0");
@@ -98,6 +136,13 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         "off for the systemd backend: with auditing, each systemd-nspawn start can wait 5 s (the article's warning); the native launcher is not affected",
         if audit_on { "add audit=0 to the kernel command line (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub) and reboot" } else { "" },
     ));
+    out
+}
+
+/// pid_max, threads-max, file-max for N containers.
+fn process_limits(w: &Want<'_>) -> Vec<Finding> {
+    let procs = w.count * PROCS_PER_CONTAINER + 4096;
+    let mut out = Vec::new();
     out.push(at_least(
         "pid_max",
         "kernel.pid_max",
@@ -115,13 +160,19 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
     out.push(at_least(
         "file-max",
         "fs.file-max",
-        count * 16 + 65536,
-        (count * 16 + 65536).max(2_097_152),
+        w.count * 16 + 65536,
+        (w.count * 16 + 65536).max(2_097_152),
         "about 16 open files per container",
     ));
+    out
+}
+
+/// nifty's own open-files limit (a pidfd per container process at stop).
+fn open_files(w: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
     let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     let hard = nofile.maximum.unwrap_or(u64::MAX);
-    let need_nofile = count * 3 + 1024;
+    let need_nofile = w.count * 3 + 1024;
     out.push(info(
         "open files of nifty (RLIMIT_NOFILE)",
         if hard >= need_nofile { Status::Ok } else { Status::Fail },
@@ -129,13 +180,23 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         &format!(">= {need_nofile}: `stop` holds a pidfd per container process (nifty raises its own limit up to fs.nr_open when root)"),
         if hard >= need_nofile { "" } else { "raise it: `ulimit -Hn 1048576` in the shell that runs nifty, or LimitNOFILE= in its unit" },
     ));
-    out.push(at_least(
+    out
+}
+
+/// Ptys for one SSH session with a terminal per container.
+fn ptys(w: &Want<'_>) -> Vec<Finding> {
+    vec![at_least(
         "pty max",
         "kernel.pty.max",
-        count + 1024,
-        (count + 1024).max(65536),
+        w.count + 1024,
+        (w.count + 1024).max(65536),
         "one SSH session with a terminal per container",
-    ));
+    )]
+}
+
+/// The per-user namespace limits.
+fn namespaces(w: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
     for (check, key) in [
         ("user namespaces", "user.max_user_namespaces"),
         ("mount namespaces", "user.max_mnt_namespaces"),
@@ -146,19 +207,28 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         out.push(at_least(
             check,
             key,
-            count + 64,
-            (count + 64).max(1_048_576),
+            w.count + 64,
+            (w.count + 64).max(1_048_576),
             "one per container",
         ));
     }
-    out.push(at_least(
+    out
+}
+
+/// Mounts per mount namespace.
+fn mount_max(_: &Want<'_>) -> Vec<Finding> {
+    vec![at_least(
         "mount-max",
         "fs.mount-max",
         256,
         100_000,
         "mounts per mount namespace: a container has its own, with about 30",
-    ));
-    out.push(info(
+    )]
+}
+
+/// inotify (unused: shown for completeness).
+fn inotify(_: &Want<'_>) -> Vec<Finding> {
+    vec![info(
         "inotify",
         Status::Ok,
         format!(
@@ -168,16 +238,25 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         ),
         "none: nifty, BusyBox init and Dropbear use no inotify",
         "",
-    ));
-    out.push(info(
+    )]
+}
+
+/// Keyrings (refused by the seccomp filter).
+fn keyrings(_: &Want<'_>) -> Vec<Finding> {
+    vec![info(
         "keyrings",
         Status::Ok,
         format!("kernel.keys.maxkeys = {}", sysctl("kernel.keys.maxkeys").unwrap_or_default()),
         "none: each container's root is its own host UID (own key quota), and its seccomp filter refuses keyctl/add_key",
         "",
-    ));
-    let port_base = store.port_base();
-    let top_port = u64::from(port_base) + count;
+    )]
+}
+
+/// Instance ports against the ephemeral range and 65535.
+fn ports(w: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let port_base = w.store.port_base();
+    let top_port = u64::from(port_base) + w.count;
     let range = sysctl("net.ipv4.ip_local_port_range").unwrap_or_default();
     let low: u64 = range
         .split(' ')
@@ -211,12 +290,242 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
         out.push(info(
             "port numbers",
             Status::Fail,
-            format!("{port_base} + {count} = {top_port}"),
+            format!("{port_base} + {} = {top_port}", w.count),
             "<= 65535",
             "give ports explicitly (--port) or use fewer numeric instances per host",
         ));
     }
-    out.extend(kernel_features(store));
+    out
+}
+
+/// overlayfs: loaded, built in, or a module that loads.
+fn overlayfs(_: &Want<'_>) -> Vec<Finding> {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut out = Vec::new();
+    let (st, value) = overlay_status(&release);
+    out.push(info(
+        "overlayfs",
+        st,
+        value,
+        "instances are overlays of the template",
+        if st == Status::Ok {
+            ""
+        } else {
+            "install the kernel's modules (modprobe overlay must work)"
+        },
+    ));
+    out
+}
+
+/// The new mount API and idmapped mounts (5.12).
+fn mount_api(_: &Want<'_>) -> Vec<Finding> {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let v = crate::runtime::linux::features::parse_release(&release);
+    let at_least = |want: (u32, u32)| v >= want;
+    vec![info(
+        "new mount API",
+        if at_least((5, 12)) {
+            Status::Ok
+        } else {
+            Status::Fail
+        },
+        format!("Linux {release}"),
+        ">= 5.12: fsopen/fsmount/open_tree/move_mount (5.2), mount_setattr and idmapped mounts (5.12)",
+        if at_least((5, 12)) {
+            ""
+        } else {
+            "a newer kernel (Debian 12's 6.1, Ubuntu 22.04's 5.15, RHEL 9's 5.14 have it)"
+        },
+    )]
+}
+
+/// Idmapped overlay lower layers (5.19).
+fn idmapped_layers(_: &Want<'_>) -> Vec<Finding> {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let v = crate::runtime::linux::features::parse_release(&release);
+    let at_least = |want: (u32, u32)| v >= want;
+    let mut out = Vec::new();
+    let idmap = at_least((5, 19));
+    out.push(info(
+        "idmapped overlay layers",
+        if idmap { Status::Ok } else { Status::Fail },
+        format!("Linux {release}"),
+        ">= 5.19: each instance's own UID range over the one shared template",
+        if idmap {
+            ""
+        } else {
+            "a newer kernel (Ubuntu 22.04: its HWE kernel), or create with --no-userns (container root is host root: see SECURITY.md)"
+        },
+    ));
+    out
+}
+
+/// Overlay layers by fd (6.13), or the fallback.
+fn overlay_fd_layers(_: &Want<'_>) -> Vec<Finding> {
+    use crate::runtime::linux::features;
+    let mut out = Vec::new();
+    let by_fd = features::probe_overlay_fd_layers();
+    out.push(info(
+        "overlay layers by fd",
+        Status::Ok,
+        match by_fd {
+            Some(true) => "yes (lowerdir+ by fd, Linux 6.13+)".to_string(),
+            Some(false) => "no (before Linux 6.13); fallback: the idmapped template is attached in a private mount namespace of nifty's and named by path, then detached (same isolation; see the README for its cost)".to_string(),
+            None => "unknown (overlayfs did not open)".to_string(),
+        },
+        "fast path >= 6.13",
+        "",
+    ));
+    out
+}
+
+/// cgroup.kill (5.14), or the fallback.
+fn cgroup_kill(_: &Want<'_>) -> Vec<Finding> {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let v = crate::runtime::linux::features::parse_release(&release);
+    let at_least = |want: (u32, u32)| v >= want;
+    let mut out = Vec::new();
+    let kill = at_least((5, 14));
+    out.push(info(
+        "cgroup.kill",
+        Status::Ok,
+        if kill {
+            "yes (Linux 5.14+)".to_string()
+        } else {
+            "no; fallback: SIGKILL to each process of the cgroup".to_string()
+        },
+        "fast path >= 5.14",
+        "",
+    ));
+    out
+}
+
+/// pidfds (5.3).
+fn pidfds(_: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .is_ok();
+    out.push(info(
+        "pidfds",
+        if pidfd { Status::Ok } else { Status::Fail },
+        if pidfd {
+            "pidfd_open works".to_string()
+        } else {
+            "pidfd_open fails".to_string()
+        },
+        ">= 5.3: stop and start follow containers by pidfd, never by a reusable PID",
+        if pidfd { "" } else { "a newer kernel" },
+    ));
+    out
+}
+
+/// Each container owns its port: Landlock (6.7) or the cgroup bind programs.
+fn port_ownership(_: &Want<'_>) -> Vec<Finding> {
+    let net = crate::runtime::linux::confine::NetConfinement::of_kernel();
+    let mut out = Vec::new();
+    {
+        use crate::runtime::linux::confine::PortOwnership;
+        let (status, what, fix) = match net.ports {
+            PortOwnership::Landlock => (
+                Status::Ok,
+                "Landlock: a container binds only its own TCP port".to_string(),
+                "",
+            ),
+            PortOwnership::CgroupBpf => (
+                Status::Ok,
+                format!(
+                    "cgroup bind programs ({}): a container binds only its own TCP port",
+                    if crate::sys::landlock_abi() >= 4 {
+                        "forced by NIFTY_FALLBACKS=bind".to_string()
+                    } else {
+                        format!(
+                            "fallback: Landlock ABI {} has no network rules",
+                            crate::sys::landlock_abi()
+                        )
+                    }
+                ),
+                "",
+            ),
+            PortOwnership::None => (
+                Status::Warn,
+                "not defended: no Landlock network rules (6.7) and no cgroup BPF (CONFIG_CGROUP_BPF); a container can bind any free port, a stopped neighbour's SSH port among them".to_string(),
+                "a kernel with CONFIG_CGROUP_BPF, or 6.7+",
+            ),
+        };
+        out.push(info(
+            "port ownership",
+            status,
+            what,
+            ">= 6.7 (Landlock ABI 4); fallback >= 4.17 (cgroup BPF_CGROUP_INET4/6_BIND)",
+            fix,
+        ));
+    }
+    out
+}
+
+/// Abstract unix sockets out of reach (Landlock scoping, 6.12).
+fn abstract_sockets(_: &Want<'_>) -> Vec<Finding> {
+    let net = crate::runtime::linux::confine::NetConfinement::of_kernel();
+    vec![info(
+        "abstract unix sockets",
+        if net.abstract_unix {
+            Status::Ok
+        } else {
+            Status::Warn
+        },
+        if net.abstract_unix {
+            "Landlock: out of reach of containers".to_string()
+        } else {
+            "not defended: containers reach the host's abstract unix sockets (Landlock scoping: 6.12)".to_string()
+        },
+        ">= 6.12 (Landlock ABI 6)",
+        if net.abstract_unix {
+            ""
+        } else {
+            "a newer kernel; meanwhile let no host service trust an abstract socket"
+        },
+    )]
+}
+
+/// The default template tried as `start` would.
+fn default_template(w: &Want<'_>) -> Vec<Finding> {
+    use crate::runtime::linux::features;
+    let mut out = Vec::new();
+    let template = w.store.template_rootfs("default");
+    if template.is_dir() {
+        let r = features::preflight(&template, true);
+        out.push(info(
+            "default template",
+            if r.is_ok() { Status::Ok } else { Status::Fail },
+            match &r {
+                Ok(()) => "overlay, user namespace and idmapped mount all work".to_string(),
+                Err(e) => e.to_string(),
+            },
+            "what `start` needs, tried on the template",
+            "",
+        ));
+    }
+    out
+}
+
+/// The cgroup hierarchy, and where native containers go.
+fn cgroups(w: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
     match Hierarchy::detect() {
         Ok(h) => out.push(info(
             "cgroups",
@@ -234,10 +543,13 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
                 if h.systemd {
                     format!(
                         "/{} (a scope systemd delegated)",
-                        h.base(&store.cgroup_name())
+                        h.base(&w.store.cgroup_name())
                     )
                 } else {
-                    format!("/{} (no systemd to delegate)", h.base(&store.cgroup_name()))
+                    format!(
+                        "/{} (no systemd to delegate)",
+                        h.base(&w.store.cgroup_name())
+                    )
                 }
             ),
             "a cgroup v2 hierarchy",
@@ -251,6 +563,12 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
             "mount -t cgroup2 none /sys/fs/cgroup/unified",
         )),
     }
+    out
+}
+
+/// systemd as PID 1 and systemd-nspawn (the systemd backend).
+fn systemd(_: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
     let pid1 = std::fs::read_to_string("/proc/1/comm")
         .unwrap_or_default()
         .trim()
@@ -276,13 +594,19 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
             "apt-get install systemd-container"
         },
     ));
-    let root = store.root();
+    out
+}
+
+/// Disk for N instances.
+fn disk(w: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let root = w.store.root();
     let probe = std::iter::successors(Some(root), |p| p.parent())
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     if let Ok(st) = rustix::fs::statvfs(probe) {
         let free = st.f_bavail * st.f_frsize;
-        let need = count * DISK_PER_INSTANCE + (64 << 20);
+        let need = w.count * DISK_PER_INSTANCE + (64 << 20);
         out.push(info(
             "disk",
             if free >= need {
@@ -299,13 +623,19 @@ pub fn check(store: &Store, count: u64) -> Vec<Finding> {
             },
         ));
     }
+    out
+}
+
+/// Memory for N idle containers.
+fn memory(w: &Want<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let avail = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map_or(0, |kb| kb << 10);
-    let need = count * MEMORY_PER_CONTAINER;
+    let need = w.count * MEMORY_PER_CONTAINER;
     out.push(info(
         "memory",
         if avail >= need {
@@ -355,160 +685,6 @@ fn overlay_status(release: &str) -> (Status, String) {
 
 /// What the running kernel offers nifty, one row per feature: the version
 /// that brought it, and what nifty does without it.
-fn kernel_features(store: &Store) -> Vec<Finding> {
-    use crate::runtime::linux::features;
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let v = features::parse_release(&release);
-    let mut out = Vec::new();
-    let (st, value) = overlay_status(&release);
-    out.push(info(
-        "overlayfs",
-        st,
-        value,
-        "instances are overlays of the template",
-        if st == Status::Ok {
-            ""
-        } else {
-            "install the kernel's modules (modprobe overlay must work)"
-        },
-    ));
-    let at_least = |want: (u32, u32)| v >= want;
-    out.push(info(
-        "new mount API",
-        if at_least((5, 12)) {
-            Status::Ok
-        } else {
-            Status::Fail
-        },
-        format!("Linux {release}"),
-        ">= 5.12: fsopen/fsmount/open_tree/move_mount (5.2), mount_setattr and idmapped mounts (5.12)",
-        if at_least((5, 12)) {
-            ""
-        } else {
-            "a newer kernel (Debian 12's 6.1, Ubuntu 22.04's 5.15, RHEL 9's 5.14 have it)"
-        },
-    ));
-    let idmap = at_least((5, 19));
-    out.push(info(
-        "idmapped overlay layers",
-        if idmap { Status::Ok } else { Status::Fail },
-        format!("Linux {release}"),
-        ">= 5.19: each instance's own UID range over the one shared template",
-        if idmap {
-            ""
-        } else {
-            "a newer kernel (Ubuntu 22.04: its HWE kernel), or create with --no-userns (container root is host root: see SECURITY.md)"
-        },
-    ));
-    let by_fd = features::probe_overlay_fd_layers();
-    out.push(info(
-        "overlay layers by fd",
-        Status::Ok,
-        match by_fd {
-            Some(true) => "yes (lowerdir+ by fd, Linux 6.13+)".to_string(),
-            Some(false) => "no (before Linux 6.13); fallback: the idmapped template is attached in a private mount namespace of nifty's and named by path, then detached (same isolation; see the README for its cost)".to_string(),
-            None => "unknown (overlayfs did not open)".to_string(),
-        },
-        "fast path >= 6.13",
-        "",
-    ));
-    let kill = at_least((5, 14));
-    out.push(info(
-        "cgroup.kill",
-        Status::Ok,
-        if kill {
-            "yes (Linux 5.14+)".to_string()
-        } else {
-            "no; fallback: SIGKILL to each process of the cgroup".to_string()
-        },
-        "fast path >= 5.14",
-        "",
-    ));
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::getpid(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .is_ok();
-    out.push(info(
-        "pidfds",
-        if pidfd { Status::Ok } else { Status::Fail },
-        if pidfd {
-            "pidfd_open works".to_string()
-        } else {
-            "pidfd_open fails".to_string()
-        },
-        ">= 5.3: stop and start follow containers by pidfd, never by a reusable PID",
-        if pidfd { "" } else { "a newer kernel" },
-    ));
-    let net = crate::runtime::linux::confine::NetConfinement::of_kernel();
-    {
-        use crate::runtime::linux::confine::PortOwnership;
-        let (status, what, fix) = match net.ports {
-            PortOwnership::Landlock => (
-                Status::Ok,
-                "Landlock: a container binds only its own TCP port".to_string(),
-                "",
-            ),
-            PortOwnership::CgroupBpf => (
-                Status::Ok,
-                format!(
-                    "cgroup bind programs ({}): a container binds only its own TCP port",
-                    if crate::sys::landlock_abi() >= 4 {
-                        "forced by NIFTY_FALLBACKS=bind".to_string()
-                    } else {
-                        format!(
-                            "fallback: Landlock ABI {} has no network rules",
-                            crate::sys::landlock_abi()
-                        )
-                    }
-                ),
-                "",
-            ),
-            PortOwnership::None => (
-                Status::Warn,
-                "not defended: no Landlock network rules (6.7) and no cgroup BPF (CONFIG_CGROUP_BPF); a container can bind any free port, a stopped neighbour's SSH port among them".to_string(),
-                "a kernel with CONFIG_CGROUP_BPF, or 6.7+",
-            ),
-        };
-        out.push(info(
-            "port ownership",
-            status,
-            what,
-            ">= 6.7 (Landlock ABI 4); fallback >= 4.17 (cgroup BPF_CGROUP_INET4/6_BIND)",
-            fix,
-        ));
-    }
-    out.push(info(
-        "abstract unix sockets",
-        if net.abstract_unix { Status::Ok } else { Status::Warn },
-        if net.abstract_unix {
-            "Landlock: out of reach of containers".to_string()
-        } else {
-            "not defended: containers reach the host's abstract unix sockets (Landlock scoping: 6.12)".to_string()
-        },
-        ">= 6.12 (Landlock ABI 6)",
-        if net.abstract_unix { "" } else { "a newer kernel; meanwhile let no host service trust an abstract socket" },
-    ));
-    let template = store.template_rootfs("default");
-    if template.is_dir() {
-        let r = features::preflight(&template, true);
-        out.push(info(
-            "default template",
-            if r.is_ok() { Status::Ok } else { Status::Fail },
-            match &r {
-                Ok(()) => "overlay, user namespace and idmapped mount all work".to_string(),
-                Err(e) => e.to_string(),
-            },
-            "what `start` needs, tried on the template",
-            "",
-        ));
-    }
-    out
-}
-
 /// Applies the sysctls of failed findings; returns what was set.
 pub fn fix(findings: &[Finding]) -> Vec<(String, String, Result<(), String>)> {
     findings

@@ -44,18 +44,8 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the error and those of its causes it does not
-            // already say.
-            let mut msg = String::new();
-            for cause in e.chain().map(ToString::to_string) {
-                if !msg.contains(&cause) {
-                    if !msg.is_empty() {
-                        msg.push_str(": ");
-                    }
-                    msg.push_str(&cause);
-                }
-            }
-            eprintln!("nifty: error: {msg}");
+            // One line: the error and its causes (each says its own once).
+            eprintln!("nifty: error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -200,7 +200,7 @@ fn read_mem_total() -> Option<u64> {
 fn write(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).map_err(|e| Error::Sys {
         call: format!("write({}, {value:?})", path.display()),
-        source: e,
+        err: e,
     })
 }
 
@@ -422,7 +422,7 @@ impl Cgroup {
                     Err(e) => {
                         return Err(Error::Sys {
                             call: format!("rmdir({})", d.display()),
-                            source: e,
+                            err: e,
                         })
                     }
                 }
@@ -443,7 +443,7 @@ fn mkdir_new(p: &Path) -> Result<bool> {
         }
         Err(e) => Err(Error::Sys {
             call: format!("mkdir({})", p.display()),
-            source: e,
+            err: e,
         }),
     }
 }
@@ -451,7 +451,7 @@ fn mkdir_new(p: &Path) -> Result<bool> {
 fn mkdir_p(p: &Path) -> Result<()> {
     fs::create_dir_all(p).map_err(|e| Error::Sys {
         call: format!("mkdir({})", p.display()),
-        source: e,
+        err: e,
     })
 }
 

@@ -128,14 +128,14 @@ fn settle(v2: &Path, unit: &str, end: Instant) -> Result<()> {
         Err(e) => {
             return Err(Error::Sys {
                 call: format!("mkdir({})", leaf.display()),
-                source: e,
+                err: e,
             })
         }
     }
     let procs = leaf.join("cgroup.procs");
     std::fs::write(&procs, "0").map_err(|e| Error::Sys {
         call: format!("write({}, \"0\")", procs.display()),
-        source: e,
+        err: e,
     })?;
     Ok(())
 }

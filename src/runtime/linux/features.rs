@@ -122,7 +122,7 @@ pub fn preflight(template_rootfs: &Path, userns: bool) -> Result<()> {
             "open_tree({}) (the new mount API, Linux 5.2)",
             template_rootfs.display()
         ),
-        source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+        err: std::io::Error::from_raw_os_error(e.raw_os_error()),
     })?;
     crate::sys::mount_setattr_idmap(tree.as_fd(), ns.as_fd()).map_err(|e| {
         let fs = rustix::fs::statfs(template_rootfs)

@@ -16,6 +16,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use super::userns;
+use crate::error::SysError;
 use crate::store::{Instance, Store};
 use crate::{sys, Error, Result};
 
@@ -89,32 +90,20 @@ impl Root {
 /// under its upper layer) as a detached mount: for host-side writes to a
 /// stopped instance, and for the systemd backend's root.
 pub(crate) fn detached_overlay(store: &Store, inst: &Instance) -> Result<OwnedFd> {
-    overlay_fd(store, inst).map_err(|(call, e)| Error::Sys {
-        call: format!("instance {:?}: {call}", inst.name),
-        source: std::io::Error::from_raw_os_error(e.raw_os_error()),
-    })
-}
-
-fn overlay_fd(
-    store: &Store,
-    inst: &Instance,
-) -> std::result::Result<OwnedFd, (String, rustix::io::Errno)> {
     let dir = store.instance_dir(&inst.name);
-    let ns = match inst.security.uid_base {
-        Some(base) => Some(userns::create(base).map_err(|_| {
-            (
-                "creating its user namespace".to_string(),
-                rustix::io::Errno::PERM,
-            )
-        })?),
-        None => None,
-    };
+    let ns = inst.security.uid_base.map(userns::create).transpose()?;
     super::overlay::overlay(
         &store.template_rootfs(&inst.template),
         &dir.join("upper"),
         &dir.join("work"),
         ns.as_ref().map(|n| n.as_fd()),
     )
+    .map_err(|e| {
+        Error::from(SysError {
+            call: format!("instance {:?}: {}", inst.name, e.call),
+            ..e
+        })
+    })
 }
 
 impl Root {
@@ -128,7 +117,7 @@ impl Root {
             };
             Error::Sys {
                 call: format!("{msg}{hint}"),
-                source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+                err: std::io::Error::from_raw_os_error(e.raw_os_error()),
             }
         }
     }

@@ -9,6 +9,7 @@ use std::path::Path;
 use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::OpenTreeFlags;
 
+use crate::error::SysError;
 use crate::sys;
 
 /// Makes the root of a container as a detached mount: an overlay of the
@@ -31,7 +32,7 @@ pub fn overlay(
     upper: &Path,
     work: &Path,
     userns: Option<BorrowedFd<'_>>,
-) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+) -> Result<OwnedFd, SysError> {
     use rustix::mount::*;
     let tree = idmapped_tree(lower, userns)?;
     if super::features::overlay_fd_layers() == Some(false) {
@@ -39,10 +40,11 @@ pub fn overlay(
     }
     let upper_fd = open_path_dir(upper)?;
     let work_fd = open_path_dir(work)?;
-    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-        .map_err(|e| ("fsopen(overlay)".to_string(), e))?;
+    let fs =
+        fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(SysError::at("fsopen(overlay)"))?;
     let set = |k: &str, fd: &OwnedFd| {
-        fsconfig_set_fd(fs.as_fd(), k, fd.as_fd()).map_err(|e| (format!("fsconfig({k}, fd)"), e))
+        fsconfig_set_fd(fs.as_fd(), k, fd.as_fd())
+            .map_err(SysError::at(format!("fsconfig({k}, fd)")))
     };
     match set("lowerdir+", &tree) {
         Ok(()) => super::features::set_overlay_fd_layers(true),
@@ -59,49 +61,42 @@ pub fn overlay(
     }
     set("upperdir", &upper_fd)?;
     set("workdir", &work_fd)?;
-    fsconfig_create(fs.as_fd()).map_err(|e| ("fsconfig(FSCONFIG_CMD_CREATE)".to_string(), e))?;
+    fsconfig_create(fs.as_fd()).map_err(SysError::at("fsconfig(FSCONFIG_CMD_CREATE)"))?;
     fsmount_overlay(&fs)
 }
 
 /// A detached clone of `lower`, idmapped through `userns` if given.
-fn idmapped_tree(
-    lower: &Path,
-    userns: Option<BorrowedFd<'_>>,
-) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+fn idmapped_tree(lower: &Path, userns: Option<BorrowedFd<'_>>) -> Result<OwnedFd, SysError> {
     let tree = rustix::mount::open_tree(
         CWD,
         lower,
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
     )
-    .map_err(|e| (format!("open_tree({})", lower.display()), e))?;
+    .map_err(SysError::at(format!("open_tree({})", lower.display())))?;
     if let Some(ns) = userns {
-        sys::mount_setattr_idmap(tree.as_fd(), ns).map_err(|e| {
-            (
-                "mount_setattr(MOUNT_ATTR_IDMAP)".to_string(),
-                rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
-            )
-        })?;
+        sys::mount_setattr_idmap(tree.as_fd(), ns)
+            .map_err(|e| SysError::io("mount_setattr(MOUNT_ATTR_IDMAP)", &e))?;
     }
     Ok(tree)
 }
 
-fn open_path_dir(p: &Path) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+fn open_path_dir(p: &Path) -> Result<OwnedFd, SysError> {
     rustix::fs::open(
         p,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| (format!("open({})", p.display()), e))
+    .map_err(SysError::at(format!("open({})", p.display())))
 }
 
-fn fsmount_overlay(fs: &OwnedFd) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+fn fsmount_overlay(fs: &OwnedFd) -> Result<OwnedFd, SysError> {
     use rustix::mount::*;
     fsmount(
         fs.as_fd(),
         FsMountFlags::FSMOUNT_CLOEXEC,
         MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
     )
-    .map_err(|e| ("fsmount(overlay)".to_string(), e))
+    .map_err(SysError::at("fsmount(overlay)"))
 }
 
 thread_local! {
@@ -123,7 +118,7 @@ fn overlay_by_path(
     tree: OwnedFd,
     upper: &Path,
     work: &Path,
-) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+) -> Result<OwnedFd, SysError> {
     use rustix::mount::*;
     STAGING_NS
         .with(|ns| {
@@ -135,7 +130,7 @@ fn overlay_by_path(
                 )
             })
         })
-        .map_err(|e| ("unshare(CLONE_NEWNS) for the overlay".to_string(), e))?;
+        .map_err(SysError::at("unshare(CLONE_NEWNS) for the overlay"))?;
     // The layers, opened in this namespace (overlayfs checks that each
     // belongs to the caller's namespace).
     let upper_fd = open_path_dir(upper)?;
@@ -149,10 +144,10 @@ fn overlay_by_path(
         lower,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
-    .map_err(|e| ("move_mount(template, staging point)".to_string(), e))?;
+    .map_err(SysError::at("move_mount(template, staging point)"))?;
     let result = (|| {
         let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-            .map_err(|e| ("fsopen(overlay)".to_string(), e))?;
+            .map_err(SysError::at("fsopen(overlay)"))?;
         let name = |fd: &OwnedFd| format!("/proc/thread-self/fd/{}", fd.as_raw_fd());
         for (k, v) in [
             ("lowerdir", name(&tree)),
@@ -160,14 +155,13 @@ fn overlay_by_path(
             ("workdir", name(&work_fd)),
         ] {
             fsconfig_set_string(fs.as_fd(), k, v.as_str())
-                .map_err(|e| (format!("fsconfig({k}, {v})"), e))?;
+                .map_err(SysError::at(format!("fsconfig({k}, {v})")))?;
         }
-        fsconfig_create(fs.as_fd())
-            .map_err(|e| ("fsconfig(FSCONFIG_CMD_CREATE)".to_string(), e))?;
+        fsconfig_create(fs.as_fd()).map_err(SysError::at("fsconfig(FSCONFIG_CMD_CREATE)"))?;
         fsmount_overlay(&fs)
     })();
     let detached = unmount(lower, UnmountFlags::DETACH);
     let root = result?;
-    detached.map_err(|e| ("umount2(template, MNT_DETACH)".to_string(), e))?;
+    detached.map_err(SysError::at("umount2(template, MNT_DETACH)"))?;
     Ok(root)
 }

@@ -34,7 +34,7 @@ pub fn create(base: u32) -> Result<OwnedFd> {
     let (pid, _pidfd) =
         sys::clone_vm(libc::CLONE_NEWUSER, &mut stack, &mut hold).map_err(|e| Error::Sys {
             call: "clone(CLONE_VM|CLONE_NEWUSER)".into(),
-            source: e,
+            err: e,
         })?;
     let result = (|| {
         let map = format!("0 {base} {RANGE}\n");
@@ -42,7 +42,7 @@ pub fn create(base: u32) -> Result<OwnedFd> {
             let p = format!("/proc/{pid}/{f}");
             std::fs::write(&p, &map).map_err(|e| Error::Sys {
                 call: format!("write({p}, {map:?})"),
-                source: e,
+                err: e,
             })?;
         }
         let p = format!("/proc/{pid}/ns/user");

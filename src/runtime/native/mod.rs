@@ -17,6 +17,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, Signal};
 
 use super::{check_backend, Done, Info, LogSource, Results, StopOptions, UnitStatus};
+use crate::error::{StartError, SysError};
 use crate::runtime::linux::cgroup::{Cgroup, Hierarchy};
 use crate::runtime::linux::files::{self, User};
 use crate::runtime::linux::proc::{find_init, find_init_state, lock};
@@ -82,7 +83,7 @@ impl Native {
                 "instance {:?}: its network guard (landlock_create_ruleset or bpf(BPF_PROG_LOAD))",
                 inst.name
             ),
-            source: e,
+            err: e,
         })?;
         let c = spawn::Confine {
             userns: sec.uid_base.map(userns::create).transpose()?,
@@ -121,11 +122,10 @@ impl Native {
             if !dir.is_dir() {
                 self.store.ensure().map_err(|e| e.to_string())?;
             }
-            spawn::empty_root_ns(&dir).map_err(|(call, e)| {
+            spawn::empty_root_ns(&dir).map_err(|e| {
                 format!(
-                    "cannot make the empty mount namespace containers start from: {call}: {} \
-                     (nifty needs root with CAP_SYS_ADMIN; `nifty doctor` checks mount namespaces)",
-                    std::io::Error::from_raw_os_error(e.raw_os_error())
+                    "cannot make the empty mount namespace containers start from: {e} \
+                     (nifty needs root with CAP_SYS_ADMIN; `nifty doctor` checks mount namespaces)"
                 )
             })
         });
@@ -238,21 +238,20 @@ impl Native {
         })
         .map_err(|e| Error::Start {
             name: inst.name.clone(),
-            step: "preparing".into(),
-            source: e,
+            failure: StartError::Prepare(e),
         })?;
         let empty_root = self.empty_root()?;
         self.delegation()?;
         let procs = cg.create(&inst.limits)?;
         let started = match &bind_guard {
             Some(g) => g.attach(&cg.v2).map_err(|e| {
-                (
+                StartError::Setup(SysError::io(
                     format!(
                         "bpf(BPF_PROG_ATTACH) of its bind programs to {}",
                         cg.v2.display()
                     ),
-                    e,
-                )
+                    &e,
+                ))
             }),
             None => Ok(()),
         }
@@ -262,13 +261,12 @@ impl Native {
                 tracing::debug!(instance = %inst.name, pid = s.pid, "started");
                 Ok(s.pid)
             }
-            Err((step, source)) => {
+            Err(failure) => {
                 let _ = cg.remove();
                 self.hierarchy.remove_base(&self.base);
                 Err(Error::Start {
                     name: inst.name.clone(),
-                    step,
-                    source,
+                    failure,
                 })
             }
         }

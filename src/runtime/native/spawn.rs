@@ -38,106 +38,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::{MountAttrFlags, MountFlags, MoveMountFlags, OpenTreeFlags};
 
+use crate::error::{StartError, SysError};
 use crate::runtime::linux::dev::{DEVICES, DEV_LINKS};
 use crate::runtime::linux::overlay::overlay;
 use crate::sys;
 
-/// The steps of the child, for error reports (one variant per step, like
-/// Firecracker's jailer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Step {
-    JoinCgroup = 1,
-    Setsid,
-    EnterEmptyRoot,
-    AttachRoot,
-    ChdirRoot,
-    MountProc,
-    MountDev,
-    CreateDevice,
-    BindDevice,
-    MountDevpts,
-    DevSymlink,
-    MaskProc,
-    MountSys,
-    BindRo,
-    Chroot,
-    JoinUserns,
-    SetIds,
-    UnshareUtsIpc,
-    Hostname,
-    DropCaps,
-    Stdio,
-    CloseFds,
-    Landlock,
-    Seccomp,
-    ExecInit,
-}
-
-impl Step {
-    const ALL: [Step; 25] = [
-        Step::JoinCgroup,
-        Step::Setsid,
-        Step::EnterEmptyRoot,
-        Step::AttachRoot,
-        Step::ChdirRoot,
-        Step::MountProc,
-        Step::MountDev,
-        Step::CreateDevice,
-        Step::BindDevice,
-        Step::MountDevpts,
-        Step::DevSymlink,
-        Step::MaskProc,
-        Step::MountSys,
-        Step::BindRo,
-        Step::Chroot,
-        Step::JoinUserns,
-        Step::SetIds,
-        Step::UnshareUtsIpc,
-        Step::Hostname,
-        Step::DropCaps,
-        Step::Stdio,
-        Step::CloseFds,
-        Step::Landlock,
-        Step::Seccomp,
-        Step::ExecInit,
-    ];
-
-    fn from_u8(b: u8) -> Option<Step> {
-        Step::ALL.into_iter().find(|s| *s as u8 == b)
-    }
-
-    /// What the step does, for messages.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Step::JoinCgroup => "joining the container's cgroups",
-            Step::Setsid => "setsid()",
-            Step::EnterEmptyRoot => "setns(nifty's empty mount namespace) and unshare(CLONE_NEWNS)",
-            Step::AttachRoot => "move_mount(overlay root, /)",
-            Step::ChdirRoot => "fchdir(new root)",
-            Step::MountProc => "mount(proc)",
-            Step::MountDev => "mount(tmpfs, /dev)",
-            Step::CreateDevice => "creating a /dev entry",
-            Step::BindDevice => "move_mount of a host device node",
-            Step::MountDevpts => "mount(devpts, /dev/pts, newinstance)",
-            Step::DevSymlink => "symlink in /dev",
-            Step::MaskProc => "masking /proc paths",
-            Step::MountSys => "mount(sysfs, /sys, MS_RDONLY)",
-            Step::BindRo => "move_mount of a read-only bind",
-            Step::Chroot => "chroot(new root)",
-            Step::JoinUserns => "setns(user namespace)",
-            Step::SetIds => "setgroups/setresgid/setresuid(0) in the user namespace",
-            Step::UnshareUtsIpc => "unshare(CLONE_NEWUTS|CLONE_NEWIPC)",
-            Step::Hostname => "sethostname()",
-            Step::DropCaps => "dropping capabilities (PR_CAPBSET_DROP)",
-            Step::Stdio => "redirecting stdio to the console log",
-            Step::CloseFds => "close_range(3.., CLOEXEC)",
-            Step::Landlock => "landlock_restrict_self (its own port, abstract sockets)",
-            Step::Seccomp => "installing the seccomp filter",
-            Step::ExecInit => "execve(/sbin/init)",
-        }
-    }
-}
+pub use crate::error::Step;
 
 /// The name (comm) of a container's first process until it execs init:
 /// such a process is PID 1 of its namespace but not yet a running container.
@@ -306,13 +212,10 @@ pub struct Spawned {
 /// container's mount namespace is a copy of it. Done on a thread of its own
 /// (`unshare(CLONE_NEWNS)` gives the thread its own root and mount table),
 /// once per nifty process: `pivot_root` is paid here, not per container.
-pub fn empty_root_ns(dir: &Path) -> Result<OwnedFd, (String, rustix::io::Errno)> {
+pub fn empty_root_ns(dir: &Path) -> Result<OwnedFd, SysError> {
     use rustix::mount::*;
-    let make = || -> Result<OwnedFd, (String, rustix::io::Errno)> {
-        let at = |call: &str| {
-            let call = call.to_string();
-            move |e| (call, e)
-        };
+    let make = || -> Result<OwnedFd, SysError> {
+        let at = |call: &str| SysError::at(call.to_string());
         rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)
             .map_err(at("unshare(CLONE_NEWNS)"))?;
         mount_change(
@@ -353,8 +256,12 @@ pub fn empty_root_ns(dir: &Path) -> Result<OwnedFd, (String, rustix::io::Errno)>
         unmount(c".", UnmountFlags::DETACH).map_err(at("umount2(old root, MNT_DETACH)"))?;
         Ok(ns)
     };
-    std::thread::scope(|s| s.spawn(make).join())
-        .unwrap_or_else(|_| Err(("a thread that panicked".into(), rustix::io::Errno::FAULT)))
+    std::thread::scope(|s| s.spawn(make).join()).unwrap_or_else(|_| {
+        Err(SysError::new(
+            "a thread that panicked",
+            rustix::io::Errno::FAULT,
+        ))
+    })
 }
 
 /// The container's mounts, made by the parent as detached trees (outside
@@ -368,19 +275,17 @@ struct Mounts {
 }
 
 impl Mounts {
-    fn new(plan: &Plan) -> Result<Mounts, (String, rustix::io::Errno)> {
+    fn new(plan: &Plan) -> Result<Mounts, SysError> {
         let clone = |p: &std::ffi::CStr| {
             rustix::mount::open_tree(
                 CWD,
                 p,
                 OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
             )
-            .map_err(|e| {
-                (
-                    format!("open_tree({}, OPEN_TREE_CLONE)", p.to_string_lossy()),
-                    e,
-                )
-            })
+            .map_err(SysError::at(format!(
+                "open_tree({}, OPEN_TREE_CLONE)",
+                p.to_string_lossy()
+            )))
         };
         let root = overlay(
             &plan.lower,
@@ -405,12 +310,12 @@ impl Mounts {
                         | MountAttrFlags::MOUNT_ATTR_NODEV,
                 )
                 .map_err(|e| {
-                    (
+                    SysError::io(
                         format!(
                             "mount_setattr({}, MOUNT_ATTR_RDONLY)",
                             host.to_string_lossy()
                         ),
-                        rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
+                        &e,
                     )
                 })?;
                 Ok(fd)
@@ -435,9 +340,8 @@ pub fn spawn(
     plan: &Plan,
     cgroup_procs: &[OwnedFd],
     empty_root: BorrowedFd<'_>,
-) -> Result<Spawned, (String, std::io::Error)> {
-    let mounts = Mounts::new(plan)
-        .map_err(|(call, e)| (call, std::io::Error::from_raw_os_error(e.raw_os_error())))?;
+) -> Result<Spawned, StartError> {
+    let mounts = Mounts::new(plan)?;
     // With a user namespace, UTS and IPC namespaces are made after joining
     // it, so that they belong to the container's root; the mount and PID
     // namespaces stay owned by the host's, so that container root can
@@ -451,7 +355,12 @@ pub fn spawn(
     let spawned = sys::spawn_vfork(flags, &mut stack, &mut || {
         child(plan, &mounts, cgroup_procs, empty_root, &failure)
     })
-    .map_err(|e| ("clone(CLONE_VM|CLONE_VFORK)".to_string(), e))?;
+    .map_err(|e| {
+        SysError::new(
+            "clone(CLONE_VM|CLONE_VFORK)",
+            rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
+        )
+    })?;
     let f = failure.load(Ordering::SeqCst);
     if f == 0 {
         return Ok(Spawned {
@@ -463,11 +372,10 @@ pub fn spawn(
         rustix::process::Pid::from_raw(spawned.0),
         rustix::process::WaitOptions::empty(),
     );
-    let step = Step::from_u8((f >> 32) as u8).map_or("an unknown step", Step::describe);
-    Err((
-        step.to_string(),
-        std::io::Error::from_raw_os_error(f as u32 as i32),
-    ))
+    Err(StartError::Child {
+        step: Step::from_u8((f >> 32) as u8),
+        errno: rustix::io::Errno::from_raw_os_error(f as u32 as i32),
+    })
 }
 
 /// Stack of the container's first process until it execs init.

@@ -785,7 +785,7 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
                 .exec();
             Error::Sys {
                 call: format!("instance {name:?}: execve({prog})"),
-                source: e,
+                err: e,
             }
         }
         Err(e) => e,
@@ -803,7 +803,7 @@ fn guard_network(inst: &Instance) -> Result<()> {
         call: format!(
             "instance {name:?}: its network guard (landlock_create_ruleset or bpf(BPF_PROG_LOAD))"
         ),
-        source: e,
+        err: e,
     })?;
     if let Some(progs) = &net.bind {
         let own = own_cgroup()?;
@@ -812,13 +812,13 @@ fn guard_network(inst: &Instance) -> Result<()> {
                 "instance {name:?}: bpf(BPF_PROG_ATTACH) of its bind programs to {}",
                 own.display()
             ),
-            source: e,
+            err: e,
         })?;
     }
     if let Some(fd) = &net.landlock {
         crate::sys::landlock_restrict_self(fd.as_fd()).map_err(|e| Error::Sys {
             call: format!("instance {name:?}: landlock_restrict_self"),
-            source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+            err: std::io::Error::from_raw_os_error(e.raw_os_error()),
         })?;
     }
     Ok(())
