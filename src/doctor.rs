@@ -300,10 +300,7 @@ fn ports(w: &Want<'_>) -> Vec<Finding> {
 
 /// overlayfs: loaded, built in, or a module that loads.
 fn overlayfs(_: &Want<'_>) -> Vec<Finding> {
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
+    let (release, _) = kernel();
     let mut out = Vec::new();
     let (st, value) = overlay_status(&release);
     out.push(info(
@@ -322,12 +319,7 @@ fn overlayfs(_: &Want<'_>) -> Vec<Finding> {
 
 /// The new mount API and idmapped mounts (5.12).
 fn mount_api(_: &Want<'_>) -> Vec<Finding> {
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let v = crate::runtime::linux::features::parse_release(&release);
-    let at_least = |want: (u32, u32)| v >= want;
+    let (release, at_least) = kernel();
     vec![info(
         "new mount API",
         if at_least((5, 12)) {
@@ -347,12 +339,7 @@ fn mount_api(_: &Want<'_>) -> Vec<Finding> {
 
 /// Idmapped overlay lower layers (5.19).
 fn idmapped_layers(_: &Want<'_>) -> Vec<Finding> {
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let v = crate::runtime::linux::features::parse_release(&release);
-    let at_least = |want: (u32, u32)| v >= want;
+    let (release, at_least) = kernel();
     let mut out = Vec::new();
     let idmap = at_least((5, 19));
     out.push(info(
@@ -390,12 +377,7 @@ fn overlay_fd_layers(_: &Want<'_>) -> Vec<Finding> {
 
 /// cgroup.kill (5.14), or the fallback.
 fn cgroup_kill(_: &Want<'_>) -> Vec<Finding> {
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let v = crate::runtime::linux::features::parse_release(&release);
-    let at_least = |want: (u32, u32)| v >= want;
+    let (_, at_least) = kernel();
     let mut out = Vec::new();
     let kill = at_least((5, 14));
     out.push(info(
@@ -652,6 +634,17 @@ fn memory(w: &Want<'_>) -> Vec<Finding> {
         },
     ));
     out
+}
+
+/// The running kernel's release, and a test of its version against
+/// (major, minor).
+fn kernel() -> (String, impl Fn((u32, u32)) -> bool) {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let v = crate::runtime::linux::features::parse_release(&release);
+    (release, move |want: (u32, u32)| v >= want)
 }
 
 /// Is overlayfs loaded, built in, or a module that loads on first use?

@@ -492,6 +492,27 @@ struct BpfProgAttach {
     attach_flags: u32,
 }
 
+/// bpf(2) with `attr`, a `union bpf_attr` head the kernel reads (of its
+/// own size); the caller makes sure what it points to outlives the call.
+/// Returns what the call returned (an fd for loads).
+fn bpf<T>(cmd: i32, attr: &T) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a valid, initialized value of its size for the
+    // duration of the call; the kernel reads at most that many bytes, and
+    // every pointer in it is the caller's to keep valid (see above).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
 const BPF_PROG_LOAD: i32 = 5;
 const BPF_PROG_ATTACH: i32 = 8;
 
@@ -524,25 +545,13 @@ pub fn bpf_prog_load(
             attr.log_size = buf.len() as u32;
             attr.log_buf = buf.as_mut_ptr() as u64;
         }
-        // SAFETY: `attr` is a valid bpf_attr head of the size passed; the
-        // instructions, the license and the log buffer it points to
-        // outlive the call, and the log's size is the buffer's.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                &attr as *const BpfProgLoad,
-                std::mem::size_of::<BpfProgLoad>() as u32,
-            )
-        };
-        if fd < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            // SAFETY: the kernel returned a new fd that nothing else owns.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-        }
+        // The instructions, the license and the log buffer `attr` points
+        // to outlive the call, and the log's size is the buffer's.
+        let fd = bpf(BPF_PROG_LOAD, &attr)?;
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     };
-    load(None).or_else(|e| {
+    load(None).or_else(|e: std::io::Error| {
         if e.raw_os_error() != Some(libc::EACCES) && e.raw_os_error() != Some(libc::EINVAL) {
             return Err(e);
         }
@@ -570,18 +579,6 @@ pub fn bpf_prog_attach(
         attach_type,
         attach_flags: flags,
     };
-    // SAFETY: `attr` is a valid bpf_attr for BPF_PROG_ATTACH of the size
-    // passed and outlives the call; both fds are borrowed open fds.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attr as *const BpfProgAttach,
-            std::mem::size_of::<BpfProgAttach>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    // Both fds are borrowed open fds.
+    bpf(BPF_PROG_ATTACH, &attr).map(drop)
 }

@@ -60,40 +60,53 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     for b in &a.bind_ro {
         nifty::store::parse_bind(b)?;
     }
-    let backend = a.backend.unwrap_or_else(runtime::default_backend);
     let rt = Runtime::new(&ctx.store)?;
-    // Both backends mount the same overlay, idmapped unless --no-userns.
-    nifty::runtime::linux::features::preflight(
-        &ctx.store.template_rootfs(&a.template),
-        !a.no_userns,
-    )?;
-    // Refuse before creating anything: a backend that is not here (no
-    // systemd), a name or a bind it cannot take.
-    rt.check_create(backend, &names, &a.bind_ro)?;
-    ctx.store.ensure()?;
-    let mut out = fleet::run(&ctx.printer, "create", &names, |name| {
-        provision::create(
-            &ctx.store,
-            &CreateSpec {
-                name: name.to_string(),
-                template: a.template.clone(),
-                backend,
-                port: a.port,
-                limits: limits.clone(),
-                bind_ro: a.bind_ro.clone(),
-                userns: !a.no_userns,
-                seccomp: !a.no_seccomp,
-                drop_caps: !a.keep_caps,
-            },
-        )
-    });
-    register(ctx, &rt, &mut out)?;
+    let spec = CreateSpec {
+        name: String::new(),
+        template: a.template.clone(),
+        backend: a.backend.unwrap_or_else(runtime::default_backend),
+        port: a.port,
+        limits,
+        bind_ro: a.bind_ro.clone(),
+        userns: !a.no_userns,
+        seccomp: !a.no_seccomp,
+        drop_caps: !a.keep_caps,
+    };
+    let out = create_all(ctx, &rt, &names, &spec)?;
     if names.len() == 1 && out.failed.is_empty() {
         let inst = ctx.store.instance(&names[0])?;
         ctx.printer
             .info(format!("created {} (port {})", inst.name, inst.port));
     }
     Ok(out.report(&ctx.printer, "create"))
+}
+
+/// Creates the instances `names` as `spec` says (its `name` is each of
+/// them), once the kernel and the backend have been asked whether they can
+/// run them, and registers them with their backend.
+fn create_all(
+    ctx: &Ctx,
+    rt: &Runtime,
+    names: &[String],
+    spec: &CreateSpec,
+) -> Result<fleet::Outcome> {
+    // Refuse before creating anything: a kernel that cannot mount the
+    // instance's overlay (idmapped unless --no-userns), a backend that is
+    // not here (no systemd), a name or a bind it cannot take.
+    rt.preflight(&spec.template, spec.userns)?;
+    rt.check_create(spec.backend, names, &spec.bind_ro)?;
+    ctx.store.ensure()?;
+    let mut out = fleet::run(&ctx.printer, "create", names, |name| {
+        provision::create(
+            &ctx.store,
+            &CreateSpec {
+                name: name.to_string(),
+                ..spec.clone()
+            },
+        )
+    });
+    register(ctx, rt, &mut out)?;
+    Ok(out)
 }
 
 /// Registers new instances with their backend (systemd: the unit files,
@@ -200,26 +213,18 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         .collect();
     let rt = Runtime::new(&ctx.store)?;
     if !missing.is_empty() {
-        nifty::runtime::linux::features::preflight(&ctx.store.template_rootfs(&a.template), true)?;
-        ctx.store.ensure()?;
-        let backend = a.backend.unwrap_or_else(runtime::default_backend);
-        let mut out = fleet::run(&ctx.printer, "create", &missing, |name| {
-            provision::create(
-                &ctx.store,
-                &CreateSpec {
-                    name: name.to_string(),
-                    template: a.template.clone(),
-                    backend,
-                    port: None,
-                    limits: Limits::default(),
-                    bind_ro: Vec::new(),
-                    userns: true,
-                    seccomp: true,
-                    drop_caps: true,
-                },
-            )
-        });
-        register(ctx, &rt, &mut out)?;
+        let spec = CreateSpec {
+            name: String::new(),
+            template: a.template.clone(),
+            backend: a.backend.unwrap_or_else(runtime::default_backend),
+            port: None,
+            limits: Limits::default(),
+            bind_ro: Vec::new(),
+            userns: true,
+            seccomp: true,
+            drop_caps: true,
+        };
+        let out = create_all(ctx, &rt, &missing, &spec)?;
         if !out.report(&ctx.printer, "create") {
             return Ok(false);
         }

@@ -318,6 +318,13 @@ impl Runtime {
         Ok(self.of(inst)?.log_source(inst))
     }
 
+    /// Checks, before anything is created or started, that this kernel can
+    /// run instances of `template` with or without a user namespace (both
+    /// backends mount the same overlay).
+    pub fn preflight(&self, template: &str, userns: bool) -> Result<()> {
+        linux::features::preflight(&self.store.template_rootfs(template), userns)
+    }
+
     /// Refuses, before anything is created, names or binds `backend`
     /// cannot take.
     pub fn check_create(&self, backend: Backend, names: &[String], binds: &[String]) -> Result<()> {

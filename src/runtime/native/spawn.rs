@@ -402,6 +402,19 @@ fn child(
             fail(step, e.raw_os_error());
         }
     };
+    // A new filesystem of type `fs` (its source named alike) at `at`.
+    let mount_fs = |step: Step, fs: &std::ffi::CStr, at: &std::ffi::CStr, opts: &CString| {
+        check(
+            step,
+            rustix::mount::mount(
+                fs,
+                at,
+                fs,
+                MountFlags::NOSUID | MountFlags::NOEXEC,
+                opts.as_c_str(),
+            ),
+        )
+    };
     let attach = |step: Step, fd: &OwnedFd, at: &std::ffi::CStr| {
         check(
             step,
@@ -454,16 +467,7 @@ fn child(
     // /dev needs no tmpfs of its own (a superblock less per container, which
     // the kernel's per-memcg shrinker bookkeeping makes count at 10,000).
     if !plan.dev_in_template {
-        check(
-            Step::MountDev,
-            rustix::mount::mount(
-                c"tmpfs",
-                c"dev",
-                c"tmpfs",
-                MountFlags::NOSUID | MountFlags::NOEXEC,
-                plan.dev_opts.as_c_str(),
-            ),
-        );
+        mount_fs(Step::MountDev, c"tmpfs", c"dev", &plan.dev_opts);
     }
     for ((_, inside), fd) in plan.devices.iter().zip(&mounts.devices) {
         if !plan.dev_in_template {
@@ -485,16 +489,7 @@ fn child(
             rustix::fs::mkdirat(CWD, c"dev/pts", Mode::from_raw_mode(0o755)),
         );
     }
-    check(
-        Step::MountDevpts,
-        rustix::mount::mount(
-            c"devpts",
-            c"dev/pts",
-            c"devpts",
-            MountFlags::NOSUID | MountFlags::NOEXEC,
-            plan.devpts_opts.as_c_str(),
-        ),
-    );
+    mount_fs(Step::MountDevpts, c"devpts", c"dev/pts", &plan.devpts_opts);
     if !plan.dev_in_template {
         for (target, link) in DEV_LINKS {
             check(Step::DevSymlink, rustix::fs::symlinkat(target, CWD, link));
