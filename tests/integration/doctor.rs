@@ -1,8 +1,6 @@
 //! Privileged: `nifty doctor` reports the limits this machine really has.
 
-mod common;
-
-use common::{privileged, Root};
+use crate::common::{privileged, Root};
 
 fn sysctl(key: &str) -> String {
     std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/")))

@@ -44,19 +44,63 @@ pub fn privileged() -> bool {
     can
 }
 
+/// The suite's lock: tests that run containers take turns (they share
+/// the host's network, and two tests may number instances alike).
+static SUITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+thread_local! {
+    /// How many `Serial`s this thread holds, and the lock while it holds any.
+    static HELD: std::cell::RefCell<(usize, Option<std::sync::MutexGuard<'static, ()>>)> =
+        const { std::cell::RefCell::new((0, None)) };
+}
+
+/// A turn at the suite's lock, for as long as it lives; a thread may hold
+/// several at once (a test with two state roots).
+pub struct Serial(std::marker::PhantomData<*const ()>);
+
+impl Serial {
+    pub fn take() -> Serial {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.0 == 0 {
+                // A test that failed while holding it poisoned it: the
+                // next one still runs.
+                h.1 = Some(SUITE.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+            h.0 += 1;
+        });
+        Serial(std::marker::PhantomData)
+    }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            h.0 -= 1;
+            if h.0 == 0 {
+                h.1 = None;
+            }
+        });
+    }
+}
+
 /// A state root in a temp dir; on drop, kills every container of it and
-/// removes it.
+/// removes it. It holds a turn at the suite's lock while it lives.
 pub struct Root {
     pub dir: tempfile::TempDir,
+    _serial: Serial,
 }
 
 impl Root {
     pub fn new() -> Root {
+        let serial = Serial::take();
         Root {
             dir: tempfile::Builder::new()
                 .prefix("nifty-test-")
                 .tempdir()
                 .unwrap(),
+            _serial: serial,
         }
     }
 

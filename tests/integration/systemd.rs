@@ -4,13 +4,13 @@
 //! in, and drives it with `nsenter`. The harness powers it off (and kills
 //! what is left) even when a test fails.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{privileged, wait_port, Root, NIFTY};
+use crate::common::{privileged, wait_port, Root, NIFTY};
 
 /// A systemd booted in a container of this machine's root.
 struct SystemdHost {

@@ -1,10 +1,10 @@
 //! CLI tests that need no root: help, verbs not built yet, bad input.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use common::Root;
+use crate::common::Root;
 
 fn nifty(args: &[&str]) -> std::process::Output {
     common::nifty()

@@ -1,13 +1,13 @@
 //! Privileged: real containers booted by the native launcher, reached with a
-//! real SSH client. Each test has its own state root and its own instance
-//! numbers (so its own ports), so tests run in parallel.
+//! real SSH client. Each test has its own state root and instance numbers
+//! of its own (so its own ports); tests take turns (see `common::Root`).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{assert_clean, mounted_under, privileged, wait_port, Root, NIFTY};
+use crate::common::{assert_clean, mounted_under, privileged, wait_port, Root, NIFTY};
 
 fn range(lo: u32, hi: u32) -> Vec<String> {
     (lo..=hi).map(|n| n.to_string()).collect()

@@ -1,12 +1,10 @@
 //! Privileged: build a template, then check it from inside a chroot.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use common::{privileged, Root};
+use crate::common::{privileged, Root};
 
 fn chroot(rootfs: &Path, cmd: &str) -> (bool, String) {
     let o = Command::new("chroot")

@@ -2,12 +2,12 @@
 //! fail (EPERM/EACCES/EROFS...) or stay contained; the host is checked
 //! afterwards. SECURITY.md lists these tests by name.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean, privileged, wait_port, Root};
+use crate::common::{assert_clean, privileged, wait_port, Root};
 
 /// A root with a template and running instances `names` (own port range).
 fn fleet(names: &[&str], extra: &[&str]) -> Root {
