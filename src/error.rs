@@ -161,7 +161,7 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 25] = [
+    pub const ALL: [Step; 25] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::EnterEmptyRoot,

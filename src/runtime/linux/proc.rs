@@ -49,18 +49,31 @@ pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
     let own = nifty_exe();
     procs.iter().find_map(|&pid| {
         let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
-        if field("NSpid:").and_then(|l| l.split_whitespace().last()) != Some("1") {
-            return None;
-        }
+        let stopped = pid_one(&s)?;
         let exe = rustix::fs::stat(format!("/proc/{pid}/exe").as_str())
             .ok()
             .map(|st| (st.st_dev, st.st_ino));
         if exe.is_some() && exe == own {
             return None; // not exec'd yet: still starting
         }
-        Some((pid, field("State:").is_some_and(|st| st.starts_with('T'))))
+        Some((pid, stopped))
     })
+}
+
+/// From a process's /proc status text: is it PID 1 of its own PID
+/// namespace (the last `NSpid` column)? Then whether it is stopped
+/// (state T).
+fn pid_one(status: &str) -> Option<bool> {
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::trim)
+    };
+    if field("NSpid:").and_then(|l| l.split_whitespace().last()) != Some("1") {
+        return None;
+    }
+    Some(field("State:").is_some_and(|st| st.starts_with('T')))
 }
 
 /// (device, inode) of the running nifty's executable.
@@ -97,4 +110,39 @@ pub fn alive(pid: i32) -> bool {
 pub fn signal(pid: i32, sig: Signal) -> Result<()> {
     let p = Pid::from_raw(pid).ok_or_else(|| Error::Invalid(format!("bad pid {pid}")))?;
     rustix::process::kill_process(p, sig).map_err(Error::sys(format!("kill({pid}, {sig:?})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// /proc status texts as the kernel writes them (the fields read).
+    fn status(name: &str, state: &str, nspid: &str) -> String {
+        format!("Name:\t{name}\nUmask:\t0022\nState:\t{state}\nTgid:\t4242\nNSpid:\t{nspid}\n")
+    }
+
+    #[test]
+    fn init_is_pid_one_of_its_namespace_whatever_its_name() {
+        // The container's init, running, seen from the host.
+        assert_eq!(
+            pid_one(&status("init", "S (sleeping)", "4242\t1")),
+            Some(false)
+        );
+        // Renamed by the tenant: still init (names are never read).
+        assert_eq!(
+            pid_one(&status("sshd", "S (sleeping)", "4242\t1")),
+            Some(false)
+        );
+        // Stopped by an interrupted `nifty stop`.
+        assert_eq!(
+            pid_one(&status("init", "T (stopped)", "4242\t1")),
+            Some(true)
+        );
+        // Another process of the container, or one named like init.
+        assert_eq!(pid_one(&status("init", "S (sleeping)", "4243\t7")), None);
+        // A host process (one PID namespace): PID 1 is the host's init,
+        // never in a container's cgroup; anything else is not init.
+        assert_eq!(pid_one(&status("init", "S (sleeping)", "4242")), None);
+        assert_eq!(pid_one("Name:\tx\n"), None);
+    }
 }

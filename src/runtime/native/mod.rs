@@ -61,13 +61,14 @@ impl Native {
         })
     }
 
-    /// The confinement of an instance: its user namespace (made now), the
-    /// capabilities it keeps, its seccomp filters and network guard (the
-    /// bind programs of kernels before 6.7, if any, are returned for its
-    /// cgroup).
+    /// The confinement of an instance: its user namespace (`userns`, made
+    /// by the caller), the capabilities it keeps, its seccomp filters and
+    /// network guard (the bind programs of kernels before 6.7, if any, are
+    /// returned for its cgroup).
     fn confinement(
         &self,
         inst: &Instance,
+        userns: Option<OwnedFd>,
     ) -> Result<(spawn::Confine, Option<confine::BindPrograms>)> {
         let sec = &inst.security;
         let seccomp = if sec.seccomp {
@@ -86,7 +87,7 @@ impl Native {
             err: e,
         })?;
         let c = spawn::Confine {
-            userns: sec.uid_base.map(userns::create).transpose()?,
+            userns,
             id_base: sec.uid_base.unwrap_or(0),
             caps_keep: sec.drop_caps.then(confine::keep_mask),
             landlock: net.landlock,
@@ -225,7 +226,8 @@ impl Native {
         let env = init_env(inst);
         let upper = dir.join("upper");
         let work = dir.join("work");
-        let (confine, bind_guard) = self.confinement(inst)?;
+        let userns = inst.security.uid_base.map(userns::create).transpose()?;
+        let (confine, bind_guard) = self.confinement(inst, userns)?;
         let plan = spawn::Plan::new(spawn::Spec {
             lower: &lower,
             upper: &upper,
@@ -466,13 +468,9 @@ impl Native {
             Some(_) => Some(open_ns("user")?),
             None => None,
         };
-        let (confine, _bind_guard_is_on_the_cgroup) = self.confinement(&Instance {
-            security: crate::store::Security {
-                uid_base: None,
-                ..inst.security.clone()
-            },
-            ..inst.clone()
-        })?;
+        // The command joins the container's user namespace (above), so
+        // none is made; the bind programs are on its cgroup already.
+        let (confine, _) = self.confinement(inst, None)?;
         if account.uid == u32::MAX || account.gid == u32::MAX {
             return Err(Error::Invalid(format!(
                 "instance {:?}: user has an invalid uid/gid",

@@ -610,3 +610,92 @@ fn child(
     let e = sys::execve(&plan.init, &plan.argv_ptrs, &plan.envp_ptrs);
     fail(Step::ExecInit, e.raw_os_error().unwrap_or(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn null() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    fn plan(
+        lower: &Path,
+        binds: &[(PathBuf, PathBuf)],
+        env: &[(String, String)],
+    ) -> std::io::Result<Plan> {
+        Plan::new(Spec {
+            lower,
+            upper: Path::new("/upper"),
+            work: Path::new("/work"),
+            binds,
+            hostname: "nifty7",
+            env,
+            log_fd: null(),
+            confine: Confine {
+                id_base: 0x7000_0000,
+                ..Confine::default()
+            },
+        })
+    }
+
+    #[test]
+    fn the_plan_names_every_device_bind_and_option_of_the_child() {
+        let t = tempfile::tempdir().unwrap();
+        let binds = [(PathBuf::from("/srv/data"), PathBuf::from("/mnt/a/b"))];
+        let env = [("PATH".to_string(), "/bin".to_string())];
+        let p = plan(t.path(), &binds, &env).unwrap();
+        // Every device of the private /dev, from the host's, by relative path.
+        assert_eq!(p.devices.len(), DEVICES.len());
+        assert!(p
+            .devices
+            .iter()
+            .zip(DEVICES)
+            .all(
+                |((host, inside), d)| host.to_str() == Ok(&format!("/dev/{d}"))
+                    && inside.to_str() == Ok(&format!("dev/{d}"))
+            ));
+        // Bind targets relative to the root, their directories parents first.
+        assert_eq!(p.binds[0].1.to_str(), Ok("mnt/a/b"));
+        let dirs: Vec<&str> = p.bind_dirs.iter().map(|c| c.to_str().unwrap()).collect();
+        assert_eq!(dirs, ["mnt", "mnt/a", "mnt/a/b"]);
+        // /dev and its ptys belong to the container's root (its ID base).
+        let base = 0x7000_0000u32;
+        assert!(p
+            .dev_opts
+            .to_str()
+            .unwrap()
+            .contains(&format!("uid={base},gid={base}")));
+        assert!(p
+            .devpts_opts
+            .to_str()
+            .unwrap()
+            .contains(&format!("gid={}", base + 5)));
+        // A template without /dev's files gets a tmpfs; with them, not.
+        assert!(!p.dev_in_template);
+        std::fs::create_dir_all(t.path().join("dev/pts")).unwrap();
+        std::fs::write(t.path().join("dev/null"), "").unwrap();
+        assert!(plan(t.path(), &[], &env).unwrap().dev_in_template);
+        // execve's arrays end with NULL and hold what was asked.
+        assert_eq!(p.argv_ptrs.len(), 2);
+        assert!(p.argv_ptrs[1].is_null() && p.envp_ptrs[1].is_null());
+        assert_eq!(p._envp[0].to_str(), Ok("PATH=/bin"));
+        assert_eq!(p.hostname, b"nifty7");
+    }
+
+    #[test]
+    fn a_nul_byte_is_refused_before_anything_runs() {
+        let t = tempfile::tempdir().unwrap();
+        let env = [("X".to_string(), "a\0b".to_string())];
+        assert!(plan(t.path(), &[], &env).is_err());
+    }
+
+    #[test]
+    fn every_step_round_trips_through_the_failure_word() {
+        for s in Step::ALL {
+            assert_eq!(Step::from_u8(s as u8), Some(s));
+            assert!(!s.describe().is_empty());
+        }
+        assert_eq!(Step::from_u8(200), None);
+    }
+}

@@ -4,13 +4,14 @@
 //! (start, stop and kill of a thousand units are a thousand queued jobs,
 //! not a thousand `systemctl` processes) and reads state back from it.
 
+mod exec;
+mod jobs;
 pub mod unit;
 
+pub use exec::exec_nspawn;
+
 use std::collections::HashMap;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use zbus::blocking::Connection;
 use zbus::zvariant::OwnedObjectPath;
@@ -21,7 +22,7 @@ use super::dbus::{self, connect, dbus_err, ManagerProxy, ServiceProxy, UnitProxy
 use super::linux::cgroup::{procs_under, Hierarchy};
 use super::linux::proc::find_init;
 use super::{Info, StopOptions};
-use crate::store::{parse_bind, Backend, Instance, Store};
+use crate::store::{Backend, Instance, Store};
 use crate::{Error, Result};
 
 /// Where unit files go: the administrator's directory, so that `enable`
@@ -60,12 +61,6 @@ pub fn check_host() -> Result<PathBuf> {
     })
 }
 
-/// Jobs queued at once. systemd runs queued jobs in parallel, and tracks
-/// the client of each through a match rule on the bus; dbus-daemon allows
-/// a connection 512 of them and cuts systemd off past that (seen with a
-/// thousand queued stops). 200 stay well below.
-const JOB_WINDOW: usize = 200;
-
 /// The systemd backend of one store.
 pub struct Systemd {
     store: Store,
@@ -75,12 +70,6 @@ pub struct Systemd {
     hierarchy: Hierarchy,
     /// Subscribe() is once per connection.
     subscribed: std::sync::OnceLock<()>,
-}
-
-/// How a job of ours ended.
-struct JobEnd {
-    unit: String,
-    result: String,
 }
 
 impl Systemd {
@@ -349,7 +338,7 @@ impl Systemd {
             .map(|inst| {
                 let running = states
                     .get(&inst.name)
-                    .filter(|(s, _)| s == "active" || s == "deactivating" || s == "reloading")
+                    .filter(|(s, _)| may_run(s))
                     .and_then(|(_, p)| Some((p.clone(), self.init_of(p)?)));
                 let (pid, memory) = match &running {
                     Some((path, (cg, pid))) => (Some(*pid), self.memory(path, cg)),
@@ -390,224 +379,6 @@ impl Systemd {
         self.proxy::<UnitProxy>(&self.unit_path(inst)?)?
             .unit_file_state()
             .ok()
-    }
-
-    /// Runs one job per instance (`start` or `stop`), all queued at once,
-    /// and waits for them: systemd runs them in parallel. `deadline`, when
-    /// given, is when jobs still running are cut short by killing their
-    /// units.
-    fn jobs(
-        &self,
-        insts: &[&Instance],
-        verb: &str,
-        kill_after: Option<Duration>,
-        done: &(dyn Fn(&str) + Sync),
-    ) -> Vec<(String, Result<()>)> {
-        let mut results: Vec<(String, Result<()>)> = Vec::new();
-        let manager = match self.manager() {
-            Ok(m) => m,
-            Err(e) => return super::fail(insts, &e),
-        };
-        // Listen before queueing anything, from a thread of its own, so no
-        // JobRemoved is missed and none blocks the replies behind it.
-        if self.subscribed.get().is_none() {
-            match manager.subscribe() {
-                Ok(()) => {
-                    let _ = self.subscribed.set(());
-                }
-                Err(e) => return super::fail(insts, &dbus_err("Subscribe")(e)),
-            }
-        }
-        let signals = match manager.receive_job_removed() {
-            Ok(s) => s,
-            Err(e) => return super::fail(insts, &dbus_err("JobRemoved")(e)),
-        };
-        let (tx, rx) = mpsc::channel::<(OwnedObjectPath, JobEnd)>();
-        let listener = std::thread::spawn(move || {
-            for sig in signals {
-                let Ok(a) = sig.args() else { continue };
-                let end = JobEnd {
-                    unit: a.unit.clone(),
-                    result: a.result.clone(),
-                };
-                if tx.send((a.job.clone(), end)).is_err() {
-                    break;
-                }
-            }
-        });
-        // Jobs in flight: job object -> (instance, when it was queued).
-        let mut pending: HashMap<OwnedObjectPath, (String, Instant)> = HashMap::new();
-        let mut queue = insts.iter();
-        let mut killed: std::collections::HashSet<OwnedObjectPath> = Default::default();
-        let mut last_progress = Instant::now();
-        loop {
-            // Keep the window full.
-            while pending.len() < JOB_WINDOW {
-                let Some(inst) = queue.next() else { break };
-                let unit = self.names.unit(&inst.name);
-                let r = match verb {
-                    "start" => manager.start_unit(&unit, "replace"),
-                    _ => manager.stop_unit(&unit, "replace"),
-                };
-                match r {
-                    Ok(job) => {
-                        pending.insert(job, (inst.name.clone(), Instant::now()));
-                    }
-                    Err(e) => {
-                        done(&inst.name);
-                        results.push((
-                            inst.name.clone(),
-                            Err(Error::Host(format!(
-                                "instance {:?}: systemd refused to {verb} {unit}: {e}",
-                                inst.name
-                            ))),
-                        ));
-                    }
-                }
-            }
-            if pending.is_empty() {
-                break;
-            }
-            // A stop that outlives its timeout: kill what is left of it.
-            if let Some(k) = kill_after {
-                for (job, (name, queued)) in &pending {
-                    if queued.elapsed() >= k && killed.insert(job.clone()) {
-                        let _ = manager.kill_unit(&self.names.unit(name), "all", libc::SIGKILL);
-                    }
-                }
-            }
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok((job, end)) => {
-                    let Some((name, _)) = pending.remove(&job) else {
-                        continue;
-                    };
-                    last_progress = Instant::now();
-                    done(&name);
-                    let r = if end.result == "done" {
-                        Ok(())
-                    } else {
-                        Err(Error::Host(format!(
-                            "instance {name:?}: {verb} job of {} ended {:?}; see `journalctl -u '{}'`",
-                            end.unit, end.result, end.unit
-                        )))
-                    };
-                    results.push((name, r));
-                }
-                // The units' own timeouts bound every job; this only guards
-                // against a systemd that went silent.
-                Err(mpsc::RecvTimeoutError::Timeout)
-                    if last_progress.elapsed()
-                        < Duration::from_secs(unit::STOP_TIMEOUT_SECS + 120) => {}
-                Err(_) => {
-                    for (_, (name, _)) in pending.drain() {
-                        done(&name);
-                        results.push((
-                            name.clone(),
-                            Err(Error::Host(format!(
-                                "instance {name:?}: systemd did not finish the {verb} job in time"
-                            ))),
-                        ));
-                    }
-                    for inst in queue.by_ref() {
-                        results.push((
-                            inst.name.clone(),
-                            Err(Error::Host(format!(
-                                "instance {:?}: not {verb}ed: systemd stopped answering",
-                                inst.name
-                            ))),
-                        ));
-                    }
-                }
-            }
-        }
-        drop(rx);
-        // The listener ends with the connection; do not wait for it.
-        drop(listener);
-        results
-    }
-
-    /// Starts instances: writes what is missing of their unit files, then
-    /// one StartUnit each. An instance that runs already is an error.
-    pub fn start_many(
-        &self,
-        insts: &[&Instance],
-        done: &(dyn Fn(&str) + Sync),
-    ) -> Vec<(String, Result<()>)> {
-        let mut out = Vec::new();
-        if let Err(e) = self.prepare(insts) {
-            return super::fail(insts, &e);
-        }
-        let states = self.states().unwrap_or_default();
-        let mut todo = Vec::new();
-        for inst in insts {
-            let active = states
-                .get(&inst.name)
-                .is_some_and(|(s, _)| s == "active" || s == "activating");
-            if active {
-                done(&inst.name);
-                out.push((
-                    inst.name.clone(),
-                    Err(Error::Running(inst.name.clone(), "")),
-                ));
-            } else if !self.store.template_rootfs(&inst.template).is_dir() {
-                done(&inst.name);
-                out.push((
-                    inst.name.clone(),
-                    Err(Error::NoTemplate(inst.template.clone())),
-                ));
-            } else {
-                // A unit left failed by an earlier run would refuse nothing,
-                // but its old result would linger in `status`.
-                let _ = self
-                    .manager()
-                    .map(|m| m.reset_failed_unit(&self.names.unit(&inst.name)));
-                todo.push(*inst);
-            }
-        }
-        out.extend(self.jobs(&todo, "start", None, done));
-        out
-    }
-
-    /// Stops instances: one StopUnit each (systemd-nspawn passes init
-    /// SIGUSR2, BusyBox init powers off); after `opts.timeout` what is
-    /// left is killed. A stopped instance is not an error.
-    pub fn stop_many(
-        &self,
-        insts: &[&Instance],
-        opts: StopOptions,
-        done: &(dyn Fn(&str) + Sync),
-    ) -> Vec<(String, Result<()>)> {
-        if opts.signal != rustix::process::Signal::Usr2 && !opts.kill {
-            return insts
-                .iter()
-                .map(|i| {
-                    (
-                        i.name.clone(),
-                        Err(Error::Invalid(format!(
-                            "instance {:?} runs under systemd, whose unit stops it with SIGUSR2 \
-                             (BusyBox init's poweroff); --signal is for native instances; \
-                             use `nifty kill` to kill it at once",
-                            i.name
-                        ))),
-                    )
-                })
-                .collect();
-        }
-        if opts.kill {
-            if let Ok(m) = self.manager() {
-                for inst in insts {
-                    let _ = m.kill_unit(&self.names.unit(&inst.name), "all", libc::SIGKILL);
-                }
-            }
-        }
-        let out = self.jobs(insts, "stop", Some(opts.timeout), done);
-        if let Ok(m) = self.manager() {
-            for inst in insts {
-                // A killed container leaves its unit "failed": clear it.
-                let _ = m.reset_failed_unit(&self.names.unit(&inst.name));
-            }
-        }
-        out
     }
 
     /// `nifty enable`: the instances start at boot (multi-user.target
@@ -746,6 +517,14 @@ fn write_unit_file(path: &Path, text: &str) -> Result<()> {
     crate::store::write_atomic(path, text.as_bytes(), 0o644)
 }
 
+/// Does a unit in this ActiveState have a container to look for? Active,
+/// reloading or on its way down (its init may still run: `list` shows it
+/// running until it is gone); not while activating (nspawn has not made
+/// the container yet), inactive or failed.
+fn may_run(active_state: &str) -> bool {
+    matches!(active_state, "active" | "reloading" | "deactivating")
+}
+
 /// The machine name `nifty<name>` must be a valid hostname: systemd
 /// refuses `_` there.
 pub fn check_machine_name(name: &str) -> Result<()> {
@@ -759,196 +538,24 @@ pub fn check_machine_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The ExecStart of `nifty@.service`: mounts the instance's root in a mount
-/// namespace of this process's own and execs systemd-nspawn with `args`
-/// plus the instance's own (user namespace range, binds, capabilities).
-/// Returns only on failure.
-pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
-    match prepare_root(store, name) {
-        Ok(extra) => {
-            let Some((prog, rest)) = args.split_first() else {
-                return Error::Invalid("systemd exec: no systemd-nspawn command after --".into());
-            };
-            use std::os::unix::process::CommandExt;
-            // nspawn and everything it starts own only the instance's port
-            // (and keep off abstract sockets of others), as native ones do.
-            let inst = match store.instance(name) {
-                Ok(i) => i,
-                Err(e) => return e,
-            };
-            if let Err(e) = guard_network(&inst) {
-                return e;
-            }
-            let e = std::process::Command::new(prog)
-                .args(rest)
-                .args(extra)
-                .exec();
-            Error::Sys {
-                call: format!("instance {name:?}: execve({prog})"),
-                err: e,
-            }
-        }
-        Err(e) => e,
-    }
-}
-
-/// Holds this ExecStart process, nspawn and the container it starts to
-/// the instance's own port: a Landlock ruleset entered here, or, before
-/// Linux 6.7, bind programs on the unit's own cgroup (nspawn's payload
-/// cgroup is below it, so they hold the container too; systemd frees them
-/// with the cgroup).
-fn guard_network(inst: &Instance) -> Result<()> {
-    let name = &inst.name;
-    let net = super::linux::confine::network(inst.port).map_err(|e| Error::Sys {
-        call: format!(
-            "instance {name:?}: its network guard (landlock_create_ruleset or bpf(BPF_PROG_LOAD))"
-        ),
-        err: e,
-    })?;
-    if let Some(progs) = &net.bind {
-        let own = own_cgroup()?;
-        progs.attach(&own).map_err(|e| Error::Sys {
-            call: format!(
-                "instance {name:?}: bpf(BPF_PROG_ATTACH) of its bind programs to {}",
-                own.display()
-            ),
-            err: e,
-        })?;
-    }
-    if let Some(fd) = &net.landlock {
-        crate::sys::landlock_restrict_self(fd.as_fd()).map_err(|e| Error::Sys {
-            call: format!("instance {name:?}: landlock_restrict_self"),
-            err: std::io::Error::from_raw_os_error(e.raw_os_error()),
-        })?;
-    }
-    Ok(())
-}
-
-/// The cgroup v2 directory of this process (the unit's).
-fn own_cgroup() -> Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(Error::io("read", "/proc/self/cgroup"))?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| Error::Host("no cgroup v2 entry in /proc/self/cgroup".into()))?;
-    let v2 = super::linux::cgroup::Hierarchy::detect()?.v2;
-    Ok(v2.join(rel.trim_start_matches('/')))
-}
-
-/// Mounts the overlay root of `name` on `<instance>/root` in a new mount
-/// namespace (no propagation back to the host) and returns the
-/// systemd-nspawn arguments of the instance.
-fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
-    use rustix::mount::*;
-    let inst = store.instance(name)?;
-    if inst.backend != Backend::Systemd {
-        return Err(Error::Invalid(format!(
-            "instance {name:?} uses the {} backend; start it with `nifty start {name}`",
-            inst.backend
-        )));
-    }
-    check_machine_name(&inst.name)?;
-    rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)
-        .map_err(Error::sys("unshare(CLONE_NEWNS)"))?;
-    mount_change(
-        "/",
-        MountPropagationFlags::SLAVE | MountPropagationFlags::REC,
-    )
-    .map_err(Error::sys("mount(/, MS_SLAVE|MS_REC)"))?;
-    let target = store.instance_dir(name).join("root");
-    match std::fs::create_dir(&target) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::io("create", &target)(e)),
-    }
-    let fd = super::linux::files::detached_overlay(store, &inst)?;
-    move_mount(
-        fd.as_fd(),
-        "",
-        rustix::fs::CWD,
-        &target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
-    .map_err(Error::sys(format!(
-        "move_mount(overlay, {})",
-        target.display()
-    )))?;
-    let mut args = Vec::new();
-    match inst.security.uid_base {
-        Some(base) => {
-            args.push(format!("--private-users={base}:65536"));
-            args.push("--private-users-ownership=off".into());
-        }
-        None => args.push("--private-users=no".into()),
-    }
-    for b in &inst.bind_ro {
-        let (src, dst) = parse_bind(b)?;
-        let idmap = if inst.security.uid_base.is_some() {
-            ":idmap"
-        } else {
-            ""
-        };
-        args.push(format!(
-            "--bind-ro={}:{}{idmap}",
-            src.display(),
-            dst.display()
-        ));
-    }
-    if inst.security.drop_caps {
-        args.push(format!(
-            "--drop-capability={}",
-            NSPAWN_DEFAULT_CAPS
-                .iter()
-                .filter(|c| !super::linux::confine::KEEP.iter().any(|(_, k)| k == *c))
-                .copied()
-                .collect::<Vec<_>>()
-                .join(",")
-        ));
-        args.push("--no-new-privileges=yes".into());
-    }
-    Ok(args)
-}
-
-/// The capabilities systemd-nspawn gives a container by default
-/// (systemd-nspawn(1), --capability=).
-const NSPAWN_DEFAULT_CAPS: &[&str] = &[
-    "CAP_AUDIT_CONTROL",
-    "CAP_AUDIT_WRITE",
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_IPC_OWNER",
-    "CAP_KILL",
-    "CAP_LEASE",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_MKNOD",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_RAW",
-    "CAP_SETFCAP",
-    "CAP_SETGID",
-    "CAP_SETPCAP",
-    "CAP_SETUID",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TTY_CONFIG",
-];
-
 #[cfg(test)]
 mod tests {
+    use super::may_run;
+
     #[test]
-    fn kept_caps_are_nspawn_defaults() {
-        // Every capability nifty keeps exists in nspawn's default set, so
-        // dropping the rest leaves exactly nifty's set.
-        for (_, c) in super::super::linux::confine::KEEP {
-            assert!(super::NSPAWN_DEFAULT_CAPS.contains(c), "{c}");
+    fn unit_states_map_to_a_container_to_look_for() {
+        for s in ["active", "reloading", "deactivating"] {
+            assert!(may_run(s), "{s}");
+        }
+        for s in [
+            "inactive",
+            "failed",
+            "activating",
+            "maintenance",
+            "refreshing",
+            "",
+        ] {
+            assert!(!may_run(s), "{s}");
         }
     }
 }
