@@ -198,7 +198,7 @@ pub fn tracked(
     printer: &crate::printer::Printer,
     verb: &str,
     n: usize,
-    op: impl FnOnce(crate::runtime::Done<'_>) -> Vec<(String, Result<()>)>,
+    op: impl FnOnce(&(dyn Fn(&str) + Sync)) -> Vec<(String, Result<()>)>,
 ) -> Outcome {
     let start = std::time::Instant::now();
     let bar = printer.progress(verb, n as u64);

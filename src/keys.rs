@@ -7,7 +7,7 @@ use std::path::Path;
 use ssh_key::private::{Ed25519Keypair, KeypairData};
 use ssh_key::{LineEnding, PrivateKey};
 
-use crate::store::write_atomic;
+use crate::disk::write_atomic;
 use crate::{Error, Result};
 
 /// An ed25519 host key.

@@ -12,6 +12,7 @@
 //! containers, and there is no bind to be remounted read-write.
 
 pub mod accounts;
+pub mod dev;
 pub mod elf;
 pub mod inittab;
 
@@ -393,11 +394,11 @@ fn populate(
 
     // /dev's entries, for the launchers to bind the host's devices onto
     // and to mount devpts on (no tmpfs per container).
-    for d in crate::runtime::linux::dev::DEVICES {
+    for d in crate::template::dev::DEVICES {
         write_file(&rootfs.join("dev").join(d), b"", 0o666)?;
     }
     mkdir(&rootfs.join("dev/pts"), 0o755)?;
-    for (target, link) in crate::runtime::linux::dev::DEV_LINKS {
+    for (target, link) in crate::template::dev::DEV_LINKS {
         let link = rootfs.join(link.to_str().unwrap_or_default());
         symlink(target.to_str().unwrap_or_default(), &link).map_err(Error::io("symlink", &link))?;
     }

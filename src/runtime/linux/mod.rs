@@ -3,13 +3,13 @@
 //! programs), the overlay root, host-side access to an instance's files,
 //! /proc readers, ptys, and what the running kernel offers. Nothing here
 //! knows which backend runs an instance; `native` (nifty's own launcher)
-//! and `systemd` build on it, and it builds only on `crate::sys`.
+//! and `systemd` build on it; it builds on `crate::sys` and reads the
+//! state on disk (`store`, `claims`), nothing above.
 
 pub mod cgroup;
 pub mod confine;
 pub mod dbus;
 pub mod delegate;
-pub mod dev;
 pub mod features;
 pub mod files;
 pub mod overlay;

@@ -39,9 +39,9 @@ use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::{MountAttrFlags, MountFlags, MoveMountFlags, OpenTreeFlags};
 
 use crate::error::{StartError, SysError};
-use crate::runtime::linux::dev::{DEVICES, DEV_LINKS};
 use crate::runtime::linux::overlay::overlay;
 use crate::sys;
+use crate::template::dev::{DEVICES, DEV_LINKS};
 
 pub use crate::error::Step;
 

@@ -1,6 +1,6 @@
 //! The container's private /dev: what is bound from the host and which
-//! symlinks it holds (the launcher makes them, `template build` checks
-//! the template has their mount points).
+//! symlinks it holds. `template build` gives the template their mount
+//! points and links; the launcher binds the devices.
 
 /// Symlinks of /dev: (target, link).
 pub const DEV_LINKS: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
