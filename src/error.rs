@@ -56,6 +56,22 @@ pub enum Error {
     #[error("instance {name:?}: {failure}")]
     Start { name: String, failure: StartError },
 
+    /// systemd answered a D-Bus call with an error, or could not be asked.
+    #[error("systemd over D-Bus: {what}: {err}")]
+    Dbus { what: String, err: Box<zbus::Error> },
+
+    /// A record could not be written as TOML.
+    #[error("cannot write {what} as TOML: {err}")]
+    Encode {
+        what: &'static str,
+        err: toml::ser::Error,
+    },
+
+    /// An error of a check made once per process, given again to every
+    /// later caller (the first one's error, typed as it was).
+    #[error(transparent)]
+    Once(std::sync::Arc<Error>),
+
     /// Something about the host prevents the operation.
     #[error("{0}")]
     Host(String),
@@ -95,6 +111,21 @@ impl SysError {
         let call = call.into();
         move |errno| SysError { call, errno }
     }
+}
+
+/// The result of a check made once per process: its error is shared by
+/// every caller (see [`Error::Once`]).
+pub type Once<T> = std::result::Result<T, std::sync::Arc<Error>>;
+
+/// Runs a check whose result is kept for the process (`f`), or hands out
+/// the kept one.
+pub fn once<T: Clone>(
+    cell: &std::sync::OnceLock<Once<T>>,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    cell.get_or_init(|| f().map_err(std::sync::Arc::new))
+        .clone()
+        .map_err(Error::Once)
 }
 
 impl From<SysError> for Error {

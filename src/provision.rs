@@ -206,7 +206,10 @@ fn write_instance(
                 .map_err(Error::io("chown", &p))?;
         }
     }
-    let text = toml::to_string(&inst).map_err(|e| Error::Host(e.to_string()))?;
+    let text = toml::to_string(&inst).map_err(|err| Error::Encode {
+        what: "an instance record",
+        err,
+    })?;
     write_file(&dir.join("instance.toml"), text.as_bytes(), 0o644)?;
     Ok(inst)
 }

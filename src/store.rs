@@ -345,7 +345,10 @@ impl Store {
 
     /// Rewrites an instance's record (atomically: temp file + rename).
     pub fn save_instance(&self, inst: &Instance) -> Result<()> {
-        let text = toml::to_string(inst).map_err(|e| Error::Host(e.to_string()))?;
+        let text = toml::to_string(inst).map_err(|err| Error::Encode {
+            what: "an instance record",
+            err,
+        })?;
         write_atomic(
             &self.instance_dir(&inst.name).join("instance.toml"),
             text.as_bytes(),

@@ -189,7 +189,7 @@ pub trait Launcher: Sync {
 pub struct Runtime {
     native: native::Native,
     store: Store,
-    systemd: std::sync::OnceLock<std::result::Result<systemd::Systemd, String>>,
+    systemd: std::sync::OnceLock<crate::error::Once<systemd::Systemd>>,
 }
 
 /// Where a running container lives, for `exec`: its init (host PID) and
@@ -216,9 +216,9 @@ impl Runtime {
     /// whose verbs are about the unit files themselves).
     pub fn systemd(&self) -> Result<&systemd::Systemd> {
         self.systemd
-            .get_or_init(|| systemd::Systemd::new(&self.store).map_err(|e| e.to_string()))
+            .get_or_init(|| systemd::Systemd::new(&self.store).map_err(std::sync::Arc::new))
             .as_ref()
-            .map_err(|e| Error::Host(e.clone()))
+            .map_err(|e| Error::Once(e.clone()))
     }
 
     /// The launcher of `backend` (the only place that tells them apart).

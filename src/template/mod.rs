@@ -179,7 +179,10 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
             },
             applets: applets.len(),
         };
-        let text = toml::to_string(&meta).map_err(|e| Error::Host(e.to_string()))?;
+        let text = toml::to_string(&meta).map_err(|err| Error::Encode {
+            what: "a template record",
+            err,
+        })?;
         write_file(&tmp.join("template.toml"), text.as_bytes(), 0o644)?;
         swap_in(&tmp, &store.template_dir(&opts.name))?;
         Ok(meta)

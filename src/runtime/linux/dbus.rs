@@ -15,7 +15,10 @@ pub fn booted() -> bool {
 }
 
 pub fn dbus_err(what: impl std::fmt::Display) -> impl FnOnce(zbus::Error) -> Error {
-    move |e| Error::Host(format!("systemd over D-Bus: {what}: {e}"))
+    move |err| Error::Dbus {
+        what: what.to_string(),
+        err: Box::new(err),
+    }
 }
 
 /// Connects to systemd through the system bus.

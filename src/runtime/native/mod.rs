@@ -38,13 +38,13 @@ pub struct Native {
     seccomp: std::sync::OnceLock<std::result::Result<Vec<seccompiler::BpfProgram>, String>>,
     /// The empty mount namespace the containers' namespaces are copies
     /// of, made once per process (see `spawn`).
-    empty_root: std::sync::OnceLock<std::result::Result<OwnedFd, String>>,
+    empty_root: std::sync::OnceLock<crate::error::Once<std::sync::Arc<OwnedFd>>>,
     /// On a systemd host: the store's delegated scope is active (checked,
     /// or made, once per process; see `delegate`).
-    delegated: std::sync::OnceLock<std::result::Result<(), String>>,
+    delegated: std::sync::OnceLock<crate::error::Once<()>>,
     /// What the kernel offers, checked once per process: without and with
     /// a user namespace (see `features::preflight`).
-    preflight: [std::sync::OnceLock<std::result::Result<(), String>>; 2],
+    preflight: [std::sync::OnceLock<crate::error::Once<()>>; 2],
 }
 
 impl Native {
@@ -102,38 +102,32 @@ impl Native {
         if !self.hierarchy.systemd {
             return Ok(());
         }
-        self.delegated
-            .get_or_init(|| {
-                delegate::ensure(
-                    &self.hierarchy.v2,
-                    &self.store.cgroup_name(),
-                    self.store.root(),
-                    cgroup::fleet_memory_max(),
-                )
-                .map_err(|e| e.to_string())
-            })
-            .clone()
-            .map_err(Error::Host)
+        crate::error::once(&self.delegated, || {
+            delegate::ensure(
+                &self.hierarchy.v2,
+                &self.store.cgroup_name(),
+                self.store.root(),
+                cgroup::fleet_memory_max(),
+            )
+        })
     }
 
     /// The empty mount namespace every container's is a copy of.
-    fn empty_root(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
-        let ns = self.empty_root.get_or_init(|| {
+    fn empty_root(&self) -> Result<std::sync::Arc<OwnedFd>> {
+        crate::error::once(&self.empty_root, || {
             let dir = self.store.mount_point();
             if !dir.is_dir() {
-                self.store.ensure().map_err(|e| e.to_string())?;
+                self.store.ensure()?;
             }
-            spawn::empty_root_ns(&dir).map_err(|e| {
-                format!(
-                    "cannot make the empty mount namespace containers start from: {e} \
-                     (nifty needs root with CAP_SYS_ADMIN; `nifty doctor` checks mount namespaces)"
-                )
-            })
-        });
-        match ns {
-            Ok(fd) => Ok(fd.as_fd()),
-            Err(e) => Err(Error::Host(e.clone())),
-        }
+            spawn::empty_root_ns(&dir)
+                .map(std::sync::Arc::new)
+                .map_err(|e| {
+                    Error::Host(format!(
+                        "cannot make the empty mount namespace containers start from: {e} \
+                         (nifty needs root with CAP_SYS_ADMIN; `nifty doctor` checks mount namespaces)"
+                    ))
+                })
+        })
     }
 
     /// Appends a line to an instance's console log (`nifty logs`), for what
@@ -213,10 +207,9 @@ impl Native {
             return Err(Error::NoTemplate(inst.template.clone()));
         }
         let userns = inst.security.uid_base.is_some();
-        self.preflight[usize::from(userns)]
-            .get_or_init(|| features::preflight(&lower, userns).map_err(|e| e.to_string()))
-            .clone()
-            .map_err(Error::Host)?;
+        crate::error::once(&self.preflight[usize::from(userns)], || {
+            features::preflight(&lower, userns)
+        })?;
         let binds = inst
             .bind_ro
             .iter()
@@ -257,7 +250,7 @@ impl Native {
             }),
             None => Ok(()),
         }
-        .and_then(|()| spawn::spawn(&plan, &procs, empty_root));
+        .and_then(|()| spawn::spawn(&plan, &procs, empty_root.as_fd()));
         match started {
             Ok(s) => {
                 tracing::debug!(instance = %inst.name, pid = s.pid, "started");
