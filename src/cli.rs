@@ -71,8 +71,11 @@ pub enum Command {
     AuthorizedKeys(KeysArgs),
     /// Give instances new SSH host keys (effective at their next start).
     Rekey(Selection),
-    /// Update instances to a rebuilt template (not built yet).
-    Update(NotYet),
+    /// Move instances to their template's newest (or a given) version: stopped ones at
+    /// once, running ones restarted in batches, each checked healthy before the next.
+    Update(UpdateArgs),
+    /// Show what an instance changed against its template (its upper layer).
+    Diff(DiffArgs),
     /// Check the host for a fleet of N containers; --fix applies the sysctls.
     Doctor(DoctorArgs),
     /// Install, show or remove the template unit nifty@.service.
@@ -151,13 +154,6 @@ pub struct KeysArgs {
     pub remove: Vec<String>,
 }
 
-/// Arguments of a verb that is not built yet.
-#[derive(Debug, Args)]
-pub struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
-}
-
 #[derive(Debug, Args)]
 pub struct JsonArg {
     /// Print JSON.
@@ -171,13 +167,49 @@ pub enum TemplateCmd {
     Build(BuildArgs),
     /// List templates.
     List(JsonArg),
-    /// Show a template's sources, versions and digests.
+    /// Show a template's versions with their sources, versions and digests.
     Show {
         /// Template name.
         name: String,
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Remove the versions of a template that no instance runs (never the newest).
+    Prune {
+        /// Template name.
+        #[arg(default_value = "default")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    #[command(flatten)]
+    pub sel: Selection,
+    /// The template version to move to (default: the newest).
+    #[arg(long, value_name = "VERSION")]
+    pub to: Option<u32>,
+    /// Running instances restarted at once: a number, or a share of them (10%).
+    #[arg(long, default_value = "10%", value_name = "N|P%")]
+    pub batch: String,
+    /// At most this many instances down at once (caps --batch).
+    #[arg(long, value_name = "N")]
+    pub max_unavailable: Option<usize>,
+    /// Seconds a restarted instance has to answer an SSH login with its own host key.
+    #[arg(long, default_value_t = 30, value_name = "S")]
+    pub health_timeout: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// Instance name.
+    pub name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

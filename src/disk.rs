@@ -42,6 +42,20 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Takes an exclusive lock (flock) on the directory `dir` for as long as
+/// the returned fd lives; waits for another holder.
+pub fn lock_dir(dir: &Path) -> Result<std::os::fd::OwnedFd> {
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(Error::sys(format!("open({})", dir.display())))?;
+    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(Error::sys(format!("flock({}, LOCK_EX)", dir.display())))?;
+    Ok(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,10 @@ pub mod names;
 pub mod printer;
 pub mod provision;
 pub mod runtime;
+pub mod sshclient;
 pub mod store;
 pub mod sys;
 pub mod template;
+pub mod update;
 
 pub use error::{Error, Result};

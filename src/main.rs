@@ -17,6 +17,7 @@ fn main() -> ExitCode {
             | cli::Command::Restart(_)
             | cli::Command::Up(_)
             | cli::Command::Exec(_)
+            | cli::Command::Update(_)
     ) && !nifty::sys::running_sealed()
     {
         let e = nifty::sys::reexec_sealed();

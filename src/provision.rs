@@ -135,7 +135,7 @@ fn write_instance(
     // The directories every boot writes into (syslogd's /dev/log, the
     // pid files in /var/run) exist in the upper layer from the start, as
     // the template has them: the first boot copies nothing up.
-    let lower = store.template_rootfs(&spec.template);
+    let lower = store.template_rootfs_at(&spec.template, tmpl.version);
     let mut made = Vec::new();
     for rel in BOOT_WRITES {
         if let Ok(m) = fs::metadata(lower.join(rel)) {
@@ -185,6 +185,7 @@ fn write_instance(
         limits: spec.limits.clone(),
         bind_ro: spec.bind_ro.clone(),
         security,
+        template_version: tmpl.version,
     };
     // The upper layer belongs to the container's root.
     if let Some(base) = inst.security.uid_base {

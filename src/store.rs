@@ -118,12 +118,23 @@ pub struct Instance {
     pub bind_ro: Vec<String>,
     #[serde(default)]
     pub security: Security,
+    /// The version of its template it runs (1 for instances made before
+    /// templates had versions).
+    #[serde(default = "first_version")]
+    pub template_version: u32,
+}
+
+fn first_version() -> u32 {
+    1
 }
 
 /// `template.toml`: where a template came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateMeta {
     pub name: String,
+    /// 1 for the first build of a name, one more for each build after.
+    #[serde(default = "first_version")]
+    pub version: u32,
     pub built: String,
     pub user: String,
     pub busybox: Source,
@@ -208,8 +219,30 @@ impl Store {
     pub fn template_dir(&self, name: &str) -> PathBuf {
         self.templates_dir().join(name)
     }
+    /// Where version `v` of template `name` lives: `templates/<name>/v<v>`
+    /// (its `rootfs` and its `template.toml`), or, for a template built
+    /// before versions and never rebuilt, `templates/<name>` itself.
+    pub fn template_version_dir(&self, name: &str, v: u32) -> PathBuf {
+        let dir = self.template_dir(name);
+        let versioned = dir.join(format!("v{v}"));
+        if v == 1 && !versioned.exists() && dir.join("rootfs").is_dir() {
+            dir
+        } else {
+            versioned
+        }
+    }
+    /// The root of template `name`'s newest version.
     pub fn template_rootfs(&self, name: &str) -> PathBuf {
-        self.template_dir(name).join("rootfs")
+        let v = self.template(name).map_or(1, |t| t.version);
+        self.template_rootfs_at(name, v)
+    }
+    /// The root of version `v` of template `name`.
+    pub fn template_rootfs_at(&self, name: &str, v: u32) -> PathBuf {
+        self.template_version_dir(name, v).join("rootfs")
+    }
+    /// The template root an instance runs on (its own version).
+    pub fn instance_lower(&self, inst: &Instance) -> PathBuf {
+        self.template_rootfs_at(&inst.template, inst.template_version)
     }
     pub fn instances_dir(&self) -> PathBuf {
         self.root.join("instances")
@@ -316,6 +349,28 @@ impl Store {
         read_toml(&self.template_dir(name).join("template.toml"), || {
             Error::NoTemplate(name.to_string())
         })
+    }
+
+    /// Every version of template `name` that is still on disk, oldest
+    /// first (the newest is [`Store::template`]).
+    pub fn template_versions(&self, name: &str) -> Result<Vec<TemplateMeta>> {
+        let newest = self.template(name)?;
+        let mut out = Vec::new();
+        for v in 1..newest.version {
+            let dir = self.template_version_dir(name, v);
+            if dir.join("rootfs").is_dir() {
+                let meta = read_toml(&dir.join("template.toml"), || {
+                    Error::NoTemplate(format!("{name} v{v}"))
+                })
+                .unwrap_or_else(|_| TemplateMeta {
+                    version: v,
+                    ..newest.clone()
+                });
+                out.push(TemplateMeta { version: v, ..meta });
+            }
+        }
+        out.push(newest);
+        Ok(out)
     }
 
     /// All templates, sorted by name.

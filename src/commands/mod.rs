@@ -6,6 +6,7 @@ mod lifecycle;
 mod observe;
 mod systemd;
 mod template;
+mod update;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Doctor(d) => d.json,
         Command::Template(crate::cli::TemplateCmd::List(j)) => j.json,
         Command::Template(crate::cli::TemplateCmd::Show { json, .. }) => json.json,
+        Command::Update(u) => u.json,
+        Command::Diff(d) => d.json,
         _ => false,
     };
     let ctx = Ctx {
@@ -65,7 +68,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Passwd(a) => accounts::passwd(&ctx, a)?,
         Command::AuthorizedKeys(a) => accounts::authorized_keys(&ctx, a)?,
         Command::Rekey(s) => accounts::rekey(&ctx, s)?,
-        Command::Update(_) => not_yet("update", 7)?,
+        Command::Update(a) => update::update(&ctx, a)?,
+        Command::Diff(a) => update::diff(&ctx, a)?,
         Command::Doctor(a) => doctor(&ctx, a)?,
         Command::Systemd(c) => systemd::run(&ctx, c)?,
         Command::Enable(a) => systemd::enable(&ctx, a, true)?,
@@ -123,10 +127,6 @@ fn doctor(ctx: &Ctx, a: crate::cli::DoctorArgs) -> Result<bool> {
         a.count
     ));
     Ok(failed == 0)
-}
-
-fn not_yet(verb: &str, issue: u32) -> Result<bool> {
-    anyhow::bail!("`nifty {verb}` is not built yet (planned in issue #{issue}); nothing was done")
 }
 
 /// Fleets of thousands hold many pidfds and files at once (`stop` one per

@@ -39,13 +39,13 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let _ = writeln!(
         out,
-        "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}",
+        "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}  TEMPLATE",
         "NAME", "STATE", "BACKEND", "PID", "PORT", "UPTIME", "MEMORY"
     );
     for i in &infos {
         let _ = writeln!(
             out,
-            "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}",
+            "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}  {} v{}{}",
             i.name,
             i.state,
             i.backend,
@@ -53,6 +53,9 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
             i.port,
             i.uptime_secs.map_or("-".into(), duration),
             i.memory_bytes.map_or("-".into(), size),
+            i.template,
+            i.template_version,
+            if i.behind { " (behind)" } else { "" },
         );
     }
     let count = |st: State| infos.iter().filter(|i| i.state == st).count();
@@ -61,9 +64,13 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
         0 => String::new(),
         n => format!(", {n} stopping (finish with `nifty stop`)"),
     };
+    let behind = match infos.iter().filter(|i| i.behind).count() {
+        0 => String::new(),
+        n => format!(", {n} behind their template (`nifty update`)"),
+    };
     let _ = writeln!(
         out,
-        "{} instance(s), {running} running{stopping}",
+        "{} instance(s), {running} running{stopping}{behind}",
         infos.len()
     );
     Ok(ok)
@@ -84,9 +91,15 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
     };
     println!("{dot} {} - nifty container # {}", inst.name, inst.name);
     println!(
-        "    Template: {} ({})",
+        "    Template: {} v{}{} ({})",
         inst.template,
-        ctx.store.template_rootfs(&inst.template).display()
+        inst.template_version,
+        if st.info.behind {
+            " (behind its newest version: `nifty update`)"
+        } else {
+            ""
+        },
+        ctx.store.instance_lower(&inst).display()
     );
     match (st.info.pid, st.info.uptime_secs) {
         (Some(pid), up) => {
@@ -266,37 +279,7 @@ pub fn exec(ctx: &Ctx, a: ExecArgs) -> Result<ExitCode> {
 
 pub fn ssh(ctx: &Ctx, a: SshArgs) -> Result<ExitCode> {
     let inst = ctx.store.instance(&a.name)?;
-    let key = ctx.store.client_key();
-    anyhow::ensure!(
-        key.exists(),
-        "nifty's client key {} is missing: rebuild the template",
-        key.display()
-    );
-    // Trust exactly this instance's host key, under an alias of its own.
-    let known = ctx
-        .store
-        .run_dir()
-        .join(format!("known_hosts.{}", inst.name));
-    std::fs::create_dir_all(ctx.store.run_dir()).ok();
-    std::fs::write(&known, format!("nifty-{} {}\n", inst.name, inst.host_key))
-        .with_context(|| format!("write {}", known.display()))?;
-    let mut cmd = std::process::Command::new("ssh");
-    cmd.args(["-i"])
-        .arg(&key)
-        .args(["-p", &inst.port.to_string(), "-l", &inst.user])
-        .args([
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "LogLevel=ERROR",
-        ])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .arg("-o")
-        .arg(format!("HostKeyAlias=nifty-{}", inst.name))
-        .arg("localhost");
+    let mut cmd = nifty::sshclient::command(&ctx.store, &inst)?;
     if !a.cmd.is_empty() {
         cmd.arg("--").args(&a.cmd);
     }

@@ -69,16 +69,60 @@ pub fn run(ctx: &Ctx, cmd: TemplateCmd) -> Result<bool> {
             }
         }
         TemplateCmd::Show { name, .. } => {
-            let t = ctx.store.template(&name)?;
+            let versions = ctx.store.template_versions(&name)?;
             if ctx.printer.json {
-                ctx.printer.json(&t);
+                ctx.printer.json(&versions);
             } else {
-                print!("{}", toml::to_string(&t)?);
-                println!("# rootfs = {:?}", ctx.store.template_rootfs(&name));
+                let used = versions_in_use(ctx, &name);
+                for t in &versions {
+                    println!(
+                        "# version {}{}, {} instance(s)",
+                        t.version,
+                        if Some(t) == versions.last() {
+                            " (newest)"
+                        } else {
+                            ""
+                        },
+                        used.get(&t.version).copied().unwrap_or(0)
+                    );
+                    print!("{}", toml::to_string(t)?);
+                    println!(
+                        "# rootfs = {:?}\n",
+                        ctx.store.template_rootfs_at(&name, t.version)
+                    );
+                }
             }
+        }
+        TemplateCmd::Prune { name } => {
+            let removed = template::prune(&ctx.store, &name)?;
+            ctx.printer.info(if removed.is_empty() {
+                format!("template {name:?}: no unused version to remove")
+            } else {
+                format!(
+                    "template {name:?}: removed version(s) {}",
+                    removed
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            });
         }
     }
     Ok(true)
+}
+
+/// How many instances run each version of template `name`.
+fn versions_in_use(ctx: &Ctx, name: &str) -> std::collections::BTreeMap<u32, usize> {
+    let mut used = std::collections::BTreeMap::new();
+    for n in ctx.store.instance_names().unwrap_or_default() {
+        if let Ok(i) = ctx.store.instance(&n) {
+            if i.template == name {
+                *used.entry(i.template_version).or_insert(0) += 1;
+            }
+        }
+    }
+    used
 }
 
 fn short_version(v: &str) -> &str {

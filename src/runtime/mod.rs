@@ -51,6 +51,10 @@ pub struct Info {
     pub uptime_secs: Option<u64>,
     pub memory_bytes: Option<u64>,
     pub template: String,
+    /// The version of its template it runs.
+    pub template_version: u32,
+    /// A newer version of its template exists (`nifty update` moves it).
+    pub behind: bool,
 }
 
 impl Info {
@@ -69,6 +73,8 @@ impl Info {
             uptime_secs: pid.and_then(linux::proc::uptime),
             memory_bytes,
             template: inst.template.clone(),
+            template_version: inst.template_version,
+            behind: false,
         }
     }
 }
@@ -260,9 +266,18 @@ impl Runtime {
             })
             .map(|i| (i.name.clone(), i))
             .collect();
+        // Each template's newest version, read once.
+        let mut newest: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
         insts
             .iter()
-            .map(|i| by_name.remove(&i.name).unwrap_or_else(|| stopped(i)))
+            .map(|i| {
+                let mut info = by_name.remove(&i.name).unwrap_or_else(|| stopped(i));
+                let n = *newest
+                    .entry(i.template.as_str())
+                    .or_insert_with(|| self.store.template(&i.template).map_or(0, |t| t.version));
+                info.behind = n > i.template_version;
+                info
+            })
             .collect()
     }
 

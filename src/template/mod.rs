@@ -25,7 +25,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use crate::names::{check_name, check_user};
-use crate::store::{now, write_file, Source, Store, TemplateMeta};
+use crate::store::{now, write_atomic, write_file, Source, Store, TemplateMeta};
 use crate::{keys, Error, Result};
 
 /// Applets that are never linked: without setuid they cannot work, and with
@@ -145,6 +145,18 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
 
     store.ensure()?;
     authorized.insert(0, keys::ensure_client_key(&store.client_key())?);
+    // One build at a time per template: each makes the next version.
+    let top = store.template_dir(&opts.name);
+    fs::create_dir_all(&top).map_err(Error::io("create", &top))?;
+    let _lock = crate::disk::lock_dir(&top)?;
+    let version = match store.template(&opts.name) {
+        Ok(t) => t.version + 1,
+        Err(Error::NoTemplate(_)) => 1,
+        Err(e) => return Err(e),
+    };
+    if version > 1 {
+        keep_legacy_as_v1(&top)?;
+    }
 
     let tmp = store
         .templates_dir()
@@ -166,6 +178,7 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
         )?;
         let meta = TemplateMeta {
             name: opts.name.clone(),
+            version,
             built: now(),
             user: opts.user.clone(),
             busybox: source(&opts.busybox, Some(busybox_version.clone()))?,
@@ -184,29 +197,64 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
             err,
         })?;
         write_file(&tmp.join("template.toml"), text.as_bytes(), 0o644)?;
-        swap_in(&tmp, &store.template_dir(&opts.name))?;
+        // The version appears whole under its own name; then the record
+        // at the top names it the newest. Older versions stay where they
+        // are for the instances that run them (`template prune`).
+        let dest = top.join(format!("v{version}"));
+        fs::rename(&tmp, &dest).map_err(Error::io("rename into place", &dest))?;
+        write_atomic(&top.join("template.toml"), text.as_bytes(), 0o644)?;
         Ok(meta)
     })();
-    // On success `tmp` holds the previous template (or nothing); on failure
-    // the half-built tree. Either way it goes.
-    let _ = fs::remove_dir_all(&tmp);
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
     result
 }
 
-/// Puts `new` at `dest` atomically: exchange with the old tree if there is
-/// one, so that `dest` is never missing or half-made.
-fn swap_in(new: &Path, dest: &Path) -> Result<()> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    let flags = if dest.exists() {
-        RenameFlags::EXCHANGE
-    } else {
-        RenameFlags::NOREPLACE
-    };
-    renameat_with(CWD, new, CWD, dest, flags).map_err(Error::sys(format!(
-        "renameat2({}, {}, {flags:?})",
-        new.display(),
-        dest.display()
-    )))
+/// A template built before versions keeps its root at the top of its
+/// directory: that is version 1, moved under `v1/` before the next
+/// version is added (instances running on it keep their mounts; their
+/// records already say version 1).
+fn keep_legacy_as_v1(top: &Path) -> Result<()> {
+    let (rootfs, v1) = (top.join("rootfs"), top.join("v1"));
+    if !rootfs.is_dir() || v1.exists() {
+        return Ok(());
+    }
+    mkdir(&v1, 0o755)?;
+    fs::copy(top.join("template.toml"), v1.join("template.toml"))
+        .map_err(Error::io("copy", top.join("template.toml")))?;
+    fs::rename(&rootfs, v1.join("rootfs")).map_err(Error::io("rename", &rootfs))
+}
+
+/// Removes the versions of template `name` that no instance runs, but
+/// never the newest; returns the versions removed.
+pub fn prune(store: &Store, name: &str) -> Result<Vec<u32>> {
+    let top = store.template_dir(name);
+    let _lock = crate::disk::lock_dir(&top)?;
+    let newest = store.template(name)?.version;
+    let mut used = std::collections::BTreeSet::new();
+    for n in store.instance_names()? {
+        if let Ok(i) = store.instance(&n) {
+            if i.template == name {
+                used.insert(i.template_version);
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for t in store.template_versions(name)? {
+        if t.version == newest || used.contains(&t.version) {
+            continue;
+        }
+        let dir = store.template_version_dir(name, t.version);
+        if dir == top {
+            // A legacy version 1 at the top: only its root goes.
+            fs::remove_dir_all(top.join("rootfs")).map_err(Error::io("remove", &dir))?;
+        } else {
+            fs::remove_dir_all(&dir).map_err(Error::io("remove", &dir))?;
+        }
+        removed.push(t.version);
+    }
+    Ok(removed)
 }
 
 /// `dropbearkey`, `dbclient` (also as `ssh`) and `scp`, where present next

@@ -93,7 +93,7 @@ pub(crate) fn detached_overlay(store: &Store, inst: &Instance) -> Result<OwnedFd
     let dir = store.instance_dir(&inst.name);
     let ns = inst.security.uid_base.map(userns::create).transpose()?;
     super::overlay::overlay(
-        &store.template_rootfs(&inst.template),
+        &store.instance_lower(inst),
         &dir.join("upper"),
         &dir.join("work"),
         ns.as_ref().map(|n| n.as_fd()),

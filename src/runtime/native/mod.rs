@@ -202,7 +202,7 @@ impl Native {
             cg.kill()?;
             cg.wait_empty(Duration::from_secs(5));
         }
-        let lower = self.store.template_rootfs(&inst.template);
+        let lower = self.store.instance_lower(inst);
         if !lower.is_dir() {
             return Err(Error::NoTemplate(inst.template.clone()));
         }

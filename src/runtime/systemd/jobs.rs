@@ -183,7 +183,7 @@ impl Systemd {
                     inst.name.clone(),
                     Err(Error::Running(inst.name.clone(), "")),
                 ));
-            } else if !self.store.template_rootfs(&inst.template).is_dir() {
+            } else if !self.store.instance_lower(inst).is_dir() {
                 done(&inst.name);
                 out.push((
                     inst.name.clone(),
