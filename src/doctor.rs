@@ -111,6 +111,7 @@ const CHECKS: &[Check] = &[
     port_ownership,
     abstract_sockets,
     default_template,
+    templates_current,
     cgroups,
     systemd,
     disk,
@@ -634,6 +635,32 @@ fn memory(w: &Want<'_>) -> Vec<Finding> {
         },
     ));
     out
+}
+
+/// Templates built from a BusyBox or Dropbear that the host has since
+/// upgraded (a security fix waiting to reach the fleet).
+fn templates_current(w: &Want<'_>) -> Vec<Finding> {
+    w.store
+        .templates()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|t| {
+            let stale = crate::template::stale_sources(t);
+            (!stale.is_empty()).then(|| {
+                info(
+                    &format!("template {}", t.name),
+                    Status::Warn,
+                    format!(
+                        "v{} was built from an older {} than the host's",
+                        t.version,
+                        stale.join(" and ")
+                    ),
+                    "templates built from the host's current busybox-static and dropbear-bin",
+                    &format!("nifty template build --name {}; nifty update --all", t.name),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The running kernel's release, and a test of its version against

@@ -41,6 +41,8 @@ pub fn command(store: &Store, inst: &Instance) -> Result<Command> {
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-o")
         .arg(format!("HostKeyAlias=nifty-{}", inst.name))
-        .arg("localhost");
+        // The containers share the host's network; an address needs no
+        // resolver (some hosts do not resolve "localhost").
+        .arg("127.0.0.1");
     Ok(cmd)
 }

@@ -465,13 +465,30 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 }
 
 /// Does the instance's upper layer hold its own copy of `path` (or a
-/// whiteout of it)? Only metadata is read, no link followed.
+/// whiteout of it)? Only metadata is read, and no link the tenant planted
+/// is followed on the way (openat2 with RESOLVE_NO_SYMLINKS, beneath the
+/// upper layer).
 fn shadowed(store: &Store, inst: &Instance, path: &str) -> bool {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
     let upper = store.instance_dir(&inst.name).join("upper");
-    upper
-        .join(path.trim_start_matches('/'))
-        .symlink_metadata()
-        .is_ok_and(|m| !m.is_dir())
+    let Ok(dir) = rustix::fs::open(
+        &upper,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    rustix::fs::openat2(
+        &dir,
+        path.trim_start_matches('/'),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .and_then(|fd| rustix::fs::fstat(&fd))
+    .is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory
+    })
 }
 
 /// One change of an instance against its template (`nifty diff`).

@@ -53,17 +53,28 @@ pub fn run(ctx: &Ctx, cmd: TemplateCmd) -> Result<bool> {
                 ctx.printer.json(&all);
             } else {
                 println!(
-                    "{:<16} {:<26} {:<22} {:<8} BUILT",
-                    "NAME", "BUSYBOX", "DROPBEAR", "USER"
+                    "{:<16} {:<8} {:<26} {:<22} {:<8} {:<21} HOST",
+                    "NAME", "VERSION", "BUSYBOX", "DROPBEAR", "USER", "BUILT"
                 );
                 for t in all {
+                    let stale = template::stale_sources(&t);
                     println!(
-                        "{:<16} {:<26} {:<22} {:<8} {}",
+                        "{:<16} {:<8} {:<26} {:<22} {:<8} {:<21} {}",
                         t.name,
+                        format!("v{}", t.version),
                         short_version(&t.busybox.version),
                         t.dropbear.version,
                         t.user,
-                        t.built
+                        t.built,
+                        if stale.is_empty() {
+                            "current".to_string()
+                        } else {
+                            format!(
+                                "newer {} on the host: `nifty template build --name {}`, then `nifty update`",
+                                stale.join(" and "),
+                                t.name
+                            )
+                        }
                     );
                 }
             }

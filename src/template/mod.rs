@@ -360,6 +360,19 @@ fn source(path: &Path, version: Option<String>) -> Result<Source> {
     })
 }
 
+/// Which of a template's BusyBox and Dropbear differ on the host now
+/// from what it was built from (an `apt upgrade` of busybox-static or
+/// dropbear-bin): their names, empty when the template is current.
+pub fn stale_sources(meta: &TemplateMeta) -> Vec<&'static str> {
+    [("BusyBox", &meta.busybox), ("Dropbear", &meta.dropbear)]
+        .into_iter()
+        .filter(|(_, src)| {
+            source(Path::new(&src.path), None).is_ok_and(|now| now.sha256 != src.sha256)
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -563,6 +576,32 @@ fn strip_setuid(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_template_is_stale_when_the_host_binary_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let (bb, db) = (d.path().join("busybox"), d.path().join("dropbear"));
+        std::fs::write(&bb, "busybox 1").unwrap();
+        std::fs::write(&db, "dropbear 1").unwrap();
+        let meta = TemplateMeta {
+            name: "t".into(),
+            version: 1,
+            built: now(),
+            user: "luser".into(),
+            busybox: source(&bb, None).unwrap(),
+            dropbear: source(&db, None).unwrap(),
+            extra: Vec::new(),
+            libraries: Vec::new(),
+            zoneinfo: "none".into(),
+            applets: 1,
+        };
+        assert!(stale_sources(&meta).is_empty());
+        std::fs::write(&db, "dropbear 2").unwrap();
+        assert_eq!(stale_sources(&meta), ["Dropbear"]);
+        // A binary gone from the host is not "newer".
+        std::fs::remove_file(&bb).unwrap();
+        assert_eq!(stale_sources(&meta), ["Dropbear"]);
+    }
+
     use super::*;
 
     #[test]

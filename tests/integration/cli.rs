@@ -49,10 +49,12 @@ fn help_lists_every_verb() {
 }
 
 #[test]
-fn verbs_not_built_say_so() {
+fn update_and_diff_name_what_they_cannot_find() {
     let root = Root::new();
     let e = root.fails(&["update", "x"]);
-    assert!(e.contains("not built yet"), "update: {e}");
+    assert!(e.contains("does not exist"), "update: {e}");
+    let e = root.fails(&["diff", "x"]);
+    assert!(e.contains("does not exist"), "diff: {e}");
 }
 
 /// Every bad input fails with one clear line and writes nothing.

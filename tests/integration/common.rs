@@ -56,7 +56,7 @@ thread_local! {
 
 /// A turn at the suite's lock, for as long as it lives; a thread may hold
 /// several at once (a test with two state roots).
-pub struct Serial(std::marker::PhantomData<*const ()>);
+pub struct Serial(std::marker::PhantomData<std::sync::MutexGuard<'static, ()>>);
 
 impl Serial {
     pub fn take() -> Serial {
@@ -135,8 +135,20 @@ impl Root {
         String::from_utf8_lossy(&o.stderr).into_owned()
     }
 
+    /// The root of the default template's newest version.
     pub fn rootfs(&self) -> PathBuf {
-        self.path().join("templates/default/rootfs")
+        let top = self.path().join("templates/default");
+        let v = std::fs::read_to_string(top.join("template.toml"))
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("version").and_then(|v| v.as_integer()))
+            .unwrap_or(1);
+        let versioned = top.join(format!("v{v}/rootfs"));
+        if versioned.is_dir() {
+            versioned
+        } else {
+            top.join("rootfs")
+        }
     }
 
     pub fn instance_toml(&self, name: &str) -> toml::Table {

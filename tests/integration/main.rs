@@ -13,3 +13,4 @@ mod fleet;
 mod security;
 mod systemd;
 mod template;
+mod update;

@@ -293,6 +293,23 @@ fn article_fleet_under_systemd() {
     assert!(wait_port(root.port("10"), Duration::from_secs(20)));
     assert_eq!(root.ssh("10", "hostname").trim(), "nifty10");
 
+    // A rolling update through systemd: version 2 of the template, 1..4
+    // restarted two at a time, each checked (an SSH login with its own
+    // host key) before the next; the rest stay on version 1.
+    root.ssh("2", "echo precious > ~/kept");
+    root.ok(&["template", "build", "-q", "--with", "/usr/bin/socat"]);
+    let out = host.nifty(&["update", "1..4", "--batch", "2"]);
+    assert!(out.contains("4 moved (4 restarted in 2 batch(es)"), "{out}");
+    let list: serde_json::Value = serde_json::from_str(&host.nifty(&["list", "--json"])).unwrap();
+    for i in list.as_array().unwrap() {
+        let n: u32 = i["name"].as_str().unwrap().parse().unwrap();
+        let want = if n <= 4 { 2 } else { 1 };
+        assert_eq!(i["template_version"], want, "{i}");
+        assert_eq!(i["state"], "running", "{i}");
+    }
+    assert_eq!(host.is_active("nifty@1"), "active");
+    assert_eq!(root.ssh("2", "cat ~/kept"), "precious\n");
+
     // Stop: every unit ends on BusyBox init's own poweroff, not on the
     // unit's timeout (which would log "timed out" and kill).
     host.nifty(&["stop", "1..10"]);

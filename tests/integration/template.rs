@@ -144,9 +144,13 @@ fn template_boots_in_a_chroot() {
         assert!(rootfs.join(applet).exists(), "{applet} does not resolve");
     }
 
-    // template.toml records sources, versions and digests.
+    // template.toml records sources, versions and digests; `show` lists
+    // every version (here one).
     let show = root.ok(&["template", "show", "default", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    let all: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1, "{show}");
+    let v = &all[0];
+    assert_eq!(v["version"], 1);
     assert!(v["busybox"]["version"]
         .as_str()
         .unwrap()
@@ -173,12 +177,19 @@ fn rebuild_is_atomic_and_failed_build_keeps_the_old_one() {
     let after =
         std::fs::read_to_string(root.path().join("templates/default/template.toml")).unwrap();
     assert_eq!(before, after);
-    // A good rebuild with an extra program replaces it, with its libraries.
+    // A good rebuild with an extra program makes version 2, with its
+    // libraries; version 1 stays for the instances that run it.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     root.ok(&["template", "build", "--with", "/usr/bin/env"]);
     let rebuilt =
         std::fs::read_to_string(root.path().join("templates/default/template.toml")).unwrap();
     assert_ne!(before, rebuilt);
+    assert!(rebuilt.contains("version = 2"), "{rebuilt}");
+    assert!(root.path().join("templates/default/v1/rootfs").is_dir());
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("templates/default/v1/template.toml")).unwrap(),
+        before
+    );
     let (ok, out) = chroot(&root.rootfs(), "/usr/bin/env --version | head -1");
     assert!(ok && out.contains("env (GNU coreutils)"), "{out}");
     let leftovers: Vec<_> = std::fs::read_dir(root.path().join("templates"))
