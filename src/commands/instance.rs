@@ -137,12 +137,8 @@ fn register(ctx: &Ctx, rt: &Runtime, out: &mut fleet::Outcome) -> Result<()> {
 }
 
 pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
-    let names = select(ctx, &a.sel)?;
     let rt = Runtime::new(&ctx.store)?;
-    let insts = names
-        .iter()
-        .map(|n| ctx.store.instance(n))
-        .collect::<Result<Vec<_>, _>>()?;
+    let insts = select_instances(ctx, &a.sel)?;
     let mut failed = Vec::new();
     let mut removable = Vec::new();
     let running: Vec<_> = rt
@@ -278,6 +274,14 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
 pub fn select(ctx: &Ctx, sel: &Selection) -> Result<Vec<String>> {
     let existing = ctx.store.instance_names()?;
     Ok(fleet::select(&sel.names, sel.all, &existing)?)
+}
+
+/// The records of the selected instances (any unreadable one is an error).
+pub fn select_instances(ctx: &Ctx, sel: &Selection) -> Result<Vec<nifty::store::Instance>> {
+    select(ctx, sel)?
+        .iter()
+        .map(|n| Ok(ctx.store.instance(n)?))
+        .collect()
 }
 
 #[cfg(test)]

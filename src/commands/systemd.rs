@@ -4,7 +4,7 @@
 use anyhow::Result;
 use nifty::runtime::{Runtime, StopOptions};
 
-use super::instance::select;
+use super::instance::select_instances;
 use super::Ctx;
 use crate::cli::{EnableArgs, SystemdCmd};
 
@@ -49,11 +49,7 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
 /// `nifty enable` / `nifty disable`.
 pub fn enable(ctx: &Ctx, a: EnableArgs, on: bool) -> Result<bool> {
     let verb = if on { "enable" } else { "disable" };
-    let names = select(ctx, &a.sel)?;
-    let insts = names
-        .iter()
-        .map(|n| ctx.store.instance(n))
-        .collect::<Result<Vec<_>, _>>()?;
+    let insts = select_instances(ctx, &a.sel)?;
     let rt = Runtime::new(&ctx.store)?;
     let changes = rt.enable(&insts, on)?;
     for (kind, link, dest) in &changes {

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use nifty::runtime::Runtime;
 use nifty::update::{self, Options};
 
-use super::instance::select;
+use super::instance::select_instances;
 use super::Ctx;
 use crate::cli::{DiffArgs, UpdateArgs};
 
@@ -35,11 +35,7 @@ fn batch_size(spec: &str, running: usize) -> Result<usize> {
 }
 
 pub fn update(ctx: &Ctx, a: UpdateArgs) -> Result<bool> {
-    let names = select(ctx, &a.sel)?;
-    let insts = names
-        .iter()
-        .map(|n| ctx.store.instance(n))
-        .collect::<Result<Vec<_>, _>>()?;
+    let insts = select_instances(ctx, &a.sel)?;
     let rt = Runtime::new(&ctx.store)?;
     let running = rt
         .infos(&insts)

@@ -219,6 +219,13 @@ fn update_refuses_bad_input_and_a_second_update_and_resumes_a_killed_one() {
         "{e}"
     );
     drop(f);
+    // An instance whose stop was interrupted (its init stopped).
+    let pid = versions(&root)[0].3.unwrap() as i32;
+    let init = rustix::process::Pid::from_raw(pid).unwrap();
+    rustix::process::kill_process(init, rustix::process::Signal::Stop).unwrap();
+    let e = root.fails(&["update", "--all"]);
+    rustix::process::kill_process(init, rustix::process::Signal::Cont).unwrap();
+    assert!(e.contains("in the middle of a stop"), "{e}");
     assert!(versions(&root).iter().all(|(_, v, _, _)| *v == 1));
     // An update killed mid-batch: v3 never gets healthy, so it waits in
     // its first batch's health check; kill -9 it there.
