@@ -279,14 +279,9 @@ fn restart_batch(
     }
     // Back to the version each had, running again.
     let back: Vec<Instance> = failed.iter().map(|(i, _, _)| i.clone()).collect();
-    let _ = rt.stop_many(
-        &back,
-        StopOptions {
-            kill: true,
-            ..StopOptions::default()
-        },
-        &|_| {},
-    );
+    // A clean stop, as for any instance (what does not go within the
+    // stop timeout is killed then).
+    let _ = rt.stop_many(&back, StopOptions::default(), &|_| {});
     for (inst, to, error) in failed {
         let rolled_back = set_version(store, &inst.name, inst.template_version, rt)
             .and_then(|()| store.instance(&inst.name))

@@ -309,6 +309,36 @@ fn article_fleet_under_systemd() {
     }
     assert_eq!(host.is_active("nifty@1"), "active");
     assert_eq!(root.ssh("2", "cat ~/kept"), "precious\n");
+    // A version whose Dropbear cannot start: the batch goes back to the
+    // version it had, running, and the update says so (exit 1).
+    root.ok(&["template", "build", "-q"]);
+    let v3_dropbear = root
+        .path()
+        .join("templates/default/v3/rootfs/usr/sbin/dropbear");
+    std::fs::copy("/bin/false", &v3_dropbear).unwrap();
+    let base = format!("NIFTY_PORT_BASE={}", common::TEST_PORT_BASE);
+    let o = host.sh(&[
+        "env",
+        &base,
+        NIFTY,
+        "update",
+        "5..6",
+        "--batch",
+        "2",
+        "--health-timeout",
+        "5",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("5: v1 -> v3 failed") && err.contains("back on v1 and running"),
+        "{err}"
+    );
+    assert_eq!(host.is_active("nifty@5"), "active");
+    assert!(wait_port(root.port("5"), Duration::from_secs(20)));
+    assert_eq!(root.ssh("5", "echo back"), "back\n");
+    // Mended: new instances below are made on version 3.
+    std::fs::copy("/usr/sbin/dropbear", &v3_dropbear).unwrap();
 
     // Stop: every unit ends on BusyBox init's own poweroff, not on the
     // unit's timeout (which would log "timed out" and kill).
