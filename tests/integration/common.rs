@@ -225,12 +225,12 @@ impl Root {
 
 impl Drop for Root {
     fn drop(&mut self) {
-        // Kill whatever this root still runs, even after a failed assertion.
-        let _ = nifty()
-            .arg("--root")
-            .arg(self.path())
-            .args(["kill", "--all", "-q"])
-            .output();
+        // Kill whatever this root still runs, even after a failed
+        // assertion, then remove its instances: their UID-range claims are
+        // host-wide (/var/lib/nifty-uids) and must not outlive the test.
+        for verb in [&["kill", "--all", "-q"][..], &["rm", "-f", "--all", "-q"]] {
+            let _ = nifty().arg("--root").arg(self.path()).args(verb).output();
+        }
     }
 }
 
