@@ -104,9 +104,18 @@ pub fn run(
     let _lock = UpdateLock::take(store)?;
     let mut report = Report::default();
     // Where each instance goes; anything wrong is said before anything moves.
+    // (The template record is read once per template, not per instance.)
     let mut targets = Vec::new();
+    let mut newest: BTreeMap<&str, u32> = BTreeMap::new();
     for inst in insts {
-        let newest = store.template(&inst.template)?.version;
+        let newest = match newest.get(inst.template.as_str()) {
+            Some(v) => *v,
+            None => {
+                let v = store.template(&inst.template)?.version;
+                newest.insert(&inst.template, v);
+                v
+            }
+        };
         let to = opts.to.unwrap_or(newest);
         if !store.template_rootfs_at(&inst.template, to).is_dir() {
             let have: Vec<String> = store
