@@ -5,7 +5,19 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 RELEASE ?= bookworm
 
-.PHONY: up test test-vm bench deps build clean
+.PHONY: up test test-vm bench deps build clean assets install uninstall deb
+
+# Where `make install` puts things (Debian's places with PREFIX=/usr, as
+# the .deb does).
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man/man1
+BASHDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHDIR ?= $(PREFIX)/share/zsh/vendor-completions
+FISHDIR ?= $(PREFIX)/share/fish/vendor_completions.d
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+ASSETS := target/assets
 
 ## Install what is missing, build, and bring up N containers (default 10).
 up: deps build
@@ -15,7 +27,8 @@ up: deps build
 ## Install what is missing and run the whole test suite, privileged tests
 ## included (they fail instead of skipping when they cannot run), then the
 ## same nifty on Debian 12's own kernel with systemd as PID 1, in a VM.
-test: deps
+test:
+	@./scripts/install-deps --test
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	NIFTY_REQUIRE_PRIVILEGED=1 cargo test --all-targets
@@ -38,3 +51,37 @@ build:
 
 clean:
 	cargo clean
+
+## Man pages (one per verb), shell completions and nifty@.service for a
+## nifty at $(BINDIR)/nifty, generated from the binary into target/assets.
+assets: build
+	rm -rf $(ASSETS) && mkdir -p $(ASSETS)/man $(ASSETS)/completions
+	./target/release/nifty --quiet manpages $(ASSETS)/man
+	gzip -9n $(ASSETS)/man/*.1
+	./target/release/nifty completions bash > $(ASSETS)/completions/nifty
+	./target/release/nifty completions zsh > $(ASSETS)/completions/_nifty
+	./target/release/nifty completions fish > $(ASSETS)/completions/nifty.fish
+	./target/release/nifty systemd show --nifty $(BINDIR)/nifty > $(ASSETS)/nifty@.service
+
+## Install binary, man pages, completions and the template unit
+## (make install PREFIX=/usr DESTDIR=/tmp/stage).
+install: assets
+	install -Dm755 target/release/nifty $(DESTDIR)$(BINDIR)/nifty
+	install -d $(DESTDIR)$(MANDIR)
+	install -m644 $(ASSETS)/man/*.1.gz $(DESTDIR)$(MANDIR)/
+	install -Dm644 $(ASSETS)/completions/nifty $(DESTDIR)$(BASHDIR)/nifty
+	install -Dm644 $(ASSETS)/completions/_nifty $(DESTDIR)$(ZSHDIR)/_nifty
+	install -Dm644 $(ASSETS)/completions/nifty.fish $(DESTDIR)$(FISHDIR)/nifty.fish
+	install -Dm644 $(ASSETS)/nifty@.service $(DESTDIR)$(UNITDIR)/nifty@.service
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/nifty $(DESTDIR)$(MANDIR)/nifty.1.gz $(DESTDIR)$(MANDIR)/nifty-*.1.gz \
+	  $(DESTDIR)$(BASHDIR)/nifty $(DESTDIR)$(ZSHDIR)/_nifty $(DESTDIR)$(FISHDIR)/nifty.fish \
+	  $(DESTDIR)$(UNITDIR)/nifty@.service
+
+## A Debian package, target/debian/nifty_<version>_amd64.deb (cargo-deb;
+## its metadata is in Cargo.toml).
+deb:
+	command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+	$(MAKE) assets BINDIR=/usr/bin
+	cargo deb --no-build

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::engine::ArgValueCompleter;
 use nifty::store::Backend;
+
+use crate::complete;
 
 /// Build, clone and run fleets of BusyBox + Dropbear system containers.
 ///
@@ -85,6 +88,75 @@ pub enum Command {
     Enable(EnableArgs),
     /// Stop starting systemd instances at boot.
     Disable(EnableArgs),
+    /// Copy files between the host and an instance, running or stopped:
+    /// `nifty cp ./f 7:/home/luser/f`, `nifty cp 7:/etc/os-release .`.
+    Cp(CpArgs),
+    /// Print an OpenSSH client config for instances (`Host nifty-NAME`):
+    /// `ssh -F <(nifty ssh-config) nifty-7`, or `Include` it from ~/.ssh/config.
+    SshConfig(ClientSelection),
+    /// Print an Ansible inventory of instances; with --list/--host it is a
+    /// dynamic inventory script.
+    Inventory(InventoryArgs),
+    /// Print a shell's completion script (bash, zsh, fish, elvish, powershell):
+    /// `source <(nifty completions bash)`.
+    Completions {
+        /// The shell.
+        #[arg(value_parser = ["bash", "zsh", "fish", "elvish", "powershell"])]
+        shell: String,
+    },
+    /// Write a man page per verb (nifty.1, nifty-create.1, ...) into DIR.
+    Manpages {
+        /// Where to write them.
+        #[arg(value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// What to copy: a host path, or NAME:PATH in an instance (a relative
+    /// PATH is in the login user's home).
+    #[arg(value_name = "SRC", add = ArgValueCompleter::new(complete::copy_endpoint))]
+    pub src: String,
+    /// Where to: a host path, or NAME:PATH (into it if it is a directory).
+    #[arg(value_name = "DEST", add = ArgValueCompleter::new(complete::copy_endpoint))]
+    pub dest: String,
+    /// Copy directories and their contents.
+    #[arg(short, long)]
+    pub recursive: bool,
+    /// The container user that files copied in belong to [default: the
+    /// owner of the directory they land in].
+    #[arg(long, value_name = "USER")]
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientSelection {
+    /// Names, ranges (1..100) and globs ('web-*') [default: every instance].
+    #[arg(value_name = "NAME|RANGE|GLOB", add = ArgValueCompleter::new(complete::instances))]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum InventoryFormat {
+    Ini,
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct InventoryArgs {
+    #[command(flatten)]
+    pub sel: ClientSelection,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "ini")]
+    pub format: InventoryFormat,
+    /// Dynamic inventory: all groups and hosts as JSON (what Ansible asks a script).
+    #[arg(long, conflicts_with_all = ["host", "format"])]
+    pub list: bool,
+    /// Dynamic inventory: one host's variables as JSON.
+    #[arg(long, value_name = "HOST", conflicts_with = "format")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,7 +166,20 @@ pub enum SystemdCmd {
     /// Remove the template unit (refused while systemd instances exist).
     Uninstall,
     /// Print the template unit as `install` writes it.
-    Show,
+    Show {
+        /// Render it for a nifty installed at PATH, without asking systemd
+        /// (packaging: `make install`, `make deb`).
+        #[arg(long, value_name = "PATH")]
+        nifty: Option<PathBuf>,
+        /// systemd-nspawn's path, with --nifty.
+        #[arg(
+            long,
+            value_name = "PATH",
+            requires = "nifty",
+            default_value = "/usr/bin/systemd-nspawn"
+        )]
+        nspawn: PathBuf,
+    },
     /// The unit's ExecStart: mount an instance's root in a mount namespace
     /// of its own and exec systemd-nspawn there.
     #[command(hide = true)]
@@ -132,6 +217,7 @@ pub struct DoctorArgs {
 #[derive(Debug, Args)]
 pub struct PasswdArgs {
     /// Instance name.
+    #[arg(add = ArgValueCompleter::new(complete::instances))]
     pub name: String,
     /// User of the container.
     pub user: String,
@@ -143,6 +229,7 @@ pub struct PasswdArgs {
 #[derive(Debug, Args)]
 pub struct KeysArgs {
     /// Instance name.
+    #[arg(add = ArgValueCompleter::new(complete::instances))]
     pub name: String,
     /// User of the container.
     pub user: String,
@@ -170,6 +257,7 @@ pub enum TemplateCmd {
     /// Show a template's versions with their sources, versions and digests.
     Show {
         /// Template name.
+        #[arg(add = ArgValueCompleter::new(complete::templates))]
         name: String,
         #[command(flatten)]
         json: JsonArg,
@@ -177,7 +265,7 @@ pub enum TemplateCmd {
     /// Remove the versions of a template that no instance runs (never the newest).
     Prune {
         /// Template name.
-        #[arg(default_value = "default")]
+        #[arg(default_value = "default", add = ArgValueCompleter::new(complete::templates))]
         name: String,
     },
 }
@@ -206,6 +294,7 @@ pub struct UpdateArgs {
 #[derive(Debug, Args)]
 pub struct DiffArgs {
     /// Instance name.
+    #[arg(add = ArgValueCompleter::new(complete::instances))]
     pub name: String,
     /// Print JSON.
     #[arg(long)]
@@ -239,6 +328,15 @@ pub struct BuildArgs {
     /// exists; without it (no tzdata on the host) the containers keep UTC].
     #[arg(long, value_name = "DIR")]
     pub zoneinfo: Option<PathBuf>,
+    /// OpenSSH's sftp-server, for `sftp` and `scp` (Debian: openssh-sftp-server).
+    #[arg(long, default_value = nifty::template::SFTP_SERVER, value_name = "PATH")]
+    pub sftp_server: PathBuf,
+    /// OpenSSH's scp, for `scp -O` (Debian: openssh-client).
+    #[arg(long, default_value = "/usr/bin/scp", value_name = "PATH")]
+    pub scp: PathBuf,
+    /// Leave sftp-server and scp out: no file transfer over SSH.
+    #[arg(long, conflicts_with_all = ["sftp_server", "scp"])]
+    pub without_sftp: bool,
 }
 
 #[derive(Debug, Args)]
@@ -250,7 +348,7 @@ pub struct CreateArgs {
     #[arg(long, value_name = "N", conflicts_with = "names")]
     pub count: Option<usize>,
     /// Template to clone.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", add = ArgValueCompleter::new(complete::templates))]
     pub template: String,
     /// SSH port (one instance only; default PORT_BASE + N, or a free one below PORT_BASE).
     #[arg(long)]
@@ -285,7 +383,7 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct Selection {
     /// Names, ranges (1..100) and globs ('web-*').
-    #[arg(value_name = "NAME|RANGE|GLOB")]
+    #[arg(value_name = "NAME|RANGE|GLOB", add = ArgValueCompleter::new(complete::instances))]
     pub names: Vec<String>,
     /// Every instance.
     #[arg(long)]
@@ -318,6 +416,7 @@ pub struct RmArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Instance name.
+    #[arg(add = ArgValueCompleter::new(complete::instances))]
     pub name: String,
     /// Log lines to show.
     #[arg(short = 'n', long, default_value_t = 10)]
@@ -330,6 +429,7 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     /// Instance name.
+    #[arg(add = ArgValueCompleter::new(complete::instances))]
     pub name: String,
     /// Keep printing new lines.
     #[arg(short, long)]
@@ -346,6 +446,7 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct ExecArgs {
     /// Instance name.
+    #[arg(add = ArgValueCompleter::new(complete::instances))]
     pub name: String,
     /// Run as this user of the container (default: its root).
     #[arg(short, long)]
@@ -361,6 +462,7 @@ pub struct ExecArgs {
 #[derive(Debug, Args)]
 pub struct SshArgs {
     /// Instance name.
+    #[arg(add = ArgValueCompleter::new(complete::instances))]
     pub name: String,
     /// Command to run instead of a login shell.
     #[arg(last = true, value_name = "CMD")]

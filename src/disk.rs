@@ -56,6 +56,20 @@ pub fn lock_dir(dir: &Path) -> Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
+/// Takes an exclusive lock (flock) on the file `path`, created if
+/// missing, for as long as the returned fd lives; waits for another holder.
+pub fn lock_file(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CREATE | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .map_err(Error::sys(format!("open({})", path.display())))?;
+    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(Error::sys(format!("flock({}, LOCK_EX)", path.display())))?;
+    Ok(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@ pub mod printer;
 pub mod provision;
 pub mod runtime;
 pub mod sshclient;
+pub mod sshconfig;
 pub mod store;
 pub mod sys;
 pub mod template;

@@ -2,12 +2,14 @@
 
 mod cli;
 mod commands;
+mod complete;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
+    complete::answer();
     let cli = cli::Cli::parse();
     // Verbs that put processes into containers run from a sealed copy of
     // the binary (see `sys::reexec_sealed`).
@@ -26,6 +28,19 @@ fn main() -> ExitCode {
              nifty does not let a container reach its host binary"
         );
         return ExitCode::FAILURE;
+    }
+    if matches!(
+        cli.command,
+        cli::Command::List(_)
+            | cli::Command::Status(_)
+            | cli::Command::Logs(_)
+            | cli::Command::Diff(_)
+            | cli::Command::SshConfig(_)
+            | cli::Command::Inventory(_)
+            | cli::Command::Completions { .. }
+            | cli::Command::Template(cli::TemplateCmd::List(_) | cli::TemplateCmd::Show { .. })
+    ) {
+        nifty::sys::default_sigpipe();
     }
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",

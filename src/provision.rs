@@ -181,6 +181,7 @@ fn write_instance(
         port,
         user: tmpl.user.clone(),
         host_key: key.openssh_public(),
+        host_key_previous: None,
         created: now(),
         limits: spec.limits.clone(),
         bind_ro: spec.bind_ro.clone(),

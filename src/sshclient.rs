@@ -20,11 +20,8 @@ pub fn command(store: &Store, inst: &Instance) -> Result<Command> {
     let run = store.run_dir();
     std::fs::create_dir_all(run).map_err(Error::io("create", run))?;
     let known = run.join(format!("known_hosts.{}", inst.name));
-    crate::disk::write_atomic(
-        &known,
-        format!("nifty-{} {}\n", inst.name, inst.host_key).as_bytes(),
-        0o644,
-    )?;
+    let lines = crate::sshconfig::known_host_lines(inst).join("\n") + "\n";
+    crate::disk::write_atomic(&known, lines.as_bytes(), 0o644)?;
     let mut cmd = Command::new("ssh");
     cmd.arg("-i")
         .arg(&key)
@@ -40,7 +37,10 @@ pub fn command(store: &Store, inst: &Instance) -> Result<Command> {
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-o")
-        .arg(format!("HostKeyAlias=nifty-{}", inst.name))
+        .arg(format!(
+            "HostKeyAlias={}",
+            crate::sshconfig::alias(&inst.name)
+        ))
         // The containers share the host's network; an address needs no
         // resolver (some hosts do not resolve "localhost").
         .arg("127.0.0.1");

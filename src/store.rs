@@ -111,6 +111,10 @@ pub struct Instance {
     pub user: String,
     /// The instance's SSH host public key, OpenSSH format.
     pub host_key: String,
+    /// After `rekey` while it ran: the key it still serves until its next
+    /// start (trusted beside the new one until then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key_previous: Option<String>,
     pub created: String,
     pub limits: Limits,
     /// Host directories bound read-only into the container: `SRC:DST`.
@@ -147,6 +151,13 @@ pub struct TemplateMeta {
     /// `copied`: zoneinfo is part of the template (see the README).
     pub zoneinfo: String,
     pub applets: usize,
+    /// OpenSSH's sftp-server, for `sftp` and `scp` (none: built
+    /// `--without-sftp`, or before nifty carried it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sftp_server: Option<Source>,
+    /// OpenSSH's scp, for `scp -O`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scp: Option<Source>,
 }
 
 /// One binary the template was built from.
@@ -290,6 +301,16 @@ impl Store {
     pub fn keys_dir(&self) -> PathBuf {
         self.root.join("keys")
     }
+    /// The host keys of all instances, for OpenSSH clients (`nifty ssh-config`).
+    pub fn known_hosts(&self) -> PathBuf {
+        self.root.join("known_hosts")
+    }
+
+    /// An OpenSSH client config of all instances (`Host nifty-NAME`).
+    pub fn ssh_config(&self) -> PathBuf {
+        self.root.join("ssh_config")
+    }
+
     pub fn client_key(&self) -> PathBuf {
         self.keys_dir().join("id_ed25519")
     }

@@ -582,3 +582,14 @@ pub fn bpf_prog_attach(
     // Both fds are borrowed open fds.
     bpf(BPF_PROG_ATTACH, &attr).map(drop)
 }
+
+/// Dies quietly of SIGPIPE like other Unix filters when the reader of
+/// stdout goes away (`nifty list | head`), instead of failing a write.
+/// Only for verbs that print and touch no container.
+pub fn default_sigpipe() {
+    // SAFETY: resetting a signal's disposition to SIG_DFL installs no
+    // handler and has no memory effects; called before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

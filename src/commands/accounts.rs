@@ -150,9 +150,15 @@ pub fn rekey(ctx: &Ctx, sel: Selection) -> Result<bool> {
         let root = rt.open_root(&inst)?;
         root.mkdir("/etc/dropbear", 0, 0, 0o700)?;
         root.write(HOST_KEY, &key.dropbear_private(), 0, 0, 0o600)?;
+        // A running instance serves its old key until it restarts: both
+        // are trusted until then.
+        if rt.init_pid(&inst).is_some() && inst.host_key_previous.is_none() {
+            inst.host_key_previous = Some(inst.host_key.clone());
+        }
         inst.host_key = key.openssh_public();
         ctx.store.save_instance(&inst)
     });
+    nifty::sshconfig::refresh_known_hosts(&ctx.store)?;
     let ok = out.report(&ctx.printer, "rekey");
     ctx.printer
         .info("new host keys take effect at the next start (nifty restart)");

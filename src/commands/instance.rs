@@ -106,6 +106,7 @@ fn create_all(
         )
     });
     register(ctx, rt, &mut out)?;
+    nifty::sshconfig::refresh_known_hosts(&ctx.store)?;
     Ok(out)
 }
 
@@ -179,6 +180,9 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
     // What their backends keep (systemd: drop-ins, boot links) goes too.
     if let Err(e) = rt.forget(&gone) {
         eprintln!("nifty: rm: {e}");
+    }
+    if !gone.is_empty() {
+        nifty::sshconfig::refresh_known_hosts(&ctx.store)?;
     }
     out.failed.extend(failed);
     Ok(out.report(&ctx.printer, "rm"))

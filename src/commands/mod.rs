@@ -1,6 +1,8 @@
 //! One file per verb group: glue between the CLI and the library, no logic.
 
 mod accounts;
+mod clients;
+mod files;
 mod instance;
 mod lifecycle;
 mod observe;
@@ -74,6 +76,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Systemd(c) => systemd::run(&ctx, c)?,
         Command::Enable(a) => systemd::enable(&ctx, a, true)?,
         Command::Disable(a) => systemd::enable(&ctx, a, false)?,
+        Command::Cp(a) => files::cp(&ctx, a)?,
+        Command::SshConfig(s) => clients::ssh_config(&ctx, s)?,
+        Command::Inventory(a) => clients::inventory(&ctx, a)?,
+        Command::Completions { shell } => clients::completions(&shell)?,
+        Command::Manpages { dir } => clients::manpages(&ctx, &dir)?,
     };
     Ok(if ok {
         ExitCode::SUCCESS

@@ -39,7 +39,17 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
             });
             Ok(true)
         }
-        SystemdCmd::Show => {
+        SystemdCmd::Show {
+            nifty: Some(nifty),
+            nspawn,
+        } => {
+            print!(
+                "{}",
+                nifty::runtime::systemd::render_unit(&ctx.store, &nifty, &nspawn)
+            );
+            Ok(true)
+        }
+        SystemdCmd::Show { nifty: None, .. } => {
             print!("{}", rt.systemd()?.render_template()?);
             Ok(true)
         }

@@ -31,6 +31,10 @@ pub fn run(ctx: &Ctx, cmd: TemplateCmd) -> Result<bool> {
                 authorized_keys: a.authorized_keys,
                 password,
                 zoneinfo: a.zoneinfo,
+                sftp: (!a.without_sftp).then_some(template::FileTransfer {
+                    sftp_server: a.sftp_server,
+                    scp: a.scp,
+                }),
             };
             let meta = template::build(&ctx.store, &opts)?;
             ctx.printer.info(format!(
@@ -42,6 +46,10 @@ pub fn run(ctx: &Ctx, cmd: TemplateCmd) -> Result<bool> {
                 meta.user,
                 ctx.store.template_rootfs(&meta.name).display()
             ));
+            if meta.sftp_server.is_none() {
+                ctx.printer
+                    .info("built without sftp-server and scp: no file transfer over SSH (`nifty cp` still works)");
+            }
             if meta.zoneinfo == "none" {
                 ctx.printer
                     .info("no zoneinfo on this host (Debian's tzdata): the containers keep UTC");

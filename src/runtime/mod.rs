@@ -404,7 +404,31 @@ impl Runtime {
                 Err(e) => fail(&group, &e),
             });
         }
+        self.retire_previous_keys(insts, &out);
         out
+    }
+
+    /// An instance rekeyed while it ran serves its new key once started:
+    /// its previous key is no longer trusted (dropped from the record and
+    /// from the fleet's known_hosts).
+    fn retire_previous_keys(&self, insts: &[Instance], out: &Results) {
+        let started = |name: &str| out.iter().any(|(n, r)| n == name && r.is_ok());
+        let mut changed = false;
+        for i in insts.iter().filter(|i| i.host_key_previous.is_some()) {
+            if !started(&i.name) {
+                continue;
+            }
+            let _lock = linux::proc::lock(&self.store.instance_dir(&i.name));
+            if let Ok(mut rec) = self.store.instance(&i.name) {
+                rec.host_key_previous = None;
+                changed |= self.store.save_instance(&rec).is_ok();
+            }
+        }
+        if changed {
+            if let Err(e) = crate::sshconfig::refresh_known_hosts(&self.store) {
+                tracing::warn!("{e}");
+            }
+        }
     }
 
     /// Stops instances of every backend at once (one thread per backend).

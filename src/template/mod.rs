@@ -47,7 +47,34 @@ pub struct BuildOptions {
     /// Zoneinfo to copy in; `None`: the host's `/usr/share/zoneinfo` if it
     /// exists, else none (the containers keep UTC).
     pub zoneinfo: Option<PathBuf>,
+    /// File transfer: OpenSSH's `sftp-server` (what Dropbear execs for the
+    /// `sftp` subsystem, and so what OpenSSH's `scp` speaks by default)
+    /// and OpenSSH's `scp` (for `scp -O`, the legacy protocol). `None`:
+    /// neither (`--without-sftp`).
+    pub sftp: Option<FileTransfer>,
 }
+
+/// The host binaries of file transfer (Debian: openssh-sftp-server and
+/// openssh-client).
+#[derive(Debug, Clone)]
+pub struct FileTransfer {
+    pub sftp_server: PathBuf,
+    pub scp: PathBuf,
+}
+
+impl Default for FileTransfer {
+    fn default() -> Self {
+        FileTransfer {
+            sftp_server: SFTP_SERVER.into(),
+            scp: "/usr/bin/scp".into(),
+        }
+    }
+}
+
+/// Where Debian's openssh-sftp-server puts the server.
+pub const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
+/// Where Dropbear execs it (its `SFTPSERVER_PATH`), a link in the template.
+pub const SFTP_SERVER_LINK: &str = "usr/lib/sftp-server";
 
 impl Default for BuildOptions {
     fn default() -> Self {
@@ -60,6 +87,7 @@ impl Default for BuildOptions {
             authorized_keys: Vec::new(),
             password: None,
             zoneinfo: None,
+            sftp: Some(FileTransfer::default()),
         }
     }
 }
@@ -101,6 +129,35 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
             dest: dest.into(),
             needs: elf::resolve(host)?,
         });
+    }
+    let mut transfer = None;
+    if let Some(ft) = &opts.sftp {
+        for (what, host, package) in [
+            ("sftp-server", &ft.sftp_server, "openssh-sftp-server"),
+            ("scp", &ft.scp, "openssh-client"),
+        ] {
+            if !host.is_file() {
+                return Err(Error::Invalid(format!(
+                    "{what}: {} does not exist; install it (Debian: apt-get install {package}) or build with --without-sftp",
+                    host.display()
+                )));
+            }
+            elf::check_elf(what, host)?;
+        }
+        binaries.push(Binary {
+            host: ft.sftp_server.clone(),
+            dest: SFTP_SERVER.trim_start_matches('/').into(),
+            needs: elf::resolve(&ft.sftp_server)?,
+        });
+        binaries.push(Binary {
+            host: ft.scp.clone(),
+            dest: "usr/bin/scp".into(),
+            needs: elf::resolve(&ft.scp)?,
+        });
+        transfer = Some((
+            source(&ft.sftp_server, package_version(&ft.sftp_server))?,
+            source(&ft.scp, package_version(&ft.scp))?,
+        ));
     }
     let mut extra = Vec::new();
     for w in &opts.with {
@@ -191,6 +248,8 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
                 "none".into()
             },
             applets: applets.len(),
+            sftp_server: transfer.as_ref().map(|t| t.0.clone()),
+            scp: transfer.as_ref().map(|t| t.1.clone()),
         };
         let text = toml::to_string(&meta).map_err(|err| Error::Encode {
             what: "a template record",
@@ -257,8 +316,8 @@ pub fn prune(store: &Store, name: &str) -> Result<Vec<u32>> {
     Ok(removed)
 }
 
-/// `dropbearkey`, `dbclient` (also as `ssh`) and `scp`, where present next
-/// to Dropbear or in the usual places.
+/// `dropbearkey` and `dbclient` (also as `ssh`), where present next to
+/// Dropbear or in the usual places.
 fn dropbear_companions(dropbear: &Path) -> Vec<(PathBuf, &'static str)> {
     let mut dirs: Vec<PathBuf> = dropbear
         .parent()
@@ -270,13 +329,8 @@ fn dropbear_companions(dropbear: &Path) -> Vec<(PathBuf, &'static str)> {
     for (name, dest) in [
         ("dropbearkey", "usr/bin/dropbearkey"),
         ("dbclient", "usr/bin/dbclient"),
-        ("scp", "usr/bin/scp"),
     ] {
         if let Some(p) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
-            // OpenSSH's scp is not Dropbear's: take scp only beside Dropbear.
-            if name == "scp" && p.parent() != dropbear.parent() {
-                continue;
-            }
             out.push((p, dest));
         }
     }
@@ -342,6 +396,24 @@ fn version(bin: &Path, args: &[&str], word: &str) -> Result<String> {
         })
 }
 
+/// The Debian package a host file comes from, with its version
+/// ("openssh-sftp-server 1:9.2p1-2+deb12u6"); `None` off Debian or for a
+/// file no package owns.
+fn package_version(path: &Path) -> Option<String> {
+    let query = |args: &[&std::ffi::OsStr]| {
+        Command::new("dpkg-query")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let owner = query(&["-S".as_ref(), path.as_os_str()])?;
+    let package = owner.split(':').next()?.trim().to_string();
+    let version = query(&["-W".as_ref(), "-f=${Version}".as_ref(), package.as_ref()])?;
+    Some(format!("{package} {version}"))
+}
+
 fn source(path: &Path, version: Option<String>) -> Result<Source> {
     let mut f = fs::File::open(path).map_err(Error::io("open", path))?;
     let mut h = Sha256::new();
@@ -364,13 +436,17 @@ fn source(path: &Path, version: Option<String>) -> Result<Source> {
 /// from what it was built from (an `apt upgrade` of busybox-static or
 /// dropbear-bin): their names, empty when the template is current.
 pub fn stale_sources(meta: &TemplateMeta) -> Vec<&'static str> {
-    [("BusyBox", &meta.busybox), ("Dropbear", &meta.dropbear)]
-        .into_iter()
-        .filter(|(_, src)| {
-            source(Path::new(&src.path), None).is_ok_and(|now| now.sha256 != src.sha256)
-        })
-        .map(|(name, _)| name)
-        .collect()
+    [
+        ("BusyBox", Some(&meta.busybox)),
+        ("Dropbear", Some(&meta.dropbear)),
+        ("sftp-server", meta.sftp_server.as_ref()),
+        ("scp", meta.scp.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(name, src)| src.map(|s| (name, s)))
+    .filter(|(_, src)| source(Path::new(&src.path), None).is_ok_and(|now| now.sha256 != src.sha256))
+    .map(|(name, _)| name)
+    .collect()
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
@@ -450,6 +526,11 @@ fn populate(
             mkdir(parent, 0o755)?;
         }
         symlink("/bin/busybox", &link).map_err(Error::io("symlink", &link))?;
+    }
+    let sftp = rootfs.join(SFTP_SERVER.trim_start_matches('/'));
+    if sftp.exists() {
+        let link = rootfs.join(SFTP_SERVER_LINK);
+        symlink("openssh/sftp-server", &link).map_err(Error::io("symlink", &link))?;
     }
     let ssh = rootfs.join("usr/bin/ssh");
     if rootfs.join("usr/bin/dbclient").exists() && ssh.symlink_metadata().is_err() {
@@ -593,6 +674,8 @@ mod tests {
             libraries: Vec::new(),
             zoneinfo: "none".into(),
             applets: 1,
+            sftp_server: None,
+            scp: None,
         };
         assert!(stale_sources(&meta).is_empty());
         std::fs::write(&db, "dropbear 2").unwrap();

@@ -168,3 +168,124 @@ fn selections_are_checked_before_anything() {
                 == 0
     );
 }
+
+#[test]
+fn help_lists_the_file_and_client_verbs() {
+    let o = nifty(&["--help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    for verb in ["cp", "ssh-config", "inventory", "completions", "manpages"] {
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with(verb)),
+            "{verb} missing from --help:\n{help}"
+        );
+    }
+}
+
+/// bash with nifty's directory first on the PATH (the completion script
+/// calls `nifty`) and `root` as the store.
+fn bash(root: &Root, script: &str) -> std::process::Output {
+    let dir = Path::new(common::NIFTY).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    std::process::Command::new("bash")
+        .args(["-c", script])
+        .env("PATH", path)
+        .env("NIFTY_ROOT", root.path())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn completions_load_and_complete_names_from_the_store() {
+    let root = Root::new();
+    for n in ["7", "web-1", "web-2"] {
+        std::fs::create_dir_all(root.path().join("instances").join(n)).unwrap();
+    }
+    let o = bash(&root, "source <(nifty completions bash); complete -p nifty");
+    let out = common::succeeded(&o, "source <(nifty completions bash)");
+    assert!(out.contains("-F _clap_complete_nifty nifty"), "{out}");
+    // What bash offers after `nifty start web`, `nifty cp 7`, `nifty st`.
+    let ask = |words: &str, cword: usize, cur: &str| {
+        let o = bash(
+            &root,
+            &format!(
+                "source <(nifty completions bash); COMP_WORDS=({words}); COMP_CWORD={cword}; \
+                 _clap_complete_nifty nifty {cur:?} x; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+            ),
+        );
+        common::succeeded(&o, words)
+    };
+    let names = ask("nifty start web", 2, "web");
+    assert_eq!(
+        names.split_whitespace().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "{names}"
+    );
+    let cp = ask("nifty cp 7", 2, "7");
+    assert!(cp.lines().any(|l| l == "7:"), "{cp}");
+    let verbs = ask("nifty st", 1, "st");
+    for v in ["start", "stop", "status"] {
+        assert!(verbs.lines().any(|l| l == v), "{v} in {verbs}");
+    }
+    for shell in ["zsh", "fish"] {
+        let s = root.ok(&["completions", shell]);
+        assert!(
+            s.contains("NIFTY_COMPLETE") && s.contains("nifty"),
+            "{shell}: {s}"
+        );
+    }
+    let e = root.fails(&["completions", "tcsh"]);
+    assert!(e.contains("tcsh"), "{e}");
+}
+
+#[test]
+fn man_pages_one_per_verb_render() {
+    let root = Root::new();
+    let dir = root.path().join("man");
+    root.ok(&["manpages", dir.to_str().unwrap()]);
+    for page in [
+        "nifty",
+        "nifty-cp",
+        "nifty-create",
+        "nifty-ssh-config",
+        "nifty-template-build",
+    ] {
+        let p = dir.join(format!("{page}.1"));
+        let o = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&p)
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("run man (man-db)");
+        let text = common::succeeded(&o, &format!("man -l {}", p.display()));
+        assert!(
+            text.contains("NAME") && text.contains("SYNOPSIS"),
+            "{page}: {text}"
+        );
+        assert!(text.contains(&page.replace("nifty-", "")), "{page}: {text}");
+    }
+    // The hidden verb has no page; every other verb has one.
+    assert!(!dir.join("nifty-systemd-exec.1").exists());
+    let help = String::from_utf8_lossy(&nifty(&["--help"]).stdout).into_owned();
+    let verbs = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        // Wrapped descriptions are indented further.
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|v| *v != "help")
+        .collect::<Vec<_>>();
+    assert!(verbs.len() > 20, "{help}");
+    for v in verbs {
+        assert!(
+            dir.join(format!("nifty-{v}.1")).is_file(),
+            "no page for {v}"
+        );
+    }
+}

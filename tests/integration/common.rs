@@ -234,6 +234,27 @@ impl Drop for Root {
     }
 }
 
+/// A root with the default template and running instances `names`,
+/// created with `extra` arguments, each answering on its port.
+pub fn fleet(names: &[&str], extra: &[&str]) -> Root {
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    let mut args = vec!["create"];
+    args.extend_from_slice(names);
+    args.extend_from_slice(extra);
+    root.ok(&args);
+    let mut args = vec!["start"];
+    args.extend_from_slice(names);
+    root.ok(&args);
+    for n in names {
+        assert!(
+            wait_port(root.port(n), Duration::from_secs(20)),
+            "{n} did not boot"
+        );
+    }
+    root
+}
+
 /// Waits until a TCP port accepts connections.
 /// Asserts that the command `what` succeeded (its output says why not);
 /// returns its stdout.

@@ -13,4 +13,5 @@ mod fleet;
 mod security;
 mod systemd;
 mod template;
+mod transfer;
 mod update;

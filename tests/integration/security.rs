@@ -7,27 +7,7 @@ use crate::common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{assert_clean, privileged, wait_port, Root};
-
-/// A root with a template and running instances `names` (own port range).
-fn fleet(names: &[&str], extra: &[&str]) -> Root {
-    let root = Root::new();
-    root.ok(&["template", "build"]);
-    let mut args = vec!["create"];
-    args.extend_from_slice(names);
-    args.extend_from_slice(extra);
-    root.ok(&args);
-    let mut args = vec!["start"];
-    args.extend_from_slice(names);
-    root.ok(&args);
-    for n in names {
-        assert!(
-            wait_port(root.port(n), Duration::from_secs(20)),
-            "{n} did not boot"
-        );
-    }
-    root
-}
+use crate::common::{assert_clean, fleet, privileged, wait_port, Root};
 
 /// Runs a shell command as the container's root; returns (status code, stdout+stderr).
 fn as_root(root: &Root, name: &str, script: &str) -> (i32, String) {

@@ -212,9 +212,25 @@ impl Root {
     pub fn write(&self, path: &str, data: &[u8], uid: u32, gid: u32, mode: u32) -> Result<()> {
         let (parent, name) = split(path)?;
         let dfd = self.dir(parent)?;
+        self.replace_at(&dfd, name, path, (uid, gid, mode), &mut &data[..])
+            .map(drop)
+    }
+
+    /// Replaces `name` in the directory `dfd` with what `src` holds: a
+    /// temp file of nifty's, owned by the container's `uid:gid` with
+    /// `mode`, filled, synced and renamed over it (a link there is
+    /// replaced, never followed). Returns the bytes written.
+    pub(crate) fn replace_at(
+        &self,
+        dfd: &OwnedFd,
+        name: &str,
+        path: &str,
+        (uid, gid, mode): (u32, u32, u32),
+        src: &mut dyn Read,
+    ) -> Result<u64> {
         let tmp = format!(".{name}.nifty-{}", std::process::id());
         let fd = rustix::fs::openat(
-            &dfd,
+            dfd,
             tmp.as_str(),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
@@ -223,15 +239,47 @@ impl Root {
         let result = (|| {
             self.own(&fd, path, uid, gid, mode)?;
             let mut f = std::fs::File::from(fd);
-            f.write_all(data).map_err(Error::io("write", path))?;
+            let n = std::io::copy(src, &mut f).map_err(Error::io("write", path))?;
+            f.flush().map_err(Error::io("write", path))?;
             f.sync_all().map_err(Error::io("fsync", path))?;
-            rustix::fs::renameat(&dfd, tmp.as_str(), &dfd, name)
-                .map_err(self.err("rename onto", path))
+            rustix::fs::renameat(dfd, tmp.as_str(), dfd, name)
+                .map_err(self.err("rename onto", path))?;
+            Ok(n)
         })();
         if result.is_err() {
-            let _ = rustix::fs::unlinkat(&dfd, tmp.as_str(), rustix::fs::AtFlags::empty());
+            let _ = rustix::fs::unlinkat(dfd, tmp.as_str(), rustix::fs::AtFlags::empty());
         }
         result
+    }
+
+    /// The instance's name, for messages.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The host ID the container's ID 0 maps to.
+    pub(crate) fn base(&self) -> u32 {
+        self.base
+    }
+
+    /// Opens a container path (absolute or relative to its root) with
+    /// `flags`, never through a symlink nor above the root.
+    pub(crate) fn open_at(&self, path: &str, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+        let rel = path.trim_start_matches('/');
+        let rel = if rel.is_empty() { "." } else { rel };
+        rustix::fs::openat2(&self.fd, rel, flags, Mode::empty(), RESOLVE)
+    }
+
+    /// Gives an open file to the container's `uid:gid` with `mode`.
+    pub(crate) fn chown(
+        &self,
+        fd: &OwnedFd,
+        path: &str,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    ) -> Result<()> {
+        self.own(fd, path, uid, gid, mode)
     }
 
     fn own(&self, fd: &OwnedFd, path: &str, uid: u32, gid: u32, mode: u32) -> Result<()> {

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod confine;
+pub mod copy;
 pub mod dbus;
 pub mod delegate;
 pub mod features;

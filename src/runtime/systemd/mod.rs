@@ -61,6 +61,21 @@ pub fn check_host() -> Result<PathBuf> {
     })
 }
 
+/// The template unit of `store` for a nifty binary and systemd-nspawn at
+/// the given paths, without asking systemd anything (packaging: `make
+/// install`, `make deb`).
+pub fn render_unit(store: &Store, nifty: &Path, nspawn: &Path) -> String {
+    unit::template(&unit::TemplateSpec {
+        names: &Names {
+            prefix: store.cgroup_name(),
+        },
+        nifty,
+        root: store.root(),
+        nspawn,
+        register: false,
+    })
+}
+
 /// The systemd backend of one store.
 pub struct Systemd {
     store: Store,
@@ -119,13 +134,7 @@ impl Systemd {
                 .trim_end_matches(" (deleted)")
                 .to_string(),
         );
-        Ok(unit::template(&unit::TemplateSpec {
-            names: &self.names,
-            nifty: &nifty,
-            root: self.store.root(),
-            nspawn: &self.nspawn,
-            register: false,
-        }))
+        Ok(render_unit(&self.store, &nifty, &self.nspawn))
     }
 
     /// Writes the template unit if it is missing or differs; tells whether
