@@ -77,6 +77,8 @@ pub enum Command {
     /// Move instances to their template's newest (or a given) version: stopped ones at
     /// once, running ones restarted in batches, each checked healthy before the next.
     Update(UpdateArgs),
+    /// Change the limits of instances, running or stopped: `nifty set 7 --cpus 1 --disk 2G`.
+    Set(SetArgs),
     /// Show what an instance changed against its template (its upper layer).
     Diff(DiffArgs),
     /// Check the host for a fleet of N containers; --fix applies the sysctls.
@@ -357,15 +359,8 @@ pub struct CreateArgs {
     /// is installed, native elsewhere].
     #[arg(long, value_enum, env = "NIFTY_BACKEND")]
     pub backend: Option<Backend>,
-    /// Maximum number of tasks.
-    #[arg(long, default_value_t = 512)]
-    pub tasks: u64,
-    /// A memory limit of the instance's own (bytes, or with K, M, G). Without
-    /// it, instances share their fleet's memory cgroup, limited to 90% of
-    /// the host's memory as a whole (a memory cgroup per container costs
-    /// kernel memory that grows with the fleet).
-    #[arg(long, value_name = "SIZE")]
-    pub memory: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Bind a host directory read-only: SRC or SRC:DST.
     #[arg(long = "bind-ro", value_name = "SRC[:DST]")]
     pub bind_ro: Vec<String>,
@@ -378,6 +373,47 @@ pub struct CreateArgs {
     /// Keep every capability in the bounding set. Unsafe.
     #[arg(long)]
     pub keep_caps: bool,
+}
+
+/// Fair shares and limits: for `create` (defaults for what is not given)
+/// and `set` (what is not given stays).
+#[derive(Debug, Args, Default)]
+pub struct LimitArgs {
+    /// Maximum number of tasks [create's default: 512].
+    #[arg(long, value_name = "N")]
+    pub tasks: Option<String>,
+    /// A memory limit of the instance's own (bytes, or with K, M, G), or
+    /// `shared`. Without it, instances share their fleet's memory cgroup,
+    /// limited to 90% of the host's memory as a whole (a memory cgroup per
+    /// container costs kernel memory that grows with the fleet).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU fair share, 1..10000 [default: 100, as every instance]: under
+    /// contention an instance gets CPU in proportion to its weight.
+    #[arg(long, value_name = "N")]
+    pub cpu_weight: Option<String>,
+    /// A hard CPU cap in CPUs (0.5: half of one CPU), or `max`.
+    #[arg(long, value_name = "X")]
+    pub cpus: Option<String>,
+    /// I/O fair share, 1..10000 [default: 100] (effective with the BFQ
+    /// scheduler or io.cost; `nifty doctor` says which the host has).
+    #[arg(long, value_name = "N")]
+    pub io_weight: Option<String>,
+    /// Disk for the instance's own files (with a unit: 500M, 2G), or
+    /// `unlimited` [create's default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    pub disk: Option<String>,
+    /// Files the instance's own layer may hold, or `unlimited` [default].
+    #[arg(long, value_name = "N")]
+    pub inodes: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    #[command(flatten)]
+    pub sel: Selection,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 #[derive(Debug, Args)]

@@ -115,6 +115,8 @@ const CHECKS: &[Check] = &[
     cgroups,
     systemd,
     disk,
+    disk_store,
+    io_weights,
     memory,
 ];
 
@@ -607,6 +609,85 @@ fn disk(w: &Want<'_>) -> Vec<Finding> {
         ));
     }
     out
+}
+
+/// The disk store (instances' own files under their disk limits): where
+/// it is, and whether this host can make it.
+fn disk_store(w: &Want<'_>) -> Vec<Finding> {
+    let btrfs = std::fs::read_to_string("/proc/filesystems")
+        .is_ok_and(|f| f.lines().any(|l| l.trim_end().ends_with("btrfs")))
+        || Path::new("/sys/fs/btrfs").exists();
+    let mkfs = [
+        "/usr/sbin/mkfs.btrfs",
+        "/sbin/mkfs.btrfs",
+        "/usr/bin/mkfs.btrfs",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
+    let loop_dev = Path::new("/dev/loop-control").exists();
+    let ok = crate::volume::mounted(w.store)
+        || (mkfs && loop_dev && (btrfs || Path::new("/lib/modules").exists()));
+    vec![info(
+        "disk limits",
+        if ok { Status::Ok } else { Status::Warn },
+        if ok {
+            crate::volume::describe(w.store)
+        } else {
+            format!(
+                "cannot make the disk store: {}",
+                [
+                    (!mkfs).then_some("no mkfs.btrfs"),
+                    (!loop_dev).then_some("no /dev/loop-control"),
+                    (!btrfs).then_some("btrfs not in /proc/filesystems"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", ")
+            )
+        },
+        "btrfs and loop devices: each instance's own files are a subvolume of one loop-mounted image, limited by a quota group (--disk, default 1G)",
+        if ok { "" } else { "apt-get install btrfs-progs; modprobe btrfs loop (or create instances with --disk unlimited)" },
+    )]
+}
+
+/// What the I/O weights (`--io-weight`) act on here: the scheduler of the
+/// disk under the state root.
+fn io_weights(w: &Want<'_>) -> Vec<Finding> {
+    let dev = std::iter::successors(Some(w.store.root()), |p| p.parent())
+        .find_map(|p| rustix::fs::stat(p).ok())
+        .map(|st| (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev)));
+    let sched = dev.and_then(|(ma, mi)| {
+        let sys = format!("/sys/dev/block/{ma}:{mi}");
+        // A partition's queue is its disk's.
+        ["queue/scheduler", "../queue/scheduler"]
+            .iter()
+            .find_map(|q| std::fs::read_to_string(format!("{sys}/{q}")).ok())
+    });
+    let active = sched.as_deref().and_then(|s| {
+        s.split_whitespace()
+            .find(|w| w.starts_with('['))
+            .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string())
+    });
+    let (status, value) = match active.as_deref() {
+        Some("bfq") => (Status::Ok, "BFQ schedules the state root's disk: --io-weight is honoured".to_string()),
+        Some(s) => (
+            Status::Warn,
+            format!("the state root's disk is scheduled by {s}: --io-weight has no effect there unless io.cost is set up for it (BFQ honours weights)"),
+        ),
+        None => (Status::Warn, "no I/O scheduler found for the state root's disk (a virtual or overlay filesystem): --io-weight may have no effect".into()),
+    };
+    vec![info(
+        "I/O weights",
+        status,
+        value,
+        "BFQ (or io.cost) on the disk that holds the instances' files",
+        if status == Status::Ok {
+            ""
+        } else {
+            "echo bfq > /sys/block/<disk>/queue/scheduler (modprobe bfq)"
+        },
+    )]
 }
 
 /// Memory for N idle containers.

@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod error;
 pub mod fleet;
 pub mod keys;
+pub mod limits;
 pub mod names;
 pub mod printer;
 pub mod provision;
@@ -22,5 +23,6 @@ pub mod store;
 pub mod sys;
 pub mod template;
 pub mod update;
+pub mod volume;
 
 pub use error::{Error, Result};

@@ -77,32 +77,51 @@ pub fn create(store: &Store, spec: &CreateSpec) -> Result<Instance> {
         seccomp: spec.seccomp,
         drop_caps: spec.drop_caps,
     };
+    // Its own files go to a subvolume of the disk store when its disk is
+    // limited (made here, removed again if anything below fails).
+    let layers = match spec.limits.disk {
+        Some(limit) => match crate::volume::create(store, &spec.name, Some(limit)) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                store.release_port(port, &spec.name);
+                if let Some(b) = uid_base {
+                    crate::claims::uid_range::release(&store.uids_dir(), &final_dir, b);
+                }
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let tmp = store
         .instances_dir()
         .join(format!(".new-{}-{}", spec.name, std::process::id()));
-    let result = write_instance(store, &tmp, spec, &tmpl, port, security).and_then(|inst| {
-        rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &tmp,
-            rustix::fs::CWD,
-            &final_dir,
-            rustix::fs::RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| {
-            if e == rustix::io::Errno::EXIST || e == rustix::io::Errno::NOTEMPTY {
-                Error::InstanceExists(spec.name.clone())
-            } else {
-                Error::sys(format!(
-                    "renameat2({}, {}, RENAME_NOREPLACE)",
-                    tmp.display(),
-                    final_dir.display()
-                ))(e)
-            }
-        })
-        .map(|()| inst)
-    });
+    let result = write_instance(store, &tmp, spec, &tmpl, port, security, layers.as_deref())
+        .and_then(|inst| {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &tmp,
+                rustix::fs::CWD,
+                &final_dir,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(|e| {
+                if e == rustix::io::Errno::EXIST || e == rustix::io::Errno::NOTEMPTY {
+                    Error::InstanceExists(spec.name.clone())
+                } else {
+                    Error::sys(format!(
+                        "renameat2({}, {}, RENAME_NOREPLACE)",
+                        tmp.display(),
+                        final_dir.display()
+                    ))(e)
+                }
+            })
+            .map(|()| inst)
+        });
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
+        if layers.is_some() {
+            let _ = crate::volume::remove(store, &spec.name);
+        }
         store.release_port(port, &spec.name);
         if let Some(b) = uid_base {
             crate::claims::uid_range::release(&store.uids_dir(), &final_dir, b);
@@ -118,6 +137,7 @@ fn write_instance(
     tmpl: &TemplateMeta,
     port: u16,
     security: Security,
+    layers: Option<&Path>,
 ) -> Result<Instance> {
     let mk = |p: &Path, mode: u32| {
         fs::DirBuilder::new()
@@ -126,9 +146,10 @@ fn write_instance(
             .map_err(Error::io("create", p))
     };
     mk(dir, 0o700)?;
-    let upper = dir.join("upper");
+    let layers = layers.unwrap_or(dir);
+    let upper = layers.join("upper");
     mk(&upper, 0o755)?;
-    mk(&dir.join("work"), 0o700)?;
+    mk(&layers.join("work"), 0o700)?;
     let etc = upper.join("etc");
     mk(&etc, 0o755)?;
     mk(&etc.join("dropbear"), 0o700)?;
@@ -187,6 +208,7 @@ fn write_instance(
         bind_ro: spec.bind_ro.clone(),
         security,
         template_version: tmpl.version,
+        disk_store: spec.limits.disk.is_some(),
     };
     // The upper layer belongs to the container's root.
     if let Some(base) = inst.security.uid_base {

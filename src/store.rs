@@ -57,25 +57,7 @@ impl std::fmt::Display for Backend {
     }
 }
 
-/// Resource limits of one instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Limits {
-    /// Maximum number of tasks (pids cgroup).
-    pub tasks: u64,
-    /// Maximum memory in bytes: a memory cgroup of the instance's own.
-    /// `None`: it shares its store's memory cgroup, limited as a whole.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<u64>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            tasks: 512,
-            memory: None,
-        }
-    }
-}
+pub use crate::limits::Limits;
 
 /// How an instance is confined (issue #5); each layer can be relaxed at
 /// create time.
@@ -102,7 +84,7 @@ impl Default for Security {
 }
 
 /// `instance.toml`: everything nifty needs to boot an instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     pub name: String,
     pub template: String,
@@ -126,6 +108,11 @@ pub struct Instance {
     /// templates had versions).
     #[serde(default = "first_version")]
     pub template_version: u32,
+    /// Its own files (upper and work directories) are in the disk store,
+    /// a subvolume with its disk limit (see `volume`); else in its
+    /// instance directory, unlimited.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disk_store: bool,
 }
 
 fn first_version() -> u32 {
@@ -432,8 +419,24 @@ impl Store {
         )
     }
 
+    /// An instance's overlay upper and work directories; mounts the disk
+    /// store if they are on it.
+    pub fn instance_layers(&self, inst: &Instance) -> Result<(PathBuf, PathBuf)> {
+        let d = if inst.disk_store {
+            crate::volume::ensure(self)?;
+            crate::volume::instance_dir(self, &inst.name)
+        } else {
+            self.instance_dir(&inst.name)
+        };
+        Ok((d.join("upper"), d.join("work")))
+    }
+
     /// Removes a stopped instance's files and releases its port.
     pub fn remove_instance(&self, inst: &Instance) -> Result<()> {
+        if inst.disk_store {
+            crate::volume::ensure(self)?;
+            crate::volume::remove(self, &inst.name)?;
+        }
         let dir = self.instance_dir(&inst.name);
         // Move it out of the way first so a half-removed instance is never
         // seen under its name.

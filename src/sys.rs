@@ -593,3 +593,153 @@ pub fn default_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
+
+/// Btrfs ioctls (linux/btrfs.h), for the disk store of `volume`.
+const BTRFS_IOCTL_MAGIC: u64 = 0x94;
+
+const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (BTRFS_IOCTL_MAGIC << 8) | nr
+}
+
+/// `struct btrfs_ioctl_vol_args`.
+#[repr(C)]
+struct BtrfsVolArgs {
+    fd: i64,
+    name: [u8; 4088],
+}
+
+/// `struct btrfs_ioctl_qgroup_limit_args` (with its `btrfs_qgroup_limit`).
+#[repr(C)]
+#[derive(Default)]
+struct BtrfsQgroupLimitArgs {
+    qgroupid: u64,
+    flags: u64,
+    max_rfer: u64,
+    max_excl: u64,
+    rsv_rfer: u64,
+    rsv_excl: u64,
+}
+
+/// `struct btrfs_ioctl_ino_lookup_args`.
+#[repr(C)]
+struct BtrfsInoLookupArgs {
+    treeid: u64,
+    objectid: u64,
+    name: [u8; 4080],
+}
+
+/// `struct btrfs_ioctl_quota_ctl_args`.
+#[repr(C)]
+#[derive(Default)]
+struct BtrfsQuotaCtlArgs {
+    cmd: u64,
+    status: u64,
+}
+
+const BTRFS_IOC_SUBVOL_CREATE: u64 = ioc(1, 14, std::mem::size_of::<BtrfsVolArgs>());
+const BTRFS_IOC_SNAP_DESTROY: u64 = ioc(1, 15, std::mem::size_of::<BtrfsVolArgs>());
+const BTRFS_IOC_INO_LOOKUP: u64 = ioc(3, 18, std::mem::size_of::<BtrfsInoLookupArgs>());
+const BTRFS_IOC_FS_INFO: u64 = ioc(2, 31, 1024);
+const BTRFS_IOC_QUOTA_CTL: u64 = ioc(3, 40, std::mem::size_of::<BtrfsQuotaCtlArgs>());
+const BTRFS_IOC_QGROUP_LIMIT: u64 = ioc(2, 43, std::mem::size_of::<BtrfsQgroupLimitArgs>());
+const BTRFS_QGROUP_LIMIT_MAX_RFER: u64 = 1;
+const BTRFS_FIRST_FREE_OBJECTID: u64 = 256;
+
+fn vol_args(name: &str) -> std::io::Result<Box<BtrfsVolArgs>> {
+    let mut a = Box::new(BtrfsVolArgs {
+        fd: 0,
+        name: [0; 4088],
+    });
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() >= a.name.len() || b.contains(&0) || b.contains(&b'/') {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    a.name[..b.len()].copy_from_slice(b);
+    Ok(a)
+}
+
+/// Creates subvolume `name` in the btrfs directory `dir`.
+pub fn btrfs_subvol_create(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<()> {
+    let mut a = vol_args(name)?;
+    // SAFETY: `a` is a valid, NUL-terminated btrfs_ioctl_vol_args that
+    // lives across the call; the kernel reads only it.
+    let r = unsafe { libc::ioctl(dir.as_raw_fd(), BTRFS_IOC_SUBVOL_CREATE as _, &mut *a) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Deletes subvolume `name` of the btrfs directory `dir`, contents and all.
+pub fn btrfs_subvol_destroy(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<()> {
+    let mut a = vol_args(name)?;
+    // SAFETY: as in btrfs_subvol_create.
+    let r = unsafe { libc::ioctl(dir.as_raw_fd(), BTRFS_IOC_SNAP_DESTROY as _, &mut *a) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The ID of the subvolume whose root `subvol` is.
+pub fn btrfs_subvol_id(subvol: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut a = Box::new(BtrfsInoLookupArgs {
+        treeid: 0,
+        objectid: BTRFS_FIRST_FREE_OBJECTID,
+        name: [0; 4080],
+    });
+    // SAFETY: `a` is a valid btrfs_ioctl_ino_lookup_args that lives across
+    // the call; the kernel fills in treeid and name within it.
+    let r = unsafe { libc::ioctl(subvol.as_raw_fd(), BTRFS_IOC_INO_LOOKUP as _, &mut *a) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(a.treeid)
+}
+
+/// The filesystem UUID of the btrfs that `fd` is on.
+pub fn btrfs_fsid(fd: BorrowedFd<'_>) -> std::io::Result<[u8; 16]> {
+    let mut buf = Box::new([0u8; 1024]);
+    // SAFETY: `buf` is 1024 bytes, the size of btrfs_ioctl_fs_info_args
+    // encoded in the request; it lives across the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), BTRFS_IOC_FS_INFO as _, buf.as_mut_ptr()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut id = [0u8; 16];
+    // fsid follows max_id and num_devices (two u64).
+    id.copy_from_slice(&buf[16..32]);
+    Ok(id)
+}
+
+/// Turns quota groups on for the btrfs that `fd` is on.
+pub fn btrfs_quota_enable(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let mut a = BtrfsQuotaCtlArgs {
+        cmd: 1, // BTRFS_QUOTA_CTL_ENABLE
+        status: 0,
+    };
+    // SAFETY: `a` is a valid btrfs_ioctl_quota_ctl_args living across the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), BTRFS_IOC_QUOTA_CTL as _, &mut a) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Limits what the subvolume `subvol` refers to, in bytes (`None`: no limit).
+pub fn btrfs_qgroup_limit(subvol: BorrowedFd<'_>, max_rfer: Option<u64>) -> std::io::Result<()> {
+    let mut a = BtrfsQgroupLimitArgs {
+        // 0: the qgroup of the subvolume the fd is in.
+        qgroupid: 0,
+        flags: BTRFS_QGROUP_LIMIT_MAX_RFER,
+        // All ones clears the limit.
+        max_rfer: max_rfer.unwrap_or(u64::MAX),
+        ..Default::default()
+    };
+    // SAFETY: `a` is a valid btrfs_ioctl_qgroup_limit_args living across the call.
+    let r = unsafe { libc::ioctl(subvol.as_raw_fd(), BTRFS_IOC_QGROUP_LIMIT as _, &mut a) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

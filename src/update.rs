@@ -474,7 +474,9 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 /// upper layer).
 fn shadowed(store: &Store, inst: &Instance, path: &str) -> bool {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let upper = store.instance_dir(&inst.name).join("upper");
+    let Ok((upper, _)) = store.instance_layers(inst) else {
+        return false;
+    };
     let Ok(dir) = rustix::fs::open(
         &upper,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -513,7 +515,7 @@ const MAX_CHANGES: usize = 100_000;
 /// whiteouts as deletions.
 pub fn instance_changes(store: &Store, inst: &Instance) -> Result<Vec<Change>> {
     use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
-    let upper = store.instance_dir(&inst.name).join("upper");
+    let (upper, _) = store.instance_layers(inst)?;
     let lower = store.instance_lower(inst);
     let open = |at: &rustix::fd::OwnedFd, name: &std::ffi::CStr| {
         rustix::fs::openat(

@@ -1,6 +1,6 @@
 //! `nifty create`, `rm` and `up`.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use nifty::fleet;
 
 use nifty::provision::{self, CreateSpec};
@@ -11,29 +11,6 @@ use nifty::Error;
 
 use super::Ctx;
 use crate::cli::{CreateArgs, RmArgs, Selection, UpArgs};
-
-/// Parses a size: bytes, or a number with K, M, G (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mul) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mul = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => anyhow::bail!("invalid size {s:?}: use bytes or a number with K, M or G"),
-            };
-            (&t[..i], mul)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("invalid size {s:?}: use bytes or a number with K, M or G"))?;
-    n.checked_mul(mul)
-        .filter(|v| *v > 0)
-        .with_context(|| format!("invalid size {s:?}"))
-}
 
 pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     let existing = ctx.store.instance_names()?;
@@ -52,11 +29,12 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
             return Err(Error::InstanceExists(n.clone()).into());
         }
     }
-    let limits = Limits {
-        tasks: a.tasks,
-        memory: a.memory.as_deref().map(parse_size).transpose()?,
-    };
-    anyhow::ensure!(limits.tasks > 0, "--tasks must be at least 1");
+    let limits = super::limits::Change::parse(&a.limits)?.apply(&Limits::default());
+    anyhow::ensure!(
+        limits.inodes.is_none(),
+        "--inodes: the disk store (btrfs quota groups) limits bytes, and every file's \
+         metadata counts toward them: --disk bounds the number of files too"
+    );
     for b in &a.bind_ro {
         nifty::store::parse_bind(b)?;
     }
@@ -181,6 +159,7 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
     if let Err(e) = rt.forget(&gone) {
         eprintln!("nifty: rm: {e}");
     }
+    nifty::volume::release_if_unused(&ctx.store);
     if !gone.is_empty() {
         nifty::sshconfig::refresh_known_hosts(&ctx.store)?;
     }
@@ -245,6 +224,9 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
     });
     let started_ok = out.ok.clone();
     let ok = out.report(&ctx.printer, "start");
+    // The client config the message points at (a store older than it
+    // gets it now).
+    nifty::sshconfig::refresh_known_hosts(&ctx.store)?;
     // Count what is up, not what was asked for: those that ran already
     // and those whose start succeeded (their init was exec'd).
     let running: Vec<&nifty::store::Instance> = insts
@@ -262,14 +244,13 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         format!(" of {}", insts.len())
     };
     ctx.printer.info(format!(
-        "{}{of} instance(s) up. Log in with `nifty ssh {}`, or\n  ssh -i {} -p {} {}@localhost   (ports {}..{})",
+        "{}{of} instance(s) up. Log in with `nifty ssh {}`, or\n  ssh -F {} nifty-{}   (nifty-{}..nifty-{}; scp and sftp too)",
         running.len(),
         first.name,
-        ctx.store.client_key().display(),
-        first.port,
-        first.user,
-        first.port,
-        last.port
+        ctx.store.ssh_config().display(),
+        first.name,
+        first.name,
+        last.name
     ));
     Ok(ok)
 }
@@ -286,19 +267,4 @@ pub fn select_instances(ctx: &Ctx, sel: &Selection) -> Result<Vec<nifty::store::
         .iter()
         .map(|n| Ok(ctx.store.instance(n)?))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("0").is_err());
-    }
 }

@@ -5,6 +5,7 @@ mod clients;
 mod files;
 mod instance;
 mod lifecycle;
+mod limits;
 mod observe;
 mod systemd;
 mod template;
@@ -72,6 +73,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rekey(s) => accounts::rekey(&ctx, s)?,
         Command::Update(a) => update::update(&ctx, a)?,
         Command::Diff(a) => update::diff(&ctx, a)?,
+        Command::Set(a) => limits::set(&ctx, a)?,
         Command::Doctor(a) => doctor(&ctx, a)?,
         Command::Systemd(c) => systemd::run(&ctx, c)?,
         Command::Enable(a) => systemd::enable(&ctx, a, true)?,

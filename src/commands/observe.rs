@@ -31,7 +31,8 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
             }
         }
     }
-    let infos = rt.infos(&insts);
+    let mut infos = rt.infos(&insts);
+    rt.measure(&insts, &mut infos);
     if ctx.printer.json {
         ctx.printer.json(&infos);
         return Ok(ok);
@@ -39,13 +40,13 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let _ = writeln!(
         out,
-        "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}  TEMPLATE",
-        "NAME", "STATE", "BACKEND", "PID", "PORT", "UPTIME", "MEMORY"
+        "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9} {:>6} {:>13}  TEMPLATE",
+        "NAME", "STATE", "BACKEND", "PID", "PORT", "UPTIME", "MEMORY", "CPU", "DISK"
     );
     for i in &infos {
         let _ = writeln!(
             out,
-            "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9}  {} v{}{}",
+            "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9} {:>6} {:>13}  {} v{}{}",
             i.name,
             i.state,
             i.backend,
@@ -53,6 +54,8 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
             i.port,
             i.uptime_secs.map_or("-".into(), duration),
             i.memory_bytes.map_or("-".into(), size),
+            i.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+            disk(i.disk_bytes, i.limits.disk),
             i.template,
             i.template_version,
             if i.behind { " (behind)" } else { "" },
@@ -137,13 +140,17 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
     if let Some(m) = st.info.memory_bytes {
         println!("      Memory: {}", size(m));
     }
+    if let Some(c) = st.info.cpu_percent {
+        println!(
+            "         CPU: {c:.1}% of one CPU (over the last {} ms)",
+            nifty::runtime::CPU_WINDOW.as_millis()
+        );
+    }
     println!(
-        "      Limits: tasks {}, memory {}",
-        inst.limits.tasks,
-        inst.limits
-            .memory
-            .map_or("shared with the fleet".to_string(), size)
+        "        Disk: {}",
+        disk(st.info.disk_bytes, inst.limits.disk)
     );
+    println!("      Limits: {}", super::limits::describe(&inst.limits));
     println!("      CGroup: {}", st.cgroup);
     let mut children: HashMap<i32, Vec<&Proc>> = HashMap::new();
     for p in &st.processes {
@@ -293,6 +300,15 @@ fn duration(secs: u64) -> String {
         s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
         s if s < 86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
         s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// Disk use against its limit: "12M/1.0G", "12M", "-/1.0G".
+fn disk(used: Option<u64>, limit: Option<u64>) -> String {
+    let used = used.map_or("-".into(), size);
+    match limit {
+        Some(l) => format!("{used}/{}", size(l)),
+        None => used,
     }
 }
 

@@ -55,6 +55,12 @@ pub struct Info {
     pub template_version: u32,
     /// A newer version of its template exists (`nifty update` moves it).
     pub behind: bool,
+    /// CPU used over a short window, in percent of one CPU (running only).
+    pub cpu_percent: Option<f64>,
+    /// Bytes its own files take (its upper layer), where nifty accounts them.
+    pub disk_bytes: Option<u64>,
+    /// Its limits.
+    pub limits: crate::limits::Limits,
 }
 
 impl Info {
@@ -75,6 +81,9 @@ impl Info {
             template: inst.template.clone(),
             template_version: inst.template_version,
             behind: false,
+            cpu_percent: None,
+            disk_bytes: None,
+            limits: inst.limits.clone(),
         }
     }
 }
@@ -187,7 +196,16 @@ pub trait Launcher: Sync {
     /// Ends the containers of this backend whose instance record is gone
     /// (`stop --all`); `known` are the instances that exist.
     fn reap_orphans(&self, known: &[String]) -> Results;
+    /// Makes `inst`'s limits (already changed in it, not yet saved) those
+    /// its backend applies, now if it runs; returns what only its next
+    /// start can apply.
+    fn set_limits(&self, inst: &Instance) -> Result<Vec<&'static str>>;
+    /// CPU time a running instance has used, in microseconds.
+    fn cpu_usage_us(&self, inst: &Instance) -> Option<u64>;
 }
+
+/// How long `list` and `status` watch CPU use to say a percentage.
+pub const CPU_WINDOW: Duration = Duration::from_millis(200);
 
 /// Both launchers of one store; every fleet verb goes through here and
 /// each instance goes to its own backend. The systemd one is connected
@@ -315,7 +333,9 @@ impl Runtime {
 
     /// Everything `status` shows of an instance; its log's last `lines`.
     pub fn status(&self, inst: &Instance, lines: usize) -> Result<Status> {
-        let info = self.info(inst);
+        let mut info = [self.info(inst)];
+        self.measure(std::slice::from_ref(inst), &mut info);
+        let [info] = info;
         let l = self.of(inst)?;
         let (cgroup, pids) = l.processes(inst);
         Ok(Status {
@@ -392,6 +412,71 @@ impl Runtime {
             out.extend(sd.reap_orphans(known));
         }
         out
+    }
+
+    /// Fills in what instances use now: their disk, and CPU over
+    /// [`CPU_WINDOW`] for the running ones (one window for all of them).
+    pub fn measure(&self, insts: &[Instance], infos: &mut [Info]) {
+        let sample = |infos: &[Info]| -> Vec<Option<u64>> {
+            insts
+                .iter()
+                .zip(infos)
+                .map(|(i, info)| {
+                    (info.state == State::Running)
+                        .then(|| self.of(i).ok()?.cpu_usage_us(i))
+                        .flatten()
+                })
+                .collect()
+        };
+        for (i, info) in insts.iter().zip(infos.iter_mut()) {
+            if i.disk_store {
+                info.disk_bytes = crate::volume::usage(&self.store, &i.name);
+            }
+        }
+        let before = sample(infos);
+        if before.iter().all(Option::is_none) {
+            return;
+        }
+        let t0 = std::time::Instant::now();
+        std::thread::sleep(CPU_WINDOW);
+        let after = sample(infos);
+        let window = t0.elapsed().as_micros().max(1) as f64;
+        for ((info, b), a) in infos.iter_mut().zip(before).zip(after) {
+            if let (Some(b), Some(a)) = (b, a) {
+                info.cpu_percent = Some(a.saturating_sub(b) as f64 * 100.0 / window);
+            }
+        }
+    }
+
+    /// `nifty set`: new limits for an instance, running or stopped,
+    /// applied by its backend (at once where it runs), then recorded.
+    /// Returns what takes effect only at its next start.
+    pub fn set_limits(
+        &self,
+        inst: &Instance,
+        limits: &crate::limits::Limits,
+    ) -> Result<Vec<&'static str>> {
+        let _lock = linux::proc::lock(&self.store.instance_dir(&inst.name))?;
+        let mut next = self.store.instance(&inst.name)?;
+        if limits.inodes.is_some() {
+            return Err(Error::Invalid(format!(
+                "instance {:?}: --inodes: the disk store (btrfs quota groups) limits bytes,                  and every file's metadata counts toward them: --disk bounds the number of files too",
+                inst.name
+            )));
+        }
+        if limits.disk != next.limits.disk {
+            if !next.disk_store {
+                return Err(Error::Invalid(format!(
+                    "instance {:?} was created with --disk unlimited: its files are not in the                      disk store, so its disk cannot be limited; recreate it with --disk",
+                    inst.name
+                )));
+            }
+            crate::volume::set_limit(&self.store, &next.name, limits.disk)?;
+        }
+        next.limits = limits.clone();
+        let later = self.of(&next)?.set_limits(&next)?;
+        self.store.save_instance(&next)?;
+        Ok(later)
     }
 
     /// Starts instances: each backend's group at once (native ones in

@@ -162,6 +162,21 @@ impl Root {
         s.parse().unwrap()
     }
 
+    /// The host directory of an instance's upper layer (in the disk
+    /// store, or in its instance directory when its disk is unlimited).
+    pub fn upper(&self, name: &str) -> PathBuf {
+        let on_store = self
+            .instance_toml(name)
+            .get("disk_store")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        if on_store {
+            self.path().join("disk").join(name).join("upper")
+        } else {
+            self.path().join("instances").join(name).join("upper")
+        }
+    }
+
     pub fn port(&self, name: &str) -> u16 {
         self.instance_toml(name)["port"].as_integer().unwrap() as u16
     }
@@ -231,6 +246,15 @@ impl Drop for Root {
         for verb in [&["kill", "--all", "-q"][..], &["rm", "-f", "--all", "-q"]] {
             let _ = nifty().arg("--root").arg(self.path()).args(verb).output();
         }
+        // rm of the last instance unmounts the disk store; if a test
+        // left it mounted some other way, it goes now (never left behind).
+        let store = self.path().join("disk");
+        if all_mounts_under(self.path())
+            .iter()
+            .any(|l| l.contains(&format!(" {} ", store.display())))
+        {
+            let _ = rustix::mount::unmount(&store, rustix::mount::UnmountFlags::DETACH);
+        }
     }
 }
 
@@ -279,8 +303,23 @@ pub fn wait_port(port: u16, timeout: Duration) -> bool {
     false
 }
 
-/// Does any mount of the host mention `path`?
+/// Does any mount of the host mention `path`? The disk store of a state
+/// root (`<root>/disk`, its instances' own files) is not a container's
+/// mount: it stays while the root has instances on it, and `rm` of the
+/// last one unmounts it (`Drop for Root` checks that).
 pub fn mounted_under(path: &Path) -> Vec<String> {
+    let p = path.display().to_string();
+    let store = format!(" {p}/disk ");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&p) && !l.contains(&store))
+        .map(String::from)
+        .collect()
+}
+
+/// Every mount of the host that mentions `path`, the disk store included.
+pub fn all_mounts_under(path: &Path) -> Vec<String> {
     let p = path.display().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()

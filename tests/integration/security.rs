@@ -304,7 +304,7 @@ fn planted_symlinks_do_not_redirect_host_writes() {
     check("running");
     root.ok(&["stop", "541"]);
     // Stopped: the links now sit in the instance's upper dir on the host.
-    let upper = root.path().join("instances/541/upper");
+    let upper = root.upper("541");
     assert!(upper
         .join("etc/dropbear")
         .symlink_metadata()
@@ -747,7 +747,7 @@ fn uid_ranges_are_unique_across_state_roots() {
     // A root deleted without `rm`: its claims are taken back.
     let gone = Root::new();
     gone.ok(&["template", "build", "-q"]);
-    gone.ok(&["create", "573"]);
+    gone.ok(&["create", "573", "--disk", "unlimited"]);
     let lost = base(&gone, "573");
     std::fs::remove_dir_all(gone.path()).unwrap();
     let c = Root::new();

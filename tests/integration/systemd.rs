@@ -29,6 +29,11 @@ impl SystemdHost {
     fn boot() -> SystemdHost {
         let root = Root::new();
         root.ok(&["template", "build", "-q"]);
+        // The disk store is a loop mount, which a container (this systemd
+        // host is one) may not make: mounted here, it is bound in with the
+        // state root, as it is on a real host after the first create.
+        nifty::volume::ensure(&nifty::store::Store::new(Some(root.path().into())))
+            .expect("the disk store");
         let etc = tempfile::Builder::new()
             .prefix("nifty-test-etc-")
             .tempdir()
@@ -285,6 +290,42 @@ fn article_fleet_under_systemd() {
     );
     let list = host.nifty(&["list"]);
     assert!(list.contains("10 instance(s), 10 running"), "{list}");
+    // Limits go to the unit: its drop-in keeps them, a running unit gets
+    // them at once; the disk limit holds inside.
+    host.nifty(&[
+        "set",
+        "3",
+        "--cpus",
+        "0.5",
+        "--io-weight",
+        "200",
+        "--disk",
+        "100M",
+    ]);
+    let dropin =
+        std::fs::read_to_string(host.etc.path().join("nifty@3.service.d/50-nifty.conf")).unwrap();
+    for want in ["CPUWeight=100", "CPUQuota=50%", "IOWeight=200"] {
+        assert!(dropin.contains(want), "drop-in lacks {want}:\n{dropin}");
+    }
+    let show = host.stdout(&[
+        "systemctl",
+        "show",
+        "-p",
+        "CPUQuotaPerSecUSec",
+        "-p",
+        "IOWeight",
+        "nifty@3",
+    ]);
+    assert!(
+        show.contains("CPUQuotaPerSecUSec=500ms") && show.contains("IOWeight=200"),
+        "{show}"
+    );
+    let (ok, _, err) = root.ssh_as("3", "luser", "dd if=/dev/zero of=big bs=1M count=200");
+    assert!(
+        !ok && err.contains("Disk quota exceeded"),
+        "200M under 100M: {err}"
+    );
+    root.ssh("3", "rm big");
     // restart goes through systemd too: a new init, reachable again.
     let before = host.stdout(&["systemctl", "show", "--property=MainPID", "nifty@10"]);
     host.nifty(&["restart", "10"]);

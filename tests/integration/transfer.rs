@@ -169,7 +169,7 @@ fn cp_copies_both_ways_and_refuses_what_the_tenant_planted() {
     let base = root.instance_toml("7")["security"]["uid_base"]
         .as_integer()
         .unwrap() as u32;
-    let upper = root.path().join("instances/7/upper/home/luser/f");
+    let upper = root.upper("7").join("home/luser/f");
     let st = std::fs::metadata(&upper).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!((st.uid(), st.gid()), (base + 1000, base + 1000));

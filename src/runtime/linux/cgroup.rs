@@ -23,9 +23,12 @@ pub struct Hierarchy {
     pub v2: PathBuf,
     /// v2 has the pids and memory controllers (pure v2 host).
     pub v2_controllers: bool,
-    /// v1 mount points of the pids and memory controllers (hybrid host).
+    /// v1 mount points of the pids, memory, cpu and blkio controllers
+    /// (hybrid host).
     pub v1_pids: Option<PathBuf>,
     pub v1_memory: Option<PathBuf>,
+    pub v1_cpu: Option<PathBuf>,
+    pub v1_blkio: Option<PathBuf>,
     /// PID 1 is systemd: the stores' groups live in scopes it delegated
     /// (see `delegate`), never beside its own.
     pub systemd: bool,
@@ -55,7 +58,7 @@ impl Hierarchy {
     /// Parses mountinfo text (separate for unit tests).
     pub fn parse(info: &str) -> Result<Hierarchy> {
         let mut v2 = None;
-        let (mut v1_pids, mut v1_memory) = (None, None);
+        let (mut v1_pids, mut v1_memory, mut v1_cpu, mut v1_blkio) = (None, None, None, None);
         for line in info.lines() {
             let Some((left, right)) = line.split_once(" - ") else {
                 continue;
@@ -71,6 +74,8 @@ impl Hierarchy {
                         match o {
                             "pids" => v1_pids = Some(PathBuf::from(mount_point)),
                             "memory" => v1_memory = Some(PathBuf::from(mount_point)),
+                            "cpu" => v1_cpu = Some(PathBuf::from(mount_point)),
+                            "blkio" => v1_blkio = Some(PathBuf::from(mount_point)),
                             _ => {}
                         }
                     }
@@ -90,6 +95,8 @@ impl Hierarchy {
             v2,
             v1_pids,
             v1_memory,
+            v1_cpu,
+            v1_blkio,
             systemd: false,
         })
     }
@@ -103,6 +110,8 @@ impl Hierarchy {
             delegated: self.systemd,
             pids: self.v1_pids.as_deref().map(sub),
             memory: self.v1_memory.as_deref().map(sub),
+            cpu: self.v1_cpu.as_deref().map(sub),
+            blkio: self.v1_blkio.as_deref().map(sub),
         }
     }
 
@@ -129,6 +138,8 @@ impl Hierarchy {
         for root in std::iter::once(&self.v2)
             .chain(&self.v1_pids)
             .chain(&self.v1_memory)
+            .chain(&self.v1_cpu)
+            .chain(&self.v1_blkio)
         {
             let _ = fs::remove_dir(root.join(base));
         }
@@ -168,6 +179,11 @@ pub struct Cgroup {
     pids: Option<PathBuf>,
     /// v1 memory cgroup of the container, used when it has a limit.
     memory: Option<PathBuf>,
+    /// v1 cpu cgroup of the container: every container has one, so that
+    /// CPU is shared per container, not per process.
+    cpu: Option<PathBuf>,
+    /// v1 blkio cgroup of the container, used when it has an I/O weight.
+    blkio: Option<PathBuf>,
 }
 
 /// Share of the host's memory that a store's fleet may use as a whole
@@ -246,7 +262,11 @@ impl Cgroup {
                 vec![root, parent]
             };
             for dir in dirs {
-                let _ = fs::write(dir.join("cgroup.subtree_control"), "+pids +memory");
+                // One at a time: a controller the host lacks (io without
+                // a block cgroup) must not keep the others off.
+                for c in ["+pids", "+memory", "+cpu", "+io"] {
+                    let _ = fs::write(dir.join("cgroup.subtree_control"), c);
+                }
             }
         }
         // create_dir_all also remakes the store's group if the last
@@ -260,6 +280,7 @@ impl Cgroup {
             write(&self.v2.join("pids.max"), &tasks)?;
             let memory = limits.memory.map_or("max".to_string(), |m| m.to_string());
             write(&self.v2.join("memory.max"), &memory)?;
+            self.set_cpu_io(limits)?;
         } else {
             if let Some(d) = &self.pids {
                 mkdir_p(d)?;
@@ -278,6 +299,13 @@ impl Cgroup {
                     write(&d.join("memory.limit_in_bytes"), &m.to_string())?;
                 }
             }
+            if let Some(d) = &self.cpu {
+                mkdir_p(d)?;
+            }
+            if let (Some(d), Some(_)) = (&self.blkio, limits.io_weight) {
+                mkdir_p(d)?;
+            }
+            self.set_cpu_io(limits)?;
         }
         // The files through which the container's first process joins.
         self.procs_files()
@@ -291,6 +319,94 @@ impl Cgroup {
                 .map_err(Error::sys(format!("open({})", p.display())))
             })
             .collect()
+    }
+
+    /// Writes the CPU and I/O shares and caps where the controllers are
+    /// (at start, and by `nifty set` while the container runs). A weight
+    /// at its default is not written: a new cgroup has it already.
+    fn set_cpu_io(&self, limits: &Limits) -> Result<()> {
+        if self.v2_controllers {
+            let (weight, max) = (self.v2.join("cpu.weight"), self.v2.join("cpu.max"));
+            if weight.exists() {
+                write(&weight, &limits.cpu_weight().to_string())?;
+                write(&max, &limits.cpu_max())?;
+            } else if limits.cpu_weight.is_some() || limits.cpus.is_some() {
+                return Err(Error::Host(format!(
+                    "{} has no cpu controller: CPU limits need it enabled above nifty's cgroups",
+                    self.v2.display()
+                )));
+            }
+            set_io_weight(&self.v2, "io.weight", "io.bfq.weight", limits)?;
+            return Ok(());
+        }
+        if let Some(d) = self.cpu.as_ref().filter(|d| d.is_dir()) {
+            write(&d.join("cpu.shares"), &limits.cpu_shares().to_string())?;
+            write(
+                &d.join("cpu.cfs_period_us"),
+                &crate::limits::CPU_PERIOD_US.to_string(),
+            )?;
+            let quota = limits
+                .cpu_quota_us()
+                .map_or("-1".to_string(), |q| q.to_string());
+            write(&d.join("cpu.cfs_quota_us"), &quota)?;
+        }
+        if let Some(d) = self.blkio.as_ref().filter(|d| d.is_dir()) {
+            set_io_weight(d, "blkio.weight", "blkio.bfq.weight", limits)?;
+        }
+        Ok(())
+    }
+
+    /// Applies changed limits to the running container (`nifty set`).
+    /// What needs a cgroup it does not have yet (a memory or I/O cgroup of
+    /// its own on a hybrid host) takes effect at its next start; the
+    /// return value says so.
+    pub fn update(&self, limits: &Limits) -> Result<Vec<&'static str>> {
+        let mut later = Vec::new();
+        let tasks = limits.tasks.to_string();
+        if self.v2_controllers {
+            write(&self.v2.join("pids.max"), &tasks)?;
+            let memory = limits.memory.map_or("max".to_string(), |m| m.to_string());
+            write(&self.v2.join("memory.max"), &memory)?;
+        } else {
+            if let Some(d) = &self.pids {
+                write(&d.join("pids.max"), &tasks)?;
+            }
+            match (&self.memory, limits.memory) {
+                (Some(d), Some(m)) if d.is_dir() => {
+                    write(&d.join("memory.limit_in_bytes"), &m.to_string())?
+                }
+                (Some(d), None) if d.is_dir() => write(&d.join("memory.limit_in_bytes"), "-1")?,
+                (Some(_), Some(_)) => later.push("memory"),
+                _ => {}
+            }
+            if limits.io_weight.is_some() && self.blkio.as_ref().is_some_and(|d| !d.is_dir()) {
+                later.push("io-weight");
+            }
+        }
+        self.set_cpu_io(limits)?;
+        Ok(later)
+    }
+
+    /// CPU time the container has used, in microseconds (v2 `cpu.stat`,
+    /// v1 `cpuacct.usage` is not joined: the v1 cpu cgroup's own
+    /// `cpuacct.usage` where the two are co-mounted, else v2's).
+    pub fn cpu_usage_us(&self) -> Option<u64> {
+        if let Ok(s) = fs::read_to_string(self.v2.join("cpu.stat")) {
+            if let Some(v) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse().ok())
+            {
+                return Some(v);
+            }
+        }
+        let d = self.cpu.as_ref()?;
+        let ns: u64 = fs::read_to_string(d.join("cpuacct.usage"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ns / 1000)
     }
 
     /// Sets the limit of the store's shared memory cgroup (`dir`) to
@@ -326,6 +442,8 @@ impl Cgroup {
         std::iter::once(self.v2.clone())
             .chain(self.pids.clone())
             .chain(self.memory_dir())
+            .chain(self.cpu.clone())
+            .chain(self.blkio.clone().filter(|d| d.is_dir()))
             .map(|d| d.join("cgroup.procs"))
             .collect()
     }
@@ -345,6 +463,8 @@ impl Cgroup {
         std::iter::once(&self.v2)
             .chain(&self.pids)
             .chain(&self.memory)
+            .chain(&self.cpu)
+            .chain(&self.blkio)
             .collect()
     }
 
@@ -430,6 +550,30 @@ impl Cgroup {
         }
         Ok(())
     }
+}
+
+/// Writes an I/O weight where the host has one: the generic file
+/// (`io.weight`, io.cost), and BFQ's where BFQ schedules. Default weights
+/// are not written (a new cgroup has them).
+fn set_io_weight(dir: &Path, generic: &str, bfq: &str, limits: &Limits) -> Result<()> {
+    if limits.io_weight.is_none() {
+        return Ok(());
+    }
+    let (g, b) = (dir.join(generic), dir.join(bfq));
+    let v2 = generic == "io.weight";
+    if g.exists() {
+        let v = if v2 {
+            format!("default {}", limits.io_weight())
+        } else {
+            limits.io_weight_v1().to_string()
+        };
+        write(&g, &v)?;
+    }
+    if b.exists() {
+        let v = limits.io_weight_v1().to_string();
+        write(&b, &if v2 { format!("default {v}") } else { v })?;
+    }
+    Ok(())
 }
 
 /// Makes a directory (and its parents); tells whether this call made it.

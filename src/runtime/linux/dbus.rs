@@ -79,6 +79,12 @@ pub trait Manager {
         patterns: &[&str],
     ) -> zbus::Result<Vec<UnitRow>>;
     fn reload(&self) -> zbus::Result<()>;
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[(&str, Value<'_>)],
+    ) -> zbus::Result<()>;
     fn subscribe(&self) -> zbus::Result<()>;
     fn enable_unit_files(
         &self,

@@ -90,12 +90,12 @@ impl Root {
 /// under its upper layer) as a detached mount: for host-side writes to a
 /// stopped instance, and for the systemd backend's root.
 pub(crate) fn detached_overlay(store: &Store, inst: &Instance) -> Result<OwnedFd> {
-    let dir = store.instance_dir(&inst.name);
+    let (upper, work) = store.instance_layers(inst)?;
     let ns = inst.security.uid_base.map(userns::create).transpose()?;
     super::overlay::overlay(
         &store.instance_lower(inst),
-        &dir.join("upper"),
-        &dir.join("work"),
+        &upper,
+        &work,
         ns.as_ref().map(|n| n.as_fd()),
     )
     .map_err(|e| {

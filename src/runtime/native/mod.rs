@@ -217,8 +217,7 @@ impl Native {
             .collect::<Result<Vec<_>>>()?;
         let log = open_log(&self.store.console_log(&inst.name), &inst.name)?;
         let env = init_env(inst);
-        let upper = dir.join("upper");
-        let work = dir.join("work");
+        let (upper, work) = self.store.instance_layers(inst)?;
         let userns = inst.security.uid_base.map(userns::create).transpose()?;
         let (confine, bind_guard) = self.confinement(inst, userns)?;
         let plan = spawn::Plan::new(spawn::Spec {
@@ -662,6 +661,18 @@ impl super::Launcher for Native {
             insts.first().map_or("", |i| i.name.as_str()),
             if on { "enable" } else { "disable" }
         )))
+    }
+
+    fn set_limits(&self, inst: &Instance) -> Result<Vec<&'static str>> {
+        let cg = self.cgroup(&inst.name);
+        if cg.procs().is_empty() {
+            return Ok(Vec::new());
+        }
+        cg.update(&inst.limits)
+    }
+
+    fn cpu_usage_us(&self, inst: &Instance) -> Option<u64> {
+        self.cgroup(&inst.name).cpu_usage_us()
     }
 
     fn reap_orphans(&self, known: &[String]) -> Results {

@@ -101,6 +101,9 @@ fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
         )));
     }
     check_machine_name(&inst.name)?;
+    // The disk store is mounted in the host's namespace (after a boot,
+    // by the first unit that needs it), before this one is made private.
+    store.instance_layers(&inst)?;
     rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)
         .map_err(Error::sys("unshare(CLONE_NEWNS)"))?;
     mount_change(

@@ -384,6 +384,14 @@ impl Systemd {
     }
 
     /// Whether an instance starts at boot (`enabled`, `disabled`, ...).
+    /// Is the instance's unit active (or on its way up or down)?
+    fn unit_active(&self, inst: &Instance) -> bool {
+        self.unit_path(inst)
+            .and_then(|p| self.proxy::<UnitProxy>(&p))
+            .and_then(|u| u.active_state().ok())
+            .is_some_and(|s| may_run(&s) || s == "activating")
+    }
+
     pub fn unit_file_state(&self, inst: &Instance) -> Option<String> {
         self.proxy::<UnitProxy>(&self.unit_path(inst)?)?
             .unit_file_state()
@@ -514,6 +522,35 @@ impl super::Launcher for Systemd {
         } else {
             self.disable(insts)
         }
+    }
+
+    fn set_limits(&self, inst: &Instance) -> Result<Vec<&'static str>> {
+        // The drop-in keeps them; a running unit gets them at once.
+        if self.write_dropin(inst)? {
+            self.reload()?;
+        }
+        let unit = self.names.unit(&inst.name);
+        if self.unit_active(inst) {
+            let props = unit::live_properties(&inst.limits);
+            let props: Vec<(&str, zbus::zvariant::Value<'_>)> = props
+                .iter()
+                .map(|(k, v)| (*k, zbus::zvariant::Value::from(*v)))
+                .collect();
+            self.manager()?
+                .set_unit_properties(&unit, true, &props)
+                .map_err(dbus_err(format!("SetUnitProperties({unit})")))?;
+        }
+        Ok(Vec::new())
+    }
+
+    fn cpu_usage_us(&self, inst: &Instance) -> Option<u64> {
+        let dir = self.cgroup_dir(&self.cgroup_path(inst)?);
+        let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn reap_orphans(&self, _: &[String]) -> super::Results {

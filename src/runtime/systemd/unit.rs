@@ -197,7 +197,36 @@ TasksMax={tasks}
     if let Some(m) = limits.memory {
         s.push_str(&format!("MemoryMax={m}\n"));
     }
+    // Every unit its own CPU share (the controller on), as native ones.
+    s.push_str(&format!("CPUWeight={}\n", limits.cpu_weight()));
+    if let Some(q) = limits.cpu_quota_us() {
+        // CPUQuota= is a percentage of one CPU.
+        s.push_str(&format!(
+            "CPUQuota={}%\n",
+            q * 100 / crate::limits::CPU_PERIOD_US
+        ));
+    }
+    if limits.io_weight.is_some() {
+        s.push_str(&format!("IOWeight={}\n", limits.io_weight()));
+    }
     s
+}
+
+/// The limits of a running unit as D-Bus properties (SetUnitProperties):
+/// all of them, so that a lifted one is lifted (`u64::MAX` is infinity).
+pub fn live_properties(limits: &crate::store::Limits) -> Vec<(&'static str, u64)> {
+    vec![
+        ("TasksMax", limits.tasks),
+        ("MemoryMax", limits.memory.unwrap_or(u64::MAX)),
+        ("CPUWeight", limits.cpu_weight()),
+        (
+            "CPUQuotaPerSecUSec",
+            limits
+                .cpu_quota_us()
+                .map_or(u64::MAX, |q| q * 1_000_000 / crate::limits::CPU_PERIOD_US),
+        ),
+        ("IOWeight", limits.io_weight()),
+    ]
 }
 
 #[cfg(test)]
@@ -276,8 +305,19 @@ mod tests {
             &crate::store::Limits {
                 tasks: 64,
                 memory: Some(1 << 20),
+                cpus: Some(0.5),
+                io_weight: Some(300),
+                ..Default::default()
             },
         );
-        assert!(d.contains("TasksMax=64") && d.contains("MemoryMax=1048576"));
+        for want in [
+            "TasksMax=64",
+            "MemoryMax=1048576",
+            "CPUWeight=100",
+            "CPUQuota=50%",
+            "IOWeight=300",
+        ] {
+            assert!(d.contains(want), "drop-in lacks {want}:\n{d}");
+        }
     }
 }
