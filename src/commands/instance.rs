@@ -74,6 +74,11 @@ fn create_all(
     rt.preflight(&spec.template, spec.userns)?;
     rt.check_create(spec.backend, names, &spec.bind_ro)?;
     ctx.store.ensure()?;
+    // Once, before any instance: a host that cannot have the disk store
+    // says so in one line.
+    if spec.limits.disk.is_some() {
+        nifty::volume::ensure(&ctx.store)?;
+    }
     let mut out = fleet::run(&ctx.printer, "create", names, |name| {
         provision::create(
             &ctx.store,

@@ -95,6 +95,17 @@ fn doctor(ctx: &Ctx, a: crate::cli::DoctorArgs) -> Result<bool> {
     use nifty::doctor::{self, Status};
     let mut findings = doctor::check(&ctx.store, a.count);
     if a.fix {
+        // The disk store, made (or mounted) now rather than at the first
+        // create; a host that cannot have one keeps its warning.
+        if !nifty::volume::mounted(&ctx.store) {
+            match nifty::volume::ensure(&ctx.store) {
+                Ok(()) => ctx.printer.info(format!(
+                    "disk store: {}",
+                    nifty::volume::describe(&ctx.store)
+                )),
+                Err(e) => eprintln!("nifty: doctor: disk store: {e}"),
+            }
+        }
         let applied = doctor::fix(&findings);
         for (k, v, r) in &applied {
             match r {
