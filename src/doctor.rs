@@ -614,19 +614,9 @@ fn disk(w: &Want<'_>) -> Vec<Finding> {
 /// The disk store (instances' own files under their disk limits): where
 /// it is, and whether this host can make it.
 fn disk_store(w: &Want<'_>) -> Vec<Finding> {
-    let btrfs = std::fs::read_to_string("/proc/filesystems")
-        .is_ok_and(|f| f.lines().any(|l| l.trim_end().ends_with("btrfs")))
-        || Path::new("/sys/fs/btrfs").exists();
-    let mkfs = [
-        "/usr/sbin/mkfs.btrfs",
-        "/sbin/mkfs.btrfs",
-        "/usr/bin/mkfs.btrfs",
-    ]
-    .iter()
-    .any(|p| Path::new(p).exists());
     let loop_dev = Path::new("/dev/loop-control").exists();
-    let ok = crate::volume::mounted(w.store)
-        || (mkfs && loop_dev && (btrfs || Path::new("/lib/modules").exists()));
+    let kind = crate::volume::choose();
+    let ok = crate::volume::mounted(w.store) || (loop_dev && kind.is_ok());
     vec![info(
         "disk limits",
         if ok { Status::Ok } else { Status::Warn },
@@ -636,17 +626,16 @@ fn disk_store(w: &Want<'_>) -> Vec<Finding> {
             format!(
                 "cannot make the disk store: {}",
                 [
-                    (!mkfs).then_some("no mkfs.btrfs"),
-                    (!loop_dev).then_some("no /dev/loop-control"),
-                    (!btrfs).then_some("btrfs not in /proc/filesystems"),
+                    kind.as_ref().err().map(|e| e.to_string()),
+                    (!loop_dev).then(|| "no /dev/loop-control".to_string()),
                 ]
                 .into_iter()
                 .flatten()
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join("; ")
             )
         },
-        "btrfs and loop devices: each instance's own files are a subvolume of one loop-mounted image, limited by a quota group (--disk, default 1G)",
+        "a quota-capable disk store (btrfs, or XFS with project quotas) on a loop device: each instance's own files are limited (--disk, default 1G)",
         if ok { "" } else { "apt-get install btrfs-progs; modprobe btrfs loop (or create instances with --disk unlimited)" },
     )]
 }

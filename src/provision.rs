@@ -80,16 +80,18 @@ pub fn create(store: &Store, spec: &CreateSpec) -> Result<Instance> {
     // Its own files go to a subvolume of the disk store when its disk is
     // limited (made here, removed again if anything below fails).
     let layers = match spec.limits.disk {
-        Some(limit) => match crate::volume::create(store, &spec.name, Some(limit)) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                store.release_port(port, &spec.name);
-                if let Some(b) = uid_base {
-                    crate::claims::uid_range::release(&store.uids_dir(), &final_dir, b);
+        Some(limit) => {
+            match crate::volume::create(store, &spec.name, Some(limit), spec.limits.inodes) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    store.release_port(port, &spec.name);
+                    if let Some(b) = uid_base {
+                        crate::claims::uid_range::release(&store.uids_dir(), &final_dir, b);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
-        },
+        }
         None => None,
     };
     let tmp = store

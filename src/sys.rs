@@ -743,3 +743,119 @@ pub fn btrfs_qgroup_limit(subvol: BorrowedFd<'_>, max_rfer: Option<u64>) -> std:
     }
     Ok(())
 }
+
+/// `struct fsxattr` (linux/fs.h).
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+const FS_IOC_FSGETXATTR: u64 = 0x801c_581f;
+const FS_IOC_FSSETXATTR: u64 = 0x401c_5820;
+const FS_XFLAG_PROJINHERIT: u32 = 0x200;
+
+/// Puts the directory `dir` in project `projid`, inherited by everything
+/// made in it (XFS and ext4 project quotas).
+pub fn set_project(dir: BorrowedFd<'_>, projid: u32) -> std::io::Result<()> {
+    let mut a = FsXattr::default();
+    // SAFETY: `a` is a valid struct fsxattr (28 bytes, the size in the
+    // request) living across both calls.
+    let r = unsafe { libc::ioctl(dir.as_raw_fd(), FS_IOC_FSGETXATTR as _, &mut a) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    a.projid = projid;
+    a.xflags |= FS_XFLAG_PROJINHERIT;
+    // SAFETY: as above.
+    let r = unsafe { libc::ioctl(dir.as_raw_fd(), FS_IOC_FSSETXATTR as _, &a) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const Q_GETQUOTA: i32 = 0x80_0007;
+const Q_SETQUOTA: i32 = 0x80_0008;
+const PRJQUOTA: i32 = 2;
+const QIF_BLIMITS: u32 = 1;
+const QIF_ILIMITS: u32 = 4;
+
+const fn qcmd(cmd: i32, kind: i32) -> i32 {
+    (cmd << 8) | (kind & 0xff)
+}
+
+/// Sets the hard limits of project `projid` on the filesystem of block
+/// device `special`: bytes (rounded up to KiB) and inodes; `None`: none.
+pub fn set_project_quota(
+    special: &std::path::Path,
+    projid: u32,
+    bytes: Option<u64>,
+    inodes: Option<u64>,
+) -> std::io::Result<()> {
+    let dev = CString::new(special.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let kib = bytes.map_or(0, |b| b.div_ceil(1024));
+    let mut q = libc::dqblk {
+        dqb_bhardlimit: kib,
+        dqb_bsoftlimit: kib,
+        dqb_curspace: 0,
+        dqb_ihardlimit: inodes.unwrap_or(0),
+        dqb_isoftlimit: inodes.unwrap_or(0),
+        dqb_curinodes: 0,
+        dqb_btime: 0,
+        dqb_itime: 0,
+        dqb_valid: QIF_BLIMITS | QIF_ILIMITS,
+    };
+    // SAFETY: `dev` is NUL-terminated, `q` a valid struct if_dqblk; both
+    // live across the call.
+    let r = unsafe {
+        libc::quotactl(
+            qcmd(Q_SETQUOTA, PRJQUOTA),
+            dev.as_ptr(),
+            projid as i32,
+            (&mut q as *mut libc::dqblk).cast(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes and inodes project `projid` uses on the filesystem of `special`.
+pub fn project_usage(special: &std::path::Path, projid: u32) -> std::io::Result<(u64, u64)> {
+    let dev = CString::new(special.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: zeroed is a valid dqblk (integers only).
+    let mut q: libc::dqblk = unsafe { std::mem::zeroed() };
+    // SAFETY: as in set_project_quota; the kernel fills `q`.
+    let r = unsafe {
+        libc::quotactl(
+            qcmd(Q_GETQUOTA, PRJQUOTA),
+            dev.as_ptr(),
+            projid as i32,
+            (&mut q as *mut libc::dqblk).cast(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((q.dqb_curspace, q.dqb_curinodes))
+}
+
+/// The project a file or directory is in.
+pub fn get_project(fd: BorrowedFd<'_>) -> std::io::Result<u32> {
+    let mut a = FsXattr::default();
+    // SAFETY: `a` is a valid struct fsxattr living across the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FSGETXATTR as _, &mut a) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(a.projid)
+}

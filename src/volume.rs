@@ -2,24 +2,30 @@
 //! work directories) live when their disk is limited.
 //!
 //! Limits on a directory tree need quotas of a filesystem, and the usual
-//! host root (ext4 without the `project` feature) has none. nifty makes
-//! one quota-capable filesystem for the whole fleet of a state root: a
-//! sparse image file (`disk.img` in the state root; it takes the space its
-//! data takes), formatted btrfs and loop-mounted once on `disk/`. Each
-//! instance is a subvolume there with a quota group limit
-//! (`BTRFS_IOC_QGROUP_LIMIT`, max referenced bytes): a tenant who fills it
-//! gets EDQUOT inside, nobody else notices. Metadata counts too, so
-//! millions of empty files hit the same limit.
+//! host root (ext4 without the `project` feature, XFS mounted without
+//! `prjquota`) enforces none. nifty makes one quota-capable filesystem for
+//! the whole fleet of a state root: a sparse image file (`disk.img` in the
+//! state root; it takes the space its data takes), loop-mounted once on
+//! `disk/`, in one of two kinds:
 //!
-//! Why btrfs: XFS project quotas and ext4 quotas need kernel options that
-//! not every kernel has (this project's CI kernel has neither
-//! `CONFIG_XFS_QUOTA` nor `CONFIG_QFMT_V2`), and ext4's are not enforced
-//! for a writer with CAP_SYS_RESOURCE, which overlayfs copy-up is (it
-//! writes with the credentials of the host root that mounted it); btrfs
-//! quota groups are enforced for every writer and are on Debian, Ubuntu
-//! and this CI kernel. The store is mounted by the first command that
-//! needs it (after a reboot too) and unmounted when the last instance on
-//! it is removed.
+//! - **btrfs** (the default where `mkfs.btrfs` is installed): each
+//!   instance is a subvolume with a quota group limit
+//!   (`BTRFS_IOC_QGROUP_LIMIT`, max referenced bytes). Metadata counts
+//!   too, so millions of empty files hit the same limit; there is no
+//!   separate inode limit.
+//! - **XFS** (where only `mkfs.xfs` is, as on RHEL, whose kernels have no
+//!   btrfs; or `NIFTY_DISK_FS=xfs`): mounted with `prjquota`, each
+//!   instance a directory in a project of its own (`FS_IOC_FSSETXATTR`
+//!   with PROJINHERIT) with block and inode limits (`quotactl(Q_SETQUOTA,
+//!   PRJQUOTA)`); needs a kernel with `CONFIG_XFS_QUOTA`.
+//!
+//! Both are enforced for every writer, overlayfs copy-up included (it
+//! writes with the credentials of the host root that mounted it): XFS
+//! quotas and btrfs quota groups ignore CAP_SYS_RESOURCE, where ext4's
+//! quotas let such a writer through. A tenant who fills its limit gets
+//! EDQUOT inside; nobody else notices. The store is mounted by the first
+//! command that needs it (after a reboot too) and unmounted when the last
+//! instance on it is removed.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -30,8 +36,39 @@ use rustix::fs::{Mode, OFlags};
 use crate::store::Store;
 use crate::{sys, Error, Result};
 
-/// `BTRFS_SUPER_MAGIC`.
+/// `BTRFS_SUPER_MAGIC`, `XFS_SUPER_MAGIC`.
 const BTRFS_MAGIC: u64 = 0x9123_683e;
+const XFS_MAGIC: u64 = 0x5846_5342;
+
+/// What the disk store is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Btrfs,
+    Xfs,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Btrfs => "btrfs",
+            Kind::Xfs => "xfs",
+        }
+    }
+
+    fn mkfs(self) -> &'static str {
+        match self {
+            Kind::Btrfs => "mkfs.btrfs",
+            Kind::Xfs => "mkfs.xfs",
+        }
+    }
+
+    fn package(self) -> &'static str {
+        match self {
+            Kind::Btrfs => "btrfs-progs",
+            Kind::Xfs => "xfsprogs",
+        }
+    }
+}
 
 /// Where the disk store is mounted.
 pub fn dir(store: &Store) -> PathBuf {
@@ -47,14 +84,71 @@ fn host_err(msg: String) -> Error {
     Error::Host(msg)
 }
 
-/// Is the disk store mounted (a btrfs on its own device at `disk/`)?
-pub fn mounted(store: &Store) -> bool {
+/// The kind of the mounted disk store, if it is mounted (a filesystem on
+/// its own device at `disk/`).
+pub fn mounted_kind(store: &Store) -> Option<Kind> {
     let d = dir(store);
-    let (Ok(st), Ok(parent)) = (rustix::fs::stat(&d), rustix::fs::stat(store.root())) else {
-        return false;
-    };
-    st.st_dev != parent.st_dev
-        && rustix::fs::statfs(&d).is_ok_and(|s| s.f_type as u64 == BTRFS_MAGIC)
+    let st = rustix::fs::stat(&d).ok()?;
+    let parent = rustix::fs::stat(store.root()).ok()?;
+    if st.st_dev == parent.st_dev {
+        return None;
+    }
+    match rustix::fs::statfs(&d).ok()?.f_type as u64 {
+        BTRFS_MAGIC => Some(Kind::Btrfs),
+        XFS_MAGIC => Some(Kind::Xfs),
+        _ => None,
+    }
+}
+
+/// Is the disk store mounted?
+pub fn mounted(store: &Store) -> bool {
+    mounted_kind(store).is_some()
+}
+
+/// The kind of an existing image, from its superblock.
+fn kind_of_image(img: &Path) -> Option<Kind> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(img).ok()?;
+    let mut b = [0u8; 8];
+    f.read_exact(&mut b[..4]).ok()?;
+    if &b[..4] == b"XFSB" {
+        return Some(Kind::Xfs);
+    }
+    f.seek(std::io::SeekFrom::Start(0x10040)).ok()?;
+    f.read_exact(&mut b).ok()?;
+    (&b == b"_BHRfS_M").then_some(Kind::Btrfs)
+}
+
+fn has_program(name: &str) -> bool {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(name).exists())
+}
+
+/// The kind a new store gets: `NIFTY_DISK_FS` if set, else btrfs where
+/// its mkfs is installed, else XFS where its is.
+pub fn choose() -> Result<Kind> {
+    match std::env::var("NIFTY_DISK_FS").ok().as_deref() {
+        Some("btrfs") => return Ok(Kind::Btrfs),
+        Some("xfs") => return Ok(Kind::Xfs),
+        Some(other) if !other.is_empty() => {
+            return Err(Error::Invalid(format!(
+                "NIFTY_DISK_FS={other:?}: the disk store is btrfs or xfs"
+            )))
+        }
+        _ => {}
+    }
+    if has_program("mkfs.btrfs") {
+        Ok(Kind::Btrfs)
+    } else if has_program("mkfs.xfs") {
+        Ok(Kind::Xfs)
+    } else {
+        Err(host_err(
+            "disk limits need a quota-capable filesystem for the disk store: \
+             apt-get install btrfs-progs (or xfsprogs), or create instances with --disk unlimited"
+                .into(),
+        ))
+    }
 }
 
 /// The apparent size of a new image: the host filesystem's size (the
@@ -78,66 +172,91 @@ pub fn ensure(store: &Store) -> Result<()> {
         return Ok(());
     }
     let (img, d) = (image(store), dir(store));
-    let fresh = !img.exists();
-    if fresh {
-        make_image(store, &img)?;
+    let existing = kind_of_image(&img);
+    let kind = match existing {
+        Some(k) => k,
+        None => choose()?,
+    };
+    if existing.is_none() {
+        make_image(store, &img, kind)?;
     }
     std::fs::create_dir_all(&d).map_err(Error::io("create", &d))?;
+    let opts = match kind {
+        // discard: freed space goes back to the host as holes in the
+        // image; commit=5: within seconds of an `rm`.
+        Kind::Btrfs => "loop,noatime,discard,commit=5",
+        Kind::Xfs => "loop,noatime,discard,prjquota",
+    };
     let out = Command::new("mount")
-        .args(["-t", "btrfs", "-o", "loop,noatime,discard,commit=5"])
+        .args(["-t", kind.name(), "-o", opts])
         .arg(&img)
         .arg(&d)
         .output()
         .map_err(|e| host_err(format!("cannot run mount (util-linux): {e}")))?;
     if !out.status.success() {
         return Err(host_err(format!(
-            "cannot mount the disk store {} on {}: {} (the kernel needs btrfs and loop devices: \
-             `modprobe btrfs loop`; or create instances with --disk unlimited)",
+            "cannot mount the disk store {} ({}) on {}: {} (the kernel needs {} and loop devices{}; \
+             or create instances with --disk unlimited)",
             img.display(),
+            kind.name(),
             d.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&out.stderr)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+            kind.name(),
+            if kind == Kind::Xfs {
+                " and XFS quotas (CONFIG_XFS_QUOTA)"
+            } else {
+                ""
+            }
         )));
     }
-    let root = open_dir(&d)?;
-    if fresh || !qgroups_dir(&root).is_some_and(|p| p.is_dir()) {
-        sys::btrfs_quota_enable(root.as_fd()).map_err(|e| Error::Sys {
-            call: format!("BTRFS_IOC_QUOTA_CTL(enable) on {}", d.display()),
-            err: e,
-        })?;
+    if kind == Kind::Btrfs {
+        let root = open_dir(&d)?;
+        if existing.is_none() || !qgroups_dir(&root).is_some_and(|p| p.is_dir()) {
+            sys::btrfs_quota_enable(root.as_fd()).map_err(|e| Error::Sys {
+                call: format!("BTRFS_IOC_QUOTA_CTL(enable) on {}", d.display()),
+                err: e,
+            })?;
+        }
     }
     Ok(())
 }
 
-/// A sparse image, formatted btrfs (btrfs-progs' mkfs.btrfs).
-fn make_image(store: &Store, img: &Path) -> Result<()> {
+/// A sparse image, formatted.
+fn make_image(store: &Store, img: &Path, kind: Kind) -> Result<()> {
     let tmp = img.with_extension("img.new");
     let f = std::fs::File::create(&tmp).map_err(Error::io("create", &tmp))?;
     f.set_len(image_size(store))
         .map_err(Error::io("size", &tmp))?;
     drop(f);
-    let out = Command::new("mkfs.btrfs")
-        .args(["-q", "-f", "-L", "nifty", "-m", "single", "-d", "single"])
-        .arg(&tmp)
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(host_err(format!(
-                "cannot run mkfs.btrfs ({e}): disk limits need it (Debian: apt-get install btrfs-progs), \
-                 or create instances with --disk unlimited"
-            )));
-        }
+    let mut cmd = Command::new(kind.mkfs());
+    match kind {
+        Kind::Btrfs => cmd.args(["-q", "-f", "-L", "nifty", "-m", "single", "-d", "single"]),
+        // No discard at mkfs: the file is sparse already.
+        Kind::Xfs => cmd.args(["-q", "-f", "-K", "-L", "nifty"]),
     };
-    if !out.status.success() {
+    let out = cmd.arg(&tmp).output();
+    let fail = |msg: String| {
         let _ = std::fs::remove_file(&tmp);
-        return Err(host_err(format!(
-            "mkfs.btrfs {}: {}",
+        Err(host_err(msg))
+    };
+    match out {
+        Err(e) => fail(format!(
+            "cannot run {} ({e}): disk limits need it (Debian: apt-get install {}), \
+             or create instances with --disk unlimited",
+            kind.mkfs(),
+            kind.package()
+        )),
+        Ok(o) if !o.status.success() => fail(format!(
+            "{} {}: {}",
+            kind.mkfs(),
             tmp.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Ok(_) => std::fs::rename(&tmp, img).map_err(Error::io("rename into place", img)),
     }
-    std::fs::rename(&tmp, img).map_err(Error::io("rename into place", img))
 }
 
 fn open_dir(p: &Path) -> Result<OwnedFd> {
@@ -164,32 +283,116 @@ fn qgroups_dir(fd: &OwnedFd) -> Option<PathBuf> {
     Some(Path::new("/sys/fs/btrfs").join(uuid).join("qgroups"))
 }
 
+/// The block device the store is mounted from (for quotactl).
+fn device(store: &Store) -> Result<PathBuf> {
+    let d = dir(store);
+    let want = d.display().to_string();
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(Error::io("read", "/proc/self/mountinfo"))?;
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .filter_map(|l| l.split_once(" - ").map(|(_, r)| r))
+        .filter_map(|r| r.split(' ').nth(1))
+        .next_back()
+        .map(PathBuf::from)
+        .ok_or_else(|| host_err(format!("the disk store {} is not mounted", d.display())))
+}
+
 /// The directory of an instance in the disk store.
 pub fn instance_dir(store: &Store, name: &str) -> PathBuf {
     dir(store).join(name)
 }
 
-/// Makes an instance's subvolume with its limit.
-pub fn create(store: &Store, name: &str, limit: Option<u64>) -> Result<PathBuf> {
+fn no_inodes(name: &str, inodes: Option<u64>) -> Result<()> {
+    match inodes {
+        Some(_) => Err(Error::Invalid(format!(
+            "instance {name:?}: --inodes: this disk store is btrfs, whose quota groups limit bytes; \
+             every file's metadata counts toward them, so --disk bounds the number of files too"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Makes an instance's place in the store with its limits.
+pub fn create(
+    store: &Store,
+    name: &str,
+    disk: Option<u64>,
+    inodes: Option<u64>,
+) -> Result<PathBuf> {
     ensure(store)?;
     let d = dir(store);
-    let root = open_dir(&d)?;
-    sys::btrfs_subvol_create(root.as_fd(), name).map_err(|e| Error::Sys {
-        call: format!(
-            "instance {name:?}: BTRFS_IOC_SUBVOL_CREATE in {}",
-            d.display()
-        ),
-        err: e,
-    })?;
     let p = d.join(name);
-    if let Err(e) = set_limit_at(&p, name, limit) {
-        let _ = sys::btrfs_subvol_destroy(root.as_fd(), name);
-        return Err(e);
+    match mounted_kind(store) {
+        Some(Kind::Xfs) => {
+            let projid = next_project(store)?;
+            std::fs::create_dir(&p).map_err(Error::io("create", &p))?;
+            let made = (|| {
+                let fd = open_dir(&p)?;
+                sys::set_project(fd.as_fd(), projid).map_err(|e| Error::Sys {
+                    call: format!(
+                        "instance {name:?}: FS_IOC_FSSETXATTR(project {projid}) on {}",
+                        p.display()
+                    ),
+                    err: e,
+                })?;
+                set_xfs_limit(store, name, projid, disk, inodes)
+            })();
+            if let Err(e) = made {
+                let _ = std::fs::remove_dir(&p);
+                return Err(e);
+            }
+        }
+        _ => {
+            no_inodes(name, inodes)?;
+            let root = open_dir(&d)?;
+            sys::btrfs_subvol_create(root.as_fd(), name).map_err(|e| Error::Sys {
+                call: format!(
+                    "instance {name:?}: BTRFS_IOC_SUBVOL_CREATE in {}",
+                    d.display()
+                ),
+                err: e,
+            })?;
+            if let Err(e) = set_btrfs_limit(&p, name, disk) {
+                let _ = sys::btrfs_subvol_destroy(root.as_fd(), name);
+                return Err(e);
+            }
+        }
     }
     Ok(p)
 }
 
-fn set_limit_at(p: &Path, name: &str, limit: Option<u64>) -> Result<()> {
+/// A project ID no instance of this store has: a counter in the store,
+/// under its lock.
+fn next_project(store: &Store) -> Result<u32> {
+    let _lock = crate::disk::lock_file(&store.root().join(".disk.lock"))?;
+    let f = dir(store).join(".next-project");
+    let n: u32 = std::fs::read_to_string(&f)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1);
+    crate::disk::write_atomic(&f, format!("{}\n", n + 1).as_bytes(), 0o600)?;
+    Ok(n)
+}
+
+fn set_xfs_limit(
+    store: &Store,
+    name: &str,
+    projid: u32,
+    disk: Option<u64>,
+    inodes: Option<u64>,
+) -> Result<()> {
+    let dev = device(store)?;
+    sys::set_project_quota(&dev, projid, disk, inodes).map_err(|e| Error::Sys {
+        call: format!(
+            "instance {name:?}: quotactl(Q_SETQUOTA, PRJQUOTA, project {projid}) on {}",
+            dev.display()
+        ),
+        err: e,
+    })
+}
+
+fn set_btrfs_limit(p: &Path, name: &str, limit: Option<u64>) -> Result<()> {
     let sub = open_dir(p)?;
     sys::btrfs_qgroup_limit(sub.as_fd(), limit).map_err(|e| Error::Sys {
         call: format!(
@@ -200,28 +403,41 @@ fn set_limit_at(p: &Path, name: &str, limit: Option<u64>) -> Result<()> {
     })
 }
 
-/// Bytes an instance's files take in the disk store, if it is there: as
-/// btrfs last counted them, when their data was written back and
-/// committed (within about 30 s: the kernel's dirty expiry, then the
-/// store's 5 s commit interval). The limit itself holds at once.
-pub fn usage(store: &Store, name: &str) -> Option<u64> {
-    if !mounted(store) {
-        return None;
-    }
-    let sub = open_dir(&instance_dir(store, name)).ok()?;
-    let id = sys::btrfs_subvol_id(sub.as_fd()).ok()?;
-    let q = qgroups_dir(&sub)?
-        .join(format!("0_{id}"))
-        .join("referenced");
-    std::fs::read_to_string(q).ok()?.trim().parse().ok()
+fn project_of(store: &Store, name: &str) -> Option<u32> {
+    let fd = open_dir(&instance_dir(store, name)).ok()?;
+    sys::get_project(fd.as_fd()).ok()
 }
 
-/// Changes an instance's limit; refused below what it uses now.
-pub fn set_limit(store: &Store, name: &str, limit: Option<u64>) -> Result<()> {
+/// Bytes an instance's files take in the disk store, if it is there. On
+/// btrfs, as it last counted them: data is counted when it is written
+/// back and committed (within about 30 s: the kernel's dirty expiry, then
+/// the store's 5 s commit interval); XFS counts at allocation. The limit
+/// itself holds at once on both.
+pub fn usage(store: &Store, name: &str) -> Option<u64> {
+    match mounted_kind(store)? {
+        Kind::Xfs => {
+            let projid = project_of(store, name)?;
+            sys::project_usage(&device(store).ok()?, projid)
+                .ok()
+                .map(|(bytes, _)| bytes)
+        }
+        Kind::Btrfs => {
+            let sub = open_dir(&instance_dir(store, name)).ok()?;
+            let id = sys::btrfs_subvol_id(sub.as_fd()).ok()?;
+            let q = qgroups_dir(&sub)?
+                .join(format!("0_{id}"))
+                .join("referenced");
+            std::fs::read_to_string(q).ok()?.trim().parse().ok()
+        }
+    }
+}
+
+/// Changes an instance's limits; refused below what it uses now.
+pub fn set_limit(store: &Store, name: &str, disk: Option<u64>, inodes: Option<u64>) -> Result<()> {
     ensure(store)?;
     let p = instance_dir(store, name);
-    if let Some(l) = limit {
-        // Commit first, so that what it uses is counted to now.
+    if let Some(l) = disk {
+        // Write back and commit first, so that what it uses is counted.
         let sub = open_dir(&p)?;
         let _ = rustix::fs::syncfs(&sub);
         if let Some(used) = usage(store, name).filter(|u| *u > l) {
@@ -233,26 +449,70 @@ pub fn set_limit(store: &Store, name: &str, limit: Option<u64>) -> Result<()> {
             )));
         }
     }
-    set_limit_at(&p, name, limit)
+    match mounted_kind(store) {
+        Some(Kind::Xfs) => {
+            let projid = project_of(store, name).ok_or_else(|| {
+                host_err(format!("instance {name:?}: {} has no project", p.display()))
+            })?;
+            set_xfs_limit(store, name, projid, disk, inodes)
+        }
+        _ => {
+            no_inodes(name, inodes)?;
+            set_btrfs_limit(&p, name, disk)
+        }
+    }
 }
 
-/// Removes an instance's subvolume (its files), if it has one.
+/// Checks that the store takes these limits (before anything is made).
+pub fn check_limits(store: &Store, inodes: Option<u64>) -> Result<()> {
+    let kind = match mounted_kind(store) {
+        Some(k) => k,
+        None => match kind_of_image(&image(store)) {
+            Some(k) => k,
+            None => choose()?,
+        },
+    };
+    if kind == Kind::Btrfs {
+        no_inodes("", inodes).map_err(|_| {
+            Error::Invalid(
+                "--inodes: the disk store is btrfs, whose quota groups limit bytes; every file's \
+                 metadata counts toward them, so --disk bounds the number of files too"
+                    .into(),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes an instance's files from the store, if it has them there.
 pub fn remove(store: &Store, name: &str) -> Result<()> {
     let p = instance_dir(store, name);
     if !p.exists() {
         return Ok(());
     }
-    let root = open_dir(&dir(store))?;
-    match sys::btrfs_subvol_destroy(root.as_fd(), name) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(Error::Sys {
-            call: format!(
-                "instance {name:?}: BTRFS_IOC_SNAP_DESTROY in {}",
-                p.display()
-            ),
-            err: e,
-        }),
+    match mounted_kind(store) {
+        Some(Kind::Xfs) => {
+            let projid = project_of(store, name);
+            std::fs::remove_dir_all(&p).map_err(Error::io("remove", &p))?;
+            if let Some(id) = projid {
+                set_xfs_limit(store, name, id, None, None)?;
+            }
+            Ok(())
+        }
+        _ => {
+            let root = open_dir(&dir(store))?;
+            match sys::btrfs_subvol_destroy(root.as_fd(), name) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                Err(e) => Err(Error::Sys {
+                    call: format!(
+                        "instance {name:?}: BTRFS_IOC_SNAP_DESTROY in {}",
+                        p.display()
+                    ),
+                    err: e,
+                }),
+            }
+        }
     }
 }
 
@@ -283,9 +543,10 @@ pub fn describe(store: &Store) -> String {
     let used = std::fs::metadata(&img)
         .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
         .ok();
+    let kind = kind_of_image(&img).map_or("?", Kind::name);
     match used {
         Some(u) => format!(
-            "{} (btrfs, sparse: {} on disk), {} {}",
+            "{} ({kind}, sparse: {} on disk), {} {}",
             img.display(),
             crate::limits::human(u),
             if mounted(store) {
@@ -296,8 +557,30 @@ pub fn describe(store: &Store) -> String {
             dir(store).display()
         ),
         None => format!(
-            "{} (made at the first create with a disk limit)",
-            img.display()
+            "{} (made at the first create with a disk limit, {})",
+            img.display(),
+            choose().map_or("no mkfs for it".into(), |k| k.name().to_string())
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_known_by_their_superblock() {
+        let d = tempfile::tempdir().unwrap();
+        let x = d.path().join("x");
+        let mut v = vec![0u8; 0x10050];
+        v[..4].copy_from_slice(b"XFSB");
+        std::fs::write(&x, &v).unwrap();
+        assert_eq!(kind_of_image(&x), Some(Kind::Xfs));
+        let mut v = vec![0u8; 0x10050];
+        v[0x10040..0x10048].copy_from_slice(b"_BHRfS_M");
+        std::fs::write(&x, &v).unwrap();
+        assert_eq!(kind_of_image(&x), Some(Kind::Btrfs));
+        std::fs::write(&x, b"nothing").unwrap();
+        assert_eq!(kind_of_image(&x), None);
     }
 }

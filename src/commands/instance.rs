@@ -31,10 +31,10 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     }
     let limits = super::limits::Change::parse(&a.limits)?.apply(&Limits::default());
     anyhow::ensure!(
-        limits.inodes.is_none(),
-        "--inodes: the disk store (btrfs quota groups) limits bytes, and every file's \
-         metadata counts toward them: --disk bounds the number of files too"
+        limits.inodes.is_none() || limits.disk.is_some(),
+        "--inodes limits files in the disk store: not with --disk unlimited"
     );
+    nifty::volume::check_limits(&ctx.store, limits.inodes)?;
     for b in &a.bind_ro {
         nifty::store::parse_bind(b)?;
     }

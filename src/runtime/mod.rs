@@ -458,20 +458,15 @@ impl Runtime {
     ) -> Result<Vec<&'static str>> {
         let _lock = linux::proc::lock(&self.store.instance_dir(&inst.name))?;
         let mut next = self.store.instance(&inst.name)?;
-        if limits.inodes.is_some() {
-            return Err(Error::Invalid(format!(
-                "instance {:?}: --inodes: the disk store (btrfs quota groups) limits bytes,                  and every file's metadata counts toward them: --disk bounds the number of files too",
-                inst.name
-            )));
-        }
-        if limits.disk != next.limits.disk {
+        if limits.disk != next.limits.disk || limits.inodes != next.limits.inodes {
             if !next.disk_store {
                 return Err(Error::Invalid(format!(
-                    "instance {:?} was created with --disk unlimited: its files are not in the                      disk store, so its disk cannot be limited; recreate it with --disk",
+                    "instance {:?} was created with --disk unlimited: its files are not in the \
+                     disk store, so its disk and inodes cannot be limited; recreate it with --disk",
                     inst.name
                 )));
             }
-            crate::volume::set_limit(&self.store, &next.name, limits.disk)?;
+            crate::volume::set_limit(&self.store, &next.name, limits.disk, limits.inodes)?;
         }
         next.limits = limits.clone();
         let later = self.of(&next)?.set_limits(&next)?;
