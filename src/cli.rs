@@ -515,4 +515,7 @@ pub struct UpArgs {
     /// Launcher of the instances it creates [default: as `create`'s].
     #[arg(long, value_enum, env = "NIFTY_BACKEND")]
     pub backend: Option<Backend>,
+    /// Limits of the instances it creates, as `create`'s.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }

@@ -202,7 +202,7 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
             template: a.template.clone(),
             backend: a.backend.unwrap_or_else(runtime::default_backend),
             port: None,
-            limits: Limits::default(),
+            limits: super::limits::Change::parse(&a.limits)?.apply(&Limits::default()),
             bind_ro: Vec::new(),
             userns: true,
             seccomp: true,
