@@ -322,8 +322,10 @@ impl Cgroup {
     }
 
     /// Writes the CPU and I/O shares and caps where the controllers are
-    /// (at start, and by `nifty set` while the container runs). A weight
-    /// at its default is not written: a new cgroup has it already.
+    /// (at start, and by `nifty set` while the container runs), defaults
+    /// included, so that a limit lifted by `set` is lifted; an I/O weight
+    /// is written only when one was given (its files exist only under
+    /// schedulers that honour them).
     fn set_cpu_io(&self, limits: &Limits) -> Result<()> {
         if self.v2_controllers {
             let (weight, max) = (self.v2.join("cpu.weight"), self.v2.join("cpu.max"));
