@@ -6,7 +6,9 @@
 //! `prjquota`) enforces none. nifty makes one quota-capable filesystem for
 //! the whole fleet of a state root: a sparse image file (`disk.img` in the
 //! state root; it takes the space its data takes), loop-mounted once on
-//! `disk/`, in one of two kinds:
+//! `disk/`, in one of two kinds (where the state root is on an XFS that
+//! enforces project quotas itself, `disk/` is a plain directory there
+//! and the XFS kind below works on the host's filesystem, no image):
 //!
 //! - **btrfs** (the default where `mkfs.btrfs` is installed): each
 //!   instance is a subvolume with a quota group limit
@@ -84,9 +86,47 @@ fn host_err(msg: String) -> Error {
     Error::Host(msg)
 }
 
+/// The mount that holds `path`: (mount point, filesystem type, source,
+/// super options), from the longest mount point that is a prefix of it.
+fn mount_of(path: &Path) -> Option<(PathBuf, String, String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = PathBuf::from(left.split(' ').nth(4)?);
+            let mut r = right.split(' ');
+            let (fstype, source, opts) = (r.next()?, r.next()?, r.next()?);
+            path.starts_with(&point).then(|| {
+                (
+                    point,
+                    fstype.to_string(),
+                    source.to_string(),
+                    opts.to_string(),
+                )
+            })
+        })
+        .max_by_key(|(p, ..)| p.as_os_str().len())
+}
+
+/// The host's own filesystem under the state root, when it enforces
+/// project quotas (XFS mounted with `prjquota`): then the disk store is
+/// a plain directory there, with no image. Its block device, if so.
+/// (ext4's project quotas are not used: overlayfs copy-up writes with
+/// CAP_SYS_RESOURCE, which ext4's quotas let through.)
+pub fn host_quota(store: &Store) -> Option<PathBuf> {
+    let root = std::iter::successors(Some(store.root()), |p| p.parent()).find(|p| p.exists())?;
+    let root = std::fs::canonicalize(root).ok()?;
+    let (_, fstype, source, opts) = mount_of(&root)?;
+    (fstype == "xfs" && opts.split(',').any(|o| o == "prjquota" || o == "pquota"))
+        .then(|| PathBuf::from(source))
+}
+
 /// The kind of the mounted disk store, if it is mounted (a filesystem on
-/// its own device at `disk/`).
+/// its own device at `disk/`), or the host's XFS with project quotas.
 pub fn mounted_kind(store: &Store) -> Option<Kind> {
+    if host_quota(store).is_some() {
+        return dir(store).is_dir().then_some(Kind::Xfs);
+    }
     let d = dir(store);
     let st = rustix::fs::stat(&d).ok()?;
     let parent = rustix::fs::stat(store.root()).ok()?;
@@ -172,6 +212,10 @@ pub fn ensure(store: &Store) -> Result<()> {
         return Ok(());
     }
     let (img, d) = (image(store), dir(store));
+    if host_quota(store).is_some() && !img.exists() {
+        // The host's XFS enforces project quotas: no image needed.
+        return std::fs::create_dir_all(&d).map_err(Error::io("create", &d));
+    }
     let existing = kind_of_image(&img);
     let kind = match existing {
         Some(k) => k,
@@ -285,6 +329,9 @@ fn qgroups_dir(fd: &OwnedFd) -> Option<PathBuf> {
 
 /// The block device the store is mounted from (for quotactl).
 fn device(store: &Store) -> Result<PathBuf> {
+    if let Some(dev) = host_quota(store) {
+        return Ok(dev);
+    }
     let d = dir(store);
     let want = d.display().to_string();
     let info = std::fs::read_to_string("/proc/self/mountinfo")
@@ -362,15 +409,25 @@ pub fn create(
     Ok(p)
 }
 
+/// The first project ID nifty takes on a host filesystem.
+const HOST_PROJECT_BASE: u32 = 0x4e00_0000;
+
 /// A project ID no instance of this store has: a counter in the store,
 /// under its lock.
 fn next_project(store: &Store) -> Result<u32> {
     let _lock = crate::disk::lock_file(&store.root().join(".disk.lock"))?;
     let f = dir(store).join(".next-project");
+    // On the host's own XFS, far above the IDs administrators give
+    // their projects (/etc/projid).
+    let first = if host_quota(store).is_some() {
+        HOST_PROJECT_BASE
+    } else {
+        1
+    };
     let n: u32 = std::fs::read_to_string(&f)
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(first);
     crate::disk::write_atomic(&f, format!("{}\n", n + 1).as_bytes(), 0o600)?;
     Ok(n)
 }
@@ -467,6 +524,7 @@ pub fn set_limit(store: &Store, name: &str, disk: Option<u64>, inodes: Option<u6
 pub fn check_limits(store: &Store, inodes: Option<u64>) -> Result<()> {
     let kind = match mounted_kind(store) {
         Some(k) => k,
+        None if host_quota(store).is_some() => Kind::Xfs,
         None => match kind_of_image(&image(store)) {
             Some(k) => k,
             None => choose()?,
@@ -519,7 +577,7 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
 /// Unmounts the disk store when no instance has files on it (after `rm`);
 /// the image stays for the next one. Best effort.
 pub fn release_if_unused(store: &Store) {
-    if !mounted(store) {
+    if !mounted(store) || host_quota(store).is_some() {
         return;
     }
     let Ok(_lock) = crate::disk::lock_file(&store.root().join(".disk.lock")) else {
@@ -539,6 +597,13 @@ pub fn release_if_unused(store: &Store) {
 
 /// What the disk store is, for `doctor` and messages.
 pub fn describe(store: &Store) -> String {
+    if let Some(dev) = host_quota(store) {
+        return format!(
+            "{} on the host's XFS ({}), whose project quotas it uses (no image)",
+            dir(store).display(),
+            dev.display()
+        );
+    }
     let img = image(store);
     let used = std::fs::metadata(&img)
         .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
