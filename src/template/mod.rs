@@ -579,6 +579,7 @@ fn populate(
     }
     symlink("/usr/share/zoneinfo/UTC", etc.join("localtime"))
         .map_err(Error::io("symlink", etc.join("localtime")))?;
+    ld_cache(rootfs, libraries)?;
     write_file(&rootfs.join("var/log/lastlog"), b"", 0o644)?;
 
     match zoneinfo {
@@ -614,6 +615,46 @@ fn os_release() -> String {
         "NAME=\"nifty\"\nID=nifty\nPRETTY_NAME=\"nifty BusyBox container\"\nVERSION_ID=\"{}\"\nHOME_URL=\"https://www.linuxjournal.com/content/infinite-busybox-systemd\"\n",
         env!("CARGO_PKG_VERSION")
     )
+}
+
+/// The dynamic loader's cache of the template's libraries
+/// (`/etc/ld.so.cache`, made by the host's `ldconfig -r`): every exec of
+/// Dropbear, sftp-server or an extra binary finds its libraries there
+/// instead of probing each directory of the search path in turn. With an
+/// `/etc/ld.so.conf` that names the directories the libraries are in.
+/// Without ldconfig on the host (not Debian), the loader probes as before.
+fn ld_cache(rootfs: &Path, libraries: &[String]) -> Result<()> {
+    if libraries.is_empty() {
+        return Ok(());
+    }
+    let dirs: std::collections::BTreeSet<&str> = libraries
+        .iter()
+        .filter_map(|l| Path::new(l).parent()?.to_str())
+        .collect();
+    let conf: String = dirs.iter().map(|d| format!("{d}\n")).collect();
+    write_file(&rootfs.join("etc/ld.so.conf"), conf.as_bytes(), 0o644)?;
+    let ldconfig = ["/usr/sbin/ldconfig", "/sbin/ldconfig"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists());
+    let Some(ldconfig) = ldconfig else {
+        tracing::warn!("no ldconfig on this host: the template has no ld.so.cache");
+        return Ok(());
+    };
+    let out = Command::new(ldconfig)
+        .arg("-r")
+        .arg(rootfs)
+        .output()
+        .map_err(Error::io("run", ldconfig))?;
+    if !out.status.success() || !rootfs.join("etc/ld.so.cache").is_file() {
+        return Err(Error::Host(format!(
+            "{} -r {}: {}",
+            ldconfig.display(),
+            rootfs.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Copies a directory tree, keeping symlinks as symlinks.

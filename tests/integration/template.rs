@@ -49,6 +49,22 @@ fn template_boots_in_a_chroot() {
     // Dropbear runs with only the template's libraries (no host dir bound).
     let (ok, out) = chroot(&rootfs, "/usr/sbin/dropbear -V");
     assert!(ok && out.contains("Dropbear v"), "{out}");
+    // ... found through the loader's cache of them, which names each one.
+    let cache = std::fs::read(rootfs.join("etc/ld.so.cache")).expect("etc/ld.so.cache");
+    for lib in ["libtomcrypt.so.1", "libc.so.6", "libz.so.1"] {
+        assert!(
+            cache.windows(lib.len()).any(|w| w == lib.as_bytes()),
+            "{lib} is not in the template's ld.so.cache"
+        );
+    }
+    let conf = std::fs::read_to_string(rootfs.join("etc/ld.so.conf")).unwrap();
+    assert!(
+        conf.lines().count() > 0
+            && conf
+                .lines()
+                .all(|l| rootfs.join(l.trim_start_matches('/')).is_dir()),
+        "ld.so.conf names directories the template has: {conf}"
+    );
     let (ok, out) = chroot(
         &rootfs,
         "dropbearkey -t ed25519 -f /tmp/k && dropbearkey -y -f /tmp/k",
