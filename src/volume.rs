@@ -114,6 +114,20 @@ fn mount_of(path: &Path) -> Option<(PathBuf, String, String, String)> {
 /// (ext4's project quotas are not used: overlayfs copy-up writes with
 /// CAP_SYS_RESOURCE, which ext4's quotas let through.)
 pub fn host_quota(store: &Store) -> Option<PathBuf> {
+    // Asked at every start and for every instance `list` shows: the
+    // mount table is read once per state root and process.
+    static SEEN: std::sync::Mutex<Vec<(PathBuf, Option<PathBuf>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, dev)) = seen.iter().find(|(r, _)| r == store.root()) {
+        return dev.clone();
+    }
+    let dev = find_host_quota(store);
+    seen.push((store.root().to_path_buf(), dev.clone()));
+    dev
+}
+
+fn find_host_quota(store: &Store) -> Option<PathBuf> {
     let root = std::iter::successors(Some(store.root()), |p| p.parent()).find(|p| p.exists())?;
     let root = std::fs::canonicalize(root).ok()?;
     let (_, fstype, source, opts) = mount_of(&root)?;

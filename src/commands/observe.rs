@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use nifty::limits::human;
 use nifty::runtime::status::{tail, Proc};
 use nifty::runtime::{LogSource, Runtime, State};
 use nifty::store::Instance;
@@ -53,7 +54,7 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
             i.pid.map_or("-".into(), |p| p.to_string()),
             i.port,
             i.uptime_secs.map_or("-".into(), duration),
-            i.memory_bytes.map_or("-".into(), size),
+            i.memory_bytes.map_or("-".into(), human),
             i.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
             disk(i.disk_bytes, i.limits.disk),
             i.template,
@@ -138,7 +139,7 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
         inst.user
     );
     if let Some(m) = st.info.memory_bytes {
-        println!("      Memory: {}", size(m));
+        println!("      Memory: {}", human(m));
     }
     if let Some(c) = st.info.cpu_percent {
         println!(
@@ -305,17 +306,9 @@ fn duration(secs: u64) -> String {
 
 /// Disk use against its limit: "12M/1.0G", "12M", "-/1.0G".
 fn disk(used: Option<u64>, limit: Option<u64>) -> String {
-    let used = used.map_or("-".into(), size);
+    let used = used.map_or("-".into(), human);
     match limit {
-        Some(l) => format!("{used}/{}", size(l)),
+        Some(l) => format!("{used}/{}", human(l)),
         None => used,
-    }
-}
-
-fn size(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 => format!("{:.1}G", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
-        b => format!("{}K", b / 1024),
     }
 }

@@ -220,6 +220,19 @@ fn write(path: &Path, value: &str) -> Result<()> {
     })
 }
 
+/// CPU time used by the v2 cgroup at `dir` and below, in microseconds
+/// (`usage_usec` of its `cpu.stat`, which every v2 cgroup has, with or
+/// without the cpu controller).
+pub fn cpu_usage_usec(dir: &Path) -> Option<u64> {
+    fs::read_to_string(dir.join("cpu.stat"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The PIDs in the cgroup at `dir` (its `cgroup.procs`); empty if it
 /// does not exist.
 pub fn procs_of(dir: &Path) -> Vec<i32> {
@@ -262,10 +275,13 @@ impl Cgroup {
                 vec![root, parent]
             };
             for dir in dirs {
-                // One at a time: a controller the host lacks (io without
-                // a block cgroup) must not keep the others off.
-                for c in ["+pids", "+memory", "+cpu", "+io"] {
-                    let _ = fs::write(dir.join("cgroup.subtree_control"), c);
+                // All at once; one at a time only if that fails, so that
+                // a controller the host lacks (io) keeps no other off.
+                let file = dir.join("cgroup.subtree_control");
+                if fs::write(&file, "+pids +memory +cpu +io").is_err() {
+                    for c in ["+pids", "+memory", "+cpu", "+io"] {
+                        let _ = fs::write(&file, c);
+                    }
                 }
             }
         }
@@ -280,7 +296,7 @@ impl Cgroup {
             write(&self.v2.join("pids.max"), &tasks)?;
             let memory = limits.memory.map_or("max".to_string(), |m| m.to_string());
             write(&self.v2.join("memory.max"), &memory)?;
-            self.set_cpu_io(limits)?;
+            self.set_cpu_io(limits, false)?;
         } else {
             if let Some(d) = &self.pids {
                 mkdir_p(d)?;
@@ -305,7 +321,7 @@ impl Cgroup {
             if let (Some(d), Some(_)) = (&self.blkio, limits.io_weight) {
                 mkdir_p(d)?;
             }
-            self.set_cpu_io(limits)?;
+            self.set_cpu_io(limits, false)?;
         }
         // The files through which the container's first process joins.
         self.procs_files()
@@ -321,15 +337,16 @@ impl Cgroup {
             .collect()
     }
 
-    /// Writes the CPU and I/O shares and caps where the controllers are
-    /// (at start, and by `nifty set` while the container runs), defaults
-    /// included, so that a limit lifted by `set` is lifted; an I/O weight
-    /// is written only when one was given (its files exist only under
-    /// schedulers that honour them).
-    fn set_cpu_io(&self, limits: &Limits) -> Result<()> {
+    /// Writes the CPU and I/O shares and caps where the controllers are:
+    /// at start only what differs from a new cgroup's defaults (nothing,
+    /// for most containers), and by `nifty set` while the container runs
+    /// (`lift`) defaults too, so that a lifted limit is lifted. An I/O
+    /// weight is written only when one was given.
+    fn set_cpu_io(&self, limits: &Limits, lift: bool) -> Result<()> {
+        let cpu = lift || limits.cpu_weight.is_some() || limits.cpus.is_some();
         if self.v2_controllers {
             let (weight, max) = (self.v2.join("cpu.weight"), self.v2.join("cpu.max"));
-            if weight.exists() {
+            if cpu && weight.exists() {
                 write(&weight, &limits.cpu_weight().to_string())?;
                 write(&max, &limits.cpu_max())?;
             } else if limits.cpu_weight.is_some() || limits.cpus.is_some() {
@@ -341,7 +358,7 @@ impl Cgroup {
             set_io_weight(&self.v2, "io.weight", "io.bfq.weight", limits)?;
             return Ok(());
         }
-        if let Some(d) = self.cpu.as_ref().filter(|d| d.is_dir()) {
+        if let Some(d) = self.cpu.as_ref().filter(|d| cpu && d.is_dir()) {
             write(&d.join("cpu.shares"), &limits.cpu_shares().to_string())?;
             write(
                 &d.join("cpu.cfs_period_us"),
@@ -385,30 +402,13 @@ impl Cgroup {
                 later.push("io-weight");
             }
         }
-        self.set_cpu_io(limits)?;
+        self.set_cpu_io(limits, true)?;
         Ok(later)
     }
 
-    /// CPU time the container has used, in microseconds (v2 `cpu.stat`,
-    /// v1 `cpuacct.usage` is not joined: the v1 cpu cgroup's own
-    /// `cpuacct.usage` where the two are co-mounted, else v2's).
+    /// CPU time the container has used, in microseconds.
     pub fn cpu_usage_us(&self) -> Option<u64> {
-        if let Ok(s) = fs::read_to_string(self.v2.join("cpu.stat")) {
-            if let Some(v) = s
-                .lines()
-                .find_map(|l| l.strip_prefix("usage_usec "))
-                .and_then(|v| v.trim().parse().ok())
-            {
-                return Some(v);
-            }
-        }
-        let d = self.cpu.as_ref()?;
-        let ns: u64 = fs::read_to_string(d.join("cpuacct.usage"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        Some(ns / 1000)
+        cpu_usage_usec(&self.v2)
     }
 
     /// Sets the limit of the store's shared memory cgroup (`dir`) to

@@ -104,32 +104,15 @@ fn parent_and_name(path: &str) -> Option<(&str, &str)> {
 }
 
 impl Root {
-    fn fail(&self, what: &str, path: &str) -> impl FnOnce(rustix::io::Errno) -> Error + '_ {
-        let msg = format!("instance {:?}: {what} {path}", self.name());
-        move |e| {
-            let hint = match e {
-                rustix::io::Errno::LOOP => {
-                    " (a symlink is on the way; nifty does not follow links inside containers)"
-                }
-                rustix::io::Errno::XDEV => " (another mount is on the way)",
-                _ => "",
-            };
-            Error::Sys {
-                call: format!("{msg}{hint}"),
-                err: std::io::Error::from_raw_os_error(e.raw_os_error()),
-            }
-        }
-    }
-
     /// Looks a container path up without following any link: what is
     /// there, or `None`.
     fn lookup(&self, path: &str) -> Result<Option<rustix::fs::Stat>> {
         match self.open_at(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC) {
             Ok(fd) => Ok(Some(
-                rustix::fs::fstat(&fd).map_err(self.fail("stat", path))?,
+                rustix::fs::fstat(&fd).map_err(self.err("stat", path))?,
             )),
             Err(rustix::io::Errno::NOENT) => Ok(None),
-            Err(e) => Err(self.fail("open", path)(e)),
+            Err(e) => Err(self.err("open", path)(e)),
         }
     }
 
@@ -144,7 +127,7 @@ impl Root {
         if let Some(u) = &opts.user {
             return Ok((u.uid, u.gid));
         }
-        let st = rustix::fs::fstat(dir).map_err(self.fail("stat", path))?;
+        let st = rustix::fs::fstat(dir).map_err(self.err("stat", path))?;
         match (self.container_id(st.st_uid), self.container_id(st.st_gid)) {
             (Some(u), Some(g)) => Ok((u, g)),
             _ => Err(Error::Invalid(format!(
@@ -217,7 +200,7 @@ pub fn copy_in(root: &Root, src: &Path, dest: &str, opts: &CopyOptions) -> Resul
             &parent,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         )
-        .map_err(root.fail("open directory", &parent))?;
+        .map_err(root.err("open directory", &parent))?;
     let mut report = CopyReport::default();
     let shown = format!("{}/{name}", parent.trim_end_matches('/'));
     if meta.is_dir() {
@@ -257,7 +240,7 @@ fn put_file(
             )))
         }
         Ok(_) | Err(rustix::io::Errno::NOENT) => {}
-        Err(e) => return Err(root.fail("stat", shown)(e)),
+        Err(e) => return Err(root.err("stat", shown)(e)),
     }
     let n = root.replace_at(dfd, name, shown, (uid, gid, mode), &mut input)?;
     report.files += 1;
@@ -278,7 +261,7 @@ fn ensure_dir(
     let made = match rustix::fs::mkdirat(dfd, name, Mode::from_raw_mode(0o700)) {
         Ok(()) => true,
         Err(rustix::io::Errno::EXIST) => false,
-        Err(e) => return Err(root.fail("mkdir", shown)(e)),
+        Err(e) => return Err(root.err("mkdir", shown)(e)),
     };
     let fd = rustix::fs::openat2(
         dfd,
@@ -287,7 +270,7 @@ fn ensure_dir(
         Mode::empty(),
         BENEATH,
     )
-    .map_err(root.fail("open directory", shown))?;
+    .map_err(root.err("open directory", shown))?;
     if made {
         root.chown(&fd, shown, uid, gid, mode)?;
     }
@@ -353,13 +336,13 @@ fn put_tree(
                         Some(hg),
                         AtFlags::SYMLINK_NOFOLLOW,
                     )
-                    .map_err(root.fail("chown", &child))?;
+                    .map_err(root.err("chown", &child))?;
                     report.files += 1;
                 }
                 Err(rustix::io::Errno::EXIST) => report
                     .skipped
                     .push(format!("{child}: exists; a link is not put over it")),
-                Err(e) => return Err(root.fail("symlink", &child)(e)),
+                Err(e) => return Err(root.err("symlink", &child)(e)),
             }
         } else {
             report.skipped.push(format!(
@@ -385,9 +368,9 @@ pub fn copy_out(root: &Root, src: &str, dest: &Path, opts: &CopyOptions) -> Resu
                 "instance {:?}: {src} is or passes through a symlink; nifty does not follow links inside containers",
                 root.name()
             )),
-            e => root.fail("open", src)(e),
+            e => root.err("open", src)(e),
         })?;
-    let st = rustix::fs::fstat(&fd).map_err(root.fail("stat", src))?;
+    let st = rustix::fs::fstat(&fd).map_err(root.err("stat", src))?;
     let t = kind(st.st_mode);
     if t == FileType::Directory && !opts.recursive {
         return Err(Error::Invalid(format!(
@@ -489,7 +472,7 @@ fn get_tree(
             root.name()
         )));
     }
-    let st = rustix::fs::fstat(&dir).map_err(root.fail("stat", shown))?;
+    let st = rustix::fs::fstat(&dir).map_err(root.err("stat", shown))?;
     match std::fs::create_dir(target) {
         Ok(()) => report.directories += 1,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && target.is_dir() => {}
@@ -501,9 +484,9 @@ fn get_tree(
     )
     .map_err(Error::io("chmod", target))?;
     let mut names = Vec::new();
-    let it = rustix::fs::Dir::read_from(&dir).map_err(root.fail("read directory", shown))?;
+    let it = rustix::fs::Dir::read_from(&dir).map_err(root.err("read directory", shown))?;
     for entry in it {
-        let entry = entry.map_err(root.fail("read directory", shown))?;
+        let entry = entry.map_err(root.err("read directory", shown))?;
         let n = entry.file_name().to_bytes();
         if n == b"." || n == b".." {
             continue;
@@ -545,9 +528,9 @@ fn get_tree(
                 report.skipped.push(format!("{shown_child}: a socket"));
                 continue;
             }
-            Err(e) => return Err(root.fail("open", &shown_child)(e)),
+            Err(e) => return Err(root.err("open", &shown_child)(e)),
         };
-        let cst = rustix::fs::fstat(&fd).map_err(root.fail("stat", &shown_child))?;
+        let cst = rustix::fs::fstat(&fd).map_err(root.err("stat", &shown_child))?;
         match kind(cst.st_mode) {
             FileType::Directory => get_tree(root, fd, &child, &target.join(&n), report, depth + 1)?,
             FileType::RegularFile => {

@@ -107,13 +107,21 @@ pub(crate) fn detached_overlay(store: &Store, inst: &Instance) -> Result<OwnedFd
 }
 
 impl Root {
-    fn err(&self, what: &str, path: &str) -> impl FnOnce(rustix::io::Errno) -> Error + '_ {
+    /// The error of a failed call on a container path, with a hint for
+    /// what `openat2`'s resolve flags refused.
+    pub(crate) fn err(
+        &self,
+        what: &str,
+        path: &str,
+    ) -> impl FnOnce(rustix::io::Errno) -> Error + '_ {
         let msg = format!("instance {:?}: {what} {path}", self.name);
         move |e| {
-            let hint = if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::XDEV {
-                " (a symlink is on the way; nifty does not follow links inside containers)"
-            } else {
-                ""
+            let hint = match e {
+                rustix::io::Errno::LOOP => {
+                    " (a symlink is on the way; nifty does not follow links inside containers)"
+                }
+                rustix::io::Errno::XDEV => " (another mount is on the way)",
+                _ => "",
             };
             Error::Sys {
                 call: format!("{msg}{hint}"),

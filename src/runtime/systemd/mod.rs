@@ -544,13 +544,7 @@ impl super::Launcher for Systemd {
     }
 
     fn cpu_usage_us(&self, inst: &Instance) -> Option<u64> {
-        let dir = self.cgroup_dir(&self.cgroup_path(inst)?);
-        let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
-        stat.lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))?
-            .trim()
-            .parse()
-            .ok()
+        super::linux::cgroup::cpu_usage_usec(&self.cgroup_dir(&self.cgroup_path(inst)?))
     }
 
     fn reap_orphans(&self, _: &[String]) -> super::Results {
