@@ -99,6 +99,11 @@ pub enum Command {
     /// Print an Ansible inventory of instances; with --list/--host it is a
     /// dynamic inventory script.
     Inventory(InventoryArgs),
+    /// Export a template as an OCI image (--oci, --oci-archive) for Podman, Kubernetes
+    /// and Incus, or print manifests that run a fleet of it (--kube, --compose).
+    Export(ExportArgs),
+    /// Make a template (its next version) from an OCI image or a root filesystem tarball.
+    Import(ImportArgs),
     /// Print a shell's completion script (bash, zsh, fish, elvish, powershell):
     /// `source <(nifty completions bash)`.
     Completions {
@@ -112,6 +117,91 @@ pub enum Command {
         #[arg(value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("format").required(true).args(["oci", "oci_archive", "kube", "compose"])))]
+pub struct ExportArgs {
+    /// The template.
+    #[arg(value_name = "TEMPLATE", add = ArgValueCompleter::new(complete::templates))]
+    pub template: String,
+    /// Which of its versions [default: the newest].
+    #[arg(long = "template-version", value_name = "N")]
+    pub template_version: Option<u32>,
+    /// Write an OCI image layout into DIR (new or empty): `skopeo copy oci:DIR ...`.
+    #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
+    pub oci: Option<PathBuf>,
+    /// Write an OCI archive (the layout as one tar file): `podman load -i FILE`.
+    #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
+    pub oci_archive: Option<PathBuf>,
+    /// Print Kubernetes manifests for a fleet of the image: Secret, headless
+    /// Service, StatefulSet (or Deployment), a Service per pod for SSH.
+    #[arg(long)]
+    pub kube: bool,
+    /// Print a Compose file (podman-compose, docker compose) for a fleet of the
+    /// image on one host: service nifty-N on host port PORT_BASE + N.
+    #[arg(long)]
+    pub compose: bool,
+    /// The image's name: in the layout or archive, and what --kube and
+    /// --compose run [default: localhost/nifty-TEMPLATE:vN].
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// Containers in the fleet (--kube, --compose).
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub replicas: u32,
+    /// How each pod's SSH port is reached from outside the cluster (--kube).
+    #[arg(long, value_enum, default_value = "nodeport")]
+    pub expose: Expose,
+    /// The workload (--kube): a StatefulSet keeps names, host keys and homes
+    /// across rescheduling; a Deployment (what `podman kube play` runs) keeps
+    /// nothing.
+    #[arg(long, value_enum, default_value = "statefulset")]
+    pub workload: Workload,
+    /// Public keys allowed to log in (--kube: the Secret) [default: nifty's own].
+    #[arg(long = "authorized-keys", value_name = "FILE")]
+    pub authorized_keys: Vec<PathBuf>,
+    /// Write the manifests to FILE instead of stdout.
+    #[arg(short, long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Expose {
+    /// A NodePort Service per pod.
+    Nodeport,
+    /// A LoadBalancer Service per pod.
+    Loadbalancer,
+    /// Only the headless Service (reach pods inside the cluster).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Workload {
+    Statefulset,
+    Deployment,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["oci", "oci_archive", "rootfs"])))]
+pub struct ImportArgs {
+    /// The template to make (a new version if it exists).
+    #[arg(value_name = "TEMPLATE")]
+    pub name: String,
+    /// An OCI image layout directory (`skopeo copy ... oci:DIR`).
+    #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
+    pub oci: Option<PathBuf>,
+    /// An OCI archive (`podman save --format oci-archive`, `nifty export --oci-archive`).
+    #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
+    pub oci_archive: Option<PathBuf>,
+    /// A root filesystem tarball (.tar or .tar.gz).
+    #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
+    pub rootfs: Option<PathBuf>,
+    /// Which image of the layout (its org.opencontainers.image.ref.name, or the tag).
+    #[arg(long = "ref", value_name = "REF")]
+    pub reference: Option<String>,
+    /// The login user [default: the image's io.nifty.user label, else luser].
+    #[arg(long)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Args)]

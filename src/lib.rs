@@ -11,6 +11,7 @@ pub mod disk;
 pub mod doctor;
 pub mod error;
 pub mod fleet;
+pub mod image;
 pub mod keys;
 pub mod limits;
 pub mod names;

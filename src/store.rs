@@ -145,6 +145,11 @@ pub struct TemplateMeta {
     /// OpenSSH's scp, for `scp -O`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scp: Option<Source>,
+    /// `nifty import`: the image it came from (`path` says how it was
+    /// given, `version` its reference, `sha256` its manifest's digest or
+    /// the tarball's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<Source>,
 }
 
 /// One binary the template was built from.

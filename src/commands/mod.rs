@@ -3,6 +3,7 @@
 mod accounts;
 mod clients;
 mod files;
+mod image;
 mod instance;
 mod lifecycle;
 mod limits;
@@ -81,6 +82,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cp(a) => files::cp(&ctx, a)?,
         Command::SshConfig(s) => clients::ssh_config(&ctx, s)?,
         Command::Inventory(a) => clients::inventory(&ctx, a)?,
+        Command::Export(a) => image::export(&ctx, a)?,
+        Command::Import(a) => image::import(&ctx, a)?,
         Command::Completions { shell } => clients::completions(&shell)?,
         Command::Manpages { dir } => clients::manpages(&ctx, &dir)?,
     };

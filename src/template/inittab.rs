@@ -25,7 +25,15 @@ pub const PORT_ENV: &str = "NIFTY_PORT";
 
 /// Renders the inittab; `port` writes the port in, `None` takes it from
 /// `NIFTY_PORT`.
+///
+/// An instance's inittab (`Some(port)`) serves only the host key nifty
+/// made for it. The template's own (`None`), which nifty's instances never
+/// run but an exported OCI image does, adds `-R`: with no key at the path,
+/// Dropbear makes one at the first connection, so each container of the
+/// image has its own (a key given to the container, by a volume or a
+/// Secret, is used as it is).
 pub fn render(port: Option<u16>) -> String {
+    let generate = if port.is_none() { " -R" } else { "" };
     let port = port.map_or_else(|| format!("${{{PORT_ENV}:-22}}"), |p| p.to_string());
     format!(
         "# nifty: BusyBox init reads this as PID 1 of every instance.\n\
@@ -34,7 +42,7 @@ pub fn render(port: Option<u16>) -> String {
          # syslogd and Dropbear (-E) log to the console log: `nifty logs`.\n\
          # -F foreground (init supervises it),\n\
          # -w no root login, -r this instance's own host key.\n\
-         ::respawn:/usr/sbin/dropbear -F -E -w -r {HOST_KEY} -p {port}\n\
+         ::respawn:/usr/sbin/dropbear -F -E -w -r {HOST_KEY}{generate} -p {port}\n\
          ::ctrlaltdel:/sbin/reboot\n"
     )
 }
@@ -73,5 +81,9 @@ mod tests {
         assert!(entries
             .iter()
             .any(|e| e[2] == "respawn" && e[3].contains("syslogd")));
+        // The template's (an exported image's) makes its host key; an
+        // instance's serves only the one nifty made for it.
+        assert!(dropbear[3].contains(" -R "), "{}", dropbear[3]);
+        assert!(!render(Some(2201)).contains(" -R "));
     }
 }

@@ -202,29 +202,10 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
 
     store.ensure()?;
     authorized.insert(0, keys::ensure_client_key(&store.client_key())?);
-    // One build at a time per template: each makes the next version.
-    let top = store.template_dir(&opts.name);
-    fs::create_dir_all(&top).map_err(Error::io("create", &top))?;
-    let _lock = crate::disk::lock_dir(&top)?;
-    let version = match store.template(&opts.name) {
-        Ok(t) => t.version + 1,
-        Err(Error::NoTemplate(_)) => 1,
-        Err(e) => return Err(e),
-    };
-    if version > 1 {
-        keep_legacy_as_v1(&top)?;
-    }
-
-    let tmp = store
-        .templates_dir()
-        .join(format!(".build-{}-{}", opts.name, std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    let result = (|| {
-        mkdir(&tmp, 0o755)?;
-        let rootfs = tmp.join("rootfs");
+    new_version(store, &opts.name, |rootfs, version| {
         let mut libraries = Vec::new();
         populate(
-            &rootfs,
+            rootfs,
             opts,
             &binaries,
             &applets,
@@ -233,7 +214,7 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
             zoneinfo.as_deref(),
             &mut libraries,
         )?;
-        let meta = TemplateMeta {
+        Ok(TemplateMeta {
             name: opts.name.clone(),
             version,
             built: now(),
@@ -250,7 +231,42 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
             applets: applets.len(),
             sftp_server: transfer.as_ref().map(|t| t.0.clone()),
             scp: transfer.as_ref().map(|t| t.1.clone()),
-        };
+            imported: None,
+        })
+    })
+}
+
+/// Adds the next version of template `name`: `make` fills the root it is
+/// given (which does not exist yet) and returns the record, for the
+/// version number it is given. The version is made in
+/// `templates/.build-<name>-<pid>` and appears whole under its own name;
+/// a failure leaves nothing. One build or import at a time per name.
+pub(crate) fn new_version(
+    store: &Store,
+    name: &str,
+    make: impl FnOnce(&Path, u32) -> Result<TemplateMeta>,
+) -> Result<TemplateMeta> {
+    check_name("template", name)?;
+    store.ensure()?;
+    let top = store.template_dir(name);
+    fs::create_dir_all(&top).map_err(Error::io("create", &top))?;
+    let _lock = crate::disk::lock_dir(&top)?;
+    let version = match store.template(name) {
+        Ok(t) => t.version + 1,
+        Err(Error::NoTemplate(_)) => 1,
+        Err(e) => return Err(e),
+    };
+    if version > 1 {
+        keep_legacy_as_v1(&top)?;
+    }
+
+    let tmp = store
+        .templates_dir()
+        .join(format!(".build-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let result = (|| {
+        mkdir(&tmp, 0o755)?;
+        let meta = make(&tmp.join("rootfs"), version)?;
         let text = toml::to_string(&meta).map_err(|err| Error::Encode {
             what: "a template record",
             err,
@@ -266,6 +282,10 @@ pub fn build(store: &Store, opts: &BuildOptions) -> Result<TemplateMeta> {
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
+        // A first version that failed leaves no template behind.
+        if version == 1 {
+            let _ = fs::remove_dir(&top);
+        }
     }
     result
 }
@@ -449,12 +469,19 @@ pub fn stale_sources(meta: &TemplateMeta) -> Vec<&'static str> {
     .collect()
 }
 
+/// Makes directory `p` with `mode`; parents it has to make get 0755
+/// (not `mode`: `etc/dropbear`'s 0700 must not make `/etc` unreadable).
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(p)
-        .map_err(Error::io("create", p))?;
+    if let Some(parent) = p.parent() {
+        if !parent.as_os_str().is_empty() && !parent.is_dir() {
+            mkdir(parent, 0o755)?;
+        }
+    }
+    match fs::DirBuilder::new().mode(mode).create(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
+        Err(e) => return Err(Error::io("create", p)(e)),
+    }
     fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(Error::io("chmod", p))
 }
 
@@ -717,6 +744,7 @@ mod tests {
             applets: 1,
             sftp_server: None,
             scp: None,
+            imported: None,
         };
         assert!(stale_sources(&meta).is_empty());
         std::fs::write(&db, "dropbear 2").unwrap();

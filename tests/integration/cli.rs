@@ -38,6 +38,8 @@ fn help_lists_every_verb() {
         "update",
         "doctor",
         "systemd",
+        "export",
+        "import",
         "enable",
         "disable",
     ] {
@@ -288,4 +290,35 @@ fn man_pages_one_per_verb_render() {
             "no page for {v}"
         );
     }
+}
+
+#[test]
+fn export_and_import_refuse_bad_input() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut a = vec!["--root", r];
+        a.extend_from_slice(args);
+        let o = nifty(&a);
+        assert!(!o.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // One format, one source, each required.
+    let e = run(&["export", "default"]);
+    assert!(e.contains("--oci") && e.contains("--kube"), "{e}");
+    let e = run(&["export", "default", "--kube", "--compose"]);
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = run(&["import", "t"]);
+    assert!(e.contains("--rootfs"), "{e}");
+    let e = run(&["export", "default", "--kube", "--image", "Not A Ref"]);
+    assert!(e.contains("not an image reference"), "{e}");
+    let e = run(&["export", "default", "--kube", "--replicas", "0"]);
+    assert!(e.contains("--replicas"), "{e}");
+    let e = run(&["import", "bad/name", "--rootfs", "/nonexistent.tar"]);
+    assert!(e.contains("invalid template name"), "{e}");
+    let e = run(&["import", "t", "--rootfs", "/nonexistent.tar", "--ref", "v1"]);
+    assert!(e.contains("--ref"), "{e}");
+    // Nothing was made.
+    assert!(!root.path().join("templates/t").exists());
+    assert!(!root.path().join("templates/bad").exists());
 }

@@ -10,6 +10,7 @@ mod common;
 mod cli;
 mod doctor;
 mod fleet;
+mod image;
 mod limits;
 mod security;
 mod systemd;
