@@ -5,7 +5,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 RELEASE ?= bookworm
 
-.PHONY: up test test-vm bench deps build clean assets install uninstall deb
+.PHONY: up test test-vm bench deps build clean assets install uninstall deb static-dropbear
 
 # Where `make install` puts things (Debian's places with PREFIX=/usr, as
 # the .deb does).
@@ -32,8 +32,17 @@ test:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	NIFTY_REQUIRE_PRIVILEGED=1 cargo test --all-targets
+	./scripts/build-static-dropbear target/dropbear-static
+	NIFTY_DROPBEAR=$(CURDIR)/target/dropbear-static/dropbear NIFTY_REQUIRE_PRIVILEGED=1 \
+	  cargo test --test integration -- transfer:: fleet::
 	bench/fleet --count 100 --smoke
 	tests/vm/run --release bookworm
+
+## Dropbear built statically from Debian's source package, into
+## target/dropbear-static (then: nifty template build --dropbear
+## target/dropbear-static/dropbear, or NIFTY_DROPBEAR=... for `up`).
+static-dropbear:
+	./scripts/build-static-dropbear target/dropbear-static
 
 ## The VM tests alone, on one release (make test-vm RELEASE=trixie).
 test-vm: deps

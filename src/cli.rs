@@ -401,8 +401,14 @@ pub struct BuildArgs {
     /// BusyBox binary (Debian: busybox-static).
     #[arg(long, default_value = "/bin/busybox", value_name = "PATH")]
     pub busybox: PathBuf,
-    /// Dropbear server; dropbearkey and dbclient are taken from beside it.
-    #[arg(long, default_value = "/usr/sbin/dropbear", value_name = "PATH")]
+    /// Dropbear server; dropbearkey and dbclient are taken from beside it
+    /// (a static one: scripts/build-static-dropbear DIR).
+    #[arg(
+        long,
+        env = "NIFTY_DROPBEAR",
+        default_value = "/usr/sbin/dropbear",
+        value_name = "PATH"
+    )]
     pub dropbear: PathBuf,
     /// Extra host binaries to include, with their shared libraries.
     #[arg(long = "with", value_name = "PATH")]

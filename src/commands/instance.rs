@@ -184,7 +184,12 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         Err(Error::NoTemplate(_)) if a.template == "default" => {
             ctx.printer
                 .info("building the default template from the host's BusyBox and Dropbear");
-            template::build(&ctx.store, &BuildOptions::default())?;
+            // NIFTY_DROPBEAR, as for `template build --dropbear`.
+            let mut opts = BuildOptions::default();
+            if let Some(d) = std::env::var_os("NIFTY_DROPBEAR") {
+                opts.dropbear = d.into();
+            }
+            template::build(&ctx.store, &opts)?;
         }
         Err(e) => return Err(e.into()),
     }
