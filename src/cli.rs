@@ -100,7 +100,7 @@ pub enum Command {
     /// dynamic inventory script.
     Inventory(InventoryArgs),
     /// Export a template as an OCI image (--oci, --oci-archive) for Podman, Kubernetes
-    /// and Incus, or print manifests that run a fleet of it (--kube, --compose).
+    /// and registries, or print manifests that run a fleet of it (--kube, --compose).
     Export(ExportArgs),
     /// Make a template (its next version) from an OCI image or a root filesystem tarball.
     Import(ImportArgs),

@@ -773,14 +773,14 @@ fn elf_files(tree: &Tree) -> Result<Vec<String>> {
         } else {
             dir.clone()
         };
+        let Ok(dfd) = tree.open(&rel, OFlags::PATH | OFlags::DIRECTORY) else {
+            continue;
+        };
         for n in list(tree, &rel)? {
             let path = if dir.is_empty() {
                 n.clone()
             } else {
                 format!("{dir}/{n}")
-            };
-            let Ok(dfd) = tree.open(&rel, OFlags::PATH | OFlags::DIRECTORY) else {
-                continue;
             };
             let Ok(st) = rustix::fs::statat(&dfd, n.as_str(), AtFlags::SYMLINK_NOFOLLOW) else {
                 continue;

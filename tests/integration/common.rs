@@ -44,6 +44,22 @@ pub fn privileged() -> bool {
     can
 }
 
+/// A tool a test needs (`package` says where it comes from): missing, the
+/// test fails under CI (NIFTY_REQUIRE_PRIVILEGED=1) and skips elsewhere.
+pub fn tool(path: &str, package: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(path);
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var("NIFTY_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        panic!(
+            "{path} is missing: `make test` installs it ({package}, scripts/install-deps --test)"
+        );
+    }
+    eprintln!("SKIP: no {path} ({package})");
+    None
+}
+
 /// The suite's lock: tests that run containers take turns (they share
 /// the host's network, and two tests may number instances alike).
 static SUITE: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -12,23 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::common::{privileged, succeeded, wait_port, Root, TEST_PORT_BASE};
-
-/// A tool the tests need; missing, the test fails under CI and skips
-/// elsewhere.
-fn tool(path: &str, package: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(path);
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("NIFTY_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
-        panic!(
-            "{path} is missing: `make test` installs it ({package}, scripts/install-deps --test)"
-        );
-    }
-    eprintln!("SKIP: no {path} ({package})");
-    None
-}
+use crate::common::{privileged, succeeded, tool, wait_port, Root, TEST_PORT_BASE};
 
 /// A root with the default template, exported as an OCI layout and an
 /// OCI archive.

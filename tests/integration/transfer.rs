@@ -339,21 +339,9 @@ fn ssh_config_pins_host_keys_through_rekey_and_rm() {
 
 /// Ansible from PyPI (ansible-core), in the venv `make test` installs.
 fn ansible() -> Option<PathBuf> {
-    let p = PathBuf::from(
-        std::env::var("NIFTY_TEST_ANSIBLE")
-            .unwrap_or_else(|_| "/var/cache/nifty-test/ansible/bin/ansible".into()),
-    );
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("NIFTY_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
-        panic!(
-            "{} is missing: `make test` installs ansible-core from PyPI (scripts/install-deps --test)",
-            p.display()
-        );
-    }
-    eprintln!("SKIP: no ansible at {}", p.display());
-    None
+    let path = std::env::var("NIFTY_TEST_ANSIBLE")
+        .unwrap_or_else(|_| "/var/cache/nifty-test/ansible/bin/ansible".into());
+    crate::common::tool(&path, "ansible-core from PyPI")
 }
 
 fn run_ansible(ansible: &Path, inventory: &Path, work: &Path) -> Output {
