@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     {
         let e = nifty::sys::reexec_sealed();
         eprintln!(
-            "nifty: error: cannot run from a sealed copy of nifty (memfd_create, fexecve: {e}); \
+            "nifty: error: cannot run from a sealed copy of nifty ({e}); \
              nifty does not let a container reach its host binary"
         );
         return ExitCode::FAILURE;

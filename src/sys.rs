@@ -277,17 +277,43 @@ pub fn spawn_vfork(
 pub fn reexec_sealed() -> std::io::Error {
     use rustix::fs::{MemfdFlags, SealFlags};
     use std::os::unix::ffi::OsStrExt;
+    // Each error names its call.
+    let at = |call: &'static str| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{call}: {e}"))
+    };
     let run = || -> std::io::Result<std::convert::Infallible> {
-        let path = std::fs::read_link("/proc/self/exe")?;
-        let mut src = std::fs::File::open("/proc/self/exe")?;
+        let path = std::fs::read_link("/proc/self/exe").map_err(at("readlink(/proc/self/exe)"))?;
+        let mut src = std::fs::File::open("/proc/self/exe").map_err(at("open(/proc/self/exe)"))?;
         let mfd =
-            rustix::fs::memfd_create("nifty", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+            rustix::fs::memfd_create("nifty", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+                .map_err(|e| at("memfd_create")(e.into()))?;
         let mut dst = std::fs::File::from(mfd);
-        std::io::copy(&mut src, &mut dst)?;
-        rustix::fs::fcntl_add_seals(
-            &dst,
-            SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE,
-        )?;
+        // Plain reads and writes, not `io::copy` (which splices): pages a
+        // splice still holds make F_SEAL_WRITE fail with EBUSY.
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut src, &mut buf).map_err(at("read(/proc/self/exe)"))?;
+            if n == 0 {
+                break;
+            }
+            std::io::Write::write_all(&mut dst, &buf[..n]).map_err(at("write(memfd)"))?;
+        }
+        // The kernel refuses F_SEAL_WRITE with EBUSY while any page of the
+        // file has an extra reference (memfd_wait_for_pins, which waits
+        // only briefly): under memory pressure a page can still be held by
+        // reclaim or an LRU batch. Ask again for a while.
+        let seals = SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE;
+        let mut tries = 0;
+        loop {
+            match rustix::fs::fcntl_add_seals(&dst, seals) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::BUSY) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => return Err(at("fcntl(F_ADD_SEALS)")(e.into())),
+            }
+        }
         let cstr = |b: &[u8]| {
             CString::new(b).map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in an argument")
@@ -314,7 +340,7 @@ pub fn reexec_sealed() -> std::io::Error {
         // arrays of pointers to C strings that outlive the call (it returns
         // only on failure).
         unsafe { libc::fexecve(dst.as_raw_fd(), argv_p.as_ptr(), envp_p.as_ptr()) };
-        Err(std::io::Error::last_os_error())
+        Err(at("fexecve")(std::io::Error::last_os_error()))
     };
     match run() {
         Ok(never) => match never {},
