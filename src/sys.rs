@@ -816,6 +816,32 @@ const fn qcmd(cmd: i32, kind: i32) -> i32 {
     (cmd << 8) | (kind & 0xff)
 }
 
+/// `quotactl(cmd, special, projid, q)` for project quotas: the one place
+/// that calls it.
+fn project_quotactl(
+    cmd: i32,
+    special: &std::path::Path,
+    projid: u32,
+    q: &mut libc::dqblk,
+) -> std::io::Result<()> {
+    let dev = CString::new(special.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `dev` is NUL-terminated and `q` a valid, exclusively borrowed
+    // struct if_dqblk; both live across the call, which reads or fills it.
+    let r = unsafe {
+        libc::quotactl(
+            qcmd(cmd, PRJQUOTA),
+            dev.as_ptr(),
+            projid as i32,
+            (q as *mut libc::dqblk).cast(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets the hard limits of project `projid` on the filesystem of block
 /// device `special`: bytes (rounded up to KiB) and inodes; `None`: none.
 pub fn set_project_quota(
@@ -824,8 +850,6 @@ pub fn set_project_quota(
     bytes: Option<u64>,
     inodes: Option<u64>,
 ) -> std::io::Result<()> {
-    let dev = CString::new(special.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let kib = bytes.map_or(0, |b| b.div_ceil(1024));
     let mut q = libc::dqblk {
         dqb_bhardlimit: kib,
@@ -838,40 +862,14 @@ pub fn set_project_quota(
         dqb_itime: 0,
         dqb_valid: QIF_BLIMITS | QIF_ILIMITS,
     };
-    // SAFETY: `dev` is NUL-terminated, `q` a valid struct if_dqblk; both
-    // live across the call.
-    let r = unsafe {
-        libc::quotactl(
-            qcmd(Q_SETQUOTA, PRJQUOTA),
-            dev.as_ptr(),
-            projid as i32,
-            (&mut q as *mut libc::dqblk).cast(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    project_quotactl(Q_SETQUOTA, special, projid, &mut q)
 }
 
 /// Bytes and inodes project `projid` uses on the filesystem of `special`.
 pub fn project_usage(special: &std::path::Path, projid: u32) -> std::io::Result<(u64, u64)> {
-    let dev = CString::new(special.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: zeroed is a valid dqblk (integers only).
     let mut q: libc::dqblk = unsafe { std::mem::zeroed() };
-    // SAFETY: as in set_project_quota; the kernel fills `q`.
-    let r = unsafe {
-        libc::quotactl(
-            qcmd(Q_GETQUOTA, PRJQUOTA),
-            dev.as_ptr(),
-            projid as i32,
-            (&mut q as *mut libc::dqblk).cast(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    project_quotactl(Q_GETQUOTA, special, projid, &mut q)?;
     Ok((q.dqb_curspace, q.dqb_curinodes))
 }
 
