@@ -479,7 +479,30 @@ fn kube_manifests_validate_and_podman_kube_play_runs_three_replicas() {
         maps.insert(map[1].to_string());
     }
     assert_eq!(maps.len(), 3, "the pods share an ID range: {maps:?}");
-    podman.ok(&["kube", "down", dep.to_str().unwrap()]);
+    // Podman 4.3 sometimes fails to remove a container's shm mount on the
+    // first try ("device or resource busy", after stopping the pods): down
+    // is asked again while any pod is left, up to 3 times.
+    let down = || {
+        podman
+            .cmd()
+            .args(["kube", "down", dep.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let pods = || podman.ok(&["pod", "ps", "-q"]);
+    let mut o = down();
+    for _ in 0..2 {
+        if pods().trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        o = down();
+    }
+    assert!(
+        pods().trim().is_empty(),
+        "pods left after podman kube down: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
