@@ -744,17 +744,29 @@ fn uid_ranges_are_unique_across_state_roots() {
             "range {r:#x} is where nspawn picks"
         );
     }
-    // A root deleted without `rm`: its claims are taken back.
+    // A root deleted without `rm`: its claims are taken back. Instance N
+    // tries range N first; a number whose range no fleet of this host
+    // holds (a user's fleet may hold 573's) makes the take-back the
+    // only way for the second create to get the same range.
+    use nifty::claims::uid_range::{base_of, HOST_CLAIMS};
+    let n = (573u32..)
+        .find(|n| {
+            let link = std::path::Path::new(HOST_CLAIMS).join(n.to_string());
+            std::fs::symlink_metadata(link).is_err()
+        })
+        .unwrap()
+        .to_string();
     let gone = Root::new();
     gone.ok(&["template", "build", "-q"]);
-    gone.ok(&["create", "573", "--disk", "unlimited"]);
-    let lost = base(&gone, "573");
+    gone.ok(&["create", &n, "--disk", "unlimited"]);
+    let lost = base(&gone, &n);
+    assert_eq!(lost, base_of(n.parse().unwrap()) as u64);
     std::fs::remove_dir_all(gone.path()).unwrap();
     let c = Root::new();
     c.ok(&["template", "build", "-q"]);
-    c.ok(&["create", "573"]);
+    c.ok(&["create", &n]);
     assert_eq!(
-        base(&c, "573"),
+        base(&c, &n),
         lost,
         "the claim of a deleted root was not taken back"
     );

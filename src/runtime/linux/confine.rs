@@ -15,10 +15,9 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::BpfProgram;
+
+use super::seccomp::{compile, Leaf};
 
 /// Capabilities a container keeps (bit numbers of linux/capability.h).
 pub const KEEP: &[(u32, &str)] = &[
@@ -382,7 +381,7 @@ pub const ALLOWED: &[i64] = &[
 ];
 
 /// Socket families refused (EPERM): AF_VSOCK (the hypervisor's sockets).
-const DENIED_FAMILIES: &[u64] = &[libc::AF_VSOCK as u64];
+const DENIED_FAMILIES: &[u32] = &[libc::AF_VSOCK as u32];
 
 fn sysno(name: &str) -> Option<i64> {
     let n = match name {
@@ -448,84 +447,70 @@ const NS_FLAGS: &[u64] = &[
     0x80, // CLONE_NEWTIME
 ];
 
-fn arch() -> Result<TargetArch, String> {
-    TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e:?}"))
+/// The audit architecture of this build (linux/audit.h).
+const AUDIT_ARCH: Option<u32> = if cfg!(target_arch = "x86_64") {
+    Some(0xc000_003e)
+} else if cfg!(target_arch = "aarch64") {
+    Some(0xc000_00b7)
+} else if cfg!(target_arch = "riscv64") {
+    Some(0xc000_00f3)
+} else {
+    None
+};
+
+/// What each system call gets, as one table: on x86_64 the allow-list
+/// (anything else answers ENOSYS), elsewhere everything is allowed but:
+/// - the deny-list, refused with EPERM;
+/// - `clone` with a namespace flag, `socket` of AF_VSOCK or a netlink
+///   uevent socket: EPERM;
+/// - `clone3`: ENOSYS, so that libc falls back to `clone`, whose flags
+///   the filter can read;
+/// - `sync`: answered with success without syncing. A global sync() from a
+///   container would flush every filesystem of the host (one tenant
+///   slowing all), and BusyBox init calls it at every poweroff, which at
+///   thousands of containers makes a fleet stop quadratic. fsync,
+///   fdatasync and syncfs still work.
+pub fn table() -> (Vec<(u32, Leaf)>, Leaf) {
+    let nr = |n: i64| n as u32;
+    let mut t: BTreeMap<u32, Leaf> = BTreeMap::new();
+    #[cfg(target_arch = "x86_64")]
+    t.extend(ALLOWED.iter().map(|n| (nr(*n), Leaf::Allow)));
+    let default = if cfg!(target_arch = "x86_64") {
+        Leaf::Errno(libc::ENOSYS as u16)
+    } else {
+        Leaf::Allow
+    };
+    t.extend(
+        DENIED
+            .iter()
+            .filter_map(|n| sysno(n))
+            .map(|n| (nr(n), Leaf::Errno(libc::EPERM as u16))),
+    );
+    let ns = NS_FLAGS.iter().fold(0u64, |m, f| m | f);
+    t.insert(nr(libc::SYS_clone), Leaf::DenyIfArg0Bits(ns as u32));
+    t.insert(
+        nr(libc::SYS_socket),
+        Leaf::Socket(
+            DENIED_FAMILIES,
+            (libc::AF_NETLINK as u32, libc::NETLINK_KOBJECT_UEVENT as u32),
+        ),
+    );
+    t.insert(nr(libc::SYS_clone3), Leaf::Errno(libc::ENOSYS as u16));
+    t.insert(nr(libc::SYS_sync), Leaf::Errno(0));
+    (t.into_iter().collect(), default)
 }
 
-/// The container's seccomp programs, in the order to install them: the
-/// ENOSYS filter for clone3, the EPERM deny-list, and `sync` answered with
-/// success without syncing: a global sync() from a container would flush
-/// every filesystem of the host (one tenant slowing all), and BusyBox init
-/// calls it at every poweroff, which at thousands of containers makes a
-/// fleet stop quadratic. fsync, fdatasync and syncfs still work.
+/// The container's seccomp program (one: see [`super::seccomp`] for why),
+/// compiled from [`table`].
 pub fn filters() -> Result<Vec<BpfProgram>, String> {
-    let arch = arch()?;
-    let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENIED
-        .iter()
-        .filter_map(|n| sysno(n))
-        .map(|n| (n, vec![]))
-        .collect();
-    let rules = NS_FLAGS
-        .iter()
-        .map(|flag| {
-            SeccompRule::new(vec![SeccompCondition::new(
-                0,
-                SeccompCmpArgLen::Qword,
-                SeccompCmpOp::MaskedEq(*flag),
-                *flag,
-            )
-            .map_err(|e| format!("seccomp: {e:?}"))?])
-            .map_err(|e| format!("seccomp: {e:?}"))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    deny.insert(libc::SYS_clone, rules);
-    // socket(AF_VSOCK, ...) and socket(AF_NETLINK, *, NETLINK_KOBJECT_UEVENT).
-    let cond = |arg: u8, v: u64| {
-        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
-            .map_err(|e| format!("seccomp: {e:?}"))
-    };
-    let mut socket_rules = DENIED_FAMILIES
-        .iter()
-        .map(|f| SeccompRule::new(vec![cond(0, *f)?]).map_err(|e| format!("seccomp: {e:?}")))
-        .collect::<Result<Vec<_>, String>>()?;
-    socket_rules.push(
-        SeccompRule::new(vec![
-            cond(0, libc::AF_NETLINK as u64)?,
-            cond(2, libc::NETLINK_KOBJECT_UEVENT as u64)?,
-        ])
-        .map_err(|e| format!("seccomp: {e:?}"))?,
-    );
-    deny.insert(libc::SYS_socket, socket_rules);
-    let program = |rules: BTreeMap<i64, Vec<SeccompRule>>,
-                   action: SeccompAction|
-     -> Result<BpfProgram, String> {
-        SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
-            .map_err(|e| format!("seccomp: {e:?}"))?
-            .try_into()
-            .map_err(|e| format!("seccomp: {e:?}"))
-    };
-    let only = |sysno: i64| BTreeMap::from([(sysno, vec![])]);
-    let mut programs = vec![program(
-        only(libc::SYS_clone3),
-        SeccompAction::Errno(libc::ENOSYS as u32),
-    )?];
-    // The allow-list first: of filters that answer with an errno, the
-    // last installed wins, so the deny-list's EPERM comes after it.
-    #[cfg(target_arch = "x86_64")]
-    programs.push(
-        SeccompFilter::new(
-            ALLOWED.iter().map(|n| (*n, vec![])).collect(),
-            SeccompAction::Errno(libc::ENOSYS as u32),
-            SeccompAction::Allow,
-            arch,
+    let arch = AUDIT_ARCH.ok_or_else(|| {
+        format!(
+            "seccomp: nifty has no filter for {}; create the instance with --no-seccomp",
+            std::env::consts::ARCH
         )
-        .map_err(|e| format!("seccomp: {e:?}"))?
-        .try_into()
-        .map_err(|e| format!("seccomp: {e:?}"))?,
-    );
-    programs.push(program(deny, SeccompAction::Errno(libc::EPERM as u32))?);
-    programs.push(program(only(libc::SYS_sync), SeccompAction::Errno(0))?);
-    Ok(programs)
+    })?;
+    let (table, default) = table();
+    Ok(vec![compile(arch, &table, default)])
 }
 
 #[cfg(test)]
@@ -570,18 +555,72 @@ mod tests {
     #[test]
     fn filters_compile() {
         let f = filters().unwrap();
-        assert_eq!(f.len(), if cfg!(target_arch = "x86_64") { 4 } else { 3 });
-        assert!(f.iter().all(|p| !p.is_empty()));
+        assert_eq!(f.len(), 1);
         assert!(
             DENIED.iter().all(|n| sysno(n).is_some()),
             "unknown syscall in DENIED"
         );
         #[cfg(target_arch = "x86_64")]
-        for n in DENIED.iter().filter_map(|n| sysno(n)) {
-            if n != libc::SYS_clone {
+        {
+            for n in DENIED.iter().filter_map(|n| sysno(n)) {
                 assert!(!ALLOWED.contains(&n), "{n} is both denied and allowed");
             }
+            for n in [libc::SYS_clone, libc::SYS_socket, libc::SYS_sync] {
+                assert!(ALLOWED.contains(&n), "{n} has argument rules: allow it");
+            }
+            // Far shorter than the allow-list itself.
+            assert!(f[0].len() < ALLOWED.len(), "{} instructions", f[0].len());
         }
+    }
+
+    /// The program answers every number as the lists say (on x86_64 the
+    /// allow-list; elsewhere the deny-list only), and checks arguments.
+    #[test]
+    fn the_program_answers_as_the_lists_say() {
+        use super::super::seccomp::run;
+        let arch = AUDIT_ARCH.unwrap();
+        let p = &filters().unwrap()[0];
+        let (allow, eperm, enosys) = (0x7fff_0000, 0x0005_0001, 0x0005_0026);
+        let denied: Vec<i64> = DENIED.iter().filter_map(|n| sysno(n)).collect();
+        for nr in 0..1024i64 {
+            let want = if nr == libc::SYS_clone3 {
+                enosys
+            } else if nr == libc::SYS_sync {
+                0x0005_0000
+            } else if denied.contains(&nr) {
+                eperm
+            } else if !cfg!(target_arch = "x86_64") {
+                allow
+            } else {
+                #[cfg(target_arch = "x86_64")]
+                let allowed = ALLOWED.contains(&nr);
+                #[cfg(not(target_arch = "x86_64"))]
+                let allowed = true;
+                if allowed {
+                    allow
+                } else {
+                    enosys
+                }
+            };
+            assert_eq!(run(p, nr as u32, arch, [0; 6]), want, "nr {nr}");
+        }
+        let call = |nr: i64, a0: u64, a2: u64| run(p, nr as u32, arch, [a0, 0, a2, 0, 0, 0]);
+        for flag in NS_FLAGS {
+            let f = flag | libc::SIGCHLD as u64;
+            assert_eq!(call(libc::SYS_clone, f, 0), eperm, "clone {flag:#x}");
+        }
+        let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+        assert_eq!(call(libc::SYS_clone, thread, 0), allow);
+        let (vsock, netlink) = (libc::AF_VSOCK as u64, libc::AF_NETLINK as u64);
+        let uevent = libc::NETLINK_KOBJECT_UEVENT as u64;
+        assert_eq!(call(libc::SYS_socket, vsock, 0), eperm);
+        assert_eq!(call(libc::SYS_socket, netlink, uevent), eperm);
+        assert_eq!(call(libc::SYS_socket, netlink, 0), allow);
+        assert_eq!(call(libc::SYS_socket, libc::AF_INET as u64, 0), allow);
+        // A 32-bit call on a 64-bit kernel is killed.
+        assert_eq!(run(p, 0, 0x4000_0003, [0; 6]), 0x8000_0000);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(run(p, 0x4000_0000, arch, [0; 6]), enosys, "x32");
     }
 }
 

@@ -16,4 +16,5 @@ pub mod files;
 pub mod overlay;
 pub mod proc;
 pub mod pty;
+pub mod seccomp;
 pub mod userns;
