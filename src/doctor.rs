@@ -261,33 +261,39 @@ fn ports(w: &Want<'_>) -> Vec<Finding> {
     let port_base = w.store.port_base();
     let top_port = u64::from(port_base) + w.count;
     let range = sysctl("net.ipv4.ip_local_port_range").unwrap_or_default();
-    let low: u64 = range
-        .split(' ')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(32768);
     let reserved = sysctl("net.ipv4.ip_local_reserved_ports").unwrap_or_default();
-    let want_reserved = format!("{}-{}", port_base + 1, top_port.min(65535));
-    let overlap = top_port >= low && !reserved.split(',').any(|r| r == want_reserved);
+    let fleet = (u64::from(port_base) + 1, top_port.min(65535));
+    // The fleet's ports the kernel may hand to outgoing connections: one
+    // in use (or in TIME-WAIT) when its instance starts keeps Dropbear
+    // from listening, and `create` refuses it.
+    let exposed = ephemeral_overlap(&range, fleet).map(|span| {
+        let mut taken = parse_port_ranges(&reserved);
+        let missing = subtract(span, &taken);
+        taken.push(span);
+        (missing, join_port_ranges(&merge(taken)))
+    });
+    let (status, fix, set) = match &exposed {
+        Some((missing, merged)) if !missing.is_empty() => (
+            Status::Warn,
+            format!("sysctl -w net.ipv4.ip_local_reserved_ports={merged}"),
+            Some((
+                "net.ipv4.ip_local_reserved_ports".to_string(),
+                merged.clone(),
+            )),
+        ),
+        _ => (Status::Ok, String::new(), None),
+    };
     out.push(Finding {
         check: "local port range".into(),
-        status: if overlap { Status::Warn } else { Status::Ok },
+        status,
         value: format!("net.ipv4.ip_local_port_range = {range}; reserved = {reserved:?}"),
         need: format!(
-            "instance ports {}..{top_port} outside the ephemeral range, or reserved",
-            port_base + 1
+            "instance ports {}..{} outside the ephemeral range, or reserved (kept from \
+             outgoing connections)",
+            fleet.0, fleet.1
         ),
-        fix: if overlap {
-            format!("sysctl -w net.ipv4.ip_local_reserved_ports={want_reserved}")
-        } else {
-            String::new()
-        },
-        sysctl: overlap.then(|| {
-            (
-                "net.ipv4.ip_local_reserved_ports".into(),
-                want_reserved.clone(),
-            )
-        }),
+        fix,
+        sysctl: set,
     });
     if top_port > 65535 {
         out.push(info(
@@ -299,6 +305,81 @@ fn ports(w: &Want<'_>) -> Vec<Finding> {
         ));
     }
     out
+}
+
+/// The part of `fleet` (inclusive) inside the ephemeral range `range`
+/// ("LOW HIGH", as net.ipv4.ip_local_port_range reads).
+fn ephemeral_overlap(range: &str, fleet: (u64, u64)) -> Option<(u64, u64)> {
+    let mut it = range.split_whitespace().map(|s| s.parse::<u64>().ok());
+    let low = it.next().flatten().unwrap_or(32768);
+    let high = it.next().flatten().unwrap_or(60999);
+    let span = (fleet.0.max(low), fleet.1.min(high));
+    (span.0 <= span.1).then_some(span)
+}
+
+/// "1,3-5,8" (net.ipv4.ip_local_reserved_ports) as inclusive ranges.
+fn parse_port_ranges(list: &str) -> Vec<(u64, u64)> {
+    list.split(',')
+        .filter_map(|r| {
+            let r = r.trim();
+            match r.split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => r.parse().ok().map(|p| (p, p)),
+            }
+        })
+        .collect()
+}
+
+/// Sorted, with overlapping and adjacent ranges joined.
+fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in ranges {
+        match out.last_mut() {
+            Some(last) if a <= last.1 + 1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// The parts of `span` no range of `taken` covers.
+fn subtract(span: (u64, u64), taken: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut left = vec![span];
+    for &(a, b) in taken {
+        left = left
+            .into_iter()
+            .flat_map(|(x, y)| {
+                let mut parts = Vec::new();
+                if b < x || a > y {
+                    parts.push((x, y));
+                } else {
+                    if a > x {
+                        parts.push((x, a - 1));
+                    }
+                    if b < y {
+                        parts.push((b + 1, y));
+                    }
+                }
+                parts
+            })
+            .collect();
+    }
+    left
+}
+
+fn join_port_ranges(ranges: &[(u64, u64)]) -> String {
+    ranges
+        .iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// overlayfs: loaded, built in, or a module that loads.
@@ -791,6 +872,22 @@ pub fn fix(findings: &[Finding]) -> Vec<(String, String, Result<(), String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_ports_are_merged_not_replaced() {
+        let fleet = (30001, 40000);
+        let span = ephemeral_overlap("32768 60999", fleet).unwrap();
+        assert_eq!(span, (32768, 40000));
+        assert_eq!(ephemeral_overlap("32768 60999", (2201, 3200)), None);
+        assert_eq!(ephemeral_overlap("40000 50000", (2201, 39999)), None);
+        // A user's own reservations stay; the fleet's part is added.
+        let mut taken = parse_port_ranges("8080,35000-36000,39999-45000");
+        assert_eq!(subtract(span, &taken), vec![(32768, 34999), (36001, 39998)]);
+        taken.push(span);
+        assert_eq!(join_port_ranges(&merge(taken)), "8080,32768-45000");
+        assert!(subtract(span, &parse_port_ranges("1-65535")).is_empty());
+        assert_eq!(parse_port_ranges(""), vec![]);
+    }
 
     #[test]
     fn findings_name_real_values() {

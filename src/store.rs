@@ -528,16 +528,32 @@ impl Store {
 /// (Dropbear listens on both)?
 fn host_port_free(port: u16) -> std::result::Result<(), String> {
     use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
-    if let Err(e) = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
-        return Err(format!(
-            "in use on the host ({e}); pick another with --port"
-        ));
-    }
+    let in_use = |e: std::io::Error| {
+        format!(
+            "in use on the host ({e}); pick another with --port{}",
+            ephemeral_hint(port)
+        )
+    };
+    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(in_use)?;
     match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
-            "in use on the host ({e}); pick another with --port"
-        )),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(in_use(e)),
         _ => Ok(()),
+    }
+}
+
+/// If `port` is one the kernel may give an outgoing connection (inside
+/// net.ipv4.ip_local_port_range), says how to keep it for instances.
+fn ephemeral_hint(port: u16) -> &'static str {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = range.split_whitespace().map(|s| s.parse::<u16>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(low), Some(high)) if (low..=high).contains(&port) => {
+            "; it lies in the range the kernel gives outgoing connections \
+             (net.ipv4.ip_local_port_range): `nifty doctor --count N --fix` reserves \
+             the fleet's ports"
+        }
+        _ => "",
     }
 }
 
