@@ -250,6 +250,13 @@ fn article_fleet_under_systemd() {
     assert!(unit.contains("Description=nifty container # %I"), "{unit}");
     assert!(unit.contains("--kill-signal=SIGUSR2"), "{unit}");
     assert!(
+        unit.contains(&format!(
+            "StandardOutput=append:{}/instances/%I/console.log",
+            root.path().display()
+        )),
+        "{unit}"
+    );
+    assert!(
         host.etc
             .path()
             .join("nifty@3.service.d/50-nifty.conf")
@@ -395,9 +402,16 @@ fn article_fleet_under_systemd() {
         !journal.contains("timed out") && !journal.contains("Killing process"),
         "a container was killed on the stop timeout:\n{journal}"
     );
+    // The console goes to the instance's console log, as a native one's
+    // (no journal stream per unit: journald takes at most 4096).
+    for n in ["1", "10"] {
+        let log = host.nifty(&["logs", n]);
+        assert!(log.contains("nifty: starting instance"), "{n}: {log}");
+        assert!(log.contains("The system is going down NOW"), "{n}: {log}");
+    }
     assert!(
-        journal.contains("The system is going down NOW"),
-        "{journal}"
+        !journal.contains("The system is going down NOW"),
+        "the console went to the journal:\n{journal}"
     );
     let active = host.stdout(&[
         "systemctl",
