@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::store::{Backend, Instance, Store};
 use crate::{Error, Result};
 
-pub use status::{Status, UnitStatus};
+pub use status::{LogSource, Status, UnitStatus};
 
 /// What the kernel says about an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -174,6 +174,8 @@ pub trait Launcher: Sync {
     fn processes(&self, inst: &Instance) -> (String, Vec<i32>);
     /// The unit that runs it, if the backend has units.
     fn unit(&self, inst: &Instance) -> Option<UnitStatus>;
+    /// Where its console output goes.
+    fn log_source(&self, inst: &Instance) -> LogSource;
     /// Refuses, before anything is created, what this backend cannot
     /// take (instance names, `--bind-ro` paths).
     fn check_create(&self, names: &[String], binds: &[String]) -> Result<()>;
@@ -339,18 +341,16 @@ impl Runtime {
         Ok(Status {
             listening: info.state == State::Running && status::listening(inst.port),
             cgroup,
-            log: status::tail(&self.console_log(inst), lines),
+            log: l.log_source(inst).tail(lines),
             unit: l.unit(inst),
             processes: status::processes(pids),
             info,
         })
     }
 
-    /// Where an instance's console output goes, on either backend (the
-    /// systemd unit sends it there too: a journal stream per unit would
-    /// stop at journald's 4096 streams).
-    pub fn console_log(&self, inst: &Instance) -> std::path::PathBuf {
-        self.store.console_log(&inst.name)
+    /// Where an instance's console output goes.
+    pub fn log_source(&self, inst: &Instance) -> Result<LogSource> {
+        Ok(self.of(inst)?.log_source(inst))
     }
 
     /// Checks, before anything is created or started, that this kernel can
