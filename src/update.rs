@@ -235,9 +235,15 @@ fn restart_batch(
 ) -> bool {
     let insts: Vec<Instance> = chunk.iter().map(|(i, _)| i.clone()).collect();
     let mut failed: Vec<(Instance, u32, String)> = Vec::new();
-    let stopped = rt.stop_many(&insts, StopOptions::default(), &|_| {});
+    let mut stopped: std::collections::HashMap<String, Result<()>> = rt
+        .stop_many(&insts, StopOptions::default(), &|_| {})
+        .into_iter()
+        .collect();
     let mut moved = Vec::new();
-    for ((inst, to), (_, r)) in chunk.iter().zip(stopped) {
+    for (inst, to) in chunk {
+        let r = stopped
+            .remove(&inst.name)
+            .unwrap_or_else(|| Err(Error::Host(format!("instance {:?}: no stop result", inst.name))));
         match r.and_then(|()| set_version(store, &inst.name, *to, rt)) {
             Ok(()) => moved.push((inst.clone(), *to)),
             Err(e) => failed.push((inst.clone(), *to, format!("stop: {e}"))),
@@ -247,17 +253,25 @@ fn restart_batch(
         .iter()
         .filter_map(|(i, _)| store.instance(&i.name).ok())
         .collect();
-    let started = rt.start_many(&fresh, &|_| {});
+    // Each start's result by name: a result is never paired with another
+    // instance's (a record that cannot be read is a failure of its own).
+    let mut started: std::collections::HashMap<String, Result<()>> = rt
+        .start_many(&fresh, &|_| {})
+        .into_iter()
+        .collect();
     let checks: Vec<(Instance, u32, Result<()>)> = std::thread::scope(|s| {
         let handles: Vec<_> = moved
             .iter()
-            .zip(&fresh)
-            .zip(&started)
-            .map(|(((old, to), inst), (_, r))| {
-                let r = r.as_ref().map_err(|e| e.to_string()).cloned();
+            .map(|(old, to)| {
+                let inst = fresh.iter().find(|i| i.name == old.name);
+                let r = match (inst, started.remove(&old.name)) {
+                    (Some(i), Some(Ok(()))) => Ok(i),
+                    (_, Some(Err(e))) => Err(e.to_string()),
+                    _ => Err(format!("its record cannot be read: see `nifty status {}`", old.name)),
+                };
                 s.spawn(move || {
                     let h = match r {
-                        Ok(()) => healthy(store, rt, inst, opts.health_timeout),
+                        Ok(inst) => healthy(store, rt, inst, opts.health_timeout),
                         Err(e) => Err(Error::Host(format!("start: {e}"))),
                     };
                     (old.clone(), *to, h)

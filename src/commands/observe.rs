@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use nifty::limits::human;
 use nifty::runtime::status::{tail, Proc};
-use nifty::runtime::{LogSource, Runtime, State};
+use nifty::runtime::{Runtime, State};
 use nifty::store::Instance;
 use rayon::prelude::*;
 
@@ -191,22 +191,7 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
 pub fn logs(ctx: &Ctx, a: LogsArgs) -> Result<bool> {
     let inst = ctx.store.instance(&a.name)?;
     let rt = Runtime::new(&ctx.store)?;
-    let path = match rt.log_source(&inst)? {
-        LogSource::Journal(args) => {
-            let mut cmd = std::process::Command::new("journalctl");
-            cmd.args(args);
-            match a.lines {
-                Some(n) => cmd.arg(format!("--lines={n}")),
-                None => cmd.arg("--lines=all"),
-            };
-            if a.follow {
-                cmd.arg("--follow");
-            }
-            let e = cmd.exec();
-            return Err(e).context("cannot run journalctl (Debian package systemd)");
-        }
-        LogSource::File(path) => path,
-    };
+    let path = rt.console_log(&inst);
     let mut out = std::io::stdout().lock();
     // What the container wrote, escaped on a terminal (a tenant's escape
     // sequences must not drive the administrator's terminal) unless --raw.

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::store::{Backend, Instance, Store};
 use crate::{Error, Result};
 
-pub use status::{LogSource, Status, UnitStatus};
+pub use status::{Status, UnitStatus};
 
 /// What the kernel says about an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -174,8 +174,6 @@ pub trait Launcher: Sync {
     fn processes(&self, inst: &Instance) -> (String, Vec<i32>);
     /// The unit that runs it, if the backend has units.
     fn unit(&self, inst: &Instance) -> Option<UnitStatus>;
-    /// Where its console output goes.
-    fn log_source(&self, inst: &Instance) -> LogSource;
     /// Refuses, before anything is created, what this backend cannot
     /// take (instance names, `--bind-ro` paths).
     fn check_create(&self, names: &[String], binds: &[String]) -> Result<()>;
@@ -341,16 +339,18 @@ impl Runtime {
         Ok(Status {
             listening: info.state == State::Running && status::listening(inst.port),
             cgroup,
-            log: l.log_source(inst).tail(lines),
+            log: status::tail(&self.console_log(inst), lines),
             unit: l.unit(inst),
             processes: status::processes(pids),
             info,
         })
     }
 
-    /// Where an instance's console output goes.
-    pub fn log_source(&self, inst: &Instance) -> Result<LogSource> {
-        Ok(self.of(inst)?.log_source(inst))
+    /// Where an instance's console output goes, on either backend (the
+    /// systemd unit sends it there too: a journal stream per unit would
+    /// stop at journald's 4096 streams).
+    pub fn console_log(&self, inst: &Instance) -> std::path::PathBuf {
+        self.store.console_log(&inst.name)
     }
 
     /// Checks, before anything is created or started, that this kernel can
@@ -485,7 +485,7 @@ impl Runtime {
             });
         }
         self.retire_previous_keys(insts, &out);
-        out
+        in_order(insts, out)
     }
 
     /// An instance rekeyed while it ran serves its new key once started:
@@ -531,12 +531,25 @@ impl Runtime {
                     })
                 })
                 .collect();
-            handles
+            let out = handles
                 .into_iter()
                 .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
+                .collect();
+            in_order(insts, out)
         })
     }
+}
+
+/// `results` in the order of `insts`: backends answer by group and in the
+/// order their jobs end, and callers pair results with what they asked.
+fn in_order(insts: &[Instance], mut results: Results) -> Results {
+    let rank: std::collections::HashMap<&str, usize> = insts
+        .iter()
+        .enumerate()
+        .map(|(i, inst)| (inst.name.as_str(), i))
+        .collect();
+    results.sort_by_key(|(name, _)| rank.get(name.as_str()).copied().unwrap_or(usize::MAX));
+    results
 }
 
 fn stopped(inst: &Instance) -> Info {

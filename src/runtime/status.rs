@@ -3,7 +3,7 @@
 //! commands only print.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -42,37 +42,6 @@ pub struct Status {
     pub processes: Vec<Proc>,
     /// The last lines of its console output (tenant bytes).
     pub log: Vec<String>,
-}
-
-/// Where an instance's console output goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogSource {
-    /// A file of nifty's (the native launcher's console log).
-    File(PathBuf),
-    /// The journal: `journalctl` with these arguments shows it (the
-    /// systemd backend; the unit's own messages are there too).
-    Journal(Vec<String>),
-}
-
-impl LogSource {
-    /// Its last `n` lines.
-    pub fn tail(&self, n: usize) -> Vec<String> {
-        match self {
-            LogSource::File(path) => tail(path, n),
-            LogSource::Journal(args) => std::process::Command::new("journalctl")
-                .args(args)
-                .arg(format!("--lines={n}"))
-                .output()
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .filter(|l| !l.starts_with("-- "))
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
-        }
-    }
 }
 
 /// How much of the end of a console log `tail` reads: the log is written

@@ -249,6 +249,11 @@ fn article_fleet_under_systemd() {
     let unit = std::fs::read_to_string(host.etc.path().join("nifty@.service")).unwrap();
     assert!(unit.contains("Description=nifty container # %I"), "{unit}");
     assert!(unit.contains("--kill-signal=SIGUSR2"), "{unit}");
+    // The state root as the test host sees it.
+    assert!(
+        unit.contains("StandardOutput=append:/var/lib/nifty/instances/%I/console.log"),
+        "{unit}"
+    );
     assert!(
         host.etc
             .path()
@@ -395,9 +400,16 @@ fn article_fleet_under_systemd() {
         !journal.contains("timed out") && !journal.contains("Killing process"),
         "a container was killed on the stop timeout:\n{journal}"
     );
+    // The console goes to the instance's console log, as a native one's
+    // (no journal stream per unit: journald takes at most 4096).
+    for n in ["1", "10"] {
+        let log = host.nifty(&["logs", n]);
+        assert!(log.contains("nifty: starting instance"), "{n}: {log}");
+        assert!(log.contains("The system is going down NOW"), "{n}: {log}");
+    }
     assert!(
-        journal.contains("The system is going down NOW"),
-        "{journal}"
+        !journal.contains("The system is going down NOW"),
+        "the console went to the journal:\n{journal}"
     );
     let active = host.stdout(&[
         "systemctl",

@@ -364,6 +364,33 @@ pub fn is_crypt_hash(h: &str) -> bool {
         && !h.contains([':', '\n', ' '])
 }
 
+/// Console logs are rotated at start past this size.
+const LOG_ROTATE: u64 = 1 << 20;
+
+/// Opens (and rotates, past 1 MiB, to `console.log.1`) an instance's
+/// console log for appending, and writes the start line; init's stdout
+/// and stderr go there, on both backends.
+pub fn open_console_log(path: &std::path::Path, name: &str) -> Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE) {
+        let _ = std::fs::rename(path, path.with_extension("log.1"));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(Error::io("open", path))?;
+    // One write: the line never interleaves with the container's output.
+    let line = format!(
+        "nifty: starting instance {name} at {}\n",
+        crate::store::now()
+    );
+    let _ = f.write_all(line.as_bytes());
+    Ok(f.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,14 +9,13 @@ pub mod spawn;
 use std::fs;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, Signal};
 
-use super::{check_backend, Done, Info, LogSource, Results, StopOptions, UnitStatus};
+use super::{check_backend, Done, Info, Results, StopOptions, UnitStatus};
 use crate::error::{StartError, SysError};
 use crate::runtime::linux::cgroup::{Cgroup, Hierarchy};
 use crate::runtime::linux::files::{self, User};
@@ -25,9 +24,6 @@ use crate::runtime::linux::{cgroup, confine, delegate, features, pty, userns};
 use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
 use crate::{Error, Result};
-
-/// Console logs are rotated at start past this size.
-const LOG_ROTATE: u64 = 1 << 20;
 
 /// The native launcher for one store.
 pub struct Native {
@@ -215,7 +211,7 @@ impl Native {
             .iter()
             .map(|b| parse_bind(b))
             .collect::<Result<Vec<_>>>()?;
-        let log = open_log(&self.store.console_log(&inst.name), &inst.name)?;
+        let log = files::open_console_log(&self.store.console_log(&inst.name), &inst.name)?;
         let env = init_env(inst);
         let (upper, work) = self.store.instance_layers(inst)?;
         let userns = inst.security.uid_base.map(userns::create).transpose()?;
@@ -616,10 +612,6 @@ impl super::Launcher for Native {
         None
     }
 
-    fn log_source(&self, inst: &Instance) -> LogSource {
-        LogSource::File(self.store.console_log(&inst.name))
-    }
-
     fn check_create(&self, _: &[String], _: &[String]) -> Result<()> {
         Ok(())
     }
@@ -699,24 +691,4 @@ fn init_env(inst: &Instance) -> Vec<(String, String)> {
         ("container".into(), "nifty".into()),
         (PORT_ENV.into(), inst.port.to_string()),
     ]
-}
-
-/// Opens (and rotates) the console log; init's stdout and stderr go there.
-fn open_log(path: &Path, name: &str) -> Result<OwnedFd> {
-    if fs::metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE) {
-        let _ = fs::rename(path, path.with_extension("log.1"));
-    }
-    let mut f = fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)
-        .map_err(Error::io("open", path))?;
-    // One write: the line never interleaves with the container's output.
-    let line = format!(
-        "nifty: starting instance {name} at {}\n",
-        crate::store::now()
-    );
-    let _ = f.write_all(line.as_bytes());
-    Ok(f.into())
 }

@@ -31,9 +31,24 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
             if let Err(e) = guard_network(&inst) {
                 return e;
             }
+            // The console log, rotated and opened as a native start does
+            // (the unit appends nifty's own messages to it before this).
+            let log = match crate::runtime::linux::files::open_console_log(
+                &store.console_log(name),
+                name,
+            ) {
+                Ok(fd) => fd,
+                Err(e) => return e,
+            };
+            let err = match log.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => return Error::io("dup", store.console_log(name))(e),
+            };
             let e = std::process::Command::new(prog)
                 .args(rest)
                 .args(extra)
+                .stdout(log)
+                .stderr(err)
                 .exec();
             Error::Sys {
                 call: format!("instance {name:?}: execve({prog})"),

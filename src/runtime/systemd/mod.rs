@@ -423,15 +423,6 @@ impl Systemd {
         self.reload()?;
         Ok(changes)
     }
-
-    /// `journalctl` arguments for an instance's log.
-    pub fn journal_args(&self, inst: &Instance) -> Vec<String> {
-        vec![
-            format!("--unit={}", self.names.unit(&inst.name)),
-            "--no-pager".into(),
-            "--output=short".into(),
-        ]
-    }
 }
 
 /// The systemd backend behind the runtime's door.
@@ -476,12 +467,6 @@ impl super::Launcher for Systemd {
                 .unit_file_state(inst)
                 .unwrap_or_else(|| "unknown".into()),
         })
-    }
-
-    fn log_source(&self, inst: &Instance) -> super::LogSource {
-        // The container's console goes to the journal, with the unit's
-        // own messages: journalctl shows both.
-        super::LogSource::Journal(self.journal_args(inst))
     }
 
     fn check_create(&self, names: &[String], binds: &[String]) -> Result<()> {

@@ -164,6 +164,11 @@ ExecStart={nifty} --root {root} systemd exec %I -- {nspawn} \\
 # whatever is left after the timeout is killed.
 KillMode=mixed
 KillSignal=SIGTERM
+# The container's console goes to its console log, as a native one's
+# (`nifty logs`; rotated at start by nifty): a journal stream per unit stops
+# at journald's limit of 4096 streams, and its rate limit drops lines.
+StandardOutput=append:{console}
+StandardError=inherit
 SyslogIdentifier=nifty%I
 TimeoutStopSec={timeout}s
 # nspawn exits 133 when the container reboots: start it again.
@@ -181,6 +186,13 @@ WantedBy=multi-user.target
         prefix = spec.names.prefix,
         root_path = root,
         timeout = STOP_TIMEOUT_SECS,
+        console = spec
+            .root
+            .join("instances/%I/console.log")
+            .display()
+            .to_string()
+            .replace('%', "%%")
+            .replace("%%I", "%I"),
     )
 }
 
