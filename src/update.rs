@@ -241,9 +241,12 @@ fn restart_batch(
         .collect();
     let mut moved = Vec::new();
     for (inst, to) in chunk {
-        let r = stopped
-            .remove(&inst.name)
-            .unwrap_or_else(|| Err(Error::Host(format!("instance {:?}: no stop result", inst.name))));
+        let r = stopped.remove(&inst.name).unwrap_or_else(|| {
+            Err(Error::Host(format!(
+                "instance {:?}: no stop result",
+                inst.name
+            )))
+        });
         match r.and_then(|()| set_version(store, &inst.name, *to, rt)) {
             Ok(()) => moved.push((inst.clone(), *to)),
             Err(e) => failed.push((inst.clone(), *to, format!("stop: {e}"))),
@@ -255,10 +258,8 @@ fn restart_batch(
         .collect();
     // Each start's result by name: a result is never paired with another
     // instance's (a record that cannot be read is a failure of its own).
-    let mut started: std::collections::HashMap<String, Result<()>> = rt
-        .start_many(&fresh, &|_| {})
-        .into_iter()
-        .collect();
+    let mut started: std::collections::HashMap<String, Result<()>> =
+        rt.start_many(&fresh, &|_| {}).into_iter().collect();
     let checks: Vec<(Instance, u32, Result<()>)> = std::thread::scope(|s| {
         let handles: Vec<_> = moved
             .iter()
@@ -267,7 +268,10 @@ fn restart_batch(
                 let r = match (inst, started.remove(&old.name)) {
                     (Some(i), Some(Ok(()))) => Ok(i),
                     (_, Some(Err(e))) => Err(e.to_string()),
-                    _ => Err(format!("its record cannot be read: see `nifty status {}`", old.name)),
+                    _ => Err(format!(
+                        "its record cannot be read: see `nifty status {}`",
+                        old.name
+                    )),
                 };
                 s.spawn(move || {
                     let h = match r {
