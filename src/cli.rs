@@ -83,6 +83,9 @@ pub enum Command {
     Diff(DiffArgs),
     /// Check the host for a fleet of N containers; --fix applies the sysctls.
     Doctor(DoctorArgs),
+    /// Serve on-demand instances in the foreground: hold their SSH ports,
+    /// start each at its first connection, stop it when idle.
+    Serve(ServeArgs),
     /// Install, show or remove the template unit nifty@.service.
     #[command(subcommand)]
     Systemd(SystemdCmd),
@@ -469,6 +472,22 @@ pub struct CreateArgs {
     /// Keep every capability in the bounding set. Unsafe.
     #[arg(long)]
     pub keep_caps: bool,
+    /// Start at the first SSH connection and stop when idle: `nifty serve`
+    /// holds the port and runs one `dropbear -i` per connection inside
+    /// (native backend).
+    #[arg(long)]
+    pub on_demand: bool,
+    /// How long an on-demand instance with no SSH session and no process
+    /// of its users stays up (90s, 10m, 1h) [default: 10m].
+    #[arg(long, value_name = "DURATION", requires = "on_demand")]
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// How often idle on-demand instances are looked for, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5, hide = true)]
+    pub check_every: u64,
 }
 
 /// Fair shares and limits: for `create` (defaults for what is not given)

@@ -18,6 +18,7 @@ pub mod names;
 pub mod printer;
 pub mod provision;
 pub mod runtime;
+pub mod serve;
 pub mod sshclient;
 pub mod sshconfig;
 pub mod store;

@@ -28,6 +28,9 @@ pub struct CreateSpec {
     pub userns: bool,
     pub seccomp: bool,
     pub drop_caps: bool,
+    /// Started by `nifty serve` at its first connection (no Dropbear of
+    /// its own in its inittab).
+    pub on_demand: Option<crate::store::OnDemand>,
 }
 
 /// Directories of the template that BusyBox init, syslogd and Dropbear
@@ -183,7 +186,11 @@ fn write_instance(
     )?;
     write_file(
         &etc.join("inittab"),
-        crate::template::inittab::render(Some(port)).as_bytes(),
+        match spec.on_demand {
+            Some(_) => crate::template::inittab::render_on_demand(),
+            None => crate::template::inittab::render(Some(port)),
+        }
+        .as_bytes(),
         0o644,
     )?;
     write_file(
@@ -211,6 +218,7 @@ fn write_instance(
         security,
         template_version: tmpl.version,
         disk_store: spec.limits.disk.is_some(),
+        on_demand: spec.on_demand,
     };
     // The upper layer belongs to the container's root.
     if let Some(base) = inst.security.uid_base {

@@ -113,6 +113,46 @@ pub struct Instance {
     /// instance directory, unlimited.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disk_store: bool,
+    /// Started by its first SSH connection and stopped when idle, by
+    /// `nifty serve`, which holds its port (`create --on-demand`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<OnDemand>,
+}
+
+/// How an on-demand instance is run by `nifty serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnDemand {
+    /// Seconds with no SSH session and no process of its users after
+    /// which it is stopped (it starts again at the next connection).
+    pub idle_timeout_secs: u64,
+}
+
+impl OnDemand {
+    /// The default idle timeout: ten minutes.
+    pub const DEFAULT_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
+    /// Parses `--idle-timeout` (`90s`, `10m`, `1h 30m`, or seconds); zero
+    /// is refused.
+    pub fn parse_idle(s: &str) -> Result<OnDemand> {
+        let t = s.trim();
+        let d = match t.parse::<u64>() {
+            Ok(secs) => std::time::Duration::from_secs(secs),
+            Err(_) => humantime::parse_duration(t).map_err(|e| {
+                Error::Invalid(format!(
+                    "--idle-timeout {s:?}: {e}; give a duration such as 90s, 10m or 1h"
+                ))
+            })?,
+        };
+        if d.as_secs() == 0 {
+            return Err(Error::Invalid(format!(
+                "--idle-timeout {s:?}: an on-demand instance needs at least one second \
+                 without sessions before it is stopped (default 10m)"
+            )));
+        }
+        Ok(OnDemand {
+            idle_timeout_secs: d.as_secs(),
+        })
+    }
 }
 
 fn first_version() -> u32 {

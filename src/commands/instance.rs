@@ -38,17 +38,31 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
     for b in &a.bind_ro {
         nifty::store::parse_bind(b)?;
     }
+    let on_demand = match (&a.idle_timeout, a.on_demand) {
+        (Some(t), _) => Some(nifty::store::OnDemand::parse_idle(t)?),
+        (None, true) => Some(nifty::store::OnDemand {
+            idle_timeout_secs: nifty::store::OnDemand::DEFAULT_IDLE.as_secs(),
+        }),
+        (None, false) => None,
+    };
+    let backend = a.backend.unwrap_or_else(runtime::default_backend);
+    anyhow::ensure!(
+        on_demand.is_none() || backend == nifty::store::Backend::Native,
+        "--on-demand is served by `nifty serve`, for the native backend (add --backend native); \
+         systemd socket units for the systemd backend are not there yet"
+    );
     let rt = Runtime::new(&ctx.store)?;
     let spec = CreateSpec {
         name: String::new(),
         template: a.template.clone(),
-        backend: a.backend.unwrap_or_else(runtime::default_backend),
+        backend,
         port: a.port,
         limits,
         bind_ro: a.bind_ro.clone(),
         userns: !a.no_userns,
         seccomp: !a.no_seccomp,
         drop_caps: !a.keep_caps,
+        on_demand,
     };
     let out = create_all(ctx, &rt, &names, &spec)?;
     if names.len() == 1 && out.failed.is_empty() {
@@ -212,6 +226,7 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
             userns: true,
             seccomp: true,
             drop_caps: true,
+            on_demand: None,
         };
         let out = create_all(ctx, &rt, &missing, &spec)?;
         if !out.report(&ctx.printer, "create") {

@@ -8,6 +8,7 @@ mod instance;
 mod lifecycle;
 mod limits;
 mod observe;
+mod serve;
 mod systemd;
 mod template;
 mod update;
@@ -76,6 +77,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Diff(a) => update::diff(&ctx, a)?,
         Command::Set(a) => limits::set(&ctx, a)?,
         Command::Doctor(a) => doctor(&ctx, a)?,
+        Command::Serve(a) => serve::serve(&ctx, &a)?,
         Command::Systemd(c) => systemd::run(&ctx, c)?,
         Command::Enable(a) => systemd::enable(&ctx, a, true)?,
         Command::Disable(a) => systemd::enable(&ctx, a, false)?,

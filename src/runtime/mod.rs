@@ -329,6 +329,37 @@ impl Runtime {
         self.native.exec(inst, &target, user, cmd, env)
     }
 
+    /// One SSH session in a running on-demand instance, on `conn`, a
+    /// connection `nifty serve` accepted on its port: Dropbear in inetd
+    /// mode inside it (either backend: it is entered as `exec` enters it).
+    /// Returns the session's process, which the caller reaps.
+    pub fn session(
+        &self,
+        inst: &Instance,
+        conn: std::os::fd::OwnedFd,
+    ) -> Result<std::process::Child> {
+        let target = self.target(inst)?;
+        let log = linux::files::append_console_log(&self.console_log(inst))?;
+        // The session enters the container's PID namespace through this
+        // thread; the thread's own comes back after, so that a container
+        // it starts later is not made inside this one.
+        let own = std::fs::File::open("/proc/thread-self/ns/pid")
+            .map_err(Error::io("open", "/proc/thread-self/ns/pid"))?;
+        let child = self.native.session(inst, &target, conn, log);
+        use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+        use std::os::fd::AsFd;
+        move_into_link_name_space(own.as_fd(), Some(LinkNameSpaceType::ProcessID))
+            .map_err(Error::sys("setns(/proc/thread-self/ns/pid)"))?;
+        child
+    }
+
+    /// The processes of an instance's container (none when it is stopped).
+    pub fn processes(&self, inst: &Instance) -> Vec<i32> {
+        self.of(inst)
+            .map(|l| l.processes(inst).1)
+            .unwrap_or_default()
+    }
+
     /// Everything `status` shows of an instance; its log's last `lines`.
     pub fn status(&self, inst: &Instance, lines: usize) -> Result<Status> {
         let mut info = [self.info(inst)];

@@ -42,9 +42,42 @@ pub fn render(port: Option<u16>) -> String {
          # syslogd and Dropbear (-E) log to the console log: `nifty logs`.\n\
          # -F foreground (init supervises it),\n\
          # -w no root login, -r this instance's own host key.\n\
-         ::respawn:/usr/sbin/dropbear -F -E -w -r {HOST_KEY}{generate} -p {port}\n\
-         ::ctrlaltdel:/sbin/reboot\n"
+         ::respawn:{}{generate} -p {port}\n\
+         ::ctrlaltdel:/sbin/reboot\n",
+        dropbear_command()
     )
+}
+
+/// Dropbear as every instance runs it, without its listening options:
+/// `-E` logs to stderr (the console log), `-w` no root login, `-r` the
+/// instance's own host key; `-F` stays in the foreground.
+fn dropbear_command() -> String {
+    format!("/usr/sbin/dropbear -F -E -w -r {HOST_KEY}")
+}
+
+/// The inittab of an on-demand instance (`create --on-demand`): no
+/// Dropbear of its own. `nifty serve` holds its port and starts one
+/// `dropbear -i` per connection inside it (the article's inetd and socket
+/// activation, `Accept=yes`), so nothing in the container listens.
+pub fn render_on_demand() -> String {
+    "# nifty: BusyBox init reads this as PID 1 of every instance.\n\
+     # An on-demand instance: `nifty serve` holds its SSH port and runs one\n\
+     # `dropbear -i` in it per connection; nothing here listens.\n\
+     ::respawn:/sbin/syslogd -n -O -\n\
+     ::ctrlaltdel:/sbin/reboot\n"
+        .to_string()
+}
+
+/// The command `nifty serve` runs in an on-demand instance for one
+/// accepted connection (its socket on stdin and stdout): Dropbear in
+/// inetd mode, with the options every instance's Dropbear has but `-E`
+/// (Dropbear refuses stderr logging in inetd mode: it logs to syslog,
+/// whose syslogd writes to the console log all the same).
+pub fn dropbear_inetd() -> Vec<String> {
+    ["/usr/sbin/dropbear", "-i", "-w", "-r", HOST_KEY]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -85,5 +118,27 @@ mod tests {
         // instance's serves only the one nifty made for it.
         assert!(dropbear[3].contains(" -R "), "{}", dropbear[3]);
         assert!(!render(Some(2201)).contains(" -R "));
+    }
+
+    #[test]
+    fn an_on_demand_inittab_has_no_dropbear_and_inetd_mode_has_the_same_options() {
+        let t = render_on_demand();
+        assert!(
+            !t.lines()
+                .any(|l| !l.starts_with('#') && l.contains("dropbear")),
+            "{t}"
+        );
+        assert!(t.contains("::respawn:/sbin/syslogd"), "{t}");
+        let i = dropbear_inetd();
+        assert_eq!(i[0], "/usr/sbin/dropbear");
+        assert!(i.contains(&"-i".to_string()) && !i.contains(&"-F".to_string()));
+        let always = render(Some(2201));
+        assert!(!i.contains(&"-E".to_string()), "dropbear -i refuses -E");
+        for opt in ["-w", HOST_KEY] {
+            assert!(
+                i.contains(&opt.to_string()) && always.contains(opt),
+                "{opt}"
+            );
+        }
     }
 }

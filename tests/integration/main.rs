@@ -12,6 +12,7 @@ mod doctor;
 mod fleet;
 mod image;
 mod limits;
+mod ondemand;
 mod security;
 mod systemd;
 mod template;

@@ -371,23 +371,31 @@ const LOG_ROTATE: u64 = 1 << 20;
 /// console log for appending, and writes the start line; init's stdout
 /// and stderr go there, on both backends.
 pub fn open_console_log(path: &std::path::Path, name: &str) -> Result<OwnedFd> {
-    use std::os::unix::fs::OpenOptionsExt;
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE) {
         let _ = std::fs::rename(path, path.with_extension("log.1"));
     }
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(Error::io("open", path))?;
+    let mut f = std::fs::File::from(append_console_log(path)?);
     // One write: the line never interleaves with the container's output.
     let line = format!(
         "nifty: starting instance {name} at {}\n",
         crate::store::now()
     );
     let _ = f.write_all(line.as_bytes());
+    Ok(f.into())
+}
+
+/// Opens an instance's console log for appending (made if missing, never
+/// through a symlink): where a process nifty starts in a running instance
+/// writes its messages.
+pub fn append_console_log(path: &std::path::Path) -> Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(Error::io("open", path))?;
     Ok(f.into())
 }
 

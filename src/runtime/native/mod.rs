@@ -400,6 +400,54 @@ impl Native {
         cmd: &[String],
         env: &[(String, String)],
     ) -> Result<i32> {
+        let (mut child, term) = self.spawn_in(inst, target, user, cmd, env, Io::Caller)?;
+        if let Some((p, ttys)) = term {
+            drop(p.slave);
+            let pid = rustix::process::Pid::from_raw(child.id() as i32)
+                .ok_or_else(|| Error::Host("exec: the command has no PID".into()))?;
+            let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                .map_err(Error::sys("pidfd_open(command)"))?;
+            pty::proxy(&p.master, &pidfd, ttys);
+        }
+        let status = child
+            .wait()
+            .map_err(|e| Error::Host(format!("instance {:?}: wait: {e}", inst.name)))?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
+
+    /// Starts one SSH session in a running on-demand instance: Dropbear
+    /// in inetd mode as the container's root, `conn` (an accepted
+    /// connection) its stdin and stdout, `log` (its console log) its
+    /// stderr. Not waited for: the session's parent is the caller, and
+    /// the container's init adopts it if the caller goes first.
+    pub fn session(
+        &self,
+        inst: &Instance,
+        target: &super::Target,
+        conn: OwnedFd,
+        log: OwnedFd,
+    ) -> Result<std::process::Child> {
+        let cmd = crate::template::inittab::dropbear_inetd();
+        let (child, _) = self.spawn_in(inst, target, None, &cmd, &[], Io::Socket { conn, log })?;
+        Ok(child)
+    }
+
+    /// Starts `cmd` in a running container: its namespaces, its root, its
+    /// cgroup, as `user` (default root of the container), confined as its
+    /// init is; with `io`. Joins the container's PID namespace for the
+    /// calling thread's children.
+    fn spawn_in(
+        &self,
+        inst: &Instance,
+        target: &super::Target,
+        user: Option<&str>,
+        cmd: &[String],
+        env: &[(String, String)],
+        io: Io,
+    ) -> Result<(std::process::Child, Option<(pty::Pty, pty::Ttys)>)> {
         let pid = target.pid;
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let open_ns = |ns: &str| {
@@ -469,7 +517,21 @@ impl Native {
         // Never the caller's terminal (see `pty`): a session of its own,
         // and a pty of nifty's for those of stdin/stdout/stderr that are
         // terminals.
-        let ttys = pty::Ttys::of_caller();
+        let ttys = match &io {
+            Io::Caller => pty::Ttys::of_caller(),
+            Io::Socket { .. } => pty::Ttys::default(),
+        };
+        if let Io::Socket { conn, log } = io {
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map(std::process::Stdio::from)
+                    .map_err(Error::io("dup", "connection"))
+            };
+            command
+                .stdin(dup(&conn)?)
+                .stdout(dup(&conn)?)
+                .stderr(std::process::Stdio::from(log));
+        }
         let term = if ttys.any() {
             let p = pty::open(ttys)?;
             let end = || {
@@ -540,29 +602,24 @@ impl Native {
             }
             Ok(())
         };
-        let mut child = crate::sys::spawn_with_hook(&mut command, hook).map_err(|e| {
+        let child = crate::sys::spawn_with_hook(&mut command, hook).map_err(|e| {
             Error::Host(format!(
                 "instance {:?}: cannot run {:?}: {e}",
                 inst.name, cmd[0]
             ))
         })?;
-        drop(command); // its copies of the pty's far end
-        if let Some(p) = term {
-            drop(p.slave);
-            let pid = rustix::process::Pid::from_raw(child.id() as i32)
-                .ok_or_else(|| Error::Host("exec: the command has no PID".into()))?;
-            let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
-                .map_err(Error::sys("pidfd_open(command)"))?;
-            pty::proxy(&p.master, &pidfd, ttys);
-        }
-        let status = child
-            .wait()
-            .map_err(|e| Error::Host(format!("instance {:?}: wait: {e}", inst.name)))?;
-        use std::os::unix::process::ExitStatusExt;
-        Ok(status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        drop(command); // its copies of the pty's far end and of the connection
+        Ok((child, term.map(|p| (p, ttys))))
     }
+}
+
+/// What a command started in a container gets as its stdin, stdout and
+/// stderr.
+enum Io {
+    /// The caller's: a pty of nifty's for those that are terminals.
+    Caller,
+    /// An accepted connection (stdin and stdout) and the console log.
+    Socket { conn: OwnedFd, log: OwnedFd },
 }
 
 /// Reads the container's /etc/passwd without following any symlink out of

@@ -1,0 +1,247 @@
+//! On-demand instances (`create --on-demand`, `nifty serve`): started by
+//! their first SSH connection, stopped when idle, adopted by a restarted
+//! `serve`. Real containers, a real OpenSSH client.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// `nifty serve` for a root, killed (by its PID) when dropped.
+struct Serve {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Serve {
+    fn start(root: &Root) -> Serve {
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = root.path().join(format!("serve-{n}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = nifty()
+            .arg("--root")
+            .arg(root.path())
+            .args(["serve", "--check-every", "1"])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("run nifty serve");
+        Serve { child, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Names of the running instances of `root`, with their init PIDs.
+fn running(root: &Root) -> Vec<(String, i64)> {
+    let out = root.ok(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "running")
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_string(),
+                i["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Logs in to each of `names` at once; returns what each printed.
+fn logins(root: &Root, names: &[String], cmd: &str) -> Vec<(String, bool, String, String)> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = names
+            .iter()
+            .map(|n| {
+                s.spawn(move || {
+                    let (ok, out, err) = root.ssh_as(n, "luser", cmd);
+                    (n.clone(), ok, out, err)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Is something listening on `port`? Read from /proc, without
+/// connecting (a connection would start an on-demand instance).
+fn listening(port: u16) -> bool {
+    let hex = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| {
+            t.lines().skip(1).any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && format!("{} ", cols[1]).ends_with(&hex) && cols[3] == "0A"
+            })
+        })
+    })
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    f()
+}
+
+#[test]
+fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    // Bad input changes nothing.
+    let e = root.fails(&["create", "1", "--on-demand", "--idle-timeout", "0"]);
+    assert!(e.contains("idle-timeout"), "{e}");
+    assert!(!root.path().join("instances/1").exists());
+    let e = root.fails(&["create", "1", "--idle-timeout", "5s"]);
+    assert!(e.contains("--on-demand"), "{e}");
+    assert!(!root.path().join("instances/1").exists());
+
+    root.ok(&[
+        "create",
+        "1..200",
+        "--on-demand",
+        "--idle-timeout",
+        "4s",
+        "-q",
+    ]);
+    assert!(
+        running(&root).is_empty(),
+        "on-demand instances start only when asked"
+    );
+    let tab = std::fs::read_to_string(root.upper("7").join("etc/inittab")).unwrap();
+    assert!(
+        !tab.lines()
+            .any(|l| !l.starts_with('#') && l.contains("dropbear")),
+        "no Dropbear of its own: {tab}"
+    );
+
+    let mut serve = Serve::start(&root);
+    let last = root.port("200");
+    assert!(
+        wait_until(Duration::from_secs(20), || listening(last)),
+        "serve holds no port: {}",
+        serve.log()
+    );
+    // A second serve of the same root says who serves it, and changes nothing.
+    let e = root.fails(&["serve"]);
+    assert!(
+        e.contains("already runs") && e.contains(&serve.child.id().to_string()),
+        "{e}"
+    );
+
+    // 20 logins at once, each to a stopped instance: all answered by the
+    // instance's own Dropbear (its own host key, StrictHostKeyChecking).
+    let twenty: Vec<String> = (1..=20).map(|n| n.to_string()).collect();
+    for (n, ok, out, err) in logins(&root, &twenty, "cat /proc/1/comm; id -un") {
+        assert!(ok, "login to {n}: {err}\nserve: {}", serve.log());
+        assert_eq!(out, "init\nluser\n", "{n}");
+    }
+    let up = running(&root);
+    let names: Vec<&str> = up.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names.len(),
+        20,
+        "exactly the 20 logged in to run: {names:?}"
+    );
+    // The session's Dropbear is an inetd one, started for this connection.
+    let out = root.ssh("3", "tr '\\0' ' ' < /proc/$PPID/cmdline");
+    assert!(out.starts_with("/usr/sbin/dropbear -i "), "{out}");
+
+    // kill -9 of serve: the instances keep running; a new serve adopts
+    // them (same inits) and logs in again at once.
+    let before = running(&root);
+    let pid = serve.child.id();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::Kill,
+    )
+    .unwrap();
+    let _ = serve.child.wait();
+    assert_eq!(running(&root), before, "killing serve stopped nothing");
+    serve = Serve::start(&root);
+    assert!(wait_until(Duration::from_secs(20), || listening(last)));
+    let ten: Vec<String> = (1..=10).map(|n| n.to_string()).collect();
+    for (n, ok, _, err) in logins(&root, &ten, "true") {
+        assert!(
+            ok,
+            "login to {n} after serve's restart: {err}\n{}",
+            serve.log()
+        );
+    }
+    let after = running(&root);
+    for (n, pid) in before.iter().filter(|(n, _)| ten.contains(n)) {
+        assert!(
+            after.contains(&(n.clone(), *pid)),
+            "{n} (init {pid}) was adopted, not restarted: {after:?}"
+        );
+    }
+
+    // Idle: no session, no process of its users: all stopped after 4 s.
+    assert!(
+        wait_until(Duration::from_secs(40), || running(&root).is_empty()),
+        "idle instances still run: {:?}\n{}",
+        running(&root),
+        serve.log()
+    );
+    assert!(serve.log().contains("idle, stopped"), "{}", serve.log());
+    // And the next login starts one again.
+    assert_eq!(root.ssh("5", "cat /proc/1/comm"), "init\n");
+    serve.kill();
+    root.ok(&["stop", "--all", "-q"]);
+    assert_clean(&root, &[]);
+}
+
+#[test]
+fn serve_says_which_port_it_cannot_hold_and_serves_the_rest() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "1", "2", "--on-demand", "-q"]);
+    // Someone else holds 2's port first.
+    let squatter = std::net::TcpListener::bind(("0.0.0.0", root.port("2"))).unwrap();
+    let serve = Serve::start(&root);
+    let one = root.port("1");
+    assert!(wait_until(Duration::from_secs(20), || listening(one)));
+    assert!(
+        wait_until(Duration::from_secs(10), || serve
+            .log()
+            .contains(&format!("cannot hold its port {}", root.port("2")))),
+        "{}",
+        serve.log()
+    );
+    assert_eq!(root.ssh("1", "cat /proc/1/comm"), "init\n");
+    drop(squatter);
+    // Taken up at the next check once free.
+    assert!(
+        wait_until(Duration::from_secs(10), || serve.log().contains("held now")),
+        "{}",
+        serve.log()
+    );
+    assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
+}
