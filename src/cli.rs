@@ -86,6 +86,10 @@ pub enum Command {
     /// Serve on-demand instances in the foreground: hold their SSH ports,
     /// start each at its first connection, stop it when idle.
     Serve(ServeArgs),
+    /// Make instances start at their first SSH connection and stop when idle
+    /// (`enable`), or run always again (`disable`); `sweep` stops idle ones now.
+    #[command(subcommand, name = "on-demand")]
+    OnDemand(OnDemandCmd),
     /// Install, show or remove the template unit nifty@.service.
     #[command(subcommand)]
     Systemd(SystemdCmd),
@@ -285,6 +289,33 @@ pub enum SystemdCmd {
         #[arg(last = true, required = true)]
         nspawn: Vec<String>,
     },
+    /// What nifty-ssh@.service runs for one connection to an on-demand
+    /// instance (the socket on standard input): start it, run `dropbear -i`
+    /// in it on the connection.
+    #[command(hide = true)]
+    Session,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OnDemandCmd {
+    /// Make stopped instances on demand: `nifty on-demand enable 1..100 --idle-timeout 30m`.
+    Enable {
+        #[command(flatten)]
+        sel: Selection,
+        /// How long one with no SSH session and no process of its users stays
+        /// up (90s, 10m, 1h) [default: 10m].
+        #[arg(long, value_name = "DURATION")]
+        idle_timeout: Option<String>,
+    },
+    /// Make stopped on-demand instances run always again (their own Dropbear
+    /// listens when they run): `nifty on-demand disable 7`.
+    Disable {
+        #[command(flatten)]
+        sel: Selection,
+    },
+    /// Stop the on-demand instances idle for their timeout now (`nifty serve`
+    /// and the systemd timer nifty-idle.timer do this on their own).
+    Sweep,
 }
 
 #[derive(Debug, Args)]
@@ -472,9 +503,10 @@ pub struct CreateArgs {
     /// Keep every capability in the bounding set. Unsafe.
     #[arg(long)]
     pub keep_caps: bool,
-    /// Start at the first SSH connection and stop when idle: `nifty serve`
-    /// holds the port and runs one `dropbear -i` per connection inside
-    /// (native backend).
+    /// Start at the first SSH connection and stop when idle: the port is held
+    /// on the host (`nifty serve` for the native backend, a socket unit
+    /// nifty-ssh@NAME.socket for systemd) and each connection gets its own
+    /// `dropbear -i` inside.
     #[arg(long)]
     pub on_demand: bool,
     /// How long an on-demand instance with no SSH session and no process

@@ -70,6 +70,47 @@ pub fn lock_file(path: &Path) -> Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
+/// A lock that names its holder: an flock on a file that holds the PID of
+/// the process that took it, emptied when it is let go.
+#[derive(Debug)]
+pub struct PidLock(fs::File);
+
+/// Takes the lock file `path` (created if missing) without waiting and
+/// writes this process's PID in it. When another process holds it, the
+/// error is `busy(pid)`, with the PID that holder wrote.
+pub fn lock_with_pid(path: &Path, busy: impl FnOnce(&str) -> Error) -> Result<PidLock> {
+    use std::io::{Read, Seek};
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)
+        .map_err(Error::io("open", path))?;
+    if let Err(e) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            let mut holder = String::new();
+            let _ = Read::by_ref(&mut f).take(64).read_to_string(&mut holder);
+            return Err(busy(holder.trim()));
+        }
+        return Err(Error::sys(format!(
+            "flock({}, LOCK_EX|LOCK_NB)",
+            path.display()
+        ))(e));
+    }
+    f.set_len(0).map_err(Error::io("truncate", path))?;
+    f.rewind().map_err(Error::io("seek", path))?;
+    writeln!(f, "{}", std::process::id()).map_err(Error::io("write", path))?;
+    Ok(PidLock(f))
+}
+
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        let _ = self.0.set_len(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +134,18 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(".nifty-"))
             .count();
         assert_eq!(temps, 0, "a temp file was left");
+    }
+
+    #[test]
+    fn a_pid_lock_names_its_holder_and_is_free_again_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.lock");
+        let busy = |pid: &str| Error::Invalid(format!("held by {pid}"));
+        let first = lock_with_pid(&p, busy).unwrap();
+        let e = lock_with_pid(&p, busy).unwrap_err().to_string();
+        assert_eq!(e, format!("held by {}", std::process::id()));
+        drop(first);
+        assert_eq!(fs::read_to_string(&p).unwrap(), "");
+        assert!(lock_with_pid(&p, busy).is_ok());
     }
 }

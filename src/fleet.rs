@@ -245,6 +245,14 @@ pub fn run<T: Send>(
     out
 }
 
+/// Names for a message: the first five, then how many more.
+pub fn name_list(names: &[String]) -> String {
+    match names.len() {
+        0..=5 => names.join(", "),
+        n => format!("{}, and {} more", names[..5].join(", "), n - 5),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

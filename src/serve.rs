@@ -16,26 +16,27 @@
 //! nifty command does. One `serve` per state root, under a lock that
 //! names its holder.
 
-use std::collections::HashMap;
-use std::io::{Read, Seek, Write};
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
 use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType};
 
-use crate::runtime::{Runtime, State, StopOptions};
+use crate::runtime::{ondemand, Runtime, State};
 use crate::store::{Instance, Store};
 use crate::{Error, Result};
 
-/// Processes of an idle instance: its init and syslogd.
-const IDLE_PROCESSES: usize = 2;
+/// Every this many checks, the state of every served instance is read
+/// again (instances started by `nifty start` are swept too) and the state
+/// root rescanned even if its instances directory did not change.
+const FULL_CHECK_EVERY: u32 = 12;
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// How often instances are checked for idleness and the state root
-    /// for new or removed on-demand instances.
+    /// How often running instances are checked for idleness and the
+    /// state root for new or removed on-demand instances.
     pub check_every: Duration,
 }
 
@@ -43,49 +44,29 @@ pub struct Options {
 struct Served {
     inst: Instance,
     listener: OwnedFd,
-    /// Since when it has had no session and no process of its users.
-    idle_since: Option<Instant>,
 }
 
-/// What one pass of the loop did, for the log.
+/// What one round of connections did.
 #[derive(Debug, Default)]
 struct Counts {
     started: usize,
     sessions: usize,
+    /// The instances that run now.
+    up: Vec<String>,
 }
 
 /// The lock of a state root's `serve`: a file that holds its PID.
-fn lock(store: &Store) -> Result<std::fs::File> {
+fn lock(store: &Store) -> Result<crate::disk::PidLock> {
+    store.ensure()?;
     let path = store.root().join("serve.lock");
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(Error::io("open", &path))?;
-    if let Err(e) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        if e == rustix::io::Errno::WOULDBLOCK {
-            let mut holder = String::new();
-            let _ = f.read_to_string(&mut holder);
-            return Err(Error::Invalid(format!(
-                "`nifty serve` already runs for {} (PID {}, holding {}): one serves a state \
-                 root; stop that one first",
-                store.root().display(),
-                holder.trim(),
-                path.display()
-            )));
-        }
-        return Err(Error::sys(format!(
-            "flock({}, LOCK_EX|LOCK_NB)",
+    crate::disk::lock_with_pid(&path, |pid| {
+        Error::Invalid(format!(
+            "`nifty serve` already runs for {} (PID {pid}, holding {}): one serves a state \
+             root; stop that one first",
+            store.root().display(),
             path.display()
-        ))(e));
-    }
-    f.set_len(0).map_err(Error::io("truncate", &path))?;
-    f.rewind().map_err(Error::io("seek", &path))?;
-    f.write_all(format!("{}\n", std::process::id()).as_bytes())
-        .map_err(Error::io("write", &path))?;
-    Ok(f)
+        ))
+    })
 }
 
 /// A listening socket on every address of `port`: IPv6 with IPv4 mapped
@@ -131,15 +112,61 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let mut sessions: Vec<std::process::Child> = Vec::new();
     // Instances whose port could not be held, said once.
     let mut refused: HashMap<String, String> = HashMap::new();
+    // The on-demand instances known to run: the idle sweep reads only
+    // these, and every instance's state only at a full check.
+    let mut running: HashSet<String> = HashSet::new();
+    let mut seen_dir: Option<std::time::SystemTime> = None;
+    let mut checks: u32 = 0;
     let mut next_check = Instant::now();
     let mut events = epoll::EventVec::with_capacity(1024);
     loop {
         if Instant::now() >= next_check {
-            rescan(store, &ep, &mut served, &mut by_key, &mut refused, say)?;
-            let n = stop_idle(&rt, &mut served, say);
-            if n > 0 {
-                tracing::debug!(stopped = n, "idle instances stopped");
+            let full = checks % FULL_CHECK_EVERY == 0;
+            checks = checks.wrapping_add(1);
+            // A create, rm or `on-demand enable|disable` changes the
+            // instances directory's time.
+            let dir = std::fs::metadata(store.instances_dir())
+                .and_then(|m| m.modified())
+                .ok();
+            if full || dir != seen_dir {
+                seen_dir = dir;
+                rescan(
+                    store,
+                    &ep,
+                    &mut served,
+                    &mut by_key,
+                    &mut refused,
+                    true,
+                    say,
+                )?;
+            } else if !refused.is_empty() {
+                rescan(
+                    store,
+                    &ep,
+                    &mut served,
+                    &mut by_key,
+                    &mut refused,
+                    false,
+                    say,
+                )?;
             }
+            let insts: Vec<Instance> = if full {
+                let all: Vec<Instance> = served.values().map(|s| s.inst.clone()).collect();
+                rt.with_state(&all, |s| s == State::Running)
+            } else {
+                running
+                    .iter()
+                    .filter_map(|n| served.get(n).map(|s| s.inst.clone()))
+                    .collect()
+            };
+            let swept = rt.sweep(store, &insts);
+            for (name, r) in &swept.stopped {
+                match r {
+                    Ok(()) => say(format!("instance {name}: idle, stopped")),
+                    Err(e) => say(format!("instance {name}: idle, stop failed: {e}")),
+                }
+            }
+            running = swept.running.into_iter().collect();
             next_check = Instant::now() + opts.check_every;
         }
         sessions.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
@@ -172,8 +199,72 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
             continue;
         }
         let counts = serve_connections(store, &rt, &mut served, conns, &mut sessions, say);
-        tracing::debug!(?counts, "connections served");
+        running.extend(counts.up);
+        tracing::debug!(
+            started = counts.started,
+            sessions = counts.sessions,
+            "connections served"
+        );
     }
+}
+
+/// One connection systemd accepted on an on-demand instance's socket
+/// (`nifty-ssh@.service`, `Accept=yes`): the instance is the one whose
+/// port the connection came in on; it is started if it is stopped, and
+/// the connection is handed to a `dropbear -i` in it, as `serve` does.
+/// Returns when the session ends, with its exit code.
+pub fn session(store: &Store, conn: OwnedFd) -> Result<i32> {
+    let local = rustix::net::getsockname(&conn).map_err(Error::sys("getsockname(stdin)"))?;
+    let port = match local {
+        rustix::net::SocketAddrAny::V4(a) => a.port(),
+        rustix::net::SocketAddrAny::V6(a) => a.port(),
+        _ => {
+            return Err(Error::Invalid(
+                "standard input is not a TCP connection: `nifty systemd session` is run by \
+                 an on-demand instance's socket unit (nifty-ssh@.socket)"
+                    .into(),
+            ))
+        }
+    };
+    let inst = store
+        .port_owner(port)
+        .and_then(|n| store.instance(&n).ok())
+        .filter(|i| i.port == port && i.on_demand.is_some())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "port {port} is not the port of an on-demand instance of {}: stop its socket \
+                 (`systemctl stop` the nifty-ssh@ socket of port {port})",
+                store.root().display()
+            ))
+        })?;
+    let rt = Runtime::new(store)?;
+    let stopped = rt.with_state(std::slice::from_ref(&inst), |s| s == State::Stopped);
+    if !stopped.is_empty() {
+        ondemand::mark_starting(store, &stopped, true);
+        let r = rt.start_many(&stopped, &|_| {});
+        ondemand::mark_starting(store, &stopped, false);
+        for (_, r) in r {
+            match r {
+                // Another connection's session started it meanwhile.
+                Ok(()) | Err(Error::Running(..)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut mark = ondemand::read_mark(store, &inst.name);
+    if mark.idle_since.take().is_some() {
+        ondemand::write_mark(store, &inst.name, &mark);
+    }
+    // A start by another session may still be on its way up.
+    let end = Instant::now() + Duration::from_secs(30);
+    while rt.target(&inst).is_err() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut child = rt.session(&inst, conn)?;
+    let st = child
+        .wait()
+        .map_err(Error::io("wait for the session of", &inst.name))?;
+    Ok(st.code().unwrap_or(1))
 }
 
 /// The epoll key of a listener: its fd number.
@@ -183,32 +274,45 @@ fn key(fd: &OwnedFd) -> u64 {
 }
 
 /// Takes up new on-demand instances (their ports held from now on) and
-/// lets go of removed ones.
+/// lets go of removed ones and of those no longer on demand. With `full`
+/// false, only retries the ports that could not be held.
 fn rescan(
     store: &Store,
     ep: &OwnedFd,
     served: &mut HashMap<String, Served>,
     by_key: &mut HashMap<u64, String>,
     refused: &mut HashMap<String, String>,
+    full: bool,
     say: &dyn Fn(String),
 ) -> Result<()> {
-    let names: std::collections::HashSet<String> = store.instance_names()?.into_iter().collect();
-    served.retain(|name, s| {
-        let keep = names.contains(name);
-        if !keep {
-            let _ = epoll::delete(ep, &s.listener);
-            by_key.remove(&key(&s.listener));
+    let names: Vec<String> = if full {
+        store.instance_names()?
+    } else {
+        refused.keys().cloned().collect()
+    };
+    let mut wanted: HashMap<String, Instance> = HashMap::new();
+    for name in &names {
+        if let Ok(inst) = store.instance(name) {
+            if inst.on_demand.is_some() {
+                wanted.insert(name.clone(), inst);
+            }
         }
-        keep
-    });
-    for name in names {
-        if served.contains_key(&name) {
-            continue;
-        }
-        let Ok(inst) = store.instance(&name) else {
-            continue;
-        };
-        if inst.on_demand.is_none() {
+    }
+    if full {
+        refused.retain(|n, _| wanted.contains_key(n));
+        served.retain(|name, s| {
+            // Gone, no longer on demand, or moved to another port.
+            let keep = wanted.get(name).is_some_and(|i| i.port == s.inst.port);
+            if !keep {
+                let _ = epoll::delete(ep, &s.listener);
+                by_key.remove(&key(&s.listener));
+            }
+            keep
+        });
+    }
+    for (name, inst) in wanted {
+        if let Some(s) = served.get_mut(&name) {
+            s.inst = inst;
             continue;
         }
         match listen(inst.port) {
@@ -224,14 +328,7 @@ fn rescan(
                 if refused.remove(&name).is_some() {
                     say(format!("instance {name}: port {} held now", inst.port));
                 }
-                served.insert(
-                    name,
-                    Served {
-                        inst,
-                        listener,
-                        idle_since: None,
-                    },
-                );
+                served.insert(name, Served { inst, listener });
             }
             Err(e) => {
                 let why = format!(
@@ -273,15 +370,11 @@ fn serve_connections(
         .iter()
         .filter_map(|n| served.get(n).map(|s| s.inst.clone()))
         .collect();
-    let stopped: Vec<Instance> = rt
-        .infos(&insts)
-        .into_iter()
-        .zip(&insts)
-        .filter(|(info, _)| info.state == State::Stopped)
-        .map(|(_, i)| i.clone())
-        .collect();
+    let stopped = rt.with_state(&insts, |s| s == State::Stopped);
     let mut failed: HashMap<String, String> = HashMap::new();
     if !stopped.is_empty() {
+        // `list` shows them starting meanwhile.
+        ondemand::mark_starting(store, &stopped, true);
         for (name, r) in rt.start_many(&stopped, &|_| {}) {
             match r {
                 Ok(()) => counts.started += 1,
@@ -291,15 +384,21 @@ fn serve_connections(
                 }
             }
         }
+        ondemand::mark_starting(store, &stopped, false);
     }
     for (name, conn) in conns {
         if failed.contains_key(&name) {
             continue; // dropped: closed
         }
-        let Some(s) = served.get_mut(&name) else {
+        let Some(s) = served.get(&name) else {
             continue;
         };
-        s.idle_since = None;
+        // A login ends an idle time (the session's processes would, at
+        // the next sweep, unless it has ended by then).
+        let mut mark = ondemand::read_mark(store, &name);
+        if mark.idle_since.take().is_some() {
+            ondemand::write_mark(store, &name, &mark);
+        }
         match rt.session(&s.inst, conn) {
             Ok(child) => {
                 counts.sessions += 1;
@@ -308,52 +407,11 @@ fn serve_connections(
             Err(e) => say(format!("instance {name}: session: {e}")),
         }
     }
+    counts.up = wanted
+        .into_iter()
+        .filter(|n| !failed.contains_key(n))
+        .collect();
     counts
-}
-
-/// Stops the running instances that have been idle for their timeout.
-/// Returns how many it stopped.
-fn stop_idle(rt: &Runtime, served: &mut HashMap<String, Served>, say: &dyn Fn(String)) -> usize {
-    let now = Instant::now();
-    let insts: Vec<Instance> = served.values().map(|s| s.inst.clone()).collect();
-    let infos = rt.infos(&insts);
-    let mut due = Vec::new();
-    for (inst, info) in insts.iter().zip(&infos) {
-        let Some(s) = served.get_mut(&inst.name) else {
-            continue;
-        };
-        if info.state != State::Running {
-            s.idle_since = None;
-            continue;
-        }
-        let busy = rt.processes(inst).len() > IDLE_PROCESSES;
-        if busy {
-            s.idle_since = None;
-            continue;
-        }
-        let since = *s.idle_since.get_or_insert(now);
-        let timeout = Duration::from_secs(inst.on_demand.map_or(u64::MAX, |o| o.idle_timeout_secs));
-        if now.duration_since(since) >= timeout {
-            due.push(inst.clone());
-        }
-    }
-    if due.is_empty() {
-        return 0;
-    }
-    let mut n = 0;
-    for (name, r) in rt.stop_many(&due, StopOptions::default(), &|_| {}) {
-        match r {
-            Ok(()) => {
-                n += 1;
-                say(format!("instance {name}: idle, stopped"));
-                if let Some(s) = served.get_mut(&name) {
-                    s.idle_since = None;
-                }
-            }
-            Err(e) => say(format!("instance {name}: idle, stop failed: {e}")),
-        }
-    }
-    n
 }
 
 #[cfg(test)]

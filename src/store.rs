@@ -540,6 +540,13 @@ impl Store {
         )))
     }
 
+    /// The instance a port is assigned to, from its claim (nifty's own
+    /// directory).
+    pub fn port_owner(&self, port: u16) -> Option<String> {
+        let owner = std::fs::read_link(self.ports_dir().join(port.to_string())).ok()?;
+        Some(owner.to_str()?.to_string())
+    }
+
     fn try_claim(&self, port: u16, name: &str) -> Result<()> {
         let claims = Claims::at(&self.ports_dir());
         let key = port.to_string();

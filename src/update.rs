@@ -14,7 +14,7 @@
 //! journal's instances that are not running, then goes on.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Seek, Write};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -601,38 +601,18 @@ pub fn instance_changes(store: &Store, inst: &Instance) -> Result<Vec<Change>> {
 
 /// One update at a time per state root: `update.lock`, flocked while an
 /// update runs, holding its PID for the one that is refused.
-struct UpdateLock(std::fs::File);
+struct UpdateLock;
 
 impl UpdateLock {
-    fn take(store: &Store) -> Result<UpdateLock> {
+    fn take(store: &Store) -> Result<crate::disk::PidLock> {
         store.ensure()?;
         let path = store.root().join("update.lock");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(Error::io("open", &path))?;
-        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            let mut holder = String::new();
-            let _ = f.read_to_string(&mut holder);
-            return Err(Error::Invalid(format!(
-                "an update is running already (nifty PID {}, holding {}): wait for it to end",
-                holder.trim(),
+        crate::disk::lock_with_pid(&path, |pid| {
+            Error::Invalid(format!(
+                "an update is running already (nifty PID {pid}, holding {}): wait for it to end",
                 path.display()
-            )));
-        }
-        f.set_len(0).map_err(Error::io("truncate", &path))?;
-        let _ = f.rewind();
-        writeln!(f, "{}", std::process::id()).map_err(Error::io("write", &path))?;
-        Ok(UpdateLock(f))
-    }
-}
-
-impl Drop for UpdateLock {
-    fn drop(&mut self) {
-        let _ = self.0.set_len(0);
+            ))
+        })
     }
 }
 

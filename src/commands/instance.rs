@@ -46,11 +46,6 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
         (None, false) => None,
     };
     let backend = a.backend.unwrap_or_else(runtime::default_backend);
-    anyhow::ensure!(
-        on_demand.is_none() || backend == nifty::store::Backend::Native,
-        "--on-demand is served by `nifty serve`, for the native backend (add --backend native); \
-         systemd socket units for the systemd backend are not there yet"
-    );
     let rt = Runtime::new(&ctx.store)?;
     let spec = CreateSpec {
         name: String::new(),
@@ -139,13 +134,7 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<bool> {
     let insts = select_instances(ctx, &a.sel)?;
     let mut failed = Vec::new();
     let mut removable = Vec::new();
-    let running: Vec<_> = rt
-        .infos(&insts)
-        .into_iter()
-        .zip(&insts)
-        .filter(|(info, _)| info.state != State::Stopped)
-        .map(|(_, i)| i.clone())
-        .collect();
+    let running = rt.with_state(&insts, |s| s != State::Stopped);
     if !running.is_empty() && !a.force {
         for i in &running {
             failed.push((
@@ -237,13 +226,7 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         .iter()
         .map(|n| ctx.store.instance(n))
         .collect::<Result<Vec<_>, _>>()?;
-    let stopped: Vec<nifty::store::Instance> = rt
-        .infos(&insts)
-        .into_iter()
-        .zip(&insts)
-        .filter(|(info, _)| info.state == State::Stopped)
-        .map(|(_, i)| i.clone())
-        .collect();
+    let stopped = rt.with_state(&insts, |s| s == State::Stopped);
     let out = fleet::tracked(&ctx.printer, "start", stopped.len(), |done| {
         rt.start_many(&stopped, done)
     });

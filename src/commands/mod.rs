@@ -78,6 +78,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Set(a) => limits::set(&ctx, a)?,
         Command::Doctor(a) => doctor(&ctx, a)?,
         Command::Serve(a) => serve::serve(&ctx, &a)?,
+        Command::OnDemand(c) => serve::on_demand(&ctx, c)?,
         Command::Systemd(c) => systemd::run(&ctx, c)?,
         Command::Enable(a) => systemd::enable(&ctx, a, true)?,
         Command::Disable(a) => systemd::enable(&ctx, a, false)?,

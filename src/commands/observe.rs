@@ -39,15 +39,40 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
         return Ok(ok);
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    // The on-demand column only where there are on-demand instances.
+    let any_on_demand = infos.iter().any(|i| i.on_demand.is_some());
+    let now = nifty::runtime::ondemand::now();
     let _ = writeln!(
         out,
-        "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9} {:>6} {:>13}  TEMPLATE",
-        "NAME", "STATE", "BACKEND", "PID", "PORT", "UPTIME", "MEMORY", "CPU", "DISK"
+        "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9} {:>6} {:>13}  {}",
+        "NAME",
+        "STATE",
+        "BACKEND",
+        "PID",
+        "PORT",
+        "UPTIME",
+        "MEMORY",
+        "CPU",
+        "DISK",
+        if any_on_demand {
+            format!("{:<16}  ON DEMAND", "TEMPLATE")
+        } else {
+            "TEMPLATE".into()
+        },
     );
     for i in &infos {
+        let mut template = format!(
+            "{} v{}{}",
+            i.template,
+            i.template_version,
+            if i.behind { " (behind)" } else { "" }
+        );
+        if any_on_demand {
+            template = format!("{template:<16}");
+        }
         let _ = writeln!(
             out,
-            "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9} {:>6} {:>13}  {} v{}{}",
+            "{:<12} {:<8} {:<8} {:>8} {:>6} {:>9} {:>9} {:>6} {:>13}  {}{}",
             i.name,
             i.state,
             i.backend,
@@ -57,9 +82,12 @@ pub fn list(ctx: &Ctx) -> Result<bool> {
             i.memory_bytes.map_or("-".into(), human),
             i.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
             disk(i.disk_bytes, i.limits.disk),
-            i.template,
-            i.template_version,
-            if i.behind { " (behind)" } else { "" },
+            template,
+            match &i.on_demand {
+                Some(od) => format!("  {}", od.summary(now)),
+                None if any_on_demand => "  -".into(),
+                None => String::new(),
+            },
         );
     }
     let count = |st: State| infos.iter().filter(|i| i.state == st).count();
@@ -127,17 +155,25 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
         }
         None => println!("     Backend: {}", st.info.backend),
     }
+    let port_state = match &st.info.on_demand {
+        Some(od) if od.phase == nifty::runtime::ondemand::Phase::Unserved => {
+            "not held: run `nifty serve` (native) or start its socket unit (systemd)"
+        }
+        Some(_) => "held by the host: a connection starts it",
+        None if st.listening => "listening",
+        None => "not listening",
+    };
     println!(
-        "        Port: {} ({})  ssh -p {} {}@localhost",
-        inst.port,
-        if st.listening {
-            "listening"
-        } else {
-            "not listening"
-        },
-        inst.port,
-        inst.user
+        "        Port: {} ({port_state})  ssh -p {} {}@localhost",
+        inst.port, inst.port, inst.user
     );
+    if let Some(od) = &st.info.on_demand {
+        println!(
+            "   On demand: {}; idle timeout {}",
+            od.summary(nifty::runtime::ondemand::now()),
+            humantime::format_duration(std::time::Duration::from_secs(od.idle_timeout_secs))
+        );
+    }
     if let Some(m) = st.info.memory_bytes {
         println!("      Memory: {}", human(m));
     }

@@ -1,10 +1,82 @@
 //! `nifty serve`: holds the SSH ports of on-demand instances, starts each
-//! at its first connection and stops it when idle (see `nifty::serve`).
+//! at its first connection and stops it when idle (see `nifty::serve`);
+//! `nifty on-demand enable|disable|sweep`.
 
 use anyhow::{Context, Result};
+use nifty::runtime::Runtime;
+use nifty::store::OnDemand;
 
+use super::instance::select_instances;
 use super::Ctx;
-use crate::cli::ServeArgs;
+use crate::cli::{OnDemandCmd, ServeArgs};
+
+/// `nifty on-demand enable|disable|sweep`.
+pub fn on_demand(ctx: &Ctx, c: OnDemandCmd) -> Result<bool> {
+    let rt = Runtime::new(&ctx.store)?;
+    let (sel, want) = match c {
+        OnDemandCmd::Sweep => {
+            let swept = rt.sweep(&ctx.store, &rt.running_on_demand());
+            let mut ok = true;
+            for (name, r) in &swept.stopped {
+                match r {
+                    Ok(()) => ctx.printer.info(format!("instance {name}: idle, stopped")),
+                    Err(e) => {
+                        ok = false;
+                        eprintln!("nifty: instance {name}: idle, stop failed: {e}");
+                    }
+                }
+            }
+            return Ok(ok);
+        }
+        OnDemandCmd::Enable { sel, idle_timeout } => {
+            let od = match idle_timeout {
+                Some(t) => OnDemand::parse_idle(&t)?,
+                None => OnDemand {
+                    idle_timeout_secs: OnDemand::DEFAULT_IDLE.as_secs(),
+                },
+            };
+            (sel, Some(od))
+        }
+        OnDemandCmd::Disable { sel } => (sel, None),
+    };
+    let insts = select_instances(ctx, &sel)?;
+    // Refused as a whole before anything changes: a running one.
+    let running: Vec<String> = rt
+        .with_state(&insts, |s| s != nifty::runtime::State::Stopped)
+        .into_iter()
+        .filter(|i| i.on_demand.is_some() != want.is_some())
+        .map(|i| i.name)
+        .collect();
+    anyhow::ensure!(
+        running.is_empty(),
+        "{} running ({}): stop them first (`nifty stop`); an instance changes between \
+         on-demand and always-on while stopped (its inittab gains or loses its own Dropbear)",
+        running.len(),
+        nifty::fleet::name_list(&running)
+    );
+    let mut changed = 0;
+    for i in &insts {
+        if rt
+            .set_on_demand(i, want)
+            .with_context(|| format!("instance {}", i.name))?
+        {
+            changed += 1;
+        }
+    }
+    ctx.printer.info(match want {
+        Some(od) => format!(
+            "{changed} of {} instance(s) made on demand (idle timeout {}); their ports are \
+             held by `nifty serve` (native backend) or their socket units (systemd)",
+            insts.len(),
+            humantime::format_duration(std::time::Duration::from_secs(od.idle_timeout_secs)),
+        ),
+        None => format!(
+            "{changed} of {} instance(s) run always again: `nifty start` them",
+            insts.len()
+        ),
+    });
+    Ok(true)
+}
 
 pub fn serve(ctx: &Ctx, a: &ServeArgs) -> Result<bool> {
     anyhow::ensure!(

@@ -1,7 +1,7 @@
 //! `nifty systemd install|uninstall|show`, `enable`, `disable`, and the
 //! hidden `systemd exec` that nifty@.service runs.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nifty::runtime::{Runtime, StopOptions};
 
 use super::instance::select_instances;
@@ -14,6 +14,20 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
         SystemdCmd::Exec { name, nspawn } => {
             let e = nifty::runtime::systemd::exec_nspawn(&ctx.store, &name, &nspawn);
             Err(e.into())
+        }
+        SystemdCmd::Session => {
+            use std::os::fd::AsFd;
+            let conn = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("the connection on standard input")?;
+            // The connection is the session's alone: it ends when the
+            // session's Dropbear closes it.
+            let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
+            nifty::sys::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0)
+                .context("dup2(/dev/null, 0)")?;
+            let code = nifty::serve::session(&ctx.store, conn)?;
+            std::process::exit(code);
         }
         SystemdCmd::Install => {
             let sd = rt.systemd()?;

@@ -7,6 +7,7 @@
 pub mod linux;
 pub use linux::dbus;
 pub mod native;
+pub mod ondemand;
 pub mod status;
 pub mod systemd;
 
@@ -61,6 +62,10 @@ pub struct Info {
     pub disk_bytes: Option<u64>,
     /// Its limits.
     pub limits: crate::limits::Limits,
+    /// Where an on-demand instance is in its cycle (filled in by
+    /// [`Runtime::measure`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<ondemand::OnDemandInfo>,
 }
 
 impl Info {
@@ -84,6 +89,7 @@ impl Info {
             cpu_percent: None,
             disk_bytes: None,
             limits: inst.limits.clone(),
+            on_demand: None,
         }
     }
 }
@@ -177,8 +183,16 @@ pub trait Launcher: Sync {
     /// Refuses, before anything is created, what this backend cannot
     /// take (instance names, `--bind-ro` paths).
     fn check_create(&self, names: &[String], binds: &[String]) -> Result<()>;
-    /// Registers newly created instances (systemd: the unit's drop-ins).
+    /// Registers newly created instances (systemd: the unit's drop-ins;
+    /// an on-demand instance's socket).
     fn register(&self, insts: &[&Instance]) -> Result<()>;
+    /// Has the ports of these on-demand instances held by what starts
+    /// them at a connection (`on`), or no longer: systemd's sockets, or
+    /// the native launcher's `nifty serve`.
+    fn hold_ports(&self, insts: &[&Instance], on: bool) -> Result<()>;
+    /// Names of the instances that may be running (a cheap superset, for
+    /// sweeps: one directory read or one call).
+    fn running_names(&self) -> Vec<String>;
     /// Before `rm`: refuses while anything of the instance runs; clears
     /// what the backend keeps of a stopped one.
     fn release(&self, inst: &Instance) -> Result<()>;
@@ -297,6 +311,16 @@ impl Runtime {
             .collect()
     }
 
+    /// Those of `insts` whose state passes `keep`, in their order.
+    pub fn with_state(&self, insts: &[Instance], keep: impl Fn(State) -> bool) -> Vec<Instance> {
+        self.infos(insts)
+            .into_iter()
+            .zip(insts)
+            .filter(|(info, _)| keep(info.state))
+            .map(|(_, i)| i.clone())
+            .collect()
+    }
+
     pub fn info(&self, inst: &Instance) -> Info {
         self.infos(std::slice::from_ref(inst)).remove(0)
     }
@@ -351,6 +375,84 @@ impl Runtime {
         move_into_link_name_space(own.as_fd(), Some(LinkNameSpaceType::ProcessID))
             .map_err(Error::sys("setns(/proc/thread-self/ns/pid)"))?;
         child
+    }
+
+    /// `nifty on-demand enable|disable`: makes a stopped instance on
+    /// demand (`Some`: its Dropbear leaves its inittab and its backend
+    /// holds its port) or no longer. A new idle timeout alone is only
+    /// recorded. Returns whether anything changed.
+    pub fn set_on_demand(
+        &self,
+        inst: &Instance,
+        on_demand: Option<crate::store::OnDemand>,
+    ) -> Result<bool> {
+        let current = self.store.instance(&inst.name)?;
+        if current.on_demand == on_demand {
+            return Ok(false);
+        }
+        if current.on_demand.is_some() == on_demand.is_some() {
+            let _lock = linux::proc::lock(&self.store.instance_dir(&inst.name))?;
+            let mut next = self.store.instance(&inst.name)?;
+            next.on_demand = on_demand;
+            self.store.save_instance(&next)?;
+            return Ok(true);
+        }
+        // Its root, opened for writing, holds the instance's lock while it
+        // is stopped: it cannot be started meanwhile.
+        let root = self.open_root(&current)?;
+        let mut next = self.store.instance(&inst.name)?;
+        if self.info(&next).state != State::Stopped {
+            return Err(Error::Invalid(format!(
+                "instance {:?} is running: stop it first (`nifty stop {}`); {} takes effect \
+                 when it is stopped, as its inittab {} its own Dropbear",
+                inst.name,
+                inst.name,
+                if on_demand.is_some() {
+                    "on demand"
+                } else {
+                    "always-on"
+                },
+                if on_demand.is_some() {
+                    "loses"
+                } else {
+                    "gets back"
+                },
+            )));
+        }
+        let tab = match on_demand {
+            Some(_) => crate::template::inittab::render_on_demand(),
+            None => crate::template::inittab::render(Some(next.port)),
+        };
+        root.write("/etc/inittab", tab.as_bytes(), 0, 0, 0o644)?;
+        let launcher = self.of(&next)?;
+        if on_demand.is_none() {
+            launcher.hold_ports(&[&next], false)?;
+        }
+        next.on_demand = on_demand;
+        self.store.save_instance(&next)?;
+        if on_demand.is_some() {
+            launcher.hold_ports(&[&next], true)?;
+        } else {
+            ondemand::write_mark(&self.store, &next.name, &Default::default());
+        }
+        Ok(true)
+    }
+
+    /// The on-demand instances that may be running, of every backend
+    /// reachable here (for the idle sweep: no record of a stopped instance
+    /// is read).
+    pub fn running_on_demand(&self) -> Vec<Instance> {
+        let mut names = self.native.running_names();
+        if let Ok(sd) = self.systemd() {
+            names.extend(Launcher::running_names(sd));
+        }
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .filter_map(|n| self.store.instance(&n).ok())
+            .filter(|i| i.on_demand.is_some())
+            .collect()
     }
 
     /// The processes of an instance's container (none when it is stopped).
@@ -445,9 +547,11 @@ impl Runtime {
         out
     }
 
-    /// Fills in what instances use now: their disk, and CPU over
-    /// [`CPU_WINDOW`] for the running ones (one window for all of them).
+    /// Fills in what instances use now: their disk, the state of the
+    /// on-demand ones, and CPU over [`CPU_WINDOW`] for the running ones
+    /// (one window for all of them).
     pub fn measure(&self, insts: &[Instance], infos: &mut [Info]) {
+        ondemand::describe(&self.store, insts, infos);
         let sample = |infos: &[Info]| -> Vec<Option<u64>> {
             insts
                 .iter()

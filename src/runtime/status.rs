@@ -98,20 +98,72 @@ pub fn processes(pids: Vec<i32>) -> Vec<Proc> {
 /// Is a TCP port in LISTEN state on the host (the containers share its
 /// network)?
 pub fn listening(port: u16) -> bool {
-    let want = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f).is_ok_and(|s| {
-            s.lines().skip(1).any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
-            })
-        })
-    })
+    sockets().listening.contains(&port)
+}
+
+/// The TCP sockets of nifty's network namespace (the host's), by local
+/// port: which ports listen, and how many connections each has.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    pub listening: std::collections::HashSet<u16>,
+    pub established: std::collections::HashMap<u16, u32>,
+}
+
+/// Reads [`Sockets`] from /proc/net/tcp and tcp6 (one read each).
+pub fn sockets() -> Sockets {
+    let mut out = Sockets::default();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(f) {
+            parse_sockets(&text, &mut out);
+        }
+    }
+    out
+}
+
+/// One /proc/net/tcp table into `out`: `sl local rem st ...`, the local
+/// address `HEX:PORT`, the state `0A` LISTEN or `01` ESTABLISHED.
+fn parse_sockets(text: &str, out: &mut Sockets) {
+    for l in text.lines().skip(1) {
+        let mut cols = l.split_whitespace().skip(1);
+        let (Some(local), Some(_), Some(st)) = (cols.next(), cols.next(), cols.next()) else {
+            continue;
+        };
+        let Some(port) = local
+            .rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+        else {
+            continue;
+        };
+        match st {
+            "0A" => {
+                out.listening.insert(port);
+            }
+            "01" => *out.established.entry(port).or_default() += 1,
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sockets_are_read_by_local_port_and_state() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0899 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 0100007F:0899 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0100007F:0899 0100007F:D2F2 01 00000000:00000000 00:00000000 00000000     0        0 3 1
+   3: 0100007F:D2F0 0100007F:0899 01 00000000:00000000 00:00000000 00000000     0        0 4 1
+   4: 0100007F:089A 0100007F:D2F4 06 00000000:00000000 00:00000000 00000000     0        0 5 1
+";
+        let mut s = Sockets::default();
+        parse_sockets(table, &mut s);
+        assert!(s.listening.contains(&2201) && s.listening.len() == 1);
+        assert_eq!(s.established.get(&2201), Some(&2));
+        assert_eq!(s.established.get(&54000), Some(&1));
+        assert_eq!(s.established.get(&2202), None, "TIME_WAIT is no session");
+    }
 
     #[test]
     fn tail_reads_only_the_end_of_a_large_log() {

@@ -64,6 +64,22 @@ fn running(root: &Root) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// The on-demand state `list --json` shows of each instance.
+fn phases(root: &Root) -> std::collections::HashMap<String, serde_json::Value> {
+    let out = root.ok(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_string(),
+                i["on_demand"].clone(),
+            )
+        })
+        .collect()
+}
+
 /// Logs in to each of `names` at once; returns what each printed.
 fn logins(root: &Root, names: &[String], cmd: &str) -> Vec<(String, bool, String, String)> {
     std::thread::scope(|s| {
@@ -139,6 +155,11 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
         "no Dropbear of its own: {tab}"
     );
 
+    // Nothing holds their ports yet: `list` says so.
+    let p = phases(&root);
+    assert_eq!(p["7"]["phase"], "unserved", "{:?}", p["7"]);
+    assert_eq!(p["7"]["idle_timeout_secs"], 4);
+
     let mut serve = Serve::start(&root);
     let last = root.port("200");
     assert!(
@@ -170,6 +191,24 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     // The session's Dropbear is an inetd one, started for this connection.
     let out = root.ssh("3", "tr '\\0' ' ' < /proc/$PPID/cmdline");
     assert!(out.starts_with("/usr/sbin/dropbear -i "), "{out}");
+    // `list` shows who runs, who waits, and a session while it lasts.
+    std::thread::scope(|s| {
+        let h = s.spawn(|| root.ssh("4", "sleep 4; echo done"));
+        assert!(
+            wait_until(Duration::from_secs(10), || phases(&root)["4"]["sessions"]
+                == 1),
+            "{:?}",
+            phases(&root)["4"]
+        );
+        let p = phases(&root);
+        assert_eq!(p["4"]["phase"], "running");
+        assert_eq!(p["150"]["phase"], "idle", "{:?}", p["150"]);
+        assert_eq!(p["150"]["sessions"], 0);
+        let text = root.ok(&["list"]);
+        let row = text.lines().find(|l| l.starts_with("4 ")).unwrap();
+        assert!(row.ends_with("running, 1 session"), "{row}");
+        assert_eq!(h.join().unwrap(), "done\n");
+    });
 
     // kill -9 of serve: the instances keep running; a new serve adopts
     // them (same inits) and logs in again at once.
@@ -208,6 +247,7 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
         serve.log()
     );
     assert!(serve.log().contains("idle, stopped"), "{}", serve.log());
+    assert_eq!(phases(&root)["4"]["phase"], "idle");
     // And the next login starts one again.
     assert_eq!(root.ssh("5", "cat /proc/1/comm"), "init\n");
     serve.kill();
@@ -244,4 +284,66 @@ fn serve_says_which_port_it_cannot_hold_and_serves_the_rest() {
         serve.log()
     );
     assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
+}
+
+#[test]
+fn on_demand_enable_and_disable_change_stopped_instances_only() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "1", "2", "-q"]);
+    root.ok(&["start", "1", "-q"]);
+    let before = std::fs::read(root.path().join("instances/1/instance.toml")).unwrap();
+    // A running one is refused, with what to do; nothing changes.
+    let e = root.fails(&["on-demand", "enable", "1", "2"]);
+    assert!(e.contains("stop them first") && e.contains('1'), "{e}");
+    assert_eq!(
+        std::fs::read(root.path().join("instances/1/instance.toml")).unwrap(),
+        before
+    );
+    assert!(root.instance_toml("2").get("on_demand").is_none());
+    let e = root.fails(&["on-demand", "enable", "2", "--idle-timeout", "0"]);
+    assert!(e.contains("idle-timeout"), "{e}");
+    assert!(root.instance_toml("2").get("on_demand").is_none());
+
+    root.ok(&["on-demand", "enable", "2", "--idle-timeout", "3s"]);
+    let tab = std::fs::read_to_string(root.upper("2").join("etc/inittab")).unwrap();
+    assert!(
+        !tab.lines()
+            .any(|l| !l.starts_with('#') && l.contains("dropbear")),
+        "{tab}"
+    );
+    let serve = Serve::start(&root);
+    let port = root.port("2");
+    assert!(
+        wait_until(Duration::from_secs(20), || listening(port)),
+        "{}",
+        serve.log()
+    );
+    assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
+    assert!(
+        wait_until(Duration::from_secs(30), || phases(&root)["2"]["phase"]
+            == "idle"),
+        "{:?}\n{}",
+        phases(&root)["2"],
+        serve.log()
+    );
+    // Back to always-on: serve lets go of the port, the instance's own
+    // Dropbear listens on it when started.
+    root.ok(&["on-demand", "disable", "2"]);
+    assert!(root.instance_toml("2").get("on_demand").is_none());
+    assert!(
+        wait_until(Duration::from_secs(20), || !listening(port)),
+        "serve still holds {port}: {}",
+        serve.log()
+    );
+    root.ok(&["start", "2", "-q"]);
+    assert!(wait_port(port, Duration::from_secs(10)));
+    assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
+    assert!(phases(&root)["2"].is_null());
+    drop(serve);
+    root.ok(&["stop", "--all", "-q"]);
+    assert_clean(&root, &[]);
 }

@@ -508,3 +508,116 @@ fn systemd_backend_refused_without_systemd() {
     let e = root.fails(&["start", "1"]);
     assert!(e.contains("PID 1"), "{e}");
 }
+
+/// On-demand instances on the systemd backend: the article's socket
+/// activation. Each instance's port is a socket unit of systemd's
+/// (`nifty-ssh@NAME.socket`, `Accept=yes`); a connection starts
+/// `nifty@NAME.service` and gets its own `dropbear -i` inside; the idle
+/// sweep's timer stops idle ones; `rm` lets go of the port.
+#[test]
+fn on_demand_instances_under_systemd_socket_activation() {
+    if !privileged_systemd() {
+        return;
+    }
+    let host = SystemdHost::boot();
+    let root = &host.root;
+    host.nifty(&[
+        "create",
+        "1..200",
+        "--backend",
+        "systemd",
+        "--on-demand",
+        "--idle-timeout",
+        "4s",
+        "-q",
+    ]);
+    let socket = std::fs::read_to_string(host.etc.path().join("nifty-ssh@.socket")).unwrap();
+    assert!(socket.contains("Accept=yes"), "{socket}");
+    let dropin =
+        std::fs::read_to_string(host.etc.path().join("nifty-ssh@7.socket.d/50-nifty.conf"))
+            .unwrap();
+    assert!(
+        dropin.contains(&format!("ListenStream={}", root.port("7"))),
+        "{dropin}"
+    );
+    assert_eq!(
+        host.is_active("nifty-ssh@7.socket"),
+        "active",
+        "{}",
+        host.log()
+    );
+    assert_eq!(host.is_active("nifty-idle.timer"), "active");
+    let running = || -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&host.nifty(&["list", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["state"] == "running")
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        running().is_empty(),
+        "on-demand instances start only when asked"
+    );
+    let v: serde_json::Value = serde_json::from_str(&host.nifty(&["list", "--json"])).unwrap();
+    assert_eq!(v[6]["on_demand"]["phase"], "idle", "{}", v[6]);
+
+    // 20 logins at once, each to a stopped instance.
+    let twenty: Vec<String> = (1..=20).map(|n| n.to_string()).collect();
+    let outs: Vec<(String, bool, String, String)> = std::thread::scope(|s| {
+        let hs: Vec<_> = twenty
+            .iter()
+            .map(|n| {
+                s.spawn(move || {
+                    let (ok, out, err) = root.ssh_as(n, "luser", "cat /proc/1/comm; id -un");
+                    (n.clone(), ok, out, err)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (n, ok, out, err) in outs {
+        assert!(ok, "login to {n}: {err}\n{}", host.log());
+        assert_eq!(out, "init\nluser\n", "{n}");
+    }
+    let mut up = running();
+    up.sort_by_key(|n| n.parse::<u32>().unwrap_or(0));
+    assert_eq!(up, twenty, "exactly the 20 logged in to run");
+    assert_eq!(host.is_active("nifty@3.service"), "active");
+    let out = root.ssh("3", "tr '\\0' ' ' < /proc/$PPID/cmdline");
+    assert!(out.starts_with("/usr/sbin/dropbear -i "), "{out}");
+
+    // The timer's sweep stops them once idle for 4 s (it runs every 10 s).
+    let end = Instant::now() + Duration::from_secs(60);
+    while !running().is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        running().is_empty(),
+        "idle instances still run: {:?}\n{}",
+        running(),
+        host.stdout(&[
+            "journalctl",
+            "-u",
+            "nifty-idle.service",
+            "-n",
+            "30",
+            "--no-pager"
+        ])
+    );
+    assert_eq!(host.is_active("nifty@3.service"), "inactive");
+    // Still on demand: the next login starts it again.
+    assert_eq!(root.ssh("3", "cat /proc/1/comm"), "init\n");
+
+    // rm lets go of the ports.
+    let port7 = root.port("7");
+    host.nifty(&["rm", "-f", "--all", "-q"]);
+    assert!(!host.etc.path().join("nifty-ssh@7.socket.d").exists());
+    assert_ne!(host.is_active("nifty-ssh@7.socket"), "active");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port7)).is_err(),
+        "port of a removed instance still held"
+    );
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}

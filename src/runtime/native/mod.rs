@@ -724,6 +724,28 @@ impl super::Launcher for Native {
         self.cgroup(&inst.name).cpu_usage_us()
     }
 
+    fn hold_ports(&self, _: &[&Instance], _: bool) -> Result<()> {
+        // `nifty serve` holds them: it rescans when the instances
+        // directory changes, which this makes it do.
+        let dir = self.store.instances_dir();
+        let now = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, &dir, &now, rustix::fs::AtFlags::empty())
+            .map_err(Error::sys(format!("utimensat({})", dir.display())))
+    }
+
+    fn running_names(&self) -> Vec<String> {
+        self.cgroup_names()
+    }
+
     fn reap_orphans(&self, known: &[String]) -> Results {
         let mut out = Results::new();
         for n in self.cgroup_names() {

@@ -123,31 +123,126 @@ impl Systemd {
         Path::new(UNIT_DIR).join(format!("{}.d", self.names.unit(name)))
     }
 
-    /// The template unit as nifty would write it now.
-    pub fn render_template(&self) -> Result<String> {
+    /// nifty's own binary, as the units name it.
+    fn nifty_path(&self) -> Result<PathBuf> {
         let exe = crate::sys::exe_path()
             .map_err(|e| Error::Host(format!("cannot find nifty's own binary: {e}")))?;
         // A binary replaced while running reads as "<path> (deleted)": the
         // unit must name the path, where the new one is.
-        let nifty = PathBuf::from(
+        Ok(PathBuf::from(
             exe.to_string_lossy()
                 .trim_end_matches(" (deleted)")
                 .to_string(),
-        );
-        Ok(render_unit(&self.store, &nifty, &self.nspawn))
+        ))
     }
 
-    /// Writes the template unit if it is missing or differs; tells whether
-    /// it changed (and systemd must reload).
+    /// The template unit as nifty would write it now.
+    pub fn render_template(&self) -> Result<String> {
+        Ok(render_unit(&self.store, &self.nifty_path()?, &self.nspawn))
+    }
+
+    /// Every unit file of this store nifty writes, by path: the template
+    /// unit, the socket and session templates of on-demand instances, the
+    /// idle sweep and its timer, and `nifty serve`'s service.
+    fn unit_files(&self) -> Result<Vec<(PathBuf, String)>> {
+        let main = self.render_template()?;
+        let exe = self.nifty_path()?;
+        let extra = unit::on_demand_units(&unit::TemplateSpec {
+            names: &self.names,
+            nifty: &exe,
+            root: self.store.root(),
+            nspawn: &self.nspawn,
+            register: false,
+        });
+        Ok(std::iter::once((self.template_path(), main))
+            .chain(
+                extra
+                    .into_iter()
+                    .map(|(name, text)| (Path::new(UNIT_DIR).join(name), text)),
+            )
+            .collect())
+    }
+
+    /// Writes the unit files that are missing or differ; tells whether any
+    /// changed (and systemd must reload).
     fn write_template(&self) -> Result<bool> {
-        let text = self.render_template()?;
-        let path = self.template_path();
-        if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
-            return Ok(false);
+        let mut changed = false;
+        for (path, text) in self.unit_files()? {
+            if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
+                continue;
+            }
+            std::fs::create_dir_all(UNIT_DIR).map_err(Error::io("create", UNIT_DIR))?;
+            write_unit_file(&path, &text)?;
+            changed = true;
         }
-        std::fs::create_dir_all(UNIT_DIR).map_err(Error::io("create", UNIT_DIR))?;
-        write_unit_file(&path, &text)?;
-        Ok(true)
+        Ok(changed)
+    }
+
+    /// Directory of an on-demand instance's socket drop-ins.
+    pub fn socket_dropin_dir(&self, name: &str) -> PathBuf {
+        Path::new(UNIT_DIR).join(format!("{}.d", self.names.socket(name)))
+    }
+
+    /// On-demand instances get their port held by systemd (`on`): a socket
+    /// drop-in with the port, the socket enabled (it listens after a
+    /// reboot) and started, the idle sweep's timer too. Off: the sockets
+    /// are stopped and forgotten.
+    pub fn hold_ports(&self, insts: &[&Instance], on: bool) -> Result<()> {
+        if insts.is_empty() {
+            return Ok(());
+        }
+        let sockets: Vec<String> = insts.iter().map(|i| self.names.socket(&i.name)).collect();
+        let refs: Vec<&str> = sockets.iter().map(String::as_str).collect();
+        let m = self.manager()?;
+        if !on {
+            for s in &sockets {
+                // Not loaded or not running is fine.
+                let _ = m.stop_unit(s, "replace");
+            }
+            let _ = m.disable_unit_files(&refs, false);
+            for i in insts {
+                remove_dir(&self.socket_dropin_dir(&i.name))?;
+            }
+            return self.reload();
+        }
+        let mut changed = self.write_template()?;
+        for i in insts {
+            let dir = self.socket_dropin_dir(&i.name);
+            let path = dir.join("50-nifty.conf");
+            let text = unit::socket_dropin(&i.name, i.port);
+            if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
+                continue;
+            }
+            std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+            write_unit_file(&path, &text)?;
+            changed = true;
+        }
+        if changed {
+            self.reload()?;
+        }
+        let timer = self.names.sweep_timer();
+        let mut all = refs.clone();
+        all.push(&timer);
+        m.enable_unit_files(&all, false, true)
+            .map_err(dbus_err(format!("EnableUnitFiles({})", all.join(" "))))?;
+        self.reload()?;
+        for s in all {
+            m.start_unit(s, "replace")
+                .map_err(dbus_err(format!("StartUnit({s})")))?;
+        }
+        Ok(())
+    }
+
+    /// Names of the instances whose units may have a container (one call).
+    pub fn running_names(&self) -> Vec<String> {
+        self.states()
+            .map(|st| {
+                st.into_iter()
+                    .filter(|(_, (s, _))| may_run(s))
+                    .map(|(n, _)| n)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Writes an instance's drop-in if it is missing or differs.
@@ -194,15 +289,18 @@ impl Systemd {
                 if users.len() > 5 { ", ..." } else { "" }
             )));
         }
-        let path = self.template_path();
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                self.reload()?;
-                Ok(true)
+        let mut removed = false;
+        for (path, _) in self.unit_files()? {
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &path)(e)),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::io("remove", &path)(e)),
         }
+        if removed {
+            self.reload()?;
+        }
+        Ok(removed)
     }
 
     /// `systemctl daemon-reload`.
@@ -233,17 +331,21 @@ impl Systemd {
         if names.is_empty() {
             return Ok(());
         }
-        let units: Vec<String> = names.iter().map(|n| self.names.unit(n)).collect();
+        let mut units: Vec<String> = names.iter().map(|n| self.names.unit(n)).collect();
+        let m = self.manager()?;
+        for n in names {
+            // An on-demand instance's socket lets go of its port.
+            if self.socket_dropin_dir(n).exists() {
+                let _ = m.stop_unit(&self.names.socket(n), "replace");
+                units.push(self.names.socket(n));
+            }
+        }
         let refs: Vec<&str> = units.iter().map(String::as_str).collect();
         // Not enabled is fine: DisableUnitFiles only removes what exists.
-        let _ = self.manager()?.disable_unit_files(&refs, false);
+        let _ = m.disable_unit_files(&refs, false);
         for n in names {
-            let dir = self.dropin_dir(n);
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove", &dir)(e)),
-            }
+            remove_dir(&self.dropin_dir(n))?;
+            remove_dir(&self.socket_dropin_dir(n))?;
         }
         self.reload()
     }
@@ -484,7 +586,21 @@ impl super::Launcher for Systemd {
     }
 
     fn register(&self, insts: &[&Instance]) -> Result<()> {
-        self.prepare(insts)
+        self.prepare(insts)?;
+        let on_demand: Vec<&Instance> = insts
+            .iter()
+            .copied()
+            .filter(|i| i.on_demand.is_some())
+            .collect();
+        self.hold_ports(&on_demand, true)
+    }
+
+    fn hold_ports(&self, insts: &[&Instance], on: bool) -> Result<()> {
+        Systemd::hold_ports(self, insts, on)
+    }
+
+    fn running_names(&self) -> Vec<String> {
+        Systemd::running_names(self)
     }
 
     fn release(&self, _: &Instance) -> Result<()> {
@@ -535,6 +651,14 @@ impl super::Launcher for Systemd {
     fn reap_orphans(&self, _: &[String]) -> super::Results {
         // A unit outlives no instance: `rm` stops it first.
         Vec::new()
+    }
+}
+
+/// Removes a drop-in directory; a missing one is fine.
+fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", dir)(e)),
+        _ => Ok(()),
     }
 }
 

@@ -36,6 +36,38 @@ impl Names {
     pub fn pattern(&self) -> String {
         format!("{}@*.service", self.prefix)
     }
+
+    /// The socket template of on-demand instances: `nifty-ssh@.socket`.
+    pub fn socket_template(&self) -> String {
+        format!("{}-ssh@.socket", self.prefix)
+    }
+
+    /// The socket of one on-demand instance: `nifty-ssh@NAME.socket`.
+    pub fn socket(&self, instance: &str) -> String {
+        format!("{}-ssh@{}.socket", self.prefix, escape(instance))
+    }
+
+    /// The service each accepted connection runs (`Accept=yes`):
+    /// `nifty-ssh@.service`.
+    pub fn session_template(&self) -> String {
+        format!("{}-ssh@.service", self.prefix)
+    }
+
+    /// The idle sweep of on-demand instances: `nifty-idle.service`.
+    pub fn sweep_service(&self) -> String {
+        format!("{}-idle.service", self.prefix)
+    }
+
+    /// Its timer: `nifty-idle.timer`.
+    pub fn sweep_timer(&self) -> String {
+        format!("{}-idle.timer", self.prefix)
+    }
+
+    /// `nifty serve` (native on-demand instances) as a service:
+    /// `nifty.service`.
+    pub fn serve_service(&self) -> String {
+        format!("{}.service", self.prefix)
+    }
 }
 
 /// Escapes a string for a unit name like `systemd-escape`: `/` becomes
@@ -196,6 +228,147 @@ WantedBy=multi-user.target
     )
 }
 
+/// How often the idle sweep of on-demand instances runs under systemd.
+pub const SWEEP_EVERY_SECS: u64 = 10;
+
+/// The unit files of on-demand instances (and of `nifty serve`), by name.
+pub fn on_demand_units(spec: &TemplateSpec<'_>) -> Vec<(String, String)> {
+    let n = spec.names;
+    let root = exec_word(&spec.root.display().to_string());
+    let nifty = exec_word(&spec.nifty.display().to_string());
+    let head = |unit: String, what: &str| {
+        format!(
+            "# {unit}: {what}\n# Written by `nifty systemd install` (nifty {}); rewritten by it, do not edit.\n",
+            env!("CARGO_PKG_VERSION")
+        )
+    };
+    let instance_unit = format!("{}@%I.service", n.prefix);
+    vec![
+        (
+            n.socket_template(),
+            format!(
+                "{}\
+# systemd holds the SSH port of on-demand instance %I (the article's socket
+# activation); its port is in {prefix}-ssh@<instance>.socket.d/. Each
+# connection runs {session} on it (Accept=yes), which starts {unit} if it
+# is stopped and runs one `dropbear -i` in it on the connection.
+
+[Unit]
+Description=SSH port of on-demand nifty container %I
+Documentation=man:systemd.socket(5)
+
+[Socket]
+Accept=yes
+BindIPv6Only=both
+Backlog=1024
+MaxConnections=1024
+
+[Install]
+WantedBy=sockets.target
+",
+                head(n.socket_template(), "on-demand nifty instances."),
+                prefix = n.prefix,
+                session = n.session_template(),
+                unit = instance_unit,
+            ),
+        ),
+        (
+            n.session_template(),
+            format!(
+                "{}\
+# One SSH connection to an on-demand instance, on standard input. The
+# session's Dropbear joins the container (and its cgroup); this process
+# waits for it and ends with it.
+
+[Unit]
+Description=SSH session of an on-demand nifty container
+CollectMode=inactive-or-failed
+
+[Service]
+ExecStart={nifty} --root {root} systemd session
+StandardInput=socket
+StandardOutput=journal
+StandardError=journal
+",
+                head(
+                    n.session_template(),
+                    "a session of an on-demand nifty instance."
+                ),
+            ),
+        ),
+        (
+            n.sweep_service(),
+            format!(
+                "{}\
+[Unit]
+Description=Stop idle on-demand nifty containers
+
+[Service]
+Type=oneshot
+ExecStart={nifty} --root {root} on-demand sweep
+",
+                head(n.sweep_service(), "the idle sweep of on-demand instances."),
+            ),
+        ),
+        (
+            n.sweep_timer(),
+            format!(
+                "{}\
+[Unit]
+Description=Stop idle on-demand nifty containers every {every}s
+
+[Timer]
+OnActiveSec={every}s
+OnUnitActiveSec={every}s
+AccuracySec=1s
+
+[Install]
+WantedBy=timers.target
+",
+                head(n.sweep_timer(), "the idle sweep of on-demand instances."),
+                every = SWEEP_EVERY_SECS,
+            ),
+        ),
+        (
+            n.serve_service(),
+            format!(
+                "{}\
+# `nifty serve`: holds the SSH ports of the on-demand instances of the
+# native launcher, starts them at a connection and stops them when idle.
+# Enable it with `systemctl enable --now {service}`.
+
+[Unit]
+Description=nifty serve: on-demand nifty containers (native launcher)
+After=network.target
+
+[Service]
+ExecStart={nifty} --root {root} serve
+Restart=on-failure
+# The containers and their sessions are not this service's: stopping or
+# restarting it leaves them running (a new `serve` adopts them).
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+",
+                head(n.serve_service(), "nifty serve."),
+                service = n.serve_service(),
+            ),
+        ),
+    ]
+}
+
+/// The drop-in of an on-demand instance's socket: its port.
+pub fn socket_dropin(instance: &str, port: u16) -> String {
+    format!(
+        "\
+# The SSH port of on-demand nifty instance {instance}; written by nifty.
+[Socket]
+ListenStream={port}
+"
+    )
+}
+
 /// The drop-in of one instance: its limits as unit properties.
 pub fn dropin(instance: &str, limits: &crate::store::Limits) -> String {
     let mut s = format!(
@@ -274,6 +447,47 @@ mod tests {
         assert_eq!(n.instance_of("nifty@.service"), None);
         assert_eq!(n.instance_of("nifty-abc@1.service"), None);
         assert_eq!(n.instance_of("other@1.service"), None);
+    }
+
+    #[test]
+    fn on_demand_units_socket_activate_a_session_per_connection() {
+        let names = Names {
+            prefix: "nifty".into(),
+        };
+        let units = on_demand_units(&TemplateSpec {
+            names: &names,
+            nifty: Path::new("/usr/local/bin/nifty"),
+            root: Path::new("/var/lib/nifty"),
+            nspawn: Path::new("/usr/bin/systemd-nspawn"),
+            register: false,
+        });
+        let get = |n: &str| {
+            units
+                .iter()
+                .find(|(name, _)| name == n)
+                .unwrap_or_else(|| panic!("no {n}"))
+                .1
+                .clone()
+        };
+        let socket = get("nifty-ssh@.socket");
+        assert!(socket.contains("Accept=yes") && socket.contains("WantedBy=sockets.target"));
+        assert!(socket.contains("nifty@%I.service"), "{socket}");
+        let session = get("nifty-ssh@.service");
+        for want in [
+            "ExecStart=/usr/local/bin/nifty --root /var/lib/nifty systemd session",
+            "StandardInput=socket",
+            "StandardOutput=journal",
+        ] {
+            assert!(session.contains(want), "{want}: {session}");
+        }
+        assert!(get("nifty-idle.service").contains("on-demand sweep"));
+        assert!(get("nifty-idle.timer").contains("OnUnitActiveSec=10s"));
+        let serve = get("nifty.service");
+        assert!(
+            serve.contains("--root /var/lib/nifty serve") && serve.contains("KillMode=process")
+        );
+        assert_eq!(names.socket("my-box"), "nifty-ssh@my\\x2dbox.socket");
+        assert!(socket_dropin("1", 2201).contains("ListenStream=2201"));
     }
 
     #[test]

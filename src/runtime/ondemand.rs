@@ -1,0 +1,318 @@
+//! On-demand instances (`create --on-demand`) on either backend: what
+//! `nifty serve` (native) and the systemd socket units share. Whoever
+//! holds the port starts the instance at a connection; the idle sweep
+//! stops it when nothing of its users has run for its idle timeout.
+//!
+//! What nifty keeps of a running on-demand instance is its mark,
+//! `instances/NAME/on-demand.json`, a host-side file (not in the
+//! container's tree): since when it is idle (so a restarted `serve` or the
+//! next sweep of the systemd timer keeps counting), and a start in
+//! progress. Sessions are counted from the kernel: the connections to its
+//! port, which the host side accepted.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Info, Results, Runtime, State, StopOptions};
+use crate::store::{Instance, Store};
+
+/// Processes of an idle instance: its init and syslogd.
+pub const IDLE_PROCESSES: usize = 2;
+
+/// How long a start's mark is believed: one left by a `serve` killed in
+/// the middle of a start is stale after this.
+const STARTING_FOR_SECS: u64 = 60;
+
+/// The largest mark file read (it is nifty's own, but read with a bound).
+const MARK_MAX: u64 = 4096;
+
+/// What nifty keeps of an on-demand instance between sweeps.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// Unix time a start at a connection began (cleared once started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting: Option<u64>,
+    /// Unix time since which it has had no session and no process of its
+    /// users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<u64>,
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn mark_path(store: &Store, name: &str) -> PathBuf {
+    store.instance_dir(name).join("on-demand.json")
+}
+
+/// An instance's mark (empty when it has none or it cannot be read).
+pub fn read_mark(store: &Store, name: &str) -> Mark {
+    use std::io::Read;
+    let mut text = String::new();
+    match std::fs::File::open(mark_path(store, name)) {
+        Ok(f) => {
+            let _ = f.take(MARK_MAX).read_to_string(&mut text);
+            serde_json::from_str(&text).unwrap_or_default()
+        }
+        Err(_) => Mark::default(),
+    }
+}
+
+/// Writes an instance's mark (an empty one removes the file).
+pub fn write_mark(store: &Store, name: &str, mark: &Mark) {
+    let path = mark_path(store, name);
+    let r = if *mark == Mark::default() {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(crate::Error::io("remove", &path)(e))
+            }
+            _ => Ok(()),
+        }
+    } else {
+        let text = serde_json::to_vec(mark).unwrap_or_default();
+        crate::disk::write_atomic(&path, &text, 0o644)
+    };
+    if let Err(e) = r {
+        tracing::warn!("instance {name:?}: on-demand mark: {e}");
+    }
+}
+
+/// Marks instances as being started at a connection (`on`) or no longer.
+pub fn mark_starting(store: &Store, insts: &[Instance], on: bool) {
+    let t = now();
+    for i in insts {
+        let mut m = read_mark(store, &i.name);
+        m.starting = on.then_some(t);
+        if !on {
+            // A fresh start: whatever idleness was counted is over.
+            m.idle_since = None;
+        }
+        write_mark(store, &i.name, &m);
+    }
+}
+
+/// Where an on-demand instance is in its cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Stopped, its port held: the next connection starts it.
+    Idle,
+    /// Being started by a connection.
+    Starting,
+    /// Running (sessions or not).
+    Running,
+    /// Stopped and nobody holds its port: a connection is refused until
+    /// `nifty serve` runs (native) or its socket unit is started (systemd).
+    Unserved,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Idle => "idle",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Unserved => "unserved",
+        })
+    }
+}
+
+/// What `list` and `status` show of an on-demand instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct OnDemandInfo {
+    pub phase: Phase,
+    /// Open SSH connections to its port.
+    pub sessions: u32,
+    /// Unix time since which a running one has had nothing of its users
+    /// running (it is stopped at `idle_since + idle_timeout_secs`).
+    pub idle_since: Option<u64>,
+    pub idle_timeout_secs: u64,
+}
+
+impl OnDemandInfo {
+    /// One short phrase: `idle`, `running, 2 sessions`, `running, idle 3m`.
+    pub fn summary(&self, now: u64) -> String {
+        match (self.phase, self.idle_since) {
+            (Phase::Running, _) if self.sessions > 0 => {
+                format!(
+                    "running, {} session{}",
+                    self.sessions,
+                    if self.sessions == 1 { "" } else { "s" }
+                )
+            }
+            (Phase::Running, Some(t)) => format!(
+                "running, idle {}",
+                humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(t)))
+            ),
+            (Phase::Unserved, _) => "unserved: nothing holds its port".into(),
+            (p, _) => p.to_string(),
+        }
+    }
+}
+
+/// Fills in the on-demand state of `infos` (one read of the host's TCP
+/// tables, one small file per running on-demand instance).
+pub fn describe(store: &Store, insts: &[Instance], infos: &mut [Info]) {
+    if !insts.iter().any(|i| i.on_demand.is_some()) {
+        return;
+    }
+    let socks = super::status::sockets();
+    let t = now();
+    for (inst, info) in insts.iter().zip(infos.iter_mut()) {
+        let Some(od) = inst.on_demand else {
+            continue;
+        };
+        let mark = read_mark(store, &inst.name);
+        let starting = mark
+            .starting
+            .is_some_and(|s| t.saturating_sub(s) < STARTING_FOR_SECS);
+        let running = info.state != State::Stopped;
+        let phase = match (starting, running) {
+            (true, _) => Phase::Starting,
+            (false, true) => Phase::Running,
+            (false, false) if socks.listening.contains(&inst.port) => Phase::Idle,
+            (false, false) => Phase::Unserved,
+        };
+        info.on_demand = Some(OnDemandInfo {
+            phase,
+            sessions: socks.established.get(&inst.port).copied().unwrap_or(0),
+            idle_since: fresh_idle_since(&mark, info).filter(|_| running),
+            idle_timeout_secs: od.idle_timeout_secs,
+        });
+    }
+}
+
+/// A mark's idle time, unless it is older than the instance's current
+/// run (left from before a stop that did not clear it).
+fn fresh_idle_since(mark: &Mark, info: &Info) -> Option<u64> {
+    let since = mark.idle_since?;
+    let started = now().saturating_sub(info.uptime_secs?);
+    // Uptime is in whole seconds.
+    (since + 1 >= started).then_some(since)
+}
+
+/// How many of `pids` are in the PID namespace of the container's `init`
+/// (a backend's cgroup may hold its launcher too: systemd-nspawn).
+fn container_processes(pids: &[i32], init: i32) -> usize {
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let Some(own) = ns(init) else {
+        return pids.len();
+    };
+    pids.iter()
+        .filter(|p| ns(**p).as_ref() == Some(&own))
+        .count()
+}
+
+/// What one sweep did.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Instances stopped for idleness, with how each stop went.
+    pub stopped: Results,
+    /// On-demand instances still running after it.
+    pub running: Vec<String>,
+}
+
+impl Runtime {
+    /// The idle sweep: of `insts`, the running on-demand instances that
+    /// have had nothing but init and syslogd for their idle timeout are
+    /// stopped; the others have their idle time counted (in their marks).
+    pub fn sweep(&self, store: &Store, insts: &[Instance]) -> Swept {
+        let insts: Vec<Instance> = insts
+            .iter()
+            .filter(|i| i.on_demand.is_some())
+            .cloned()
+            .collect();
+        let t = now();
+        let mut due = Vec::new();
+        let mut out = Swept::default();
+        for (inst, info) in insts.iter().zip(self.infos(&insts)) {
+            if info.state != State::Running {
+                continue;
+            }
+            let mut mark = read_mark(store, &inst.name);
+            let busy = match info.pid {
+                Some(init) => container_processes(&self.processes(inst), init) > IDLE_PROCESSES,
+                None => true,
+            };
+            let before = mark.clone();
+            if busy {
+                mark.idle_since = None;
+            } else if fresh_idle_since(&mark, &info).is_none() {
+                mark.idle_since = Some(t);
+            }
+            if mark != before {
+                write_mark(store, &inst.name, &mark);
+            }
+            let timeout = inst.on_demand.map_or(u64::MAX, |o| o.idle_timeout_secs);
+            match mark.idle_since {
+                Some(since) if t.saturating_sub(since) >= timeout => due.push(inst.clone()),
+                _ => out.running.push(inst.name.clone()),
+            }
+        }
+        if !due.is_empty() {
+            out.stopped = self.stop_many(&due, StopOptions::default(), &|_| {});
+            for (name, r) in &out.stopped {
+                if r.is_ok() {
+                    write_mark(store, name, &Mark::default());
+                } else {
+                    out.running.push(name.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_round_trip_and_an_empty_one_is_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(Some(d.path().to_path_buf()));
+        std::fs::create_dir_all(store.instance_dir("1")).unwrap();
+        assert_eq!(read_mark(&store, "1"), Mark::default());
+        let m = Mark {
+            starting: None,
+            idle_since: Some(1234),
+        };
+        write_mark(&store, "1", &m);
+        assert_eq!(read_mark(&store, "1"), m);
+        write_mark(&store, "1", &Mark::default());
+        assert!(!mark_path(&store, "1").exists());
+        // A mark that is not one reads as none.
+        std::fs::write(mark_path(&store, "1"), "{{{").unwrap();
+        assert_eq!(read_mark(&store, "1"), Mark::default());
+    }
+
+    #[test]
+    fn summaries_say_sessions_or_idle_time() {
+        let i = |phase, sessions, idle_since| OnDemandInfo {
+            phase,
+            sessions,
+            idle_since,
+            idle_timeout_secs: 600,
+        };
+        assert_eq!(i(Phase::Idle, 0, None).summary(100), "idle");
+        assert_eq!(
+            i(Phase::Running, 2, None).summary(100),
+            "running, 2 sessions"
+        );
+        assert_eq!(
+            i(Phase::Running, 1, None).summary(100),
+            "running, 1 session"
+        );
+        assert_eq!(
+            i(Phase::Running, 0, Some(10)).summary(100),
+            "running, idle 1m 30s"
+        );
+        assert_eq!(i(Phase::Starting, 0, None).summary(100), "starting");
+        assert!(i(Phase::Unserved, 0, None).summary(100).contains("port"));
+    }
+}
