@@ -283,12 +283,20 @@ impl Systemd {
             .collect();
         if !users.is_empty() {
             return Err(Error::Invalid(format!(
-                "{} instance(s) still use the systemd backend ({}{}); remove them first (`nifty rm -f`)",
+                "{} instance(s) still use the systemd backend ({}); remove them first (`nifty rm -f`)",
                 users.len(),
-                users[..users.len().min(5)].join(", "),
-                if users.len() > 5 { ", ..." } else { "" }
+                crate::fleet::name_list(&users),
             )));
         }
+        // The sweep's timer and `nifty serve`'s service, if they run or
+        // are enabled, end with their files.
+        let m = self.manager()?;
+        let services = [self.names.sweep_timer(), self.names.serve_service()];
+        for u in &services {
+            let _ = m.stop_unit(u, "replace");
+        }
+        let refs: Vec<&str> = services.iter().map(String::as_str).collect();
+        let _ = m.disable_unit_files(&refs, false);
         let mut removed = false;
         for (path, _) in self.unit_files()? {
             match std::fs::remove_file(&path) {
