@@ -513,6 +513,21 @@ pub struct CreateArgs {
     /// of its users stays up (90s, 10m, 1h) [default: 10m].
     #[arg(long, value_name = "DURATION", requires = "on_demand")]
     pub idle_timeout: Option<String>,
+    /// The instance's network: `host` (the article's: it shares the host's)
+    /// or `none` (a namespace of its own, loopback only; with --on-demand,
+    /// whose SSH port is held on the host) [default: host].
+    #[arg(long, value_name = "NETWORK", value_parser = parse_network)]
+    pub network: Option<nifty::store::Network>,
+}
+
+fn parse_network(s: &str) -> Result<nifty::store::Network, String> {
+    match s {
+        "host" => Ok(nifty::store::Network::Host),
+        "none" => Ok(nifty::store::Network::None),
+        _ => Err(format!(
+            "{s:?}: use host (the host's network) or none (loopback only)"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -189,10 +189,11 @@ pub enum Step {
     Landlock,
     Seccomp,
     ExecInit,
+    Loopback,
 }
 
 impl Step {
-    pub const ALL: [Step; 25] = [
+    pub const ALL: [Step; 26] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::EnterEmptyRoot,
@@ -218,6 +219,7 @@ impl Step {
         Step::Landlock,
         Step::Seccomp,
         Step::ExecInit,
+        Step::Loopback,
     ];
 
     pub fn from_u8(b: u8) -> Option<Step> {
@@ -252,6 +254,7 @@ impl Step {
             Step::Landlock => "landlock_restrict_self (its own port, abstract sockets)",
             Step::Seccomp => "installing the seccomp filter",
             Step::ExecInit => "execve(/sbin/init)",
+            Step::Loopback => "bringing up lo in its own network namespace (SIOCSIFFLAGS)",
         }
     }
 }

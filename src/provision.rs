@@ -31,6 +31,8 @@ pub struct CreateSpec {
     /// Started by `nifty serve` at its first connection (no Dropbear of
     /// its own in its inittab).
     pub on_demand: Option<crate::store::OnDemand>,
+    /// Its network (`none` only for on-demand instances).
+    pub network: crate::store::Network,
 }
 
 /// Directories of the template that BusyBox init, syslogd and Dropbear
@@ -219,6 +221,7 @@ fn write_instance(
         template_version: tmpl.version,
         disk_store: spec.limits.disk.is_some(),
         on_demand: spec.on_demand,
+        network: spec.network,
     };
     // The upper layer belongs to the container's root.
     if let Some(base) = inst.security.uid_base {

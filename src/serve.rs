@@ -103,6 +103,7 @@ pub fn listen(port: u16) -> std::result::Result<OwnedFd, rustix::io::Errno> {
 /// line per event (started, stopped, a port that cannot be held).
 pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let _lock = lock(store)?;
+    raise_nofile();
     let rt = Runtime::new(store)?;
     let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::sys("epoll_create1"))?;
     let mut served: HashMap<String, Served> = HashMap::new();
@@ -265,6 +266,23 @@ pub fn session(store: &Store, conn: OwnedFd) -> Result<i32> {
         .wait()
         .map_err(Error::io("wait for the session of", &inst.name))?;
     Ok(st.code().unwrap_or(1))
+}
+
+/// One listening socket per on-demand instance: the soft limit of open
+/// files goes up to the hard one (as systemd's services get), so that
+/// tens of thousands can be held; `rescan` names a port it cannot hold.
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: l.maximum,
+                maximum: l.maximum,
+            },
+        );
+    }
 }
 
 /// The epoll key of a listener: its fd number.

@@ -117,6 +117,37 @@ pub struct Instance {
     /// `nifty serve`, which holds its port (`create --on-demand`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_demand: Option<OnDemand>,
+    /// Its network: the host's (the article's), or a namespace of its own
+    /// with loopback only (on-demand instances, whose SSH port is held on
+    /// the host side).
+    #[serde(default, skip_serializing_if = "Network::is_host")]
+    pub network: Network,
+}
+
+/// The network an instance runs in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The host's network namespace, as in the article.
+    #[default]
+    Host,
+    /// A network namespace of its own with loopback only.
+    None,
+}
+
+impl Network {
+    pub fn is_host(&self) -> bool {
+        *self == Network::Host
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Network::Host => "host",
+            Network::None => "none",
+        })
+    }
 }
 
 /// How an on-demand instance is run by `nifty serve`.

@@ -39,6 +39,33 @@ pub fn dup2(old: RawFd, new: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Brings the loopback interface of the calling thread's network namespace
+/// up (ioctl SIOCSIFFLAGS on "lo"), as `ip link set lo up` does; a new
+/// network namespace has it down. Allocation-free: it runs in a vfork
+/// child.
+pub fn loopback_up() -> std::io::Result<()> {
+    use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+    let sock = socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
+    // SAFETY: an all-zero ifreq is a valid value of this plain C struct.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: `sock` is an open socket and `req` a valid, initialised
+    // ifreq that outlives the call; SIOCSIFFLAGS only reads it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// execve(2) with NULL-terminated argument and environment arrays prepared
 /// before a fork. Returns only on failure.
 pub fn execve(path: &CStr, argv: &[*const c_char], envp: &[*const c_char]) -> std::io::Error {

@@ -45,6 +45,11 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
         }),
         (None, false) => None,
     };
+    anyhow::ensure!(
+        a.network != Some(nifty::store::Network::None) || on_demand.is_some(),
+        "--network none needs --on-demand: an always-on instance's Dropbear listens inside \
+         it, where nothing could reach it without the host's network"
+    );
     let backend = a.backend.unwrap_or_else(runtime::default_backend);
     let rt = Runtime::new(&ctx.store)?;
     let spec = CreateSpec {
@@ -58,6 +63,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
         seccomp: !a.no_seccomp,
         drop_caps: !a.keep_caps,
         on_demand,
+        network: a.network.unwrap_or_default(),
     };
     let out = create_all(ctx, &rt, &names, &spec)?;
     if names.len() == 1 && out.failed.is_empty() {
@@ -216,6 +222,7 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
             seccomp: true,
             drop_caps: true,
             on_demand: None,
+            network: Default::default(),
         };
         let out = create_all(ctx, &rt, &missing, &spec)?;
         if !out.report(&ctx.printer, "create") {

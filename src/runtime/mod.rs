@@ -390,6 +390,13 @@ impl Runtime {
         if current.on_demand == on_demand {
             return Ok(false);
         }
+        if on_demand.is_none() && current.network == crate::store::Network::None {
+            return Err(Error::Invalid(format!(
+                "instance {:?} has a network of its own (--network none): only its on-demand \
+                 sessions, handed in from the host, reach it; it stays on demand",
+                inst.name
+            )));
+        }
         if current.on_demand.is_some() == on_demand.is_some() {
             let _lock = linux::proc::lock(&self.store.instance_dir(&inst.name))?;
             let mut next = self.store.instance(&inst.name)?;

@@ -343,6 +343,28 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
     assert!(wait_port(port, Duration::from_secs(10)));
     assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
     assert!(phases(&root)["2"].is_null());
+
+    // A network of its own: loopback only, reached through the host's
+    // listener all the same; it cannot be made always-on.
+    let e = root.fails(&["create", "3", "--network", "none"]);
+    assert!(e.contains("--on-demand"), "{e}");
+    assert!(!root.path().join("instances/3").exists());
+    root.ok(&["create", "3", "--on-demand", "--network", "none", "-q"]);
+    let port3 = root.port("3");
+    assert!(
+        wait_until(Duration::from_secs(20), || listening(port3)),
+        "{}",
+        serve.log()
+    );
+    assert_eq!(root.ssh("3", "ls /sys/class/net"), "lo\n");
+    let inside = root.ssh("3", "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | wc -l");
+    assert!(
+        inside.trim().parse::<u32>().unwrap() <= 2,
+        "host sockets seen: {inside}"
+    );
+    root.ok(&["stop", "3", "-q"]);
+    let e = root.fails(&["on-demand", "disable", "3"]);
+    assert!(e.contains("network of its own"), "{e}");
     drop(serve);
     root.ok(&["stop", "--all", "-q"]);
     assert_clean(&root, &[]);

@@ -89,6 +89,7 @@ impl Native {
             landlock: net.landlock,
             seccomp,
             mask_proc: true,
+            own_network: inst.network == crate::store::Network::None,
         };
         Ok((c, net.bind))
     }
@@ -455,10 +456,11 @@ impl Native {
             rustix::fs::open(&p, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
                 .map_err(Error::sys(format!("open({})", p.display())))
         };
-        let (mnt, uts, ipc, pidns) = (
+        let (mnt, uts, ipc, net, pidns) = (
             open_ns("mnt")?,
             open_ns("uts")?,
             open_ns("ipc")?,
+            open_ns("net")?,
             open_ns("pid")?,
         );
         let account = match user {
@@ -576,6 +578,8 @@ impl Native {
                 Some(LinkNameSpaceType::InterProcessCommunication),
             )
             .map_err(err)?;
+            move_into_link_name_space(net.as_fd(), Some(LinkNameSpaceType::Network))
+                .map_err(err)?;
             for f in &cgroup_files {
                 rustix::io::write(f, b"0").map_err(err)?;
             }

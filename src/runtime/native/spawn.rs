@@ -100,6 +100,8 @@ pub struct Confine {
     pub seccomp: Vec<seccompiler::BpfProgram>,
     /// Mask sensitive /proc paths and mount /sys read-only.
     pub mask_proc: bool,
+    /// A network namespace of its own, loopback only (`--network none`).
+    pub own_network: bool,
 }
 
 /// /proc files hidden behind /dev/null.
@@ -350,6 +352,12 @@ pub fn spawn(
     if plan.confine.userns.is_none() {
         flags |= libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     }
+    // A network of its own is made here, owned by the host's user
+    // namespace like the mount and PID ones: the container's root cannot
+    // reconfigure it, and the /sys mounted below shows its interfaces.
+    if plan.confine.own_network {
+        flags |= libc::CLONE_NEWNET;
+    }
     let failure = AtomicU64::new(0);
     let mut stack = vec![0u8; CHILD_STACK];
     let spawned = sys::spawn_vfork(flags, &mut stack, &mut || {
@@ -539,6 +547,11 @@ fn child(
     }
     for ((_, inside), fd) in plan.binds.iter().zip(&mounts.binds) {
         attach(Step::BindRo, fd, inside);
+    }
+    if plan.confine.own_network {
+        if let Err(e) = sys::loopback_up() {
+            fail(Step::Loopback, e.raw_os_error().unwrap_or(0));
+        }
     }
     // Into the root: under it is only the empty tmpfs.
     check(Step::Chroot, rustix::process::chroot(c"."));

@@ -145,6 +145,10 @@ fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
         target.display()
     )))?;
     let mut args = Vec::new();
+    if inst.network == crate::store::Network::None {
+        // Loopback only, as native ones (`--network none`).
+        args.push("--private-network".into());
+    }
     match inst.security.uid_base {
         Some(base) => {
             args.push(format!("--private-users={base}:65536"));
