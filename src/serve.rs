@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 use rustix::event::epoll;
 use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType};
 
+use crate::runtime::linux::steer::{self, Steer};
 use crate::runtime::{ondemand, Runtime, State};
 use crate::store::{Instance, Store};
 use crate::{Error, Result};
 
-/// Every this many checks, the state of every served instance is read
-/// again (instances started by `nifty start` are swept too) and the state
-/// root rescanned even if its instances directory did not change.
+/// Every this many checks, the running instances are found again from the
+/// kernel (one directory read: instances started by `nifty start` are
+/// swept too).
 const FULL_CHECK_EVERY: u32 = 12;
 
 /// How `serve` runs.
@@ -43,7 +44,31 @@ pub struct Options {
 /// One on-demand instance being served.
 struct Served {
     inst: Instance,
-    listener: OwnedFd,
+    /// Its own listening socket; `None` where its port is steered.
+    listener: Option<OwnedFd>,
+}
+
+/// What an epoll key stands for.
+#[derive(Debug, Clone)]
+enum Key {
+    /// One of the steering listeners (connections to any steered port).
+    Steered(usize),
+    /// An instance's own listening socket.
+    Instance(String),
+}
+
+/// Everything `serve` holds.
+struct Server<'a> {
+    store: &'a Store,
+    ep: OwnedFd,
+    /// One pair of listeners for every port (BPF `sk_lookup`), or `None`:
+    /// a listening socket per port.
+    steer: Option<Steer>,
+    served: HashMap<String, Served>,
+    by_key: HashMap<u64, Key>,
+    by_port: HashMap<u16, String>,
+    /// Instances whose port could not be held, said once.
+    refused: HashMap<String, String>,
 }
 
 /// What one round of connections did.
@@ -105,16 +130,11 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let _lock = lock(store)?;
     raise_nofile();
     let rt = Runtime::new(store)?;
-    let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::sys("epoll_create1"))?;
-    let mut served: HashMap<String, Served> = HashMap::new();
-    // Listener (its epoll key) to instance.
-    let mut by_key: HashMap<u64, String> = HashMap::new();
+    let mut srv = Server::new(store, say)?;
     // Sessions started here and not yet reaped.
     let mut sessions: Vec<std::process::Child> = Vec::new();
-    // Instances whose port could not be held, said once.
-    let mut refused: HashMap<String, String> = HashMap::new();
     // The on-demand instances known to run: the idle sweep reads only
-    // these, and every instance's state only at a full check.
+    // these; those started otherwise are found at a full check.
     let mut running: HashSet<String> = HashSet::new();
     let mut seen_dir: Option<std::time::SystemTime> = None;
     let mut checks: u32 = 0;
@@ -129,35 +149,21 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
             let dir = std::fs::metadata(store.instances_dir())
                 .and_then(|m| m.modified())
                 .ok();
-            if full || dir != seen_dir {
+            if dir != seen_dir {
                 seen_dir = dir;
-                rescan(
-                    store,
-                    &ep,
-                    &mut served,
-                    &mut by_key,
-                    &mut refused,
-                    true,
-                    say,
-                )?;
-            } else if !refused.is_empty() {
-                rescan(
-                    store,
-                    &ep,
-                    &mut served,
-                    &mut by_key,
-                    &mut refused,
-                    false,
-                    say,
-                )?;
+                srv.rescan(true, say)?;
+            } else if !srv.refused.is_empty() {
+                srv.rescan(false, say)?;
             }
             let insts: Vec<Instance> = if full {
-                let all: Vec<Instance> = served.values().map(|s| s.inst.clone()).collect();
-                rt.with_state(&all, |s| s == State::Running)
+                rt.running_on_demand()
+                    .into_iter()
+                    .filter(|i| srv.served.contains_key(&i.name))
+                    .collect()
             } else {
                 running
                     .iter()
-                    .filter_map(|n| served.get(n).map(|s| s.inst.clone()))
+                    .filter_map(|n| srv.served.get(n).map(|s| s.inst.clone()))
                     .collect()
             };
             let swept = rt.sweep(store, &insts);
@@ -172,40 +178,257 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
         }
         sessions.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         let wait = next_check.saturating_duration_since(Instant::now());
-        match epoll::wait(&ep, &mut events, wait.as_millis().min(1000) as i32) {
+        match epoll::wait(&srv.ep, &mut events, wait.as_millis().min(1000) as i32) {
             Ok(()) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(Error::sys("epoll_wait")(e)),
         }
-        // Every connection waiting on every ready port, then the stopped
+        // Every connection waiting on every ready socket, then the stopped
         // ones among their instances started at once, then the sessions.
         let mut conns: Vec<(String, OwnedFd)> = Vec::new();
         for ev in &events {
-            let Some(name) = by_key.get(&ev.data.u64()).cloned() else {
-                continue;
-            };
-            let s = &served[&name];
-            loop {
-                match rustix::net::accept_with(&s.listener, SocketFlags::CLOEXEC) {
-                    Ok(c) => conns.push((name.clone(), c)),
-                    Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
-                    Err(e) => {
-                        tracing::warn!("instance {name:?}: accept on port {}: {e}", s.inst.port);
-                        break;
-                    }
-                }
+            if let Some(key) = srv.by_key.get(&ev.data.u64()).cloned() {
+                srv.accept_all(&key, &mut conns);
             }
         }
         if conns.is_empty() {
             continue;
         }
-        let counts = serve_connections(store, &rt, &mut served, conns, &mut sessions, say);
+        let counts = serve_connections(store, &rt, &mut srv.served, conns, &mut sessions, say);
         running.extend(counts.up);
         tracing::debug!(
             started = counts.started,
             sessions = counts.sessions,
             "connections served"
         );
+    }
+}
+
+/// Accepts what waits on `fd` (nonblocking), into `out` as (key, conn).
+fn accept_from(fd: &OwnedFd, mut out: impl FnMut(OwnedFd)) {
+    loop {
+        match rustix::net::accept_with(fd, SocketFlags::CLOEXEC) {
+            Ok(c) => out(c),
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                break;
+            }
+        }
+    }
+}
+
+impl<'a> Server<'a> {
+    fn new(store: &'a Store, say: &dyn Fn(String)) -> Result<Server<'a>> {
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::sys("epoll_create1"))?;
+        let steer = if crate::runtime::linux::features::forced("steer") {
+            say("a listening socket per port (NIFTY_FALLBACKS=steer)".into());
+            None
+        } else {
+            match Steer::new() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    say(format!(
+                        "a listening socket per port: BPF sk_lookup (Linux 5.9) is not \
+                         available here ({e})"
+                    ));
+                    None
+                }
+            }
+        };
+        let mut by_key = HashMap::new();
+        if let Some(st) = &steer {
+            for (i, l) in st.listeners.iter().enumerate() {
+                epoll::add(
+                    &ep,
+                    l,
+                    epoll::EventData::new_u64(key(l)),
+                    epoll::EventFlags::IN,
+                )
+                .map_err(Error::sys("epoll_ctl(EPOLL_CTL_ADD)"))?;
+                by_key.insert(key(l), Key::Steered(i));
+            }
+        }
+        Ok(Server {
+            store,
+            ep,
+            steer,
+            served: HashMap::new(),
+            by_key,
+            by_port: HashMap::new(),
+            refused: HashMap::new(),
+        })
+    }
+
+    /// Accepts every connection waiting behind `key`, with the instance
+    /// each is for (a steered one by the port it came in on).
+    fn accept_all(&self, key: &Key, conns: &mut Vec<(String, OwnedFd)>) {
+        match key {
+            Key::Instance(name) => {
+                if let Some(l) = self.served.get(name).and_then(|s| s.listener.as_ref()) {
+                    accept_from(l, |c| conns.push((name.clone(), c)));
+                }
+            }
+            Key::Steered(i) => {
+                let Some(l) = self.steer.as_ref().and_then(|s| s.listeners.get(*i)) else {
+                    return;
+                };
+                accept_from(l, |c| {
+                    match steer::local_port(&c)
+                        .ok()
+                        .and_then(|p| self.by_port.get(&p))
+                    {
+                        Some(name) => conns.push((name.clone(), c)),
+                        // A port let go of since: the connection ends.
+                        None => drop(c),
+                    }
+                });
+            }
+        }
+    }
+
+    /// Takes up new on-demand instances (their ports held from now on) and
+    /// lets go of removed ones and of those no longer on demand. With
+    /// `full` false, only retries the ports that could not be held.
+    fn rescan(&mut self, full: bool, say: &dyn Fn(String)) -> Result<()> {
+        let names: Vec<String> = if full {
+            self.store.instance_names()?
+        } else {
+            self.refused.keys().cloned().collect()
+        };
+        let mut wanted: HashMap<String, Instance> = HashMap::new();
+        for name in &names {
+            if let Ok(inst) = self.store.instance(name) {
+                if inst.on_demand.is_some() {
+                    wanted.insert(name.clone(), inst);
+                }
+            }
+        }
+        let before = self.by_port.len();
+        let mut changed = false;
+        if full {
+            self.refused.retain(|n, _| wanted.contains_key(n));
+            let gone: Vec<String> = self
+                .served
+                .iter()
+                // Gone, no longer on demand, or moved to another port.
+                .filter(|(name, s)| !wanted.get(*name).is_some_and(|i| i.port == s.inst.port))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in gone {
+                changed = true;
+                if let Some(s) = self.served.remove(&name) {
+                    self.let_go(&s);
+                }
+            }
+        }
+        // Ports something else listens on are not taken (steering would
+        // take their connections): read once.
+        let listening =
+            if self.steer.is_some() && wanted.keys().any(|n| !self.served.contains_key(n)) {
+                crate::runtime::status::sockets().listening
+            } else {
+                HashSet::new()
+            };
+        for (name, inst) in wanted {
+            if let Some(s) = self.served.get_mut(&name) {
+                s.inst = inst;
+                continue;
+            }
+            match self.hold(&inst, &listening) {
+                Ok(listener) => {
+                    changed = true;
+                    if self.refused.remove(&name).is_some() {
+                        say(format!("instance {name}: port {} held now", inst.port));
+                    }
+                    self.by_port.insert(inst.port, name.clone());
+                    self.served.insert(name, Served { inst, listener });
+                }
+                Err(e) => {
+                    let why = format!(
+                        "instance {name}: cannot hold its port {}: {e} (something else listens \
+                         there: `ss -ltnp 'sport = :{}'`); it is not served until that ends",
+                        inst.port, inst.port
+                    );
+                    if self.refused.insert(name, why.clone()).is_none() {
+                        say(why);
+                    }
+                }
+            }
+        }
+        if changed {
+            self.publish();
+            if self.by_port.len() != before {
+                say(format!(
+                    "holding the ports of {} on-demand instance(s){}",
+                    self.by_port.len(),
+                    if self.steer.is_some() {
+                        " (one socket, BPF sk_lookup)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds an instance's port: steered, or a listening socket of its own
+    /// (returned, in the epoll set).
+    fn hold(
+        &mut self,
+        inst: &Instance,
+        listening: &HashSet<u16>,
+    ) -> std::result::Result<Option<OwnedFd>, rustix::io::Errno> {
+        if let Some(st) = &self.steer {
+            if listening.contains(&inst.port) {
+                return Err(rustix::io::Errno::ADDRINUSE);
+            }
+            st.set(inst.port, true).map_err(|e| {
+                rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
+            })?;
+            return Ok(None);
+        }
+        let listener = listen(inst.port)?;
+        epoll::add(
+            &self.ep,
+            &listener,
+            epoll::EventData::new_u64(key(&listener)),
+            epoll::EventFlags::IN,
+        )?;
+        self.by_key
+            .insert(key(&listener), Key::Instance(inst.name.clone()));
+        Ok(Some(listener))
+    }
+
+    /// Lets go of a served instance's port.
+    fn let_go(&mut self, s: &Served) {
+        match &s.listener {
+            Some(l) => {
+                let _ = epoll::delete(&self.ep, l);
+                self.by_key.remove(&key(l));
+            }
+            None => {
+                if let Some(st) = &self.steer {
+                    let _ = st.set(s.inst.port, false);
+                }
+            }
+        }
+        self.by_port.remove(&s.inst.port);
+    }
+
+    /// Writes the ports held now, for `list` (`serve.ports`).
+    fn publish(&self) {
+        let mut ports: Vec<u16> = self.by_port.keys().copied().collect();
+        ports.sort_unstable();
+        let text: String = ports.iter().map(|p| format!("{p}\n")).collect();
+        if let Err(e) = crate::disk::write_atomic(
+            &ondemand::served_ports_path(self.store),
+            text.as_bytes(),
+            0o644,
+        ) {
+            tracing::warn!("{e}");
+        }
     }
 }
 
@@ -289,78 +512,6 @@ fn raise_nofile() {
 fn key(fd: &OwnedFd) -> u64 {
     use std::os::fd::AsRawFd;
     fd.as_raw_fd() as u64
-}
-
-/// Takes up new on-demand instances (their ports held from now on) and
-/// lets go of removed ones and of those no longer on demand. With `full`
-/// false, only retries the ports that could not be held.
-fn rescan(
-    store: &Store,
-    ep: &OwnedFd,
-    served: &mut HashMap<String, Served>,
-    by_key: &mut HashMap<u64, String>,
-    refused: &mut HashMap<String, String>,
-    full: bool,
-    say: &dyn Fn(String),
-) -> Result<()> {
-    let names: Vec<String> = if full {
-        store.instance_names()?
-    } else {
-        refused.keys().cloned().collect()
-    };
-    let mut wanted: HashMap<String, Instance> = HashMap::new();
-    for name in &names {
-        if let Ok(inst) = store.instance(name) {
-            if inst.on_demand.is_some() {
-                wanted.insert(name.clone(), inst);
-            }
-        }
-    }
-    if full {
-        refused.retain(|n, _| wanted.contains_key(n));
-        served.retain(|name, s| {
-            // Gone, no longer on demand, or moved to another port.
-            let keep = wanted.get(name).is_some_and(|i| i.port == s.inst.port);
-            if !keep {
-                let _ = epoll::delete(ep, &s.listener);
-                by_key.remove(&key(&s.listener));
-            }
-            keep
-        });
-    }
-    for (name, inst) in wanted {
-        if let Some(s) = served.get_mut(&name) {
-            s.inst = inst;
-            continue;
-        }
-        match listen(inst.port) {
-            Ok(listener) => {
-                epoll::add(
-                    ep,
-                    &listener,
-                    epoll::EventData::new_u64(key(&listener)),
-                    epoll::EventFlags::IN,
-                )
-                .map_err(Error::sys("epoll_ctl(EPOLL_CTL_ADD)"))?;
-                by_key.insert(key(&listener), name.clone());
-                if refused.remove(&name).is_some() {
-                    say(format!("instance {name}: port {} held now", inst.port));
-                }
-                served.insert(name, Served { inst, listener });
-            }
-            Err(e) => {
-                let why = format!(
-                    "instance {name}: cannot hold its port {}: {e} (something else listens \
-                     there: `ss -ltnp 'sport = :{}'`); it is not served until that ends",
-                    inst.port, inst.port
-                );
-                if refused.insert(name, why.clone()).is_none() {
-                    say(why);
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Starts what is stopped among the connections' instances (all at once),

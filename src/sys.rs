@@ -566,8 +566,102 @@ fn bpf<T>(cmd: i32, attr: &T) -> std::io::Result<i64> {
     Ok(r)
 }
 
+const BPF_MAP_CREATE: i32 = 0;
+const BPF_MAP_UPDATE_ELEM: i32 = 2;
 const BPF_PROG_LOAD: i32 = 5;
 const BPF_PROG_ATTACH: i32 = 8;
+const BPF_LINK_CREATE: i32 = 28;
+
+/// `union bpf_attr` for BPF_MAP_CREATE (through `map_name`, Linux 4.15).
+#[repr(C)]
+#[derive(Default)]
+struct BpfMapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+}
+
+/// `union bpf_attr` for BPF_MAP_UPDATE_ELEM.
+#[repr(C)]
+struct BpfMapElem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for BPF_LINK_CREATE (its head).
+#[repr(C)]
+struct BpfLinkCreate {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// Makes a BPF map (bpf(2), BPF_MAP_CREATE).
+pub fn bpf_map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    name: &str,
+) -> std::io::Result<OwnedFd> {
+    let mut map_name = [0u8; 16];
+    for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let attr = BpfMapCreate {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_name,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_MAP_CREATE, &attr)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sets `key` to `value` in a BPF map (bpf(2), BPF_MAP_UPDATE_ELEM, any
+/// flag: BPF_ANY). The slices must be the map's key and value sizes.
+pub fn bpf_map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+    let attr = BpfMapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    // `key` and `value` outlive the call; the kernel reads the map's sizes.
+    bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
+}
+
+/// Links the BPF program `prog` to `target` (a network namespace fd for
+/// BPF_SK_LOOKUP) at `attach_type` (bpf(2), BPF_LINK_CREATE, Linux 5.7);
+/// the program stays attached while the returned link fd is open.
+pub fn bpf_link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> std::io::Result<OwnedFd> {
+    let attr = BpfLinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    let fd = bpf(BPF_LINK_CREATE, &attr)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
 
 /// Loads a BPF program of `prog_type` for `attach_type` (bpf(2),
 /// BPF_PROG_LOAD). On a verifier refusal the error carries the

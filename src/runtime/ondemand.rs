@@ -96,6 +96,40 @@ pub fn mark_starting(store: &Store, insts: &[Instance], on: bool) {
     }
 }
 
+/// Where `nifty serve` lists the ports it holds (steered ports do not
+/// show as listening in the kernel's socket table).
+pub fn served_ports_path(store: &Store) -> PathBuf {
+    store.root().join("serve.ports")
+}
+
+/// The ports a running `nifty serve` of this state root holds: empty when
+/// none runs (the PID in its lock is gone, or is no nifty).
+pub fn served_ports(store: &Store) -> std::collections::HashSet<u16> {
+    let pid = std::fs::read_to_string(store.root().join("serve.lock"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok());
+    // The same program (by name: a serve started before an upgrade runs a
+    // deleted binary).
+    let alive = pid.is_some_and(|pid| {
+        let name = |p: &str| {
+            std::fs::read_link(p).ok().and_then(|e| {
+                let s = e.to_string_lossy();
+                let s = s.trim_end_matches(" (deleted)");
+                Some(std::path::Path::new(s).file_name()?.to_owned())
+            })
+        };
+        name(&format!("/proc/{pid}/exe")).is_some_and(|n| Some(n) == name("/proc/self/exe"))
+    });
+    if !alive {
+        return Default::default();
+    }
+    std::fs::read_to_string(served_ports_path(store))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 /// Where an on-demand instance is in its cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -162,6 +196,7 @@ pub fn describe(store: &Store, insts: &[Instance], infos: &mut [Info]) {
         return;
     }
     let socks = super::status::sockets();
+    let served = served_ports(store);
     let t = now();
     for (inst, info) in insts.iter().zip(infos.iter_mut()) {
         let Some(od) = inst.on_demand else {
@@ -175,7 +210,11 @@ pub fn describe(store: &Store, insts: &[Instance], infos: &mut [Info]) {
         let phase = match (starting, running) {
             (true, _) => Phase::Starting,
             (false, true) => Phase::Running,
-            (false, false) if socks.listening.contains(&inst.port) => Phase::Idle,
+            (false, false)
+                if socks.listening.contains(&inst.port) || served.contains(&inst.port) =>
+            {
+                Phase::Idle
+            }
             (false, false) => Phase::Unserved,
         };
         info.on_demand = Some(OnDemandInfo {

@@ -15,6 +15,11 @@ struct Serve {
 
 impl Serve {
     fn start(root: &Root) -> Serve {
+        Serve::start_with(root, &[])
+    }
+
+    /// `serve` with extra environment (`NIFTY_FALLBACKS=steer`).
+    fn start_with(root: &Root, env: &[(&str, &str)]) -> Serve {
         static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = root.path().join(format!("serve-{n}.log"));
@@ -23,6 +28,7 @@ impl Serve {
             .arg("--root")
             .arg(root.path())
             .args(["serve", "--check-every", "1"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
@@ -77,6 +83,23 @@ fn phases(root: &Root) -> std::collections::HashMap<String, serde_json::Value> {
                 i["on_demand"].clone(),
             )
         })
+        .collect()
+}
+
+/// Does `serve` hold `name`'s port (as `list` sees it: idle, or running)?
+fn served(root: &Root, name: &str) -> bool {
+    matches!(
+        phases(root)[name]["phase"].as_str(),
+        Some("idle") | Some("running")
+    )
+}
+
+/// The ports `serve` says it holds.
+fn held_ports(root: &Root) -> Vec<u16> {
+    std::fs::read_to_string(root.path().join("serve.ports"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
         .collect()
 }
 
@@ -161,12 +184,22 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     assert_eq!(p["7"]["idle_timeout_secs"], 4);
 
     let mut serve = Serve::start(&root);
-    let last = root.port("200");
     assert!(
-        wait_until(Duration::from_secs(20), || listening(last)),
+        wait_until(Duration::from_secs(20), || served(&root, "200")),
         "serve holds no port: {}",
         serve.log()
     );
+    // One socket for all 200 ports on this kernel (5.9+): none listens on
+    // an instance's port.
+    assert!(
+        serve
+            .log()
+            .contains("holding the ports of 200 on-demand instance(s) (one socket, BPF sk_lookup)"),
+        "{}",
+        serve.log()
+    );
+    assert!(!listening(root.port("200")));
+    assert_eq!(held_ports(&root).len(), 200);
     // A second serve of the same root says who serves it, and changes nothing.
     let e = root.fails(&["serve"]);
     assert!(
@@ -222,7 +255,7 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     let _ = serve.child.wait();
     assert_eq!(running(&root), before, "killing serve stopped nothing");
     serve = Serve::start(&root);
-    assert!(wait_until(Duration::from_secs(20), || listening(last)));
+    assert!(wait_until(Duration::from_secs(20), || served(&root, "200")));
     let ten: Vec<String> = (1..=10).map(|n| n.to_string()).collect();
     for (n, ok, _, err) in logins(&root, &ten, "true") {
         assert!(
@@ -263,11 +296,21 @@ fn serve_says_which_port_it_cannot_hold_and_serves_the_rest() {
     let root = Root::new();
     root.ok(&["template", "build"]);
     root.ok(&["create", "1", "2", "--on-demand", "-q"]);
-    // Someone else holds 2's port first.
+    // Someone else holds 2's port first. (This serve has a listening
+    // socket per port, the fallback of kernels before 5.9.)
     let squatter = std::net::TcpListener::bind(("0.0.0.0", root.port("2"))).unwrap();
-    let serve = Serve::start(&root);
+    let serve = Serve::start_with(&root, &[("NIFTY_FALLBACKS", "steer")]);
     let one = root.port("1");
-    assert!(wait_until(Duration::from_secs(20), || listening(one)));
+    assert!(
+        wait_until(Duration::from_secs(20), || listening(one)),
+        "{}",
+        serve.log()
+    );
+    assert!(
+        serve.log().contains("a listening socket per port"),
+        "{}",
+        serve.log()
+    );
     assert!(
         wait_until(Duration::from_secs(10), || serve
             .log()
@@ -318,7 +361,7 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
     let serve = Serve::start(&root);
     let port = root.port("2");
     assert!(
-        wait_until(Duration::from_secs(20), || listening(port)),
+        wait_until(Duration::from_secs(20), || served(&root, "2")),
         "{}",
         serve.log()
     );
@@ -335,7 +378,8 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
     root.ok(&["on-demand", "disable", "2"]);
     assert!(root.instance_toml("2").get("on_demand").is_none());
     assert!(
-        wait_until(Duration::from_secs(20), || !listening(port)),
+        wait_until(Duration::from_secs(20), || !held_ports(&root)
+            .contains(&port)),
         "serve still holds {port}: {}",
         serve.log()
     );
@@ -350,9 +394,8 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
     assert!(e.contains("--on-demand"), "{e}");
     assert!(!root.path().join("instances/3").exists());
     root.ok(&["create", "3", "--on-demand", "--network", "none", "-q"]);
-    let port3 = root.port("3");
     assert!(
-        wait_until(Duration::from_secs(20), || listening(port3)),
+        wait_until(Duration::from_secs(20), || served(&root, "3")),
         "{}",
         serve.log()
     );

@@ -761,7 +761,7 @@ impl BindPrograms {
 }
 
 /// One BPF instruction (`struct bpf_insn`).
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     let regs = if cfg!(target_endian = "little") {
         (src << 4) | dst
     } else {

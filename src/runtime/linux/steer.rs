@@ -1,0 +1,202 @@
+//! One listening socket for many ports: a BPF `sk_lookup` program (Linux
+//! 5.9) attached to the host's network namespace steers every new TCP
+//! connection to a port in its set to one listening socket of nifty's
+//! (one for IPv4, one for IPv6), before the kernel looks for a socket
+//! bound to that port. `nifty serve` holds tens of thousands of idle
+//! on-demand instances' ports this way with no socket per port: an idle
+//! instance costs one byte of a fixed 64 Ki-entry array, where a listening
+//! socket each costs about 2.3 KiB of kernel memory. The accepted
+//! connection's local address is the one the client dialled, so its port
+//! names the instance.
+//!
+//! The program lives while the link's fd is open: when `serve` ends,
+//! steering ends with it and the ports are closed again.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType};
+
+use super::confine::insn;
+
+/// `BPF_PROG_TYPE_SK_LOOKUP`.
+const PROG_TYPE_SK_LOOKUP: u32 = 30;
+/// `BPF_SK_LOOKUP` (attach type).
+const ATTACH_SK_LOOKUP: u32 = 36;
+/// `BPF_MAP_TYPE_ARRAY`, `BPF_MAP_TYPE_SOCKMAP`.
+const MAP_ARRAY: u32 = 2;
+const MAP_SOCKMAP: u32 = 15;
+/// Every TCP port: the array's index.
+const PORTS: u32 = 65536;
+
+/// The steering of a set of ports to nifty's two listening sockets.
+#[derive(Debug)]
+pub struct Steer {
+    /// port -> 1 (steered) or 0.
+    ports: OwnedFd,
+    _socks: OwnedFd,
+    _prog: OwnedFd,
+    _link: OwnedFd,
+    /// Where steered connections wait: IPv4 and, where the host has it,
+    /// IPv6 (nonblocking, close-on-exec).
+    pub listeners: Vec<OwnedFd>,
+}
+
+impl Steer {
+    /// Sets up steering in the caller's network namespace, with no port
+    /// steered yet. Fails on kernels before 5.9 (no `sk_lookup`), which
+    /// the caller answers with a socket per port.
+    pub fn new() -> std::io::Result<Steer> {
+        let ports = crate::sys::bpf_map_create(MAP_ARRAY, 4, 1, PORTS, "nifty_ports")?;
+        let socks = crate::sys::bpf_map_create(MAP_SOCKMAP, 4, 8, 2, "nifty_socks")?;
+        let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+        // SO_REUSEADDR is inherited by the accepted connections: their
+        // TIME-WAIT must not keep the instance's own Dropbear (after
+        // `on-demand disable`) or a new instance from binding the port.
+        let v4 = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, flags, None)?;
+        rustix::net::sockopt::set_socket_reuseaddr(&v4, true)?;
+        rustix::net::bind_v4(&v4, &SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0))?;
+        rustix::net::listen(&v4, 4096)?;
+        let mut listeners = vec![v4];
+        if let Ok(v6) =
+            rustix::net::socket_with(AddressFamily::INET6, SocketType::STREAM, flags, None)
+        {
+            rustix::net::sockopt::set_ipv6_v6only(&v6, true)?;
+            rustix::net::sockopt::set_socket_reuseaddr(&v6, true)?;
+            if rustix::net::bind_v6(
+                &v6,
+                &SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, 0, 0, 0),
+            )
+            .is_ok()
+            {
+                rustix::net::listen(&v6, 4096)?;
+                listeners.push(v6);
+            }
+        }
+        for (i, l) in listeners.iter().enumerate() {
+            let fd = l.as_raw_fd() as u64;
+            crate::sys::bpf_map_update(
+                socks.as_fd(),
+                &(i as u32).to_ne_bytes(),
+                &fd.to_ne_bytes(),
+            )?;
+        }
+        let insns = program(ports.as_raw_fd(), socks.as_raw_fd());
+        let prog = crate::sys::bpf_prog_load(
+            PROG_TYPE_SK_LOOKUP,
+            ATTACH_SK_LOOKUP,
+            &insns,
+            "nifty_steer",
+        )?;
+        let netns = std::fs::File::open("/proc/self/ns/net")?;
+        let link = crate::sys::bpf_link_create(prog.as_fd(), netns.as_fd(), ATTACH_SK_LOOKUP)?;
+        Ok(Steer {
+            ports,
+            _socks: socks,
+            _prog: prog,
+            _link: link,
+            listeners,
+        })
+    }
+
+    /// Steers `port`'s new connections to the listeners (`on`), or no
+    /// longer.
+    pub fn set(&self, port: u16, on: bool) -> std::io::Result<()> {
+        crate::sys::bpf_map_update(
+            self.ports.as_fd(),
+            &u32::from(port).to_ne_bytes(),
+            &[u8::from(on)],
+        )
+    }
+}
+
+/// The port a steered connection came in on (its local address).
+pub fn local_port(conn: &OwnedFd) -> std::io::Result<u16> {
+    match rustix::net::getsockname(conn)? {
+        rustix::net::SocketAddrAny::V4(a) => Ok(a.port()),
+        rustix::net::SocketAddrAny::V6(a) => Ok(a.port()),
+        _ => Err(std::io::Error::other("not an IP socket")),
+    }
+}
+
+/// The `sk_lookup` program. Reads `struct bpf_sk_lookup`: `family` at 8,
+/// `protocol` at 12, `local_port` (host byte order) at 60. A TCP
+/// connection to a port whose byte in `ports` is set goes to socket 0 of
+/// `socks` (IPv4) or 1 (IPv6) by `bpf_sk_assign`; anything else passes
+/// untouched to the kernel's own lookup.
+fn program(ports: i32, socks: i32) -> Vec<u64> {
+    const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+    const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+    const ADD_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
+    const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+    const LDX_B: u8 = 0x71; // BPF_LDX | BPF_MEM | BPF_B
+    const STX_W: u8 = 0x63; // BPF_STX | BPF_MEM | BPF_W
+    const LD_DW: u8 = 0x18; // BPF_LD | BPF_DW | BPF_IMM
+    const JEQ_K: u8 = 0x15;
+    const JNE_K: u8 = 0x55;
+    const CALL: u8 = 0x85;
+    const EXIT: u8 = 0x95;
+    const PSEUDO_MAP_FD: u8 = 1;
+    const MAP_LOOKUP_ELEM: i32 = 1;
+    const SK_RELEASE: i32 = 86;
+    const SK_ASSIGN: i32 = 124;
+    const IPPROTO_TCP: i32 = 6;
+    const AF_INET6: i32 = 10;
+    const SK_PASS: i32 = 1;
+    let (r0, r1, r2, r3, r6, r7, r10) = (0, 1, 2, 3, 6, 7, 10);
+    // Instruction 31 is `pass`; a jump's offset counts from the next one.
+    let pass = |at: i16| 31 - (at + 1);
+    vec![
+        insn(MOV_X, r6, r1, 0, 0),                // 0: r6 = ctx
+        insn(LDX_W, r2, r6, 12, 0),               // 1: r2 = ctx->protocol
+        insn(JNE_K, r2, 0, pass(2), IPPROTO_TCP), // 2: not TCP: pass
+        insn(LDX_W, r2, r6, 60, 0),               // 3: r2 = ctx->local_port
+        insn(STX_W, r10, r2, -4, 0),              // 4: key = port
+        insn(LD_DW, r1, PSEUDO_MAP_FD, 0, ports), // 5-6: r1 = &ports
+        insn(0, 0, 0, 0, 0),
+        insn(MOV_X, r2, r10, 0, 0),               // 7: r2 = &key
+        insn(ADD_K, r2, 0, 0, -4),                // 8
+        insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),     // 9: r0 = &ports[port]
+        insn(JEQ_K, r0, 0, pass(10), 0),          // 10: none: pass
+        insn(LDX_B, r2, r0, 0, 0),                // 11: r2 = ports[port]
+        insn(JEQ_K, r2, 0, pass(12), 0),          // 12: not ours: pass
+        insn(LDX_W, r2, r6, 8, 0),                // 13: r2 = ctx->family
+        insn(MOV_K, r3, 0, 0, 0),                 // 14: r3 = 0 (IPv4)
+        insn(JNE_K, r2, 0, 1, AF_INET6),          // 15
+        insn(MOV_K, r3, 0, 0, 1),                 // 16: r3 = 1 (IPv6)
+        insn(STX_W, r10, r3, -8, 0),              // 17: key = r3
+        insn(LD_DW, r1, PSEUDO_MAP_FD, 0, socks), // 18-19: r1 = &socks
+        insn(0, 0, 0, 0, 0),
+        insn(MOV_X, r2, r10, 0, 0),           // 20: r2 = &key
+        insn(ADD_K, r2, 0, 0, -8),            // 21
+        insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM), // 22: r0 = socks[key] (a reference)
+        insn(JEQ_K, r0, 0, pass(23), 0),      // 23: none: pass
+        insn(MOV_X, r7, r0, 0, 0),            // 24: r7 = sk
+        insn(MOV_X, r1, r6, 0, 0),            // 25: r1 = ctx
+        insn(MOV_X, r2, r7, 0, 0),            // 26: r2 = sk
+        insn(MOV_K, r3, 0, 0, 0),             // 27: flags 0
+        insn(CALL, 0, 0, 0, SK_ASSIGN),       // 28
+        insn(MOV_X, r1, r7, 0, 0),            // 29: r1 = sk
+        insn(CALL, 0, 0, 0, SK_RELEASE),      // 30
+        insn(MOV_K, r0, 0, 0, SK_PASS),       // 31: pass
+        insn(EXIT, 0, 0, 0, 0),               // 32
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_jump_of_the_program_lands_on_pass() {
+        let p = program(3, 4);
+        assert_eq!(p.len(), 33);
+        let code = |i: usize| p[i].to_ne_bytes()[0];
+        let off = |i: usize| i16::from_ne_bytes([p[i].to_ne_bytes()[2], p[i].to_ne_bytes()[3]]);
+        for i in [2, 10, 12, 23] {
+            assert!(matches!(code(i), 0x15 | 0x55), "insn {i} is a jump");
+            assert_eq!(i as i16 + 1 + off(i), 31, "jump of insn {i}");
+        }
+        assert_eq!(code(31), 0xb7);
+        assert_eq!(code(32), 0x95);
+    }
+}
