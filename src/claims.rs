@@ -85,7 +85,7 @@ impl Claims {
 pub mod uid_range {
     use super::Claims;
     use std::path::Path;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     use crate::{Error, Result};
 
@@ -128,47 +128,61 @@ pub mod uid_range {
         }
     }
 
-    /// Where this process's next claim past a taken hint starts in the high
-    /// region: a random slot at first, then one past the last slot it
-    /// claimed there (and a different one for each claim made at the same
-    /// time), so a second state root's fleet walks past the first's claims
-    /// once, not once per instance.
-    static NEXT_HIGH: AtomicU64 = AtomicU64::new(u64::MAX);
+    /// The two regions ranges are claimed from, in order: the one nspawn
+    /// never picks, then nspawn's (first slot, number of slots).
+    const REGIONS: [(u32, u32); 2] = [(0, HIGH_SLOTS), (HIGH_SLOTS, LOW_SLOTS)];
 
-    fn next_high() -> u32 {
-        let fresh = u64::from(rand::random::<u32>() % HIGH_SLOTS);
-        let _ = NEXT_HIGH.compare_exchange(u64::MAX, fresh, Ordering::Relaxed, Ordering::Relaxed);
-        (NEXT_HIGH.fetch_add(1, Ordering::Relaxed) % u64::from(HIGH_SLOTS)) as u32
+    /// Per region, where this process's next claim past a taken hint
+    /// starts: a random slot at first, then one past the last slot it
+    /// claimed there (a different one for each claim made at the same
+    /// time); and whether a claim found the region full. So a second state
+    /// root's fleet walks past the first's claims once, not once per
+    /// instance.
+    static NEXT: [AtomicU64; 2] = [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)];
+    static FULL: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+
+    fn start_in(region: usize) -> u32 {
+        let n = u64::from(REGIONS[region].1);
+        let fresh = u64::from(rand::random::<u32>()) % n;
+        let _ =
+            NEXT[region].compare_exchange(u64::MAX, fresh, Ordering::Relaxed, Ordering::Relaxed);
+        (NEXT[region].fetch_add(1, Ordering::Relaxed) % n) as u32
     }
 
     /// Claims a free range for the instance at `instance` (its directory,
     /// absolute: the claim names it) in the host-wide `dir`; returns its first
     /// host ID. A claim is a symlink `<dir>/<slot> -> <instance dir>`, made
     /// atomically. `hint` (the instance number) is tried first; past a taken
-    /// hint, slots are tried from where this process's last such claim
-    /// ended (a random slot at first) in the region nspawn never picks, then
-    /// from a random one of its region, so a second fleet numbered like the
-    /// first walks past the first's claims once, not per instance. Claims of
-    /// instances that are gone (their state root was deleted without `rm`)
-    /// are taken back, under a lock.
+    /// hint, slots are tried in the region nspawn never picks, then in
+    /// nspawn's, each from where this process's last claim there ended (a
+    /// random slot at first), and a region found full is not walked again
+    /// by this process. Claims of instances that are gone (their state
+    /// root was deleted without `rm`) are taken back, under a lock.
     pub fn claim(dir: &Path, instance: &Path, hint: Option<u32>) -> Result<u32> {
         let claims = Claims::new(dir)?;
-        let (start_high, jump_low) = (next_high(), rand::random::<u32>());
-        let hinted = hint.map(|h| h % SLOTS);
-        // The hint, then the region nspawn never picks, then nspawn's.
-        let order = hinted
-            .into_iter()
-            .chain((0..HIGH_SLOTS).map(|i| (start_high.wrapping_add(i)) % HIGH_SLOTS))
-            .chain((0..LOW_SLOTS).map(|i| HIGH_SLOTS + (jump_low.wrapping_add(i)) % LOW_SLOTS));
-        for slot in order {
+        let take = |slot: u32| -> Result<bool> {
             let key = slot.to_string();
-            if claims.claim(&key, instance)?.is_none() || claims.take_back(&key, instance, stale)? {
-                if slot < HIGH_SLOTS && Some(slot) != hinted {
-                    // The next claims of this process start past it.
-                    NEXT_HIGH.fetch_max(u64::from(slot) + 1, Ordering::Relaxed);
-                }
-                return Ok(base_of(slot));
+            Ok(claims.claim(&key, instance)?.is_none()
+                || claims.take_back(&key, instance, stale)?)
+        };
+        if let Some(h) = hint.map(|h| h % SLOTS) {
+            if take(h)? {
+                return Ok(base_of(h));
             }
+        }
+        for (region, &(first, n)) in REGIONS.iter().enumerate() {
+            if FULL[region].load(Ordering::Relaxed) {
+                continue;
+            }
+            let start = start_in(region);
+            for i in 0..n {
+                let off = (start + i) % n;
+                if take(first + off)? {
+                    NEXT[region].fetch_max(u64::from(off) + 1, Ordering::Relaxed);
+                    return Ok(base_of(first + off));
+                }
+            }
+            FULL[region].store(true, Ordering::Relaxed);
         }
         Err(Error::Host(format!(
             "no free UID range left for {} (all {SLOTS} are claimed in {})",

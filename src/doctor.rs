@@ -110,6 +110,7 @@ const CHECKS: &[Check] = &[
     pidfds,
     port_ownership,
     abstract_sockets,
+    on_demand_ports,
     default_template,
     templates_current,
     cgroups,
@@ -565,6 +566,29 @@ fn abstract_sockets(_: &Want<'_>) -> Vec<Finding> {
         } else {
             "a newer kernel; meanwhile let no host service trust an abstract socket"
         },
+    )]
+}
+
+/// How `nifty serve` would hold on-demand ports: one socket for all
+/// (BPF sk_lookup, 5.9), or one each. Tried as serve does it.
+fn on_demand_ports(_: &Want<'_>) -> Vec<Finding> {
+    let value = if crate::runtime::linux::features::forced("steer") {
+        "a listening socket per port, about 2.3 KiB each (forced by NIFTY_FALLBACKS=steer)"
+            .to_string()
+    } else {
+        match crate::runtime::linux::steer::Steer::new() {
+            Ok(_) => "one socket pair for every port (BPF sk_lookup)".to_string(),
+            Err(e) => format!(
+                "fallback: a listening socket per port, about 2.3 KiB each (BPF sk_lookup: {e})"
+            ),
+        }
+    };
+    vec![info(
+        "on-demand ports",
+        Status::Ok,
+        value,
+        ">= 5.9 (BPF sk_lookup); fallback: any",
+        "",
     )]
 }
 

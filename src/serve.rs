@@ -508,6 +508,11 @@ fn raise_nofile() {
     }
 }
 
+/// A mutex's guard, also after a panic of another holder.
+fn guard<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The epoll key of a listener: its fd number.
 fn key(fd: &OwnedFd) -> u64 {
     use std::os::fd::AsRawFd;
@@ -540,28 +545,18 @@ fn serve_connections(
         .filter_map(|n| served.get(n).map(|s| s.inst.clone()))
         .collect();
     let stopped = rt.with_state(&insts, |s| s == State::Stopped);
-    let mut failed: HashMap<String, String> = HashMap::new();
-    if !stopped.is_empty() {
-        // `list` shows them starting meanwhile.
-        ondemand::mark_starting(store, &stopped, true);
-        for (name, r) in rt.start_many(&stopped, &|_| {}) {
-            match r {
-                Ok(()) => counts.started += 1,
-                Err(e) => {
-                    say(format!("instance {name}: start on connection failed: {e}"));
-                    failed.insert(name, e.to_string());
-                }
-            }
-        }
-        ondemand::mark_starting(store, &stopped, false);
-    }
+    let cold: HashSet<&str> = stopped.iter().map(|i| i.name.as_str()).collect();
+    // Connections to running instances get their sessions at once; those
+    // to stopped ones wait for their own instance's start, not the round's.
+    let mut waiting: HashMap<String, Vec<OwnedFd>> = HashMap::new();
     for (name, conn) in conns {
-        if failed.contains_key(&name) {
-            continue; // dropped: closed
-        }
         let Some(s) = served.get(&name) else {
             continue;
         };
+        if cold.contains(name.as_str()) {
+            waiting.entry(name).or_default().push(conn);
+            continue;
+        }
         // A login ends an idle time (the session's processes would, at
         // the next sweep, unless it has ended by then).
         let mut mark = ondemand::read_mark(store, &name);
@@ -576,10 +571,52 @@ fn serve_connections(
             Err(e) => say(format!("instance {name}: session: {e}")),
         }
     }
-    counts.up = wanted
-        .into_iter()
-        .filter(|n| !failed.contains_key(n))
-        .collect();
+    let mut failed: HashSet<String> = HashSet::new();
+    if !stopped.is_empty() {
+        // `list` shows them starting meanwhile.
+        ondemand::mark_starting(store, &stopped, true);
+        let waiting = std::sync::Mutex::new(waiting);
+        let started = std::sync::Mutex::new(Vec::new());
+        let errors = std::sync::Mutex::new(Vec::new());
+        let by_name: HashMap<&str, &Instance> =
+            stopped.iter().map(|i| (i.name.as_str(), i)).collect();
+        // Each instance's sessions as soon as it is up (on the worker that
+        // started it); one that did not start ends its connections.
+        let results = rt.start_many(&stopped, &|name| {
+            let conns = guard(&waiting).remove(name).unwrap_or_default();
+            let Some(inst) = by_name.get(name) else {
+                return;
+            };
+            for conn in conns {
+                match rt.session(inst, conn) {
+                    Ok(child) => guard(&started).push(child),
+                    Err(e) => guard(&errors).push(format!("instance {name}: session: {e}")),
+                }
+            }
+        });
+        ondemand::mark_starting(store, &stopped, false);
+        for (name, r) in results {
+            match r {
+                Ok(()) => counts.started += 1,
+                Err(e) => {
+                    say(format!("instance {name}: start on connection failed: {e}"));
+                    failed.insert(name);
+                }
+            }
+        }
+        let started = started.into_inner().unwrap_or_default();
+        counts.sessions += started.len();
+        sessions.extend(started);
+        for e in errors.into_inner().unwrap_or_default() {
+            if !failed
+                .iter()
+                .any(|n| e.starts_with(&format!("instance {n}:")))
+            {
+                say(e);
+            }
+        }
+    }
+    counts.up = wanted.into_iter().filter(|n| !failed.contains(n)).collect();
     counts
 }
 

@@ -611,9 +611,19 @@ impl super::Launcher for Systemd {
         Systemd::running_names(self)
     }
 
-    fn release(&self, _: &Instance) -> Result<()> {
+    fn release(&self, inst: &Instance) -> Result<()> {
         // systemd ends what runs in the unit's cgroup at stop; `rm` asked
-        // the state first (a running unit is refused or stopped).
+        // the state first (a running unit is refused or stopped). An
+        // on-demand instance's socket goes first, so that no connection
+        // starts it again while it is removed.
+        if inst.on_demand.is_some() {
+            let _ = self
+                .manager()?
+                .stop_unit(&self.names.socket(&inst.name), "replace");
+            if self.unit_active(inst) {
+                return Err(Error::Running(inst.name.clone(), ""));
+            }
+        }
         Ok(())
     }
 
