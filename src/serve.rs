@@ -208,7 +208,14 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
 fn accept_from(fd: &OwnedFd, mut out: impl FnMut(OwnedFd)) {
     loop {
         match rustix::net::accept_with(fd, SocketFlags::CLOEXEC) {
-            Ok(c) => out(c),
+            Ok(c) => {
+                // As Dropbear's own listener does: `dropbear -i` leaves
+                // its socket as it gets it, and with Nagle's algorithm the
+                // last packets of a session wait for a delayed ACK (about
+                // 40 ms at every logout).
+                let _ = rustix::net::sockopt::set_tcp_nodelay(&c, true);
+                out(c)
+            }
             Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
             Err(e) => {
                 tracing::warn!("accept: {e}");

@@ -259,6 +259,8 @@ Documentation=man:systemd.socket(5)
 
 [Socket]
 Accept=yes
+# As Dropbear's own listener: no Nagle delay at the end of each session.
+NoDelay=yes
 BindIPv6Only=both
 Backlog=1024
 MaxConnections=1024
