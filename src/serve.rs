@@ -128,7 +128,6 @@ pub fn listen(port: u16) -> std::result::Result<OwnedFd, rustix::io::Errno> {
 /// line per event (started, stopped, a port that cannot be held).
 pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let _lock = lock(store)?;
-    raise_nofile();
     let rt = Runtime::new(store)?;
     let mut srv = Server::new(store, say)?;
     // Sessions started here and not yet reaped.
@@ -496,23 +495,6 @@ pub fn session(store: &Store, conn: OwnedFd) -> Result<i32> {
         .wait()
         .map_err(Error::io("wait for the session of", &inst.name))?;
     Ok(st.code().unwrap_or(1))
-}
-
-/// One listening socket per on-demand instance: the soft limit of open
-/// files goes up to the hard one (as systemd's services get), so that
-/// tens of thousands can be held; `rescan` names a port it cannot hold.
-fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let l = getrlimit(Resource::Nofile);
-    if l.current < l.maximum {
-        let _ = setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: l.maximum,
-                maximum: l.maximum,
-            },
-        );
-    }
 }
 
 /// A mutex's guard, also after a panic of another holder.

@@ -402,6 +402,8 @@ impl Runtime {
             let mut next = self.store.instance(&inst.name)?;
             next.on_demand = on_demand;
             self.store.save_instance(&next)?;
+            // What holds its port takes up the new timeout.
+            self.of(&next)?.hold_ports(&[&next], true)?;
             return Ok(true);
         }
         // Its root, opened for writing, holds the instance's lock while it

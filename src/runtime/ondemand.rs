@@ -119,6 +119,8 @@ pub fn served_ports(store: &Store) -> std::collections::HashSet<u16> {
             })
         };
         name(&format!("/proc/{pid}/exe")).is_some_and(|n| Some(n) == name("/proc/self/exe"))
+            && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"serve"))
     });
     if !alive {
         return Default::default();

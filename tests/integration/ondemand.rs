@@ -164,7 +164,7 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
         "1..200",
         "--on-demand",
         "--idle-timeout",
-        "4s",
+        "1m",
         "-q",
     ]);
     assert!(
@@ -181,7 +181,7 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     // Nothing holds their ports yet: `list` says so.
     let p = phases(&root);
     assert_eq!(p["7"]["phase"], "unserved", "{:?}", p["7"]);
-    assert_eq!(p["7"]["idle_timeout_secs"], 4);
+    assert_eq!(p["7"]["idle_timeout_secs"], 60);
 
     let mut serve = Serve::start(&root);
     assert!(
@@ -272,7 +272,10 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
         );
     }
 
-    // Idle: no session, no process of its users: all stopped after 4 s.
+    // A shorter idle timeout, set while they run (serve takes it up).
+    root.ok(&["on-demand", "enable", "1..200", "--idle-timeout", "3s"]);
+    assert_eq!(phases(&root)["7"]["idle_timeout_secs"], 3);
+    // Idle: no session, no process of its users: all stopped after 3 s.
     assert!(
         wait_until(Duration::from_secs(40), || running(&root).is_empty()),
         "idle instances still run: {:?}\n{}",
