@@ -404,7 +404,9 @@ impl Native {
         let (Spawned::Child(mut child), term) =
             self.spawn_in(inst, target, user, cmd, env, Io::Caller)?
         else {
-            return Err(Error::Host("exec: the command was not started as a child".into()));
+            return Err(Error::Host(
+                "exec: the command was not started as a child".into(),
+            ));
         };
         if let Some((p, ttys)) = term {
             drop(p.slave);
