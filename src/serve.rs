@@ -1,20 +1,25 @@
-//! `nifty serve`: on-demand instances (`create --on-demand`), the
-//! article's socket activation applied to whole containers.
+//! `nifty serve`: on-demand instances (`create --on-demand`) of the native
+//! backend, the article's socket activation applied to whole containers;
+//! and [`session`], what the systemd backend's socket units run per
+//! connection.
 //!
 //! One process holds the SSH port of every on-demand instance of a state
-//! root, each a listening socket in one epoll set. A connection to a
-//! stopped instance starts it; every connection is handed, as it was
-//! accepted, to its own `dropbear -i` inside the instance (the article's
-//! inetd and `Accept=yes`): no byte of the session passes through nifty,
-//! and nothing inside listens, so the port is never free for a tenant to
-//! take while `serve` runs. An instance with no session and no process of
-//! its users for its idle timeout is stopped; its port stays held.
+//! root: from Linux 5.9 all of them with one pair of listening sockets, to
+//! which a BPF `sk_lookup` program steers the ports
+//! (`runtime::linux::steer`); before, a listening socket per port; either
+//! way in one epoll set. A connection to a stopped instance starts it;
+//! every connection is handed, as it was accepted, to its own `dropbear
+//! -i` inside the instance, born in its cgroup (the article's inetd and
+//! `Accept=yes`): no byte of the session passes through nifty, and nothing
+//! inside listens (a container may bind no port but its own). An instance
+//! with no session and no process of its users for its idle timeout is
+//! stopped; its port stays held.
 //!
 //! Nothing of a running instance lives only in this process: a session's
 //! Dropbear is adopted by the instance's init if `serve` dies, and a
 //! restarted `serve` finds running instances by their cgroups, as every
-//! nifty command does. One `serve` per state root, under a lock that
-//! names its holder.
+//! nifty command does, and their idle time in their marks. One `serve` per
+//! state root, under a lock that names its holder.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
