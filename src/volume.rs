@@ -503,6 +503,50 @@ pub fn usage(store: &Store, name: &str) -> Option<u64> {
     }
 }
 
+/// Room an instance gets for a moment to mount its root on a full disk.
+const ROOM_BYTES: u64 = 1 << 20;
+const ROOM_INODES: u64 = 64;
+
+/// Is `e` a full disk or quota (EDQUOT, ENOSPC)?
+pub fn is_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EDQUOT) | Some(libc::ENOSPC))
+}
+
+/// Runs `mount` (which makes an instance's overlay) again with 1 MiB and 64
+/// inodes more than the instance's limits, taken back right after.
+/// overlayfs makes its work directory anew at every mount, which a full
+/// disk refuses (EDQUOT): without this, a tenant who filled its own disk
+/// could not start its instance again.
+pub fn with_room<T, E>(
+    store: &Store,
+    inst: &crate::store::Instance,
+    mount: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    let (disk, inodes) = (inst.limits.disk, inst.limits.inodes);
+    let more = apply_limit(
+        store,
+        &inst.name,
+        disk.map(|d| d + ROOM_BYTES),
+        inodes.map(|i| i + ROOM_INODES),
+    );
+    if let Err(e) = &more {
+        tracing::warn!(
+            "instance {:?}: room to mount on a full disk: {e}",
+            inst.name
+        );
+    }
+    let r = mount();
+    if more.is_ok() {
+        if let Err(e) = apply_limit(store, &inst.name, disk, inodes) {
+            tracing::warn!(
+                "instance {:?}: its limits back after mounting: {e}",
+                inst.name
+            );
+        }
+    }
+    r
+}
+
 /// Changes an instance's limits; refused below what it uses now.
 pub fn set_limit(store: &Store, name: &str, disk: Option<u64>, inodes: Option<u64>) -> Result<()> {
     ensure(store)?;
@@ -520,6 +564,12 @@ pub fn set_limit(store: &Store, name: &str, disk: Option<u64>, inodes: Option<u6
             )));
         }
     }
+    apply_limit(store, name, disk, inodes)
+}
+
+/// Sets an instance's limits in the store, whatever it uses now.
+fn apply_limit(store: &Store, name: &str, disk: Option<u64>, inodes: Option<u64>) -> Result<()> {
+    let p = instance_dir(store, name);
     match mounted_kind(store) {
         Some(Kind::Xfs) => {
             let projid = project_of(store, name).ok_or_else(|| {

@@ -246,7 +246,20 @@ impl Native {
             }),
             None => Ok(()),
         }
-        .and_then(|()| spawn::spawn(&plan, &procs, empty_root.as_fd()));
+        .and_then(|()| match spawn::spawn(&plan, &procs, empty_root.as_fd()) {
+            // A full disk: overlayfs could not make its work directory.
+            Err(StartError::Setup(e))
+                if inst.disk_store
+                    && crate::volume::is_full(&std::io::Error::from_raw_os_error(
+                        e.errno.raw_os_error(),
+                    )) =>
+            {
+                crate::volume::with_room(&self.store, inst, || {
+                    spawn::spawn(&plan, &procs, empty_root.as_fd())
+                })
+            }
+            r => r,
+        });
         match started {
             Ok(s) => {
                 tracing::debug!(instance = %inst.name, pid = s.pid, "started");
