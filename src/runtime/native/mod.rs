@@ -417,9 +417,7 @@ impl Native {
         let (Spawned::Child(mut child), term) =
             self.spawn_in(inst, target, user, cmd, env, Io::Caller)?
         else {
-            return Err(Error::Host(
-                "exec: the command was not started as a child".into(),
-            ));
+            return Err(Error::Host("exec: the command was not started as a child".into()));
         };
         if let Some((p, ttys)) = term {
             drop(p.slave);
