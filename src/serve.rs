@@ -29,7 +29,7 @@ use rustix::event::epoll;
 use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType};
 
 use crate::runtime::linux::steer::{self, Steer};
-use crate::runtime::{ondemand, Runtime, SessionProc, State};
+use crate::runtime::{ondemand, Runtime, State};
 use crate::store::{Instance, Store};
 use crate::{Error, Result};
 
@@ -136,7 +136,7 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let rt = Runtime::new(store)?;
     let mut srv = Server::new(store, say)?;
     // Sessions started here and not yet reaped.
-    let mut sessions: Vec<SessionProc> = Vec::new();
+    let mut sessions: Vec<std::process::Child> = Vec::new();
     // The on-demand instances known to run: the idle sweep reads only
     // these; those started otherwise are found at a full check.
     let mut running: HashSet<String> = HashSet::new();
@@ -180,7 +180,7 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
             running = swept.running.into_iter().collect();
             next_check = Instant::now() + opts.check_every;
         }
-        sessions.retain_mut(|c| !c.try_wait());
+        sessions.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         let wait = next_check.saturating_duration_since(Instant::now());
         match epoll::wait(&srv.ep, &mut events, wait.as_millis().min(1000) as i32) {
             Ok(()) => {}
@@ -495,7 +495,11 @@ pub fn session(store: &Store, conn: OwnedFd) -> Result<i32> {
     while rt.target(&inst).is_err() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    rt.session(&inst, conn)?.wait()
+    let mut child = rt.session(&inst, conn)?;
+    let st = child
+        .wait()
+        .map_err(Error::io("wait for the session of", &inst.name))?;
+    Ok(st.code().unwrap_or(1))
 }
 
 /// A mutex's guard, also after a panic of another holder.
@@ -517,7 +521,7 @@ fn serve_connections(
     rt: &Runtime,
     served: &mut HashMap<String, Served>,
     conns: Vec<(String, OwnedFd)>,
-    sessions: &mut Vec<SessionProc>,
+    sessions: &mut Vec<std::process::Child>,
     say: &dyn Fn(String),
 ) -> Counts {
     let mut counts = Counts::default();
