@@ -9,7 +9,7 @@
 //! (`runtime::linux::steer`); before, a listening socket per port; either
 //! way in one epoll set. A connection to a stopped instance starts it;
 //! every connection is handed, as it was accepted, to its own `dropbear
-//! -i` inside the instance, born in its cgroup (the article's inetd and
+//! -i` inside the instance, in its cgroup (the article's inetd and
 //! `Accept=yes`): no byte of the session passes through nifty, and nothing
 //! inside listens (a container may bind no port but its own). An instance
 //! with no session and no process of its users for its idle timeout is
