@@ -235,8 +235,9 @@ pub fn drop_bounding_caps(keep: u64) -> std::io::Result<()> {
 }
 
 extern "C" fn trampoline(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `&mut &mut dyn FnMut` that `clone_vm` passed,
-    // which outlives the child's use of it (see clone_vm).
+    // SAFETY: `arg` points to the `&mut dyn FnMut` that `clone_vm` stored
+    // at the top of the child's stack, which the caller keeps alive (and
+    // `f`'s captures with it) until the child has exited or exec'd.
     let f = unsafe { &mut *(arg as *mut &mut dyn FnMut() -> i32) };
     f()
 }
@@ -252,24 +253,33 @@ extern "C" fn trampoline(arg: *mut libc::c_void) -> libc::c_int {
 pub fn clone_vm(
     flags: i32,
     stack: &mut [u8],
-    mut f: &mut dyn FnMut() -> i32,
+    f: &mut dyn FnMut() -> i32,
 ) -> std::io::Result<(i32, OwnedFd)> {
+    type Slot<'a> = &'a mut dyn FnMut() -> i32;
     let mut pidfd: RawFd = -1;
-    // The stack grows down: pass its 16-byte aligned top.
-    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
-    let arg = &mut f as *mut &mut dyn FnMut() -> i32 as *mut libc::c_void;
+    // `f` itself (a fat pointer) is kept at the top of `stack`, not on this
+    // frame: without CLONE_VFORK this function returns, and its frame is
+    // reused, before the child may have read it. The child's stack grows
+    // down from just below it, 16-byte aligned.
+    let end = stack.as_mut_ptr() as usize + stack.len();
+    let slot = (end - std::mem::size_of::<Slot<'_>>()) & !15;
+    if slot < stack.as_mut_ptr() as usize + 1024 {
+        return Err(std::io::Error::other("clone_vm: stack too small"));
+    }
+    // SAFETY: `slot` lies inside `stack` (checked above), is aligned for a
+    // pointer, and nothing else uses those bytes: the child's stack starts
+    // below them.
+    unsafe { std::ptr::write(slot as *mut Slot<'_>, f) };
+    let top = slot;
     // SAFETY: the child runs `trampoline` on `stack`, which the caller
-    // keeps alive as the contract says; `arg` points to `f` on this frame,
-    // which lives until this function returns (with CLONE_VFORK, after the
-    // child exec'd or exited; without it, the caller waits for the child
-    // before dropping what `f` borrows). CLONE_PIDFD stores an fd in
-    // `pidfd`.
+    // keeps alive as the contract says, with `arg` pointing to `f` inside
+    // it (see above). CLONE_PIDFD stores an fd in `pidfd`.
     let pid = unsafe {
         libc::clone(
             trampoline,
             top as *mut libc::c_void,
             flags | libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD,
-            arg,
+            slot as *mut libc::c_void,
             &mut pidfd as *mut RawFd,
         )
     };
@@ -1003,4 +1013,48 @@ pub fn get_project(fd: BorrowedFd<'_>) -> std::io::Result<u32> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(a.projid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts a child without CLONE_VFORK from a frame that is gone when
+    /// the child runs.
+    #[inline(never)]
+    fn start(stack: &mut [u8], f: &mut dyn FnMut() -> i32) -> i32 {
+        clone_vm(0, stack, f).map(|(pid, _)| pid).unwrap()
+    }
+
+    /// Writes over the stack where `start`'s frame was.
+    #[inline(never)]
+    fn scribble() -> u8 {
+        let mut junk = [0xA5u8; 8192];
+        std::hint::black_box(&mut junk);
+        junk[100]
+    }
+
+    #[test]
+    fn a_clone_vm_child_finds_its_function_after_the_caller_returned() {
+        // Its function used to be read from clone_vm's frame, which the
+        // caller reuses at once: the child jumped to garbage.
+        for i in 0..200 {
+            let mut stack = vec![0u8; 16 << 10];
+            let code = i % 100;
+            let mut f = || code;
+            let pid = start(&mut stack, &mut f);
+            std::hint::black_box(scribble());
+            let st = rustix::process::waitpid(
+                rustix::process::Pid::from_raw(pid),
+                rustix::process::WaitOptions::empty(),
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(
+                st.exit_status(),
+                Some((i % 100) as u32),
+                "child {i}: {st:?}"
+            );
+        }
+    }
 }
