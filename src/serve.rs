@@ -136,7 +136,7 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let rt = Runtime::new(store)?;
     let mut srv = Server::new(store, say)?;
     // Sessions started here and not yet reaped.
-    let mut sessions: Vec<std::process::Child> = Vec::new();
+    let mut sessions: Vec<(String, std::process::Child)> = Vec::new();
     // The on-demand instances known to run: the idle sweep reads only
     // these; those started otherwise are found at a full check.
     let mut running: HashSet<String> = HashSet::new();
@@ -155,9 +155,9 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
                 .ok();
             if dir != seen_dir {
                 seen_dir = dir;
-                srv.rescan(true, say)?;
+                srv.rescan(&rt, true, say)?;
             } else if !srv.refused.is_empty() {
-                srv.rescan(false, say)?;
+                srv.rescan(&rt, false, say)?;
             }
             let insts: Vec<Instance> = if full {
                 rt.running_on_demand()
@@ -180,7 +180,23 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
             running = swept.running.into_iter().collect();
             next_check = Instant::now() + opts.check_every;
         }
-        sessions.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+        sessions.retain_mut(|(name, c)| match c.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                // A Dropbear that died of a signal did not end its session
+                // itself: worth a line (the client saw a reset).
+                use std::os::unix::process::ExitStatusExt;
+                if let Some(sig) = status.signal() {
+                    say(format!(
+                        "instance {name}: session (dropbear -i, PID {}) killed by signal {sig}",
+                        c.id()
+                    ));
+                }
+                tracing::debug!(instance = %name, pid = c.id(), ?status, "session ended");
+                false
+            }
+            Err(_) => false,
+        });
         let wait = next_check.saturating_duration_since(Instant::now());
         match epoll::wait(&srv.ep, &mut events, wait.as_millis().min(1000) as i32) {
             Ok(()) => {}
@@ -301,7 +317,7 @@ impl<'a> Server<'a> {
     /// Takes up new on-demand instances (their ports held from now on) and
     /// lets go of removed ones and of those no longer on demand. With
     /// `full` false, only retries the ports that could not be held.
-    fn rescan(&mut self, full: bool, say: &dyn Fn(String)) -> Result<()> {
+    fn rescan(&mut self, rt: &Runtime, full: bool, say: &dyn Fn(String)) -> Result<()> {
         let names: Vec<String> = if full {
             self.store.instance_names()?
         } else {
@@ -310,7 +326,8 @@ impl<'a> Server<'a> {
         let mut wanted: HashMap<String, Instance> = HashMap::new();
         for name in &names {
             if let Ok(inst) = self.store.instance(name) {
-                if inst.on_demand.is_some() {
+                // Not those whose backend holds their ports itself.
+                if rt.served_by_serve(&inst) {
                     wanted.insert(name.clone(), inst);
                 }
             }
@@ -521,7 +538,7 @@ fn serve_connections(
     rt: &Runtime,
     served: &mut HashMap<String, Served>,
     conns: Vec<(String, OwnedFd)>,
-    sessions: &mut Vec<std::process::Child>,
+    sessions: &mut Vec<(String, std::process::Child)>,
     say: &dyn Fn(String),
 ) -> Counts {
     let mut counts = Counts::default();
@@ -560,7 +577,7 @@ fn serve_connections(
         match rt.session(&s.inst, conn) {
             Ok(child) => {
                 counts.sessions += 1;
-                sessions.push(child);
+                sessions.push((name, child));
             }
             Err(e) => say(format!("instance {name}: session: {e}")),
         }
@@ -583,7 +600,7 @@ fn serve_connections(
             };
             for conn in conns {
                 match rt.session(inst, conn) {
-                    Ok(child) => guard(&started).push(child),
+                    Ok(child) => guard(&started).push((name.to_string(), child)),
                     Err(e) => guard(&errors).push(format!("instance {name}: session: {e}")),
                 }
             }

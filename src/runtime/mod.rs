@@ -190,6 +190,10 @@ pub trait Launcher: Sync {
     /// them at a connection (`on`), or no longer: systemd's sockets, or
     /// the native launcher's `nifty serve`.
     fn hold_ports(&self, insts: &[&Instance], on: bool) -> Result<()>;
+    /// Whether `nifty serve` is what holds this backend's on-demand ports
+    /// (the native launcher), rather than something of the backend's own
+    /// (systemd's socket units).
+    fn served_by_serve(&self) -> bool;
     /// Names of the instances that may be running (a cheap superset, for
     /// sweeps: one directory read or one call).
     fn running_names(&self) -> Vec<String>;
@@ -445,6 +449,12 @@ impl Runtime {
             ondemand::write_mark(&self.store, &next.name, &Default::default());
         }
         Ok(true)
+    }
+
+    /// Whether `nifty serve` holds this on-demand instance's port and
+    /// starts it (not its backend's own sockets); `serve` takes only these.
+    pub fn served_by_serve(&self, inst: &Instance) -> bool {
+        inst.on_demand.is_some() && self.of(inst).is_ok_and(|l| l.served_by_serve())
     }
 
     /// The on-demand instances that may be running, of every backend

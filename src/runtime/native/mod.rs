@@ -741,6 +741,10 @@ impl super::Launcher for Native {
         self.cgroup(&inst.name).cpu_usage_us()
     }
 
+    fn served_by_serve(&self) -> bool {
+        true
+    }
+
     fn hold_ports(&self, _: &[&Instance], _: bool) -> Result<()> {
         // `nifty serve` holds them: it rescans when the instances
         // directory changes, which this makes it do.

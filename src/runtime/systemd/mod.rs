@@ -607,6 +607,11 @@ impl super::Launcher for Systemd {
         Systemd::hold_ports(self, insts, on)
     }
 
+    fn served_by_serve(&self) -> bool {
+        // Its socket units hold the ports.
+        false
+    }
+
     fn running_names(&self) -> Vec<String> {
         Systemd::running_names(self)
     }
