@@ -29,7 +29,7 @@ use rustix::event::epoll;
 use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType};
 
 use crate::runtime::linux::steer::{self, Steer};
-use crate::runtime::{ondemand, Runtime, State};
+use crate::runtime::{ondemand, Runtime, SessionProc, State};
 use crate::store::{Instance, Store};
 use crate::{Error, Result};
 
@@ -136,7 +136,7 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let rt = Runtime::new(store)?;
     let mut srv = Server::new(store, say)?;
     // Sessions started here and not yet reaped.
-    let mut sessions: Vec<(String, std::process::Child)> = Vec::new();
+    let mut sessions: Vec<(String, SessionProc)> = Vec::new();
     // The on-demand instances known to run: the idle sweep reads only
     // these; those started otherwise are found at a full check.
     let mut running: HashSet<String> = HashSet::new();
@@ -185,8 +185,7 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
             Ok(Some(status)) => {
                 // A Dropbear that died of a signal did not end its session
                 // itself: worth a line (the client saw a reset).
-                use std::os::unix::process::ExitStatusExt;
-                if let Some(sig) = status.signal() {
+                if let Some(sig) = status.terminating_signal() {
                     say(format!(
                         "instance {name}: session (dropbear -i, PID {}) killed by signal {sig}",
                         c.id()
@@ -512,11 +511,7 @@ pub fn session(store: &Store, conn: OwnedFd) -> Result<i32> {
     while rt.target(&inst).is_err() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut child = rt.session(&inst, conn)?;
-    let st = child
-        .wait()
-        .map_err(Error::io("wait for the session of", &inst.name))?;
-    Ok(st.code().unwrap_or(1))
+    rt.session(&inst, conn)?.wait()
 }
 
 /// A mutex's guard, also after a panic of another holder.
@@ -538,7 +533,7 @@ fn serve_connections(
     rt: &Runtime,
     served: &mut HashMap<String, Served>,
     conns: Vec<(String, OwnedFd)>,
-    sessions: &mut Vec<(String, std::process::Child)>,
+    sessions: &mut Vec<(String, SessionProc)>,
     say: &dyn Fn(String),
 ) -> Counts {
     let mut counts = Counts::default();

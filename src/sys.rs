@@ -66,6 +66,95 @@ pub fn loopback_up() -> std::io::Result<()> {
     Ok(())
 }
 
+/// `struct clone_args` of clone3(2) (Linux 5.3; `cgroup` from 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Why [`spawn_into_cgroup`] did not start a program.
+#[derive(Debug)]
+pub enum SpawnError {
+    /// clone3 itself failed (ENOSYS before 5.3, E2BIG or EINVAL before
+    /// CLONE_INTO_CGROUP in 5.7): the caller may fall back.
+    Clone(std::io::Error),
+    /// The child failed before its exec (its error).
+    Child(std::io::Error),
+}
+
+/// Starts a child that is born in the cgroup v2 directory `cgroup`
+/// (clone3 with CLONE_INTO_CGROUP, Linux 5.7), as fork(2) would: no
+/// migration after the fact, whose write to `cgroup.procs` waits for an RCU
+/// grace period (15 ms in a trace) when no other migration ran just before.
+/// The child runs `child`, which makes system calls only (on memory
+/// prepared before) and ends in an exec; if it returns, its error reaches
+/// the caller through a close-on-exec pipe and the child exits. Returns the
+/// child's PID once it has exec'd; the caller reaps it.
+pub fn spawn_into_cgroup(
+    cgroup: BorrowedFd<'_>,
+    child: &mut dyn FnMut() -> std::io::Error,
+) -> Result<i32, SpawnError> {
+    let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| SpawnError::Clone(std::io::Error::from_raw_os_error(e.raw_os_error())))?;
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM is fork(2): the child gets a copy of
+    // this address space and returns 0 on its copy of this stack. There it
+    // runs only `child` (system calls on memory prepared before the call,
+    // no allocation or lock) and leaves by exec or _exit, never returning
+    // into the caller's frames. `args` is valid for the call.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        return Err(SpawnError::Clone(std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let e = child();
+        let code = e.raw_os_error().unwrap_or(libc::EIO);
+        let _ = rustix::io::write(&wr, &code.to_ne_bytes());
+        exit_child(127);
+    }
+    drop(wr);
+    let mut buf = [0u8; 4];
+    let n = loop {
+        match rustix::io::read(&rd, &mut buf) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r.unwrap_or(0),
+        }
+    };
+    if n == 4 {
+        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
+        }
+        return Err(SpawnError::Child(std::io::Error::from_raw_os_error(
+            i32::from_ne_bytes(buf),
+        )));
+    }
+    Ok(pid as i32)
+}
+
 /// execve(2) with NULL-terminated argument and environment arrays prepared
 /// before a fork. Returns only on failure.
 pub fn execve(path: &CStr, argv: &[*const c_char], envp: &[*const c_char]) -> std::io::Error {

@@ -240,6 +240,55 @@ pub struct Target {
     pub procs_files: Vec<std::path::PathBuf>,
 }
 
+/// A session's process, a child of the caller: reaped by [`try_wait`]
+/// (serve) or [`wait`] (`nifty systemd session`).
+///
+/// [`try_wait`]: SessionProc::try_wait
+/// [`wait`]: SessionProc::wait
+#[derive(Debug)]
+pub struct SessionProc {
+    pid: i32,
+}
+
+impl SessionProc {
+    pub(crate) fn new(pid: i32) -> SessionProc {
+        SessionProc { pid }
+    }
+
+    pub fn id(&self) -> i32 {
+        self.pid
+    }
+
+    /// How it ended, if it has (it is reaped then), as
+    /// `std::process::Child::try_wait` says it.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<rustix::process::WaitStatus>> {
+        let pid = rustix::process::Pid::from_raw(self.pid)
+            .ok_or_else(|| std::io::Error::other("a session without a PID"))?;
+        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG)
+            .map_err(std::io::Error::from)
+    }
+
+    /// Waits for it; its exit code (128 + the signal that ended it).
+    pub fn wait(&mut self) -> Result<i32> {
+        let pid = rustix::process::Pid::from_raw(self.pid)
+            .ok_or_else(|| Error::Host("a session without a PID".into()))?;
+        loop {
+            match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(Error::sys(format!("waitpid({})", self.pid))(e)),
+                Ok(Some(st)) => {
+                    return Ok(st
+                        .exit_status()
+                        .map(|c| c as i32)
+                        .or_else(|| st.terminating_signal().map(|s| 128 + s as i32))
+                        .unwrap_or(1))
+                }
+                Ok(None) => continue,
+            }
+        }
+    }
+}
+
 /// Results of a fleet operation, one per instance.
 pub type Results = Vec<(String, Result<()>)>;
 
@@ -361,11 +410,7 @@ impl Runtime {
     /// connection `nifty serve` accepted on its port: Dropbear in inetd
     /// mode inside it (either backend: it is entered as `exec` enters it).
     /// Returns the session's process, which the caller reaps.
-    pub fn session(
-        &self,
-        inst: &Instance,
-        conn: std::os::fd::OwnedFd,
-    ) -> Result<std::process::Child> {
+    pub fn session(&self, inst: &Instance, conn: std::os::fd::OwnedFd) -> Result<SessionProc> {
         let target = self.target(inst)?;
         let log = linux::files::append_console_log(&self.console_log(inst))?;
         // The session enters the container's PID namespace through this

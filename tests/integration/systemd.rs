@@ -607,8 +607,27 @@ fn on_demand_instances_under_systemd_socket_activation() {
         ])
     );
     assert_eq!(host.is_active("nifty@3.service"), "inactive");
+    // `nifty serve` (the native launcher's, as its unit) leaves the ports
+    // of systemd-backend instances to their sockets.
+    common::succeeded(
+        &host.sh(&["systemctl", "start", "nifty.service"]),
+        "systemctl start nifty.service",
+    );
+    std::thread::sleep(Duration::from_secs(1));
     // Still on demand: the next login starts it again.
     assert_eq!(root.ssh("3", "cat /proc/1/comm"), "init\n");
+    let said = host.stdout(&["journalctl", "-u", "nifty.service", "--no-pager"]);
+    assert!(said.contains("serving the on-demand instances"), "{said}");
+    assert!(
+        !said.contains("cannot hold"),
+        "serve took a socket unit's port:\n{said}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&host.nifty(&["list", "--json"])).unwrap();
+    assert_eq!(v[6]["on_demand"]["phase"], "idle", "{}", v[6]);
+    common::succeeded(
+        &host.sh(&["systemctl", "stop", "nifty.service"]),
+        "systemctl stop nifty.service",
+    );
 
     // rm lets go of the ports.
     let port7 = root.port("7");

@@ -8,7 +8,7 @@ pub mod spawn;
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -414,7 +414,13 @@ impl Native {
         cmd: &[String],
         env: &[(String, String)],
     ) -> Result<i32> {
-        let (mut child, term) = self.spawn_in(inst, target, user, cmd, env, Io::Caller)?;
+        let (Spawned::Child(mut child), term) =
+            self.spawn_in(inst, target, user, cmd, env, Io::Caller)?
+        else {
+            return Err(Error::Host(
+                "exec: the command was not started as a child".into(),
+            ));
+        };
         if let Some((p, ttys)) = term {
             drop(p.slave);
             let pid = rustix::process::Pid::from_raw(child.id() as i32)
@@ -443,10 +449,13 @@ impl Native {
         target: &super::Target,
         conn: OwnedFd,
         log: OwnedFd,
-    ) -> Result<std::process::Child> {
+    ) -> Result<super::SessionProc> {
         let cmd = crate::template::inittab::dropbear_inetd();
-        let (child, _) = self.spawn_in(inst, target, None, &cmd, &[], Io::Socket { conn, log })?;
-        Ok(child)
+        let (proc, _) = self.spawn_in(inst, target, None, &cmd, &[], Io::Socket { conn, log })?;
+        Ok(match proc {
+            Spawned::Child(c) => super::SessionProc::new(c.id() as i32),
+            Spawned::Pid(pid) => super::SessionProc::new(pid),
+        })
     }
 
     /// Starts `cmd` in a running container: its namespaces, its root, its
@@ -461,7 +470,7 @@ impl Native {
         cmd: &[String],
         env: &[(String, String)],
         io: Io,
-    ) -> Result<(std::process::Child, Option<(pty::Pty, pty::Ttys)>)> {
+    ) -> Result<(Spawned, Option<(pty::Pty, pty::Ttys)>)> {
         let pid = target.pid;
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let open_ns = |ns: &str| {
@@ -490,14 +499,35 @@ impl Native {
                     .user(u)?
             }
         };
-        let cgroup_files: Vec<OwnedFd> = target
+        // Each cgroup.procs file, and whether it is the v2 one (a session
+        // is born there instead, where the kernel can: see below).
+        let cgroup_files: Vec<(OwnedFd, bool)> = target
             .procs_files
             .iter()
             .map(|p| {
                 rustix::fs::open(p, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+                    .map(|fd| (fd, p.starts_with(&self.hierarchy.v2)))
                     .map_err(Error::sys(format!("open({})", p.display())))
             })
             .collect::<Result<_>>()?;
+        let born_in = match &io {
+            Io::Socket { .. } => target
+                .procs_files
+                .iter()
+                .find(|p| p.starts_with(&self.hierarchy.v2))
+                .and_then(|p| p.parent())
+                .and_then(|d| {
+                    rustix::fs::open(
+                        d,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .ok()
+                }),
+            Io::Caller => None,
+        };
+        let skip_v2 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let skip = skip_v2.clone();
         use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
         move_into_link_name_space(pidns.as_fd(), Some(LinkNameSpaceType::ProcessID))
             .map_err(Error::sys(format!("setns(/proc/{pid}/ns/pid)")))?;
@@ -536,16 +566,20 @@ impl Native {
             Io::Caller => pty::Ttys::of_caller(),
             Io::Socket { .. } => pty::Ttys::default(),
         };
-        if let Io::Socket { conn, log } = io {
+        let socket_io = match io {
+            Io::Socket { conn, log } => Some((conn, log)),
+            Io::Caller => None,
+        };
+        if let Some((conn, log)) = &socket_io {
             let dup = |fd: &OwnedFd| {
                 fd.try_clone()
                     .map(std::process::Stdio::from)
                     .map_err(Error::io("dup", "connection"))
             };
             command
-                .stdin(dup(&conn)?)
-                .stdout(dup(&conn)?)
-                .stderr(std::process::Stdio::from(log));
+                .stdin(dup(conn)?)
+                .stdout(dup(conn)?)
+                .stderr(dup(log)?);
         }
         let term = if ttys.any() {
             let p = pty::open(ttys)?;
@@ -593,7 +627,10 @@ impl Native {
             .map_err(err)?;
             move_into_link_name_space(net.as_fd(), Some(LinkNameSpaceType::Network))
                 .map_err(err)?;
-            for f in &cgroup_files {
+            for (f, v2) in &cgroup_files {
+                if *v2 && skip.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue; // born there
+                }
                 rustix::io::write(f, b"0").map_err(err)?;
             }
             if let Some(u) = &userns {
@@ -619,15 +656,70 @@ impl Native {
             }
             Ok(())
         };
-        let child = crate::sys::spawn_with_hook(&mut command, hook).map_err(|e| {
+        let cannot = |e: std::io::Error| {
             Error::Host(format!(
                 "instance {:?}: cannot run {:?}: {e}",
                 inst.name, cmd[0]
             ))
-        })?;
+        };
+        // A session is born in the container's v2 cgroup (clone3 with
+        // CLONE_INTO_CGROUP, 5.7), which spares the migration's wait for an
+        // RCU grace period at each login; the environment is the command's.
+        if let (Some((conn, log)), Some(dir)) = (&socket_io, &born_in) {
+            let cstr = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+            let path = cstr(&cmd[0]);
+            let argv: Vec<std::ffi::CString> = cmd.iter().map(|a| cstr(a)).collect();
+            let envp: Vec<std::ffi::CString> = command
+                .get_envs()
+                .filter_map(|(k, v)| {
+                    let v = v?;
+                    let mut kv = k.to_os_string();
+                    kv.push("=");
+                    kv.push(v);
+                    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(kv.as_os_str()))
+                        .ok()
+                })
+                .collect();
+            let ptrs = |v: &[std::ffi::CString]| -> Vec<*const std::ffi::c_char> {
+                v.iter()
+                    .map(|c| c.as_ptr())
+                    .chain(std::iter::once(std::ptr::null()))
+                    .collect()
+            };
+            let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
+            let (c, l) = (conn.as_raw_fd(), log.as_raw_fd());
+            skip_v2.store(true, std::sync::atomic::Ordering::Relaxed);
+            let r = crate::sys::spawn_into_cgroup(dir.as_fd(), &mut || {
+                for (fd, to) in [(c, 0), (c, 1), (l, 2)] {
+                    if let Err(e) = crate::sys::dup2(fd, to) {
+                        return e;
+                    }
+                }
+                if let Err(e) = hook() {
+                    return e;
+                }
+                crate::sys::execve(&path, &argv_ptrs, &envp_ptrs)
+            });
+            match r {
+                Ok(pid) => return Ok((Spawned::Pid(pid), None)),
+                Err(crate::sys::SpawnError::Child(e)) => return Err(cannot(e)),
+                Err(crate::sys::SpawnError::Clone(e)) => {
+                    tracing::debug!("clone3(CLONE_INTO_CGROUP): {e}; the session migrates");
+                    skip_v2.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        let child = crate::sys::spawn_with_hook(&mut command, hook).map_err(cannot)?;
         drop(command); // its copies of the pty's far end and of the connection
-        Ok((child, term.map(|p| (p, ttys))))
+        Ok((Spawned::Child(child), term.map(|p| (p, ttys))))
     }
+}
+
+/// A process `spawn_in` started: a `Command`'s child, or one born in the
+/// container's cgroup by clone3 (a PID the caller reaps).
+enum Spawned {
+    Child(std::process::Child),
+    Pid(i32),
 }
 
 /// What a command started in a container gets as its stdin, stdout and
