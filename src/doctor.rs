@@ -267,7 +267,7 @@ fn ports(w: &Want<'_>) -> Vec<Finding> {
     // The fleet's ports the kernel may hand to outgoing connections: one
     // in use (or in TIME-WAIT) when its instance starts keeps Dropbear
     // from listening, and `create` refuses it.
-    let exposed = ephemeral_overlap(&range, fleet).map(|span| {
+    let exposed = crate::store::ephemeral_overlap(&range, fleet).map(|span| {
         let mut taken = parse_port_ranges(&reserved);
         let missing = subtract(span, &taken);
         taken.push(span);
@@ -306,16 +306,6 @@ fn ports(w: &Want<'_>) -> Vec<Finding> {
         ));
     }
     out
-}
-
-/// The part of `fleet` (inclusive) inside the ephemeral range `range`
-/// ("LOW HIGH", as net.ipv4.ip_local_port_range reads).
-fn ephemeral_overlap(range: &str, fleet: (u64, u64)) -> Option<(u64, u64)> {
-    let mut it = range.split_whitespace().map(|s| s.parse::<u64>().ok());
-    let low = it.next().flatten().unwrap_or(32768);
-    let high = it.next().flatten().unwrap_or(60999);
-    let span = (fleet.0.max(low), fleet.1.min(high));
-    (span.0 <= span.1).then_some(span)
 }
 
 /// "1,3-5,8" (net.ipv4.ip_local_reserved_ports) as inclusive ranges.
@@ -900,10 +890,16 @@ mod tests {
     #[test]
     fn reserved_ports_are_merged_not_replaced() {
         let fleet = (30001, 40000);
-        let span = ephemeral_overlap("32768 60999", fleet).unwrap();
+        let span = crate::store::ephemeral_overlap("32768 60999", fleet).unwrap();
         assert_eq!(span, (32768, 40000));
-        assert_eq!(ephemeral_overlap("32768 60999", (2201, 3200)), None);
-        assert_eq!(ephemeral_overlap("40000 50000", (2201, 39999)), None);
+        assert_eq!(
+            crate::store::ephemeral_overlap("32768 60999", (2201, 3200)),
+            None
+        );
+        assert_eq!(
+            crate::store::ephemeral_overlap("40000 50000", (2201, 39999)),
+            None
+        );
         // A user's own reservations stay; the fleet's part is added.
         let mut taken = parse_port_ranges("8080,35000-36000,39999-45000");
         assert_eq!(subtract(span, &taken), vec![(32768, 34999), (36001, 39998)]);

@@ -624,15 +624,25 @@ fn host_port_free(port: u16) -> std::result::Result<(), String> {
 fn ephemeral_hint(port: u16) -> &'static str {
     let range =
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let mut it = range.split_whitespace().map(|s| s.parse::<u16>().ok());
-    match (it.next().flatten(), it.next().flatten()) {
-        (Some(low), Some(high)) if (low..=high).contains(&port) => {
-            "; it lies in the range the kernel gives outgoing connections \
-             (net.ipv4.ip_local_port_range): `nifty doctor --count N --fix` reserves \
-             the fleet's ports"
-        }
-        _ => "",
+    let port = u64::from(port);
+    if ephemeral_overlap(&range, (port, port)).is_some() {
+        "; it lies in the range the kernel gives outgoing connections \
+         (net.ipv4.ip_local_port_range): `nifty doctor --count N --fix` reserves \
+         the fleet's ports"
+    } else {
+        ""
     }
+}
+
+/// The part of `ports` (inclusive) inside the ephemeral range `range`
+/// ("LOW HIGH", as net.ipv4.ip_local_port_range reads; the kernel's
+/// default 32768-60999 when unreadable).
+pub fn ephemeral_overlap(range: &str, ports: (u64, u64)) -> Option<(u64, u64)> {
+    let mut it = range.split_whitespace().map(|s| s.parse::<u64>().ok());
+    let low = it.next().flatten().unwrap_or(32768);
+    let high = it.next().flatten().unwrap_or(60999);
+    let span = (ports.0.max(low), ports.1.min(high));
+    (span.0 <= span.1).then_some(span)
 }
 
 /// The lowest port an unprivileged process may bind on the host

@@ -140,6 +140,15 @@ impl Root {
         succeeded(&self.run(args), &format!("nifty {args:?}"))
     }
 
+    /// Each instance as `list --json` shows it.
+    pub fn list_json(&self) -> Vec<serde_json::Value> {
+        let out = self.ok(&["list", "--json"]);
+        match serde_json::from_str(&out) {
+            Ok(serde_json::Value::Array(v)) => v,
+            other => panic!("list --json gave no array ({other:?}): {out}"),
+        }
+    }
+
     /// Runs nifty, asserts failure, returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let o = self.run(args);

@@ -230,8 +230,7 @@ fn killing_nifty_mid_start_leaves_nothing_invisible() {
         std::thread::sleep(Duration::from_millis(300));
         // `list` tells the truth: every running instance has a live init in
         // its cgroup, every stopped one an empty cgroup.
-        let v: Vec<serde_json::Value> =
-            serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+        let v = root.list_json();
         for i in &v {
             let name = i["name"].as_str().unwrap();
             let procs = root.procs(name);
@@ -280,7 +279,7 @@ fn up_twice_leaves_five_running() {
     let out = root.ok(&["up", "5"]);
     assert!(out.contains("nifty ssh 1"), "{out}");
     root.ok(&["up", "5"]);
-    let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    let v = root.list_json();
     assert_eq!(v.len(), 5);
     assert!(v.iter().all(|i| i["state"] == "running"), "{v:?}");
     booted(&root, &range(1, 5));
@@ -546,7 +545,7 @@ fn an_interrupted_stop_shows_and_is_finished_by_stop() {
         return;
     }
     let root = running(631, 631);
-    let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    let v = root.list_json();
     let pid = v[0]["pid"].as_i64().unwrap() as i32;
     let pids = root.procs("631");
     // What a `nifty stop` killed after its first step leaves: init stopped.
@@ -556,8 +555,7 @@ fn an_interrupted_stop_shows_and_is_finished_by_stop() {
     )
     .unwrap();
     let stopping = (0..100).any(|_| {
-        let v: Vec<serde_json::Value> =
-            serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+        let v = root.list_json();
         v[0]["state"] == "stopping" || {
             std::thread::sleep(Duration::from_millis(20));
             false

@@ -55,10 +55,7 @@ impl Drop for Serve {
 
 /// Names of the running instances of `root`, with their init PIDs.
 fn running(root: &Root) -> Vec<(String, i64)> {
-    let out = root.ok(&["list", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v.as_array()
-        .unwrap()
+    root.list_json()
         .iter()
         .filter(|i| i["state"] == "running")
         .map(|i| {
@@ -72,11 +69,8 @@ fn running(root: &Root) -> Vec<(String, i64)> {
 
 /// The on-demand state `list --json` shows of each instance.
 fn phases(root: &Root) -> std::collections::HashMap<String, serde_json::Value> {
-    let out = root.ok(&["list", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
+    root.list_json()
+        .into_iter()
         .map(|i| {
             (
                 i["name"].as_str().unwrap().to_string(),

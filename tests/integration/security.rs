@@ -48,7 +48,7 @@ fn container_root_is_an_unprivileged_host_uid() {
         .as_integer()
         .unwrap() as u32;
     assert!(base >= 0x80000, "uid base {base}");
-    let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    let v = root.list_json();
     let pid = v[0]["pid"].as_i64().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -374,7 +374,7 @@ fn a_chroot_escape_finds_nothing_of_the_host() {
     // namespace: climbing past the container's root must land back in it
     // (under it is only an empty tmpfs, with the root mounted on top).
     as_root(&root, "561", "mkdir -p /tmp/jail");
-    let v: Vec<serde_json::Value> = serde_json::from_str(&root.ok(&["list", "--json"])).unwrap();
+    let v = root.list_json();
     let pid = v[0]["pid"].as_i64().unwrap();
     let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).unwrap();
     let names = |dir: &str| -> Vec<String> {

@@ -25,10 +25,7 @@ fn fleet(n: u32) -> Root {
 
 /// Each instance's (version, state, pid) as `list --json` says.
 fn versions(root: &Root) -> Vec<(String, u64, String, Option<i64>)> {
-    let out = root.ok(&["list", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v.as_array()
-        .unwrap()
+    root.list_json()
         .iter()
         .map(|i| {
             (

@@ -217,15 +217,17 @@ impl Systemd {
             write_unit_file(&path, &text)?;
             changed = true;
         }
-        if changed {
-            self.reload()?;
-        }
         let timer = self.names.sweep_timer();
         let mut all = refs.clone();
         all.push(&timer);
-        m.enable_unit_files(&all, false, true)
+        // Enabling makes links only: one reload then takes up the links
+        // and the drop-ins, and none is needed when neither changed.
+        let (_, links) = m
+            .enable_unit_files(&all, false, true)
             .map_err(dbus_err(format!("EnableUnitFiles({})", all.join(" "))))?;
-        self.reload()?;
+        if changed || !links.is_empty() {
+            self.reload()?;
+        }
         for s in all {
             m.start_unit(s, "replace")
                 .map_err(dbus_err(format!("StartUnit({s})")))?;
