@@ -74,7 +74,13 @@ struct Server<'a> {
     by_port: HashMap<u16, String>,
     /// Instances whose port could not be held, said once.
     refused: HashMap<String, String>,
+    /// Each instance's record as last read, by its stamp: a rescan reads
+    /// only the records that changed (`Some` for those serve holds).
+    records: HashMap<String, (Stamp, Option<Instance>)>,
 }
+
+/// See [`Store::instance_stamp`].
+type Stamp = (u64, i64, i64, u64);
 
 /// What one round of connections did.
 #[derive(Debug, Default)]
@@ -283,6 +289,7 @@ impl<'a> Server<'a> {
             by_key,
             by_port: HashMap::new(),
             refused: HashMap::new(),
+            records: HashMap::new(),
         })
     }
 
@@ -322,24 +329,53 @@ impl<'a> Server<'a> {
         } else {
             self.refused.keys().cloned().collect()
         };
-        let mut wanted: HashMap<String, Instance> = HashMap::new();
-        for name in &names {
-            if let Ok(inst) = self.store.instance(name) {
-                // Not those whose backend holds their ports itself.
-                if rt.served_by_serve(&inst) {
-                    wanted.insert(name.clone(), inst);
+        // The records serve holds the ports of, by name; those read now
+        // (new or changed since the last rescan) among them in `fresh`.
+        let mut wanted: HashSet<String> = HashSet::new();
+        let mut fresh: HashMap<String, Instance> = HashMap::new();
+        let mut records = HashMap::new();
+        for name in names {
+            let Some(stamp) = self.store.instance_stamp(&name) else {
+                continue;
+            };
+            let rec = match self.records.remove(&name) {
+                Some((seen, rec)) if seen == stamp => rec,
+                _ => {
+                    // Not those whose backend holds their ports itself.
+                    let rec = self
+                        .store
+                        .instance(&name)
+                        .ok()
+                        .filter(|i| rt.served_by_serve(i));
+                    if let Some(i) = &rec {
+                        fresh.insert(name.clone(), i.clone());
+                    }
+                    rec
                 }
+            };
+            if rec.is_some() {
+                wanted.insert(name.clone());
             }
+            records.insert(name, (stamp, rec));
+        }
+        if full {
+            // Those gone since are dropped with what is left.
+            self.records = records;
+        } else {
+            self.records.extend(records);
         }
         let before = self.by_port.len();
         let mut changed = false;
         if full {
-            self.refused.retain(|n, _| wanted.contains_key(n));
+            self.refused.retain(|n, _| wanted.contains(n));
             let gone: Vec<String> = self
                 .served
                 .iter()
                 // Gone, no longer on demand, or moved to another port.
-                .filter(|(name, s)| !wanted.get(*name).is_some_and(|i| i.port == s.inst.port))
+                .filter(|(name, s)| {
+                    !wanted.contains(*name)
+                        || fresh.get(*name).is_some_and(|i| i.port != s.inst.port)
+                })
                 .map(|(name, _)| name.clone())
                 .collect();
             for name in gone {
@@ -351,17 +387,30 @@ impl<'a> Server<'a> {
         }
         // Ports something else listens on are not taken (steering would
         // take their connections): read once.
-        let listening =
-            if self.steer.is_some() && wanted.keys().any(|n| !self.served.contains_key(n)) {
-                crate::runtime::status::sockets().listening
-            } else {
-                HashSet::new()
-            };
-        for (name, inst) in wanted {
-            if let Some(s) = self.served.get_mut(&name) {
-                s.inst = inst;
+        let new: Vec<String> = wanted
+            .into_iter()
+            .filter(|n| {
+                match (self.served.get_mut(n), fresh.get(n)) {
+                    // Held: its record as it is now.
+                    (Some(s), Some(i)) => s.inst = i.clone(),
+                    (Some(_), None) => {}
+                    (None, _) => return true,
+                }
+                false
+            })
+            .collect();
+        let listening = if self.steer.is_some() && !new.is_empty() {
+            crate::runtime::status::sockets().listening
+        } else {
+            HashSet::new()
+        };
+        for name in new {
+            let Some(inst) = fresh
+                .remove(&name)
+                .or_else(|| self.records.get(&name).and_then(|(_, r)| r.clone()))
+            else {
                 continue;
-            }
+            };
             match self.hold(&inst, &listening) {
                 Ok(listener) => {
                     changed = true;

@@ -474,6 +474,15 @@ impl Store {
         })
     }
 
+    /// What changes whenever an instance's record is rewritten (its file's
+    /// inode, modification time and size: a save renames a new file in);
+    /// `None` when it has none.
+    pub fn instance_stamp(&self, name: &str) -> Option<(u64, i64, i64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::symlink_metadata(self.instance_dir(name).join("instance.toml")).ok()?;
+        Some((m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+    }
+
     /// Names of all instances, numbers first in numeric order, then the
     /// others alphabetically.
     pub fn instance_names(&self) -> Result<Vec<String>> {
