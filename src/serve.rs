@@ -604,6 +604,7 @@ fn serve_connections(
     // Connections to running instances get their sessions at once; those
     // to stopped ones wait for their own instance's start, not the round's.
     let mut waiting: HashMap<String, Vec<OwnedFd>> = HashMap::new();
+    let mut warm: Vec<(String, Instance, OwnedFd)> = Vec::new();
     for (name, conn) in conns {
         let Some(s) = served.get(&name) else {
             continue;
@@ -618,7 +619,28 @@ fn serve_connections(
         if mark.idle_since.take().is_some() {
             ondemand::write_mark(store, &name, &mark);
         }
-        match rt.session(&s.inst, conn) {
+        warm.push((name, s.inst.clone(), conn));
+    }
+    // Sessions of running instances: several at once on a pool (each
+    // spawn waits for its child's exec, which may wait on a cgroup
+    // migration), one on this thread.
+    let spawn = |(name, inst, conn): (String, Instance, OwnedFd)| {
+        let r = rt.session(&inst, conn);
+        (name, r)
+    };
+    let spawned: Vec<(String, Result<SessionProc>)> = match warm.len() {
+        0 => Vec::new(),
+        1 => warm.into_iter().map(spawn).collect(),
+        n => {
+            use rayon::prelude::*;
+            match crate::fleet::pool(n) {
+                Ok(p) => p.install(|| warm.into_par_iter().map(spawn).collect()),
+                Err(_) => warm.into_iter().map(spawn).collect(),
+            }
+        }
+    };
+    for (name, r) in spawned {
+        match r {
             Ok(child) => {
                 counts.sessions += 1;
                 sessions.push((name, child));

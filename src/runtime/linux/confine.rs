@@ -695,7 +695,11 @@ pub struct NetGuard {
 /// ABI 6 its processes reach only abstract unix sockets made inside it.
 /// Empty where the kernel offers neither (`doctor` and SECURITY.md say
 /// what is then not defended).
-pub fn network(port: u16) -> std::io::Result<NetGuard> {
+///
+/// `joining`: for a process that joins a running container, whose cgroup
+/// holds the bind programs already: none are loaded (each load runs the
+/// verifier; an on-demand session would pay it at every connection).
+pub fn network(port: u16, joining: bool) -> std::io::Result<NetGuard> {
     let k = NetConfinement::of_kernel();
     let landlock_ports = [port, 0];
     let ports = (k.ports == PortOwnership::Landlock).then_some(&landlock_ports[..]);
@@ -705,7 +709,7 @@ pub fn network(port: u16) -> std::io::Result<NetGuard> {
         } else {
             None
         },
-        bind: if k.ports == PortOwnership::CgroupBpf {
+        bind: if k.ports == PortOwnership::CgroupBpf && !joining {
             Some(BindPrograms::load(port)?)
         } else {
             None

@@ -60,11 +60,13 @@ impl Native {
     /// The confinement of an instance: its user namespace (`userns`, made
     /// by the caller), the capabilities it keeps, its seccomp filters and
     /// network guard (the bind programs of kernels before 6.7, if any, are
-    /// returned for its cgroup).
+    /// returned for its cgroup; none are made when `joining` a running
+    /// container, whose cgroup has them).
     fn confinement(
         &self,
         inst: &Instance,
         userns: Option<OwnedFd>,
+        joining: bool,
     ) -> Result<(spawn::Confine, Option<confine::BindPrograms>)> {
         let sec = &inst.security;
         let seccomp = if sec.seccomp {
@@ -75,7 +77,7 @@ impl Native {
         } else {
             Vec::new()
         };
-        let net = confine::network(inst.port).map_err(|e| Error::Sys {
+        let net = confine::network(inst.port, joining).map_err(|e| Error::Sys {
             call: format!(
                 "instance {:?}: its network guard (landlock_create_ruleset or bpf(BPF_PROG_LOAD))",
                 inst.name
@@ -216,7 +218,7 @@ impl Native {
         let env = init_env(inst);
         let (upper, work) = self.store.instance_layers(inst)?;
         let userns = inst.security.uid_base.map(userns::create).transpose()?;
-        let (confine, bind_guard) = self.confinement(inst, userns)?;
+        let (confine, bind_guard) = self.confinement(inst, userns, false)?;
         let plan = spawn::Plan::new(spawn::Spec {
             lower: &lower,
             upper: &upper,
@@ -551,7 +553,7 @@ impl Native {
         };
         // The command joins the container's user namespace (above), so
         // none is made; the bind programs are on its cgroup already.
-        let (confine, _) = self.confinement(inst, None)?;
+        let (confine, _) = self.confinement(inst, None, true)?;
         if account.uid == u32::MAX || account.gid == u32::MAX {
             return Err(Error::Invalid(format!(
                 "instance {:?}: user has an invalid uid/gid",

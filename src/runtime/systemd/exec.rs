@@ -66,12 +66,13 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
 /// with the cgroup).
 fn guard_network(inst: &Instance) -> Result<()> {
     let name = &inst.name;
-    let net = crate::runtime::linux::confine::network(inst.port).map_err(|e| Error::Sys {
-        call: format!(
+    let net =
+        crate::runtime::linux::confine::network(inst.port, false).map_err(|e| Error::Sys {
+            call: format!(
             "instance {name:?}: its network guard (landlock_create_ruleset or bpf(BPF_PROG_LOAD))"
         ),
-        err: e,
-    })?;
+            err: e,
+        })?;
     if let Some(progs) = &net.bind {
         let own = own_cgroup()?;
         progs.attach(&own).map_err(|e| Error::Sys {
