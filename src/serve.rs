@@ -30,7 +30,7 @@ use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, Socket
 
 use crate::runtime::linux::steer::{self, Steer};
 use crate::runtime::{ondemand, Runtime, SessionProc, State};
-use crate::store::{Instance, Store};
+use crate::store::{Instance, RecordStamp, Store};
 use crate::{Error, Result};
 
 /// Every this many checks, the running instances are found again from the
@@ -76,11 +76,8 @@ struct Server<'a> {
     refused: HashMap<String, String>,
     /// Each instance's record as last read, by its stamp: a rescan reads
     /// only the records that changed (`Some` for those serve holds).
-    records: HashMap<String, (Stamp, Option<Instance>)>,
+    records: HashMap<String, (RecordStamp, Option<Instance>)>,
 }
-
-/// See [`Store::instance_stamp`].
-type Stamp = (u64, i64, i64, u64);
 
 /// What one round of connections did.
 #[derive(Debug, Default)]

@@ -83,6 +83,11 @@ impl Default for Security {
     }
 }
 
+/// An instance record's file as `stat` sees it: inode, modification time
+/// (seconds, nanoseconds) and size. A save renames a new file in, so any
+/// rewrite changes it.
+pub type RecordStamp = (u64, i64, i64, u64);
+
 /// `instance.toml`: everything nifty needs to boot an instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
@@ -474,10 +479,9 @@ impl Store {
         })
     }
 
-    /// What changes whenever an instance's record is rewritten (its file's
-    /// inode, modification time and size: a save renames a new file in);
-    /// `None` when it has none.
-    pub fn instance_stamp(&self, name: &str) -> Option<(u64, i64, i64, u64)> {
+    /// What changes whenever an instance's record is rewritten; `None`
+    /// when it has none.
+    pub fn instance_stamp(&self, name: &str) -> Option<RecordStamp> {
         use std::os::unix::fs::MetadataExt;
         let m = fs::symlink_metadata(self.instance_dir(name).join("instance.toml")).ok()?;
         Some((m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
