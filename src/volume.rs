@@ -507,17 +507,27 @@ pub fn usage(store: &Store, name: &str) -> Option<u64> {
 const ROOM_BYTES: u64 = 1 << 20;
 const ROOM_INODES: u64 = 64;
 
-/// Is `e` a full disk or quota (EDQUOT, ENOSPC)?
-pub fn is_full(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EDQUOT) | Some(libc::ENOSPC))
+/// Is `errno` a full disk or quota (EDQUOT, ENOSPC)?
+fn is_full(errno: Option<i32>) -> bool {
+    matches!(errno, Some(libc::EDQUOT) | Some(libc::ENOSPC))
 }
 
-/// Runs `mount` (which makes an instance's overlay) again with 1 MiB and 64
-/// inodes more than the instance's limits, taken back right after.
-/// overlayfs makes its work directory anew at every mount, which a full
-/// disk refuses (EDQUOT): without this, a tenant who filled its own disk
-/// could not start its instance again.
-pub fn with_room<T, E>(
+/// Mounts an instance's overlay with `mount`; on a full disk of the disk
+/// store (`errno` of the error says so), once more with room (see
+/// [`with_room`]). Both backends mount through here.
+pub fn mount_overlay<T, E>(
+    store: &Store,
+    inst: &crate::store::Instance,
+    errno: impl Fn(&E) -> Option<i32>,
+    mount: impl Fn() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    match mount() {
+        Err(e) if inst.disk_store && is_full(errno(&e)) => with_room(store, inst, mount),
+        r => r,
+    }
+}
+
+fn with_room<T, E>(
     store: &Store,
     inst: &crate::store::Instance,
     mount: impl FnOnce() -> std::result::Result<T, E>,

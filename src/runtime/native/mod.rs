@@ -248,19 +248,17 @@ impl Native {
             }),
             None => Ok(()),
         }
-        .and_then(|()| match spawn::spawn(&plan, &procs, empty_root.as_fd()) {
+        .and_then(|()| {
             // A full disk: overlayfs could not make its work directory.
-            Err(StartError::Setup(e))
-                if inst.disk_store
-                    && crate::volume::is_full(&std::io::Error::from_raw_os_error(
-                        e.errno.raw_os_error(),
-                    )) =>
-            {
-                crate::volume::with_room(&self.store, inst, || {
-                    spawn::spawn(&plan, &procs, empty_root.as_fd())
-                })
-            }
-            r => r,
+            crate::volume::mount_overlay(
+                &self.store,
+                inst,
+                |e| match e {
+                    StartError::Setup(e) => Some(e.errno.raw_os_error()),
+                    _ => None,
+                },
+                || spawn::spawn(&plan, &procs, empty_root.as_fd()),
+            )
         });
         match started {
             Ok(s) => {

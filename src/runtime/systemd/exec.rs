@@ -133,15 +133,15 @@ fn prepare_root(store: &Store, name: &str) -> Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io("create", &target)(e)),
     }
-    let fd = match crate::runtime::linux::files::detached_overlay(store, &inst) {
-        // A full disk: overlayfs could not make its work directory.
-        Err(Error::Sys { err, .. }) if inst.disk_store && crate::volume::is_full(&err) => {
-            crate::volume::with_room(store, &inst, || {
-                crate::runtime::linux::files::detached_overlay(store, &inst)
-            })?
-        }
-        r => r?,
-    };
+    let fd = crate::volume::mount_overlay(
+        store,
+        &inst,
+        |e| match e {
+            Error::Sys { err, .. } => err.raw_os_error(),
+            _ => None,
+        },
+        || crate::runtime::linux::files::detached_overlay(store, &inst),
+    )?;
     move_mount(
         fd.as_fd(),
         "",
