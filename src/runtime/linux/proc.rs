@@ -60,6 +60,36 @@ pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
     })
 }
 
+/// Waits, up to `within`, until `pid` no longer runs nifty's executable:
+/// true once it has exec'd (or is gone). A CLONE_VFORK parent is woken in
+/// the middle of its child's execve, before the kernel gives the child its
+/// new memory (`exec_mmap`: the vfork wake-up comes first), so for a while
+/// after the parent returns, /proc shows the child still running nifty,
+/// and [`find_init`] would not count it as the container's init yet.
+pub fn wait_exec(pid: i32, within: std::time::Duration) -> bool {
+    let own = nifty_exe();
+    let path = format!("/proc/{pid}/exe");
+    let end = std::time::Instant::now() + within;
+    for round in 0u32.. {
+        let exe = rustix::fs::stat(path.as_str())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino));
+        if exe.is_none() || exe != own {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        // Usually a few microseconds: yield first, then sleep.
+        if round < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+    false
+}
+
 /// From a process's /proc status text: is it PID 1 of its own PID
 /// namespace (the last `NSpid` column)? Then whether it is stopped
 /// (state T).
@@ -115,6 +145,25 @@ pub fn signal(pid: i32, sig: Signal) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_exec_tells_a_process_that_has_exec_d_from_one_that_has_not() {
+        // This test's own process runs the executable that nifty_exe()
+        // names: it never "execs", and the wait gives up.
+        let me = std::process::id() as i32;
+        assert!(!wait_exec(me, std::time::Duration::from_millis(5)));
+        // A child that has exec'd something else (std returns from spawn
+        // once it has), then one that is gone.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        assert!(wait_exec(pid, std::time::Duration::ZERO));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(wait_exec(pid, std::time::Duration::ZERO));
+    }
 
     /// /proc status texts as the kernel writes them (the fields read).
     fn status(name: &str, state: &str, nspid: &str) -> String {

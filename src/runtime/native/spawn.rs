@@ -371,6 +371,11 @@ pub fn spawn(
     })?;
     let f = failure.load(Ordering::SeqCst);
     if f == 0 {
+        // The vfork wake-up comes before the kernel shows the exec: until
+        // it does, the container's init would not be found.
+        if !crate::runtime::linux::proc::wait_exec(spawned.0, std::time::Duration::from_secs(5)) {
+            tracing::warn!(pid = spawned.0, "init not seen exec'd after 5 s");
+        }
         return Ok(Spawned {
             pid: spawned.0,
             pidfd: spawned.1,
