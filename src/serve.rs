@@ -79,13 +79,19 @@ struct Server<'a> {
     records: HashMap<String, (RecordStamp, Option<Instance>)>,
 }
 
-/// What one round of connections did.
-#[derive(Debug, Default)]
+/// What one round of connections did on serve's thread (starts report
+/// through the channel).
+#[derive(Default)]
 struct Counts {
-    started: usize,
+    /// Instances whose start it handed to a thread.
+    starting: usize,
     sessions: usize,
-    /// The instances that run now.
+    /// The instances that run (those it gave sessions).
     up: Vec<String>,
+    /// The sessions it started.
+    spawned: Vec<(String, SessionProc)>,
+    /// Lines for the log.
+    said: Vec<String>,
 }
 
 /// The lock of a state root's `serve`: a file that holds its PID.
@@ -138,6 +144,71 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let _lock = lock(store)?;
     let rt = Runtime::new(store)?;
     let mut srv = Server::new(store, say)?;
+    // Starts run on threads of their own while this one goes on accepting;
+    // they report here, and wake the loop through `wake`.
+    let (tx, rx) = std::sync::mpsc::channel::<Report>();
+    let wake = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .map_err(Error::sys("eventfd"))?;
+    epoll::add(
+        &srv.ep,
+        &wake,
+        epoll::EventData::new_u64(WAKE),
+        epoll::EventFlags::IN,
+    )
+    .map_err(Error::sys("epoll_ctl(EPOLL_CTL_ADD)"))?;
+    let starting: Starting = std::sync::Mutex::new(HashMap::new());
+    let queue = std::sync::Mutex::new((Vec::new(), false));
+    let ctx = Ctx {
+        store,
+        rt: &rt,
+        starting: &starting,
+        queue: &queue,
+        wake: &wake,
+    };
+    std::thread::scope(|scope| loop_until_error(&ctx, scope, &mut srv, opts, &tx, &rx, say))
+}
+
+/// What a start's thread reports to serve's loop.
+enum Report {
+    /// A session it gave a connection.
+    Session(String, SessionProc),
+    /// An instance it started (it runs now).
+    Up(String),
+    /// A line for the log.
+    Say(String),
+}
+
+/// Instances whose start is under way, with the connections that wait for
+/// it (their start's thread hands them their sessions).
+type Starting = std::sync::Mutex<HashMap<String, Vec<OwnedFd>>>;
+
+/// What serve's loop shares with its start threads.
+struct Ctx<'a> {
+    store: &'a Store,
+    rt: &'a Runtime,
+    starting: &'a Starting,
+    /// Stopped instances waiting for the start thread, and whether it runs.
+    queue: &'a std::sync::Mutex<(Vec<Instance>, bool)>,
+    wake: &'a OwnedFd,
+}
+
+/// The epoll key of the wake-up eventfd (listeners' keys are fd numbers).
+const WAKE: u64 = u64::MAX;
+
+/// serve's loop: checks, accepts, and reports of the start threads.
+fn loop_until_error<'scope, 'env>(
+    ctx: &'env Ctx<'env>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    srv: &mut Server<'_>,
+    opts: &Options,
+    tx: &std::sync::mpsc::Sender<Report>,
+    rx: &std::sync::mpsc::Receiver<Report>,
+    say: &dyn Fn(String),
+) -> Result<()> {
+    let (store, rt) = (ctx.store, ctx.rt);
     // Sessions started here and not yet reaped.
     let mut sessions: Vec<(String, SessionProc)> = Vec::new();
     // The on-demand instances known to run: the idle sweep reads only
@@ -158,9 +229,9 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
                 .ok();
             if dir != seen_dir {
                 seen_dir = dir;
-                srv.rescan(&rt, true, say)?;
+                srv.rescan(rt, true, say)?;
             } else if !srv.refused.is_empty() {
-                srv.rescan(&rt, false, say)?;
+                srv.rescan(rt, false, say)?;
             }
             let insts: Vec<Instance> = if full {
                 rt.running_on_demand()
@@ -205,6 +276,18 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(Error::sys("epoll_wait")(e)),
         }
+        // What the start threads did meanwhile.
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(ctx.wake, &mut buf);
+        for r in rx.try_iter() {
+            match r {
+                Report::Session(name, child) => sessions.push((name, child)),
+                Report::Up(name) => {
+                    running.insert(name);
+                }
+                Report::Say(line) => say(line),
+            }
+        }
         // Every connection waiting on every ready socket, then the stopped
         // ones among their instances started at once, then the sessions.
         let mut conns: Vec<(String, OwnedFd)> = Vec::new();
@@ -216,10 +299,14 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
         if conns.is_empty() {
             continue;
         }
-        let counts = serve_connections(store, &rt, &mut srv.served, conns, &mut sessions, say);
+        let counts = serve_connections(ctx, scope, &mut srv.served, conns, tx);
         running.extend(counts.up);
+        sessions.extend(counts.spawned);
+        for line in counts.said {
+            say(line);
+        }
         tracing::debug!(
-            started = counts.started,
+            starting = counts.starting,
             sessions = counts.sessions,
             "connections served"
         );
@@ -571,18 +658,34 @@ fn key(fd: &OwnedFd) -> u64 {
     fd.as_raw_fd() as u64
 }
 
-/// Starts what is stopped among the connections' instances (all at once),
-/// then gives each connection its session. A connection whose instance
-/// does not start is closed (the client sees the connection end).
-fn serve_connections(
-    store: &Store,
-    rt: &Runtime,
+/// Gives each connection its session: at once for a running instance; for
+/// a stopped one, when its start (on a thread of its own, all of this
+/// round's stopped ones at once) has it up, or at once if a start is
+/// already under way. A connection whose instance does not start is
+/// closed (the client sees the connection end).
+fn serve_connections<'scope, 'env>(
+    ctx: &'env Ctx<'env>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
     served: &mut HashMap<String, Served>,
     conns: Vec<(String, OwnedFd)>,
-    sessions: &mut Vec<(String, SessionProc)>,
-    say: &dyn Fn(String),
+    tx: &std::sync::mpsc::Sender<Report>,
 ) -> Counts {
+    let (store, rt) = (ctx.store, ctx.rt);
     let mut counts = Counts::default();
+    // Those whose start is under way take their connections now.
+    let conns: Vec<(String, OwnedFd)> = {
+        let mut starting = guard(ctx.starting);
+        conns
+            .into_iter()
+            .filter_map(|(name, conn)| match starting.get_mut(&name) {
+                Some(waiting) => {
+                    waiting.push(conn);
+                    None
+                }
+                None => Some((name, conn)),
+            })
+            .collect()
+    };
     let mut wanted: Vec<String> = conns.iter().map(|(n, _)| n.clone()).collect();
     wanted.sort();
     wanted.dedup();
@@ -598,8 +701,6 @@ fn serve_connections(
         .collect();
     let stopped = rt.with_state(&insts, |s| s == State::Stopped);
     let cold: HashSet<&str> = stopped.iter().map(|i| i.name.as_str()).collect();
-    // Connections to running instances get their sessions at once; those
-    // to stopped ones wait for their own instance's start, not the round's.
     let mut waiting: HashMap<String, Vec<OwnedFd>> = HashMap::new();
     let mut warm: Vec<(String, Instance, OwnedFd)> = Vec::new();
     for (name, conn) in conns {
@@ -618,6 +719,11 @@ fn serve_connections(
         }
         warm.push((name, s.inst.clone(), conn));
     }
+    counts.up = wanted
+        .iter()
+        .filter(|n| !cold.contains(n.as_str()))
+        .cloned()
+        .collect();
     // Sessions of running instances: several at once on a pool (each
     // spawn waits for its child's exec, which may wait on a cgroup
     // migration), one on this thread.
@@ -640,58 +746,89 @@ fn serve_connections(
         match r {
             Ok(child) => {
                 counts.sessions += 1;
-                sessions.push((name, child));
+                counts.spawned.push((name, child));
             }
-            Err(e) => say(format!("instance {name}: session: {e}")),
+            Err(e) => counts.said.push(format!("instance {name}: session: {e}")),
         }
     }
-    let mut failed: HashSet<String> = HashSet::new();
-    if !stopped.is_empty() {
-        // `list` shows them starting meanwhile.
-        ondemand::mark_starting(store, &stopped, true);
-        let waiting = std::sync::Mutex::new(waiting);
-        let started = std::sync::Mutex::new(Vec::new());
-        let errors = std::sync::Mutex::new(Vec::new());
+    if stopped.is_empty() {
+        return counts;
+    }
+    // `list` shows them starting meanwhile; connections that come for
+    // them until each is up join `starting`. One thread starts them, batch
+    // after batch (two at once would only share the CPUs).
+    ondemand::mark_starting(store, &stopped, true);
+    counts.starting = stopped.len();
+    guard(ctx.starting).extend(waiting);
+    let idle = {
+        let mut q = guard(ctx.queue);
+        q.0.extend(stopped);
+        !std::mem::replace(&mut q.1, true)
+    };
+    if idle {
+        let tx = tx.clone();
+        scope.spawn(move || starter(ctx, &tx));
+    }
+    counts
+}
+
+/// Starts the queued instances, batch after batch, until none is left;
+/// each instance's waiting connections get their sessions as soon as it
+/// is up.
+fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
+    let (store, rt) = (ctx.store, ctx.rt);
+    let report = |r: Report| {
+        let _ = tx.send(r);
+        let _ = rustix::io::write(ctx.wake, &1u64.to_ne_bytes());
+    };
+    loop {
+        let batch = {
+            let mut q = guard(ctx.queue);
+            if q.0.is_empty() {
+                q.1 = false;
+                return;
+            }
+            std::mem::take(&mut q.0)
+        };
         let by_name: HashMap<&str, &Instance> =
-            stopped.iter().map(|i| (i.name.as_str(), i)).collect();
+            batch.iter().map(|i| (i.name.as_str(), i)).collect();
+        let failed_sessions = std::sync::Mutex::new(Vec::new());
         // Each instance's sessions as soon as it is up (on the worker that
-        // started it); one that did not start ends its connections.
-        let results = rt.start_many(&stopped, &|name| {
-            let conns = guard(&waiting).remove(name).unwrap_or_default();
+        // started it); one that did not start ends its connections. (`done`
+        // comes once per instance, whatever its start did: none is left
+        // in `starting`.)
+        let results = rt.start_many(&batch, &|name| {
+            let conns = guard(ctx.starting).remove(name).unwrap_or_default();
             let Some(inst) = by_name.get(name) else {
                 return;
             };
             for conn in conns {
                 match rt.session(inst, conn) {
-                    Ok(child) => guard(&started).push((name.to_string(), child)),
-                    Err(e) => guard(&errors).push(format!("instance {name}: session: {e}")),
+                    Ok(child) => report(Report::Session(name.to_string(), child)),
+                    Err(e) => guard(&failed_sessions).push((name.to_string(), e)),
                 }
             }
         });
-        ondemand::mark_starting(store, &stopped, false);
+        ondemand::mark_starting(store, &batch, false);
+        let mut failed: HashSet<String> = HashSet::new();
         for (name, r) in results {
             match r {
-                Ok(()) => counts.started += 1,
+                Ok(()) => report(Report::Up(name)),
                 Err(e) => {
-                    say(format!("instance {name}: start on connection failed: {e}"));
+                    report(Report::Say(format!(
+                        "instance {name}: start on connection failed: {e}"
+                    )));
                     failed.insert(name);
                 }
             }
         }
-        let started = started.into_inner().unwrap_or_default();
-        counts.sessions += started.len();
-        sessions.extend(started);
-        for e in errors.into_inner().unwrap_or_default() {
-            if !failed
-                .iter()
-                .any(|n| e.starts_with(&format!("instance {n}:")))
-            {
-                say(e);
+        // A session of an instance that did not start says nothing more.
+        for (name, e) in failed_sessions.into_inner().unwrap_or_default() {
+            if !failed.contains(&name) {
+                report(Report::Say(format!("instance {name}: session: {e}")));
             }
         }
     }
-    counts.up = wanted.into_iter().filter(|n| !failed.contains(n)).collect();
-    counts
 }
 
 #[cfg(test)]
