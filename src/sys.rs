@@ -667,6 +667,7 @@ fn bpf<T>(cmd: i32, attr: &T) -> std::io::Result<i64> {
 
 const BPF_MAP_CREATE: i32 = 0;
 const BPF_MAP_UPDATE_ELEM: i32 = 2;
+const BPF_MAP_DELETE_ELEM: i32 = 3;
 const BPF_PROG_LOAD: i32 = 5;
 const BPF_PROG_ATTACH: i32 = 8;
 const BPF_LINK_CREATE: i32 = 28;
@@ -741,6 +742,36 @@ pub fn bpf_map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> std::io:
     };
     // `key` and `value` outlive the call; the kernel reads the map's sizes.
     bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
+}
+
+/// Removes `key` from a BPF map (bpf(2), BPF_MAP_DELETE_ELEM); a key
+/// that is not there is not an error.
+pub fn bpf_map_delete(map: BorrowedFd<'_>, key: &[u8]) -> std::io::Result<()> {
+    let attr = BpfMapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: 0,
+        flags: 0,
+    };
+    // `key` outlives the call; the kernel reads the map's key size.
+    match bpf(BPF_MAP_DELETE_ELEM, &attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// The network namespace a socket was made in (ioctl SIOCGSKNS, Linux
+/// 4.9), as a new fd.
+pub fn socket_netns(sock: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd (or -1).
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGSKNS as _) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
 /// Links the BPF program `prog` to `target` (a network namespace fd for

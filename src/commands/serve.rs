@@ -15,7 +15,11 @@ pub fn on_demand(ctx: &Ctx, c: OnDemandCmd) -> Result<bool> {
     let rt = Runtime::new(&ctx.store)?;
     let (sel, want) = match c {
         OnDemandCmd::Sweep => {
-            let swept = rt.sweep(&ctx.store, &rt.running_on_demand());
+            let swept = rt.sweep(
+                &ctx.store,
+                &rt.running_on_demand(),
+                &nifty::runtime::ondemand::Held,
+            );
             let mut ok = true;
             for (name, r) in &swept.stopped {
                 match r {

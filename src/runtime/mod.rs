@@ -292,6 +292,20 @@ impl SessionProc {
 /// Results of a fleet operation, one per instance.
 pub type Results = Vec<(String, Result<()>)>;
 
+/// Runs `f`, which starts a process in a container by entering its PID
+/// namespace through this thread, and gives the thread its own back, so
+/// that a container it starts later is not made inside that one.
+fn keeping_pidns<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let own = std::fs::File::open("/proc/thread-self/ns/pid")
+        .map_err(Error::io("open", "/proc/thread-self/ns/pid"))?;
+    let r = f();
+    use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+    use std::os::fd::AsFd;
+    move_into_link_name_space(own.as_fd(), Some(LinkNameSpaceType::ProcessID))
+        .map_err(Error::sys("setns(/proc/thread-self/ns/pid)"))?;
+    r
+}
+
 impl Runtime {
     pub fn new(store: &Store) -> Result<Runtime> {
         Ok(Runtime {
@@ -413,17 +427,16 @@ impl Runtime {
     pub fn session(&self, inst: &Instance, conn: std::os::fd::OwnedFd) -> Result<SessionProc> {
         let target = self.target(inst)?;
         let log = linux::files::append_console_log(&self.console_log(inst))?;
-        // The session enters the container's PID namespace through this
-        // thread; the thread's own comes back after, so that a container
-        // it starts later is not made inside this one.
-        let own = std::fs::File::open("/proc/thread-self/ns/pid")
-            .map_err(Error::io("open", "/proc/thread-self/ns/pid"))?;
-        let child = self.native.session(inst, &target, conn, log);
-        use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
-        use std::os::fd::AsFd;
-        move_into_link_name_space(own.as_fd(), Some(LinkNameSpaceType::ProcessID))
-            .map_err(Error::sys("setns(/proc/thread-self/ns/pid)"))?;
-        child
+        keeping_pidns(|| self.native.session(inst, &target, conn, log))
+    }
+
+    /// A listening Dropbear in a running on-demand instance, on its port
+    /// (either backend: entered as `exec` enters it). Returns its process,
+    /// which the caller reaps.
+    pub fn listener(&self, inst: &Instance) -> Result<SessionProc> {
+        let target = self.target(inst)?;
+        let log = linux::files::append_console_log(&self.console_log(inst))?;
+        keeping_pidns(|| self.native.listener(inst, &target, log))
     }
 
     /// `nifty on-demand enable|disable`: makes a stopped instance on

@@ -37,6 +37,31 @@ pub struct Mark {
     /// users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<u64>,
+    /// The Dropbear `serve` runs listening in the running instance, whose
+    /// listening sockets take its port's connections straight from the
+    /// kernel: not a process of its users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<Listener>,
+}
+
+/// One process for good: its PID and when it started (clock ticks since
+/// boot), so that a reused PID is not taken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    pub pid: i32,
+    pub started: u64,
+}
+
+impl Listener {
+    /// The process `pid` as it is now.
+    pub fn of(pid: i32) -> Option<Listener> {
+        super::linux::proc::start_ticks(pid).map(|started| Listener { pid, started })
+    }
+
+    /// Is it still the process it was?
+    pub fn alive(&self) -> bool {
+        Listener::of(self.pid).as_ref() == Some(self)
+    }
 }
 
 /// Seconds since the epoch.
@@ -89,8 +114,10 @@ pub fn mark_starting(store: &Store, insts: &[Instance], on: bool) {
         let mut m = read_mark(store, &i.name);
         m.starting = on.then_some(t);
         if !on {
-            // A fresh start: whatever idleness was counted is over.
+            // A fresh start: whatever idleness was counted is over, and
+            // nothing of its last run listens.
             m.idle_since = None;
+            m.listener = None;
         }
         write_mark(store, &i.name, &m);
     }
@@ -238,15 +265,40 @@ fn fresh_idle_since(mark: &Mark, info: &Info) -> Option<u64> {
 }
 
 /// How many of `pids` are in the PID namespace of the container's `init`
-/// (a backend's cgroup may hold its launcher too: systemd-nspawn).
-fn container_processes(pids: &[i32], init: i32) -> usize {
+/// (a backend's cgroup may hold its launcher too: systemd-nspawn), but
+/// `serve`'s listening Dropbear.
+fn container_processes(pids: &[i32], init: i32, listener: Option<Listener>) -> usize {
     let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
     let Some(own) = ns(init) else {
         return pids.len();
     };
+    let listener = listener.filter(Listener::alive).map(|l| l.pid);
     pids.iter()
-        .filter(|p| ns(**p).as_ref() == Some(&own))
+        .filter(|p| Some(**p) != listener && ns(**p).as_ref() == Some(&own))
         .count()
+}
+
+/// What the idle sweep asks of whoever holds the instances' ports before
+/// it stops idle ones: `nifty serve`, whose instances may take their
+/// connections themselves (a listening Dropbear of their own).
+pub trait Release {
+    /// Takes the ports of `due` back (new connections come to the holder
+    /// from now on, not to the instance); returns those that may be
+    /// stopped (none of which has a connection waiting).
+    fn release(&self, due: Vec<Instance>) -> Vec<Instance>;
+    /// Gives back what `release` took of one not stopped after all.
+    fn restore(&self, inst: &Instance);
+}
+
+/// Nothing to take back: the ports' holder always has their connections
+/// (systemd's sockets).
+pub struct Held;
+
+impl Release for Held {
+    fn release(&self, due: Vec<Instance>) -> Vec<Instance> {
+        due
+    }
+    fn restore(&self, _: &Instance) {}
 }
 
 /// What one sweep did.
@@ -262,7 +314,7 @@ impl Runtime {
     /// The idle sweep: of `insts`, the running on-demand instances that
     /// have had nothing but init and syslogd for their idle timeout are
     /// stopped; the others have their idle time counted (in their marks).
-    pub fn sweep(&self, store: &Store, insts: &[Instance]) -> Swept {
+    pub fn sweep(&self, store: &Store, insts: &[Instance], holder: &dyn Release) -> Swept {
         let insts: Vec<Instance> = insts
             .iter()
             .filter(|i| i.on_demand.is_some())
@@ -276,10 +328,7 @@ impl Runtime {
                 continue;
             }
             let mut mark = read_mark(store, &inst.name);
-            let busy = match info.pid {
-                Some(init) => container_processes(&self.processes(inst), init) > IDLE_PROCESSES,
-                None => true,
-            };
+            let busy = self.busy(inst, info.pid, mark.listener);
             let before = mark.clone();
             if busy {
                 mark.idle_since = None;
@@ -295,17 +344,44 @@ impl Runtime {
                 _ => out.running.push(inst.name.clone()),
             }
         }
-        if !due.is_empty() {
-            out.stopped = self.stop_many(&due, StopOptions::default(), &|_| {});
-            for (name, r) in &out.stopped {
-                if r.is_ok() {
-                    write_mark(store, name, &Mark::default());
-                } else {
-                    out.running.push(name.clone());
+        if due.is_empty() {
+            return out;
+        }
+        // Once the holder has the ports back, one last look: a session
+        // that began meanwhile keeps its instance up.
+        let mut stopping = Vec::new();
+        for inst in holder.release(due) {
+            let mark = read_mark(store, &inst.name);
+            if self.busy(&inst, self.init_pid(&inst), mark.listener) {
+                holder.restore(&inst);
+                out.running.push(inst.name.clone());
+            } else {
+                stopping.push(inst);
+            }
+        }
+        out.stopped = self.stop_many(&stopping, StopOptions::default(), &|_| {});
+        for (name, r) in &out.stopped {
+            if r.is_ok() {
+                write_mark(store, name, &Mark::default());
+            } else {
+                if let Some(inst) = stopping.iter().find(|i| &i.name == name) {
+                    holder.restore(inst);
                 }
+                out.running.push(name.clone());
             }
         }
         out
+    }
+
+    /// Does anything of its users run in an instance (more than init and
+    /// syslogd, `serve`'s listener aside)?
+    fn busy(&self, inst: &Instance, init: Option<i32>, listener: Option<Listener>) -> bool {
+        match init {
+            Some(init) => {
+                container_processes(&self.processes(inst), init, listener) > IDLE_PROCESSES
+            }
+            None => true,
+        }
     }
 }
 
@@ -322,6 +398,10 @@ mod tests {
         let m = Mark {
             starting: None,
             idle_since: Some(1234),
+            listener: Some(Listener {
+                pid: 42,
+                started: 99,
+            }),
         };
         write_mark(&store, "1", &m);
         assert_eq!(read_mark(&store, "1"), m);
@@ -330,6 +410,24 @@ mod tests {
         // A mark that is not one reads as none.
         std::fs::write(mark_path(&store, "1"), "{{{").unwrap();
         assert_eq!(read_mark(&store, "1"), Mark::default());
+    }
+
+    #[test]
+    fn a_listener_is_the_process_it_was_and_not_a_user_s() {
+        let me = Listener::of(std::process::id() as i32).unwrap();
+        assert!(me.alive());
+        // The same PID with another start is another process.
+        let other = Listener {
+            started: me.started + 1,
+            ..me
+        };
+        assert!(!other.alive());
+        // It is not counted among the container's processes; another
+        // process of the same PID namespace is.
+        let pids = [me.pid];
+        assert_eq!(container_processes(&pids, me.pid, None), 1);
+        assert_eq!(container_processes(&pids, me.pid, Some(me)), 0);
+        assert_eq!(container_processes(&pids, me.pid, Some(other)), 1);
     }
 
     #[test]

@@ -68,6 +68,17 @@ pub fn render_on_demand() -> String {
         .to_string()
 }
 
+/// The Dropbear `nifty serve` runs listening on `port` in a running
+/// on-demand instance, with the options of `dropbear -i` (below): not in
+/// the foreground, so that it leaves serve for the container's init (which
+/// reaps it, as it reaps every orphan there), logging to syslog.
+pub fn dropbear_listening(port: u16) -> Vec<String> {
+    let mut cmd = dropbear_inetd();
+    cmd.retain(|a| a != "-i");
+    cmd.extend(["-p".to_string(), port.to_string()]);
+    cmd
+}
+
 /// The command `nifty serve` runs in an on-demand instance for one
 /// accepted connection (its socket on stdin and stdout): Dropbear in
 /// inetd mode, with the options every instance's Dropbear has but `-E`

@@ -204,9 +204,15 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     // 20 logins at once, each to a stopped instance: all answered by the
     // instance's own Dropbear (its own host key, StrictHostKeyChecking).
     let twenty: Vec<String> = (1..=20).map(|n| n.to_string()).collect();
-    for (n, ok, out, err) in logins(&root, &twenty, "cat /proc/1/comm; id -un") {
+    // The session's Dropbear is an inetd one, started for this connection.
+    let parent = "tr '\\0' ' ' < /proc/$PPID/cmdline";
+    let cmd = format!("cat /proc/1/comm; id -un; {parent}");
+    for (n, ok, out, err) in logins(&root, &twenty, &cmd) {
         assert!(ok, "login to {n}: {err}\nserve: {}", serve.log());
-        assert_eq!(out, "init\nluser\n", "{n}");
+        assert!(
+            out.starts_with("init\nluser\n/usr/sbin/dropbear -i "),
+            "{n}: {out}"
+        );
     }
     let up = running(&root);
     let names: Vec<&str> = up.iter().map(|(n, _)| n.as_str()).collect();
@@ -215,9 +221,33 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
         20,
         "exactly the 20 logged in to run: {names:?}"
     );
-    // The session's Dropbear is an inetd one, started for this connection.
-    let out = root.ssh("3", "tr '\\0' ' ' < /proc/$PPID/cmdline");
+    // Once up, each got a listening Dropbear of its own: the kernel hands
+    // it the next logins (serve is not in the way).
+    let port3 = root.port("3");
+    assert!(
+        wait_until(Duration::from_secs(10), || listening(port3)),
+        "3 has no listener of its own: {}",
+        serve.log()
+    );
+    let out = root.ssh("3", parent);
+    assert!(
+        out.starts_with(&format!(
+            "/usr/sbin/dropbear -w -r /etc/dropbear/dropbear_ed25519_host_key -p {port3}"
+        )),
+        "{out}"
+    );
+    // Its root kills it: the port's logins come through serve again at
+    // once (never refused), and the next warm one starts another.
+    let listener = root.ssh("3", "cut -d' ' -f4 /proc/$PPID/stat");
+    root.ok(&["exec", "3", "--", "kill", "-9", listener.trim()]);
+    assert!(wait_until(Duration::from_secs(10), || !listening(port3)));
+    let out = root.ssh("3", parent);
     assert!(out.starts_with("/usr/sbin/dropbear -i "), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(10), || listening(port3)),
+        "no new listener in 3: {}",
+        serve.log()
+    );
     // `list` shows who runs, who waits, and a session while it lasts.
     std::thread::scope(|s| {
         let h = s.spawn(|| root.ssh("4", "sleep 4; echo done"));
@@ -248,8 +278,19 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     .unwrap();
     let _ = serve.child.wait();
     assert_eq!(running(&root), before, "killing serve stopped nothing");
+    // With serve gone, an instance with a listener of its own is still
+    // reachable (the kernel's own lookup finds it).
+    assert_eq!(root.ssh("3", "echo here"), "here\n");
     serve = Serve::start(&root);
     assert!(wait_until(Duration::from_secs(20), || served(&root, "200")));
+    // ... and the new serve takes its port up again, listener and all.
+    assert!(
+        served(&root, "3"),
+        "{:?}\n{}",
+        phases(&root)["3"],
+        serve.log()
+    );
+    assert!(!serve.log().contains("cannot hold"), "{}", serve.log());
     let ten: Vec<String> = (1..=10).map(|n| n.to_string()).collect();
     for (n, ok, _, err) in logins(&root, &ten, "true") {
         assert!(
@@ -278,6 +319,7 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     );
     assert!(serve.log().contains("idle, stopped"), "{}", serve.log());
     assert_eq!(phases(&root)["4"]["phase"], "idle");
+    assert!(!listening(port3), "3's listener went with it");
     // And the next login starts one again.
     assert_eq!(root.ssh("5", "cat /proc/1/comm"), "init\n");
     serve.kill();

@@ -3,7 +3,7 @@
 //! lives; and the lock that serializes work on one instance.
 
 use std::fs;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
@@ -116,11 +116,23 @@ fn nifty_exe() -> Option<(u64, u64)> {
     })
 }
 
+/// When a process started, in clock ticks since boot (/proc/PID/stat's
+/// `starttime`): with its PID, names one process for good (a PID is
+/// reused, never with the same start). None for one that has ended (a
+/// zombie too).
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name in parentheses is the process's to choose: after its last ')'.
+    let mut after = stat[stat.rfind(')')? + 2..].split(' ');
+    if matches!(after.next(), Some("Z" | "X" | "x")) {
+        return None;
+    }
+    after.nth(18)?.parse().ok()
+}
+
 /// Seconds since a process started.
 pub fn uptime(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let start: u64 = after.split(' ').nth(19)?.parse().ok()?;
+    let start = start_ticks(pid)?;
     let up: f64 = fs::read_to_string("/proc/uptime")
         .ok()?
         .split(' ')
@@ -129,6 +141,63 @@ pub fn uptime(pid: i32) -> Option<u64> {
         .ok()?;
     let hz = rustix::param::clock_ticks_per_second();
     Some((up as u64).saturating_sub(start / hz))
+}
+
+/// The listening TCP sockets of process `pid` (through `pidfd`) on `port`
+/// in nifty's own network namespace: copies of its fds (pidfd_getfd,
+/// Linux 5.6). The process may be a tenant's: each fd is checked for what
+/// the kernel says it is (a TCP socket, listening, on that port, made in
+/// this network namespace), not for what the process says; at most
+/// `MAX_FDS` of its fds are looked at.
+pub fn listening_sockets(pid: i32, pidfd: &OwnedFd, port: u16) -> Vec<OwnedFd> {
+    const MAX_FDS: usize = 64;
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let own_netns = rustix::fs::stat("/proc/self/ns/net")
+        .ok()
+        .map(|st| (st.st_dev, st.st_ino));
+    let mut out = Vec::new();
+    for entry in dir.flatten().take(MAX_FDS) {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Only sockets are worth a copy (a link's text, not followed).
+        if !fs::read_link(entry.path())
+            .is_ok_and(|l| l.as_os_str().as_encoded_bytes().starts_with(b"socket:"))
+        {
+            continue;
+        }
+        let Ok(sock) =
+            rustix::process::pidfd_getfd(pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+        else {
+            continue;
+        };
+        let listening_tcp = rustix::net::sockopt::get_socket_acceptconn(&sock).unwrap_or(false)
+            && rustix::net::sockopt::get_socket_type(&sock).ok()
+                == Some(rustix::net::SocketType::STREAM)
+            && rustix::net::sockopt::get_socket_protocol(&sock)
+                .ok()
+                .flatten()
+                == Some(rustix::net::ipproto::TCP);
+        let on_port = match rustix::net::getsockname(&sock) {
+            Ok(rustix::net::SocketAddrAny::V4(a)) => a.port() == port,
+            Ok(rustix::net::SocketAddrAny::V6(a)) => a.port() == port,
+            _ => false,
+        };
+        let here = crate::sys::socket_netns(sock.as_fd())
+            .ok()
+            .and_then(|ns| rustix::fs::fstat(&ns).ok())
+            .map(|st| (st.st_dev, st.st_ino));
+        if listening_tcp && on_port && here.is_some() && here == own_netns {
+            out.push(sock);
+        }
+    }
+    out
 }
 
 /// Does the process exist (signal 0)?
@@ -163,6 +232,26 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(wait_exec(pid, std::time::Duration::ZERO));
+    }
+
+    #[test]
+    fn start_ticks_name_a_live_process_and_not_a_zombie() {
+        let me = std::process::id() as i32;
+        assert!(start_ticks(me).is_some());
+        assert_eq!(start_ticks(me), start_ticks(me));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Exited, not reaped yet: a zombie.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+            && std::time::Instant::now() < end
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(start_ticks(pid), None);
+        child.wait().unwrap();
+        assert_eq!(start_ticks(pid), None);
     }
 
     /// /proc status texts as the kernel writes them (the fields read).

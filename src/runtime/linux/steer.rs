@@ -9,10 +9,18 @@
 //! connection's local address is the one the client dialled, so its port
 //! names the instance.
 //!
+//! A running instance's own listening Dropbear can take its port's
+//! connections straight from the kernel: its listening sockets go in a
+//! second map (`direct`), which the program looks in first. The kernel
+//! takes a socket out of the map when it is closed, so when that Dropbear
+//! ends (or its instance stops) the port's connections come back to
+//! nifty's listeners at once: the port is never left unowned.
+//!
 //! The program lives while the link's fd is open: when `serve` ends,
-//! steering ends with it and the ports are closed again.
+//! steering ends with it; ports an instance listens on itself stay
+//! reachable, the others are closed again.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType};
 
@@ -22,11 +30,15 @@ use super::confine::insn;
 const PROG_TYPE_SK_LOOKUP: u32 = 30;
 /// `BPF_SK_LOOKUP` (attach type).
 const ATTACH_SK_LOOKUP: u32 = 36;
-/// `BPF_MAP_TYPE_ARRAY`, `BPF_MAP_TYPE_SOCKMAP`.
+/// `BPF_MAP_TYPE_ARRAY`, `BPF_MAP_TYPE_SOCKMAP`, `BPF_MAP_TYPE_SOCKHASH`.
 const MAP_ARRAY: u32 = 2;
 const MAP_SOCKMAP: u32 = 15;
+const MAP_SOCKHASH: u32 = 18;
 /// Every TCP port: the array's index.
 const PORTS: u32 = 65536;
+/// Instances' own listening sockets at once (two per instance: IPv4 and
+/// IPv6); the hash's buckets take 16 bytes each.
+const DIRECT: u32 = 65536;
 
 /// The steering of a set of ports to nifty's two listening sockets.
 #[derive(Debug)]
@@ -34,6 +46,8 @@ pub struct Steer {
     /// port -> 1 (steered) or 0.
     ports: OwnedFd,
     _socks: OwnedFd,
+    /// (port << 1 | IPv6) -> an instance's own listening socket.
+    direct: OwnedFd,
     _prog: OwnedFd,
     _link: OwnedFd,
     /// Where steered connections wait: IPv4 and, where the host has it,
@@ -48,6 +62,7 @@ impl Steer {
     pub fn new() -> std::io::Result<Steer> {
         let ports = crate::sys::bpf_map_create(MAP_ARRAY, 4, 1, PORTS, "nifty_ports")?;
         let socks = crate::sys::bpf_map_create(MAP_SOCKMAP, 4, 8, 2, "nifty_socks")?;
+        let direct = crate::sys::bpf_map_create(MAP_SOCKHASH, 4, 8, DIRECT, "nifty_direct")?;
         let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
         // SO_REUSEADDR is inherited by the accepted connections: their
         // TIME-WAIT must not keep the instance's own Dropbear (after
@@ -80,7 +95,7 @@ impl Steer {
                 &fd.to_ne_bytes(),
             )?;
         }
-        let insns = program(ports.as_raw_fd(), socks.as_raw_fd());
+        let insns = program(ports.as_raw_fd(), direct.as_raw_fd(), socks.as_raw_fd());
         let prog = crate::sys::bpf_prog_load(
             PROG_TYPE_SK_LOOKUP,
             ATTACH_SK_LOOKUP,
@@ -92,6 +107,7 @@ impl Steer {
         Ok(Steer {
             ports,
             _socks: socks,
+            direct,
             _prog: prog,
             _link: link,
             listeners,
@@ -107,6 +123,38 @@ impl Steer {
             &[u8::from(on)],
         )
     }
+
+    /// Sends the new connections to `port` of `sock`'s family (IPv4 or
+    /// IPv6) straight to `sock`, a listening TCP socket of a running
+    /// instance in this network namespace, for as long as it is open (the
+    /// kernel takes a closed socket out of the map). The port must be
+    /// steered (`set`).
+    pub fn direct(&self, port: u16, sock: BorrowedFd<'_>) -> std::io::Result<()> {
+        let v6 = match rustix::net::getsockname(sock)? {
+            rustix::net::SocketAddrAny::V4(_) => 0,
+            rustix::net::SocketAddrAny::V6(_) => 1,
+            _ => return Err(std::io::Error::other("not an IP socket")),
+        };
+        let fd = sock.as_raw_fd() as u64;
+        crate::sys::bpf_map_update(
+            self.direct.as_fd(),
+            &direct_key(port, v6).to_ne_bytes(),
+            &fd.to_ne_bytes(),
+        )
+    }
+
+    /// `port`'s new connections come to nifty's listeners again.
+    pub fn undirect(&self, port: u16) -> std::io::Result<()> {
+        for v6 in [0, 1] {
+            crate::sys::bpf_map_delete(self.direct.as_fd(), &direct_key(port, v6).to_ne_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// The key of a port's own listener in `direct`.
+fn direct_key(port: u16, v6: u32) -> u32 {
+    u32::from(port) << 1 | v6
 }
 
 /// The port a steered connection came in on (its local address).
@@ -120,13 +168,17 @@ pub fn local_port(conn: &OwnedFd) -> std::io::Result<u16> {
 
 /// The `sk_lookup` program. Reads `struct bpf_sk_lookup`: `family` at 8,
 /// `protocol` at 12, `local_port` (host byte order) at 60. A TCP
-/// connection to a port whose byte in `ports` is set goes to socket 0 of
-/// `socks` (IPv4) or 1 (IPv6) by `bpf_sk_assign`; anything else passes
-/// untouched to the kernel's own lookup.
-fn program(ports: i32, socks: i32) -> Vec<u64> {
+/// connection to a port whose byte in `ports` is set goes, by
+/// `bpf_sk_assign`, to the instance's own listening socket of its family
+/// in `direct` if there is one (and it takes it), else to socket 0 of
+/// `socks` (IPv4) or 1 (IPv6); anything else passes untouched to the
+/// kernel's own lookup.
+fn program(ports: i32, direct: i32, socks: i32) -> Vec<u64> {
     const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
     const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
     const ADD_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
+    const ADD_X: u8 = 0x0f; // BPF_ALU64 | BPF_ADD | BPF_X
+    const LSH_K: u8 = 0x67; // BPF_ALU64 | BPF_LSH | BPF_K
     const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
     const LDX_B: u8 = 0x71; // BPF_LDX | BPF_MEM | BPF_B
     const STX_W: u8 = 0x63; // BPF_STX | BPF_MEM | BPF_W
@@ -142,43 +194,64 @@ fn program(ports: i32, socks: i32) -> Vec<u64> {
     const IPPROTO_TCP: i32 = 6;
     const AF_INET6: i32 = 10;
     const SK_PASS: i32 = 1;
-    let (r0, r1, r2, r3, r6, r7, r10) = (0, 1, 2, 3, 6, 7, 10);
-    // Instruction 31 is `pass`; a jump's offset counts from the next one.
-    let pass = |at: i16| 31 - (at + 1);
+    let (r0, r1, r2, r3, r6, r7, r8, r10) = (0, 1, 2, 3, 6, 7, 8, 10);
+    // Where the jumps land; a jump's offset counts from the next insn.
+    const NIFTYS: i16 = 37;
+    const PASS: i16 = 50;
+    let to = |at: i16, target: i16| target - (at + 1);
     vec![
-        insn(MOV_X, r6, r1, 0, 0),                // 0: r6 = ctx
-        insn(LDX_W, r2, r6, 12, 0),               // 1: r2 = ctx->protocol
-        insn(JNE_K, r2, 0, pass(2), IPPROTO_TCP), // 2: not TCP: pass
-        insn(LDX_W, r2, r6, 60, 0),               // 3: r2 = ctx->local_port
-        insn(STX_W, r10, r2, -4, 0),              // 4: key = port
-        insn(LD_DW, r1, PSEUDO_MAP_FD, 0, ports), // 5-6: r1 = &ports
+        insn(MOV_X, r6, r1, 0, 0),                    // 0: r6 = ctx
+        insn(LDX_W, r2, r6, 12, 0),                   // 1: r2 = ctx->protocol
+        insn(JNE_K, r2, 0, to(2, PASS), IPPROTO_TCP), // 2: not TCP: pass
+        insn(LDX_W, r2, r6, 60, 0),                   // 3: r2 = ctx->local_port
+        insn(STX_W, r10, r2, -4, 0),                  // 4: fp[-4] = port
+        insn(LD_DW, r1, PSEUDO_MAP_FD, 0, ports),     // 5-6: r1 = &ports
         insn(0, 0, 0, 0, 0),
-        insn(MOV_X, r2, r10, 0, 0),               // 7: r2 = &key
-        insn(ADD_K, r2, 0, 0, -4),                // 8
-        insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),     // 9: r0 = &ports[port]
-        insn(JEQ_K, r0, 0, pass(10), 0),          // 10: none: pass
-        insn(LDX_B, r2, r0, 0, 0),                // 11: r2 = ports[port]
-        insn(JEQ_K, r2, 0, pass(12), 0),          // 12: not ours: pass
-        insn(LDX_W, r2, r6, 8, 0),                // 13: r2 = ctx->family
-        insn(MOV_K, r3, 0, 0, 0),                 // 14: r3 = 0 (IPv4)
-        insn(JNE_K, r2, 0, 1, AF_INET6),          // 15
-        insn(MOV_K, r3, 0, 0, 1),                 // 16: r3 = 1 (IPv6)
-        insn(STX_W, r10, r3, -8, 0),              // 17: key = r3
-        insn(LD_DW, r1, PSEUDO_MAP_FD, 0, socks), // 18-19: r1 = &socks
+        insn(MOV_X, r2, r10, 0, 0),                // 7: r2 = &fp[-4]
+        insn(ADD_K, r2, 0, 0, -4),                 // 8
+        insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),      // 9: r0 = &ports[port]
+        insn(JEQ_K, r0, 0, to(10, PASS), 0),       // 10: none: pass
+        insn(LDX_B, r2, r0, 0, 0),                 // 11: r2 = ports[port]
+        insn(JEQ_K, r2, 0, to(12, PASS), 0),       // 12: not ours: pass
+        insn(LDX_W, r2, r6, 8, 0),                 // 13: r2 = ctx->family
+        insn(MOV_K, r3, 0, 0, 0),                  // 14: r3 = 0 (IPv4)
+        insn(JNE_K, r2, 0, 1, AF_INET6),           // 15
+        insn(MOV_K, r3, 0, 0, 1),                  // 16: r3 = 1 (IPv6)
+        insn(STX_W, r10, r3, -8, 0),               // 17: fp[-8] = r3
+        insn(LDX_W, r2, r10, -4, 0),               // 18: r2 = port
+        insn(LSH_K, r2, 0, 0, 1),                  // 19: r2 <<= 1
+        insn(ADD_X, r2, r3, 0, 0),                 // 20: r2 += r3
+        insn(STX_W, r10, r2, -12, 0),              // 21: fp[-12] = r2
+        insn(LD_DW, r1, PSEUDO_MAP_FD, 0, direct), // 22-23: r1 = &direct
         insn(0, 0, 0, 0, 0),
-        insn(MOV_X, r2, r10, 0, 0),           // 20: r2 = &key
-        insn(ADD_K, r2, 0, 0, -8),            // 21
-        insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM), // 22: r0 = socks[key] (a reference)
-        insn(JEQ_K, r0, 0, pass(23), 0),      // 23: none: pass
-        insn(MOV_X, r7, r0, 0, 0),            // 24: r7 = sk
-        insn(MOV_X, r1, r6, 0, 0),            // 25: r1 = ctx
-        insn(MOV_X, r2, r7, 0, 0),            // 26: r2 = sk
-        insn(MOV_K, r3, 0, 0, 0),             // 27: flags 0
-        insn(CALL, 0, 0, 0, SK_ASSIGN),       // 28
-        insn(MOV_X, r1, r7, 0, 0),            // 29: r1 = sk
-        insn(CALL, 0, 0, 0, SK_RELEASE),      // 30
-        insn(MOV_K, r0, 0, 0, SK_PASS),       // 31: pass
-        insn(EXIT, 0, 0, 0, 0),               // 32
+        insn(MOV_X, r2, r10, 0, 0),               // 24: r2 = &fp[-12]
+        insn(ADD_K, r2, 0, 0, -12),               // 25
+        insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),     // 26: r0 = direct[key] (a reference)
+        insn(JEQ_K, r0, 0, to(27, NIFTYS), 0),    // 27: none: nifty's
+        insn(MOV_X, r7, r0, 0, 0),                // 28: r7 = sk
+        insn(MOV_X, r1, r6, 0, 0),                // 29: r1 = ctx
+        insn(MOV_X, r2, r7, 0, 0),                // 30: r2 = sk
+        insn(MOV_K, r3, 0, 0, 0),                 // 31: flags 0
+        insn(CALL, 0, 0, 0, SK_ASSIGN),           // 32
+        insn(MOV_X, r8, r0, 0, 0),                // 33: r8 = its result
+        insn(MOV_X, r1, r7, 0, 0),                // 34: r1 = sk
+        insn(CALL, 0, 0, 0, SK_RELEASE),          // 35
+        insn(JEQ_K, r8, 0, to(36, PASS), 0),      // 36: assigned: pass
+        insn(LD_DW, r1, PSEUDO_MAP_FD, 0, socks), // 37-38: r1 = &socks
+        insn(0, 0, 0, 0, 0),
+        insn(MOV_X, r2, r10, 0, 0),           // 39: r2 = &fp[-8]
+        insn(ADD_K, r2, 0, 0, -8),            // 40
+        insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM), // 41: r0 = socks[key] (a reference)
+        insn(JEQ_K, r0, 0, to(42, PASS), 0),  // 42: none: pass
+        insn(MOV_X, r7, r0, 0, 0),            // 43: r7 = sk
+        insn(MOV_X, r1, r6, 0, 0),            // 44: r1 = ctx
+        insn(MOV_X, r2, r7, 0, 0),            // 45: r2 = sk
+        insn(MOV_K, r3, 0, 0, 0),             // 46: flags 0
+        insn(CALL, 0, 0, 0, SK_ASSIGN),       // 47
+        insn(MOV_X, r1, r7, 0, 0),            // 48: r1 = sk
+        insn(CALL, 0, 0, 0, SK_RELEASE),      // 49
+        insn(MOV_K, r0, 0, 0, SK_PASS),       // 50: pass
+        insn(EXIT, 0, 0, 0, 0),               // 51
     ]
 }
 
@@ -187,16 +260,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_jump_of_the_program_lands_on_pass() {
-        let p = program(3, 4);
-        assert_eq!(p.len(), 33);
+    fn every_jump_of_the_program_lands_where_it_should() {
+        let p = program(3, 4, 5);
+        assert_eq!(p.len(), 52);
         let code = |i: usize| p[i].to_ne_bytes()[0];
         let off = |i: usize| i16::from_ne_bytes([p[i].to_ne_bytes()[2], p[i].to_ne_bytes()[3]]);
-        for i in [2, 10, 12, 23] {
+        let lands = |i: usize| i as i16 + 1 + off(i);
+        for i in [2, 10, 12, 36, 42] {
             assert!(matches!(code(i), 0x15 | 0x55), "insn {i} is a jump");
-            assert_eq!(i as i16 + 1 + off(i), 31, "jump of insn {i}");
+            assert_eq!(lands(i), 50, "jump of insn {i}");
         }
-        assert_eq!(code(31), 0xb7);
-        assert_eq!(code(32), 0x95);
+        // No own listener, or one that would not take it: nifty's.
+        assert_eq!(lands(27), 37);
+        assert_eq!(code(37), 0x18);
+        assert_eq!(code(50), 0xb7);
+        assert_eq!(code(51), 0x95);
+        // The three maps, in order.
+        let imm = |i: usize| i32::from_ne_bytes(p[i].to_ne_bytes()[4..8].try_into().unwrap());
+        assert_eq!([imm(5), imm(22), imm(37)], [3, 4, 5]);
+    }
+
+    #[test]
+    fn each_family_of_a_port_has_its_own_key() {
+        assert_eq!(direct_key(2201, 0), 4402);
+        assert_eq!(direct_key(2201, 1), 4403);
+        assert_ne!(direct_key(65535, 1), direct_key(65534, 1));
     }
 }

@@ -458,6 +458,27 @@ impl Native {
         })
     }
 
+    /// Starts a listening Dropbear in a running on-demand instance (see
+    /// `nifty serve`): the options of every instance's Dropbear, on its
+    /// port; stdin /dev/null, stdout and stderr its console log. Not
+    /// waited for, as a session.
+    pub fn listener(
+        &self,
+        inst: &Instance,
+        target: &super::Target,
+        log: OwnedFd,
+    ) -> Result<super::SessionProc> {
+        let cmd = crate::template::inittab::dropbear_listening(inst.port);
+        let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+            .map_err(Error::sys("open(/dev/null)"))?;
+        let io = Io::Socket { conn: null, log };
+        let (proc, _) = self.spawn_in(inst, target, None, &cmd, &[], io)?;
+        Ok(match proc {
+            Spawned::Child(c) => super::SessionProc::new(c.id() as i32),
+            Spawned::Pid(pid) => super::SessionProc::new(pid),
+        })
+    }
+
     /// Starts `cmd` in a running container: its namespaces, its root, its
     /// cgroup, as `user` (default root of the container), confined as its
     /// init is; with `io`. Joins the container's PID namespace for the
@@ -727,7 +748,8 @@ enum Spawned {
 enum Io {
     /// The caller's: a pty of nifty's for those that are terminals.
     Caller,
-    /// An accepted connection (stdin and stdout) and the console log.
+    /// An accepted connection (stdin and stdout; /dev/null for a daemon)
+    /// and the console log (stderr).
     Socket { conn: OwnedFd, log: OwnedFd },
 }
 

@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 use rustix::event::epoll;
 use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType};
 
+mod direct;
+
+use direct::Direct;
+
 use crate::runtime::linux::steer::{self, Steer};
 use crate::runtime::{ondemand, Runtime, SessionProc, State};
 use crate::store::{Instance, RecordStamp, Store};
@@ -68,7 +72,9 @@ struct Server<'a> {
     ep: OwnedFd,
     /// One pair of listeners for every port (BPF `sk_lookup`), or `None`:
     /// a listening socket per port.
-    steer: Option<Steer>,
+    steer: Option<&'a Steer>,
+    /// Running instances' own listeners (see `direct`).
+    direct: HashMap<String, Direct>,
     served: HashMap<String, Served>,
     by_key: HashMap<u64, Key>,
     by_port: HashMap<u16, String>,
@@ -143,7 +149,8 @@ pub fn listen(port: u16) -> std::result::Result<OwnedFd, rustix::io::Errno> {
 pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let _lock = lock(store)?;
     let rt = Runtime::new(store)?;
-    let mut srv = Server::new(store, say)?;
+    let steer = steering(say);
+    let mut srv = Server::new(store, steer.as_ref())?;
     // Starts run on threads of their own while this one goes on accepting;
     // they report here, and wake the loop through `wake`.
     let (tx, rx) = std::sync::mpsc::channel::<Report>();
@@ -164,6 +171,7 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let ctx = Ctx {
         store,
         rt: &rt,
+        steer: steer.as_ref(),
         starting: &starting,
         queue: &queue,
         wake: &wake,
@@ -177,6 +185,8 @@ enum Report {
     Session(String, SessionProc),
     /// An instance it started (it runs now).
     Up(String),
+    /// How the start of an instance's own listener went.
+    Listening(String, std::result::Result<ondemand::Listener, String>),
     /// A line for the log.
     Say(String),
 }
@@ -189,6 +199,7 @@ type Starting = std::sync::Mutex<HashMap<String, Vec<OwnedFd>>>;
 struct Ctx<'a> {
     store: &'a Store,
     rt: &'a Runtime,
+    steer: Option<&'a Steer>,
     starting: &'a Starting,
     /// Stopped instances waiting for the start thread, and whether it runs.
     queue: &'a std::sync::Mutex<(Vec<Instance>, bool)>,
@@ -214,6 +225,8 @@ fn loop_until_error<'scope, 'env>(
     // The on-demand instances known to run: the idle sweep reads only
     // these; those started otherwise are found at a full check.
     let mut running: HashSet<String> = HashSet::new();
+    // Instances started here that have no listener of their own yet.
+    let mut unheard: Vec<String> = Vec::new();
     let mut seen_dir: Option<std::time::SystemTime> = None;
     let mut checks: u32 = 0;
     let mut next_check = Instant::now();
@@ -244,7 +257,11 @@ fn loop_until_error<'scope, 'env>(
                     .filter_map(|n| srv.served.get(n).map(|s| s.inst.clone()))
                     .collect()
             };
-            let swept = rt.sweep(store, &insts);
+            let release = direct::Release {
+                steer: srv.steer,
+                direct: &srv.direct,
+            };
+            let swept = rt.sweep(store, &insts, &release);
             for (name, r) in &swept.stopped {
                 match r {
                     Ok(()) => say(format!("instance {name}: idle, stopped")),
@@ -252,6 +269,17 @@ fn loop_until_error<'scope, 'env>(
                 }
             }
             running = swept.running.into_iter().collect();
+            // What listened in instances that run no more is gone with
+            // them (a full check knows every running one).
+            for (name, r) in &swept.stopped {
+                if r.is_ok() {
+                    srv.direct.remove(name);
+                }
+            }
+            if full {
+                srv.direct
+                    .retain(|n, d| running.contains(n) || matches!(d, Direct::Starting));
+            }
             next_check = Instant::now() + opts.check_every;
         }
         sessions.retain_mut(|(name, c)| match c.try_wait() {
@@ -283,9 +311,40 @@ fn loop_until_error<'scope, 'env>(
             match r {
                 Report::Session(name, child) => sessions.push((name, child)),
                 Report::Up(name) => {
-                    running.insert(name);
+                    // A fresh run: nothing of a listener of the last one.
+                    srv.direct.remove(&name);
+                    running.insert(name.clone());
+                    unheard.push(name);
                 }
+                // (Unless its instance stopped meanwhile.)
+                Report::Listening(name, r) if srv.direct.contains_key(&name) => {
+                    let d = match r {
+                        Ok(l) => {
+                            // Not a process of its users (and a restarted
+                            // serve takes it up again).
+                            let mut mark = ondemand::read_mark(store, &name);
+                            mark.listener = Some(l);
+                            ondemand::write_mark(store, &name, &mark);
+                            Direct::Up(l)
+                        }
+                        Err(e) => {
+                            say(format!("instance {name}: {e}"));
+                            Direct::Failed
+                        }
+                    };
+                    srv.direct.insert(name, d);
+                }
+                Report::Listening(..) => {}
                 Report::Say(line) => say(line),
+            }
+        }
+        // Instances started at a connection get their own listeners once
+        // no start is under way (a listener is a start's worth of CPU).
+        if !unheard.is_empty() && !guard(ctx.queue).1 {
+            for name in std::mem::take(&mut unheard) {
+                if let Some(s) = srv.served.get(&name) {
+                    listen_in(ctx, scope, &mut srv.direct, &s.inst, tx);
+                }
             }
         }
         // Every connection waiting on every ready socket, then the stopped
@@ -299,7 +358,7 @@ fn loop_until_error<'scope, 'env>(
         if conns.is_empty() {
             continue;
         }
-        let counts = serve_connections(ctx, scope, &mut srv.served, conns, tx);
+        let counts = serve_connections(ctx, scope, &mut srv.served, &mut srv.direct, conns, tx);
         running.extend(counts.up);
         sessions.extend(counts.spawned);
         for line in counts.said {
@@ -334,26 +393,30 @@ fn accept_from(fd: &OwnedFd, mut out: impl FnMut(OwnedFd)) {
     }
 }
 
-impl<'a> Server<'a> {
-    fn new(store: &'a Store, say: &dyn Fn(String)) -> Result<Server<'a>> {
-        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::sys("epoll_create1"))?;
-        let steer = if crate::runtime::linux::features::forced("steer") {
-            say("a listening socket per port (NIFTY_FALLBACKS=steer)".into());
+/// One pair of listening sockets for every port (BPF `sk_lookup`), or
+/// `None` (said why): a listening socket per port.
+fn steering(say: &dyn Fn(String)) -> Option<Steer> {
+    if crate::runtime::linux::features::forced("steer") {
+        say("a listening socket per port (NIFTY_FALLBACKS=steer)".into());
+        return None;
+    }
+    match Steer::new() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            say(format!(
+                "a listening socket per port: BPF sk_lookup (Linux 5.9) is not available here \
+                 ({e})"
+            ));
             None
-        } else {
-            match Steer::new() {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    say(format!(
-                        "a listening socket per port: BPF sk_lookup (Linux 5.9) is not \
-                         available here ({e})"
-                    ));
-                    None
-                }
-            }
-        };
+        }
+    }
+}
+
+impl<'a> Server<'a> {
+    fn new(store: &'a Store, steer: Option<&'a Steer>) -> Result<Server<'a>> {
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::sys("epoll_create1"))?;
         let mut by_key = HashMap::new();
-        if let Some(st) = &steer {
+        if let Some(st) = steer {
             for (i, l) in st.listeners.iter().enumerate() {
                 epoll::add(
                     &ep,
@@ -369,6 +432,7 @@ impl<'a> Server<'a> {
             store,
             ep,
             steer,
+            direct: HashMap::new(),
             served: HashMap::new(),
             by_key,
             by_port: HashMap::new(),
@@ -387,7 +451,7 @@ impl<'a> Server<'a> {
                 }
             }
             Key::Steered(i) => {
-                let Some(l) = self.steer.as_ref().and_then(|s| s.listeners.get(*i)) else {
+                let Some(l) = self.steer.and_then(|s| s.listeners.get(*i)) else {
                     return;
                 };
                 accept_from(l, |c| {
@@ -495,7 +559,7 @@ impl<'a> Server<'a> {
             else {
                 continue;
             };
-            match self.hold(&inst, &listening) {
+            match self.hold(rt, &inst, &listening) {
                 Ok(listener) => {
                     changed = true;
                     if self.refused.remove(&name).is_some() {
@@ -534,19 +598,35 @@ impl<'a> Server<'a> {
     }
 
     /// Holds an instance's port: steered, or a listening socket of its own
-    /// (returned, in the epoll set).
+    /// (returned, in the epoll set). A port that something listens on is
+    /// not taken, unless that is the instance's own listener (started by a
+    /// `serve` before this one): it is taken up again.
     fn hold(
         &mut self,
+        rt: &Runtime,
         inst: &Instance,
         listening: &HashSet<u16>,
     ) -> std::result::Result<Option<OwnedFd>, rustix::io::Errno> {
-        if let Some(st) = &self.steer {
-            if listening.contains(&inst.port) {
-                return Err(rustix::io::Errno::ADDRINUSE);
-            }
-            st.set(inst.port, true).map_err(|e| {
+        if let Some(st) = self.steer {
+            let errno = |e: std::io::Error| {
                 rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
-            })?;
+            };
+            if listening.contains(&inst.port) {
+                let own = ondemand::read_mark(self.store, &inst.name)
+                    .listener
+                    .filter(|l| rt.processes(inst).contains(&l.pid) && l.alive());
+                let Some(l) = own else {
+                    return Err(rustix::io::Errno::ADDRINUSE);
+                };
+                st.set(inst.port, true).map_err(errno)?;
+                if direct::direct(st, inst, l) == 0 {
+                    let _ = st.set(inst.port, false);
+                    return Err(rustix::io::Errno::ADDRINUSE);
+                }
+                self.direct.insert(inst.name.clone(), Direct::Up(l));
+                return Ok(None);
+            }
+            st.set(inst.port, true).map_err(errno)?;
             return Ok(None);
         }
         let listener = listen(inst.port)?;
@@ -569,9 +649,11 @@ impl<'a> Server<'a> {
                 self.by_key.remove(&key(l));
             }
             None => {
-                if let Some(st) = &self.steer {
+                if let Some(st) = self.steer {
+                    let _ = st.undirect(s.inst.port);
                     let _ = st.set(s.inst.port, false);
                 }
+                self.direct.remove(&s.inst.name);
             }
         }
         self.by_port.remove(&s.inst.port);
@@ -667,6 +749,7 @@ fn serve_connections<'scope, 'env>(
     ctx: &'env Ctx<'env>,
     scope: &'scope std::thread::Scope<'scope, 'env>,
     served: &mut HashMap<String, Served>,
+    directs: &mut HashMap<String, Direct>,
     conns: Vec<(String, OwnedFd)>,
     tx: &std::sync::mpsc::Sender<Report>,
 ) -> Counts {
@@ -724,6 +807,12 @@ fn serve_connections<'scope, 'env>(
         .filter(|n| !cold.contains(n.as_str()))
         .cloned()
         .collect();
+    // A running instance whose logins come through serve (it has none,
+    // or its own ended) gets a listener from which the kernel hands it the
+    // next ones.
+    for (_, inst, _) in &warm {
+        listen_in(ctx, scope, directs, inst, tx);
+    }
     // Sessions of running instances: several at once on a pool (each
     // spawn waits for its child's exec, which may wait on a cgroup
     // migration), one on this thread.
@@ -772,20 +861,55 @@ fn serve_connections<'scope, 'env>(
     counts
 }
 
+/// Starts a listener of its own in a running instance, on a thread, unless
+/// it has one, or one is starting, or it cannot (see `direct`).
+fn listen_in<'scope, 'env>(
+    ctx: &'env Ctx<'env>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    directs: &mut HashMap<String, Direct>,
+    inst: &Instance,
+    tx: &std::sync::mpsc::Sender<Report>,
+) {
+    let Some(steer) = ctx.steer.filter(|_| direct::wanted(inst, ctx.steer)) else {
+        return;
+    };
+    let needed = match directs.get(&inst.name) {
+        None => true,
+        Some(Direct::Up(l)) => !l.alive(),
+        Some(Direct::Starting | Direct::Failed) => false,
+    };
+    if !needed {
+        return;
+    }
+    directs.insert(inst.name.clone(), Direct::Starting);
+    let (tx, inst) = (tx.clone(), inst.clone());
+    scope.spawn(move || {
+        let name = inst.name.clone();
+        let r = direct::start(ctx.rt, steer, &inst);
+        report(ctx, &tx, Report::Listening(name, r));
+    });
+}
+
+/// Sends a thread's report to serve's loop, and wakes it.
+fn report(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>, r: Report) {
+    let _ = tx.send(r);
+    let _ = rustix::io::write(ctx.wake, &1u64.to_ne_bytes());
+}
+
 /// Starts the queued instances, batch after batch, until none is left;
 /// each instance's waiting connections get their sessions as soon as it
 /// is up.
 fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
     let (store, rt) = (ctx.store, ctx.rt);
-    let report = |r: Report| {
-        let _ = tx.send(r);
-        let _ = rustix::io::write(ctx.wake, &1u64.to_ne_bytes());
-    };
+    let report = |r: Report| report(ctx, tx, r);
     loop {
         let batch = {
             let mut q = guard(ctx.queue);
             if q.0.is_empty() {
                 q.1 = false;
+                drop(q);
+                // The loop waits for this to start listeners.
+                let _ = rustix::io::write(ctx.wake, &1u64.to_ne_bytes());
                 return;
             }
             std::mem::take(&mut q.0)

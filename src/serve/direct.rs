@@ -1,0 +1,191 @@
+//! The warm path: a running on-demand instance's own listening Dropbear,
+//! which takes its port's connections straight from the kernel.
+//!
+//! A connection `serve` accepts for a running instance costs a `dropbear
+//! -i` exec in it (about 15 ms more than a login to an always-running
+//! instance, whose Dropbear only forks). So at the first such connection,
+//! `serve` also starts a Dropbear listening on the instance's port, as
+//! every always-running instance has, and puts its listening sockets in
+//! the steering's `direct` map (`runtime::linux::steer`): from then on
+//! the kernel hands the port's connections to that Dropbear, and nothing
+//! of nifty runs at a login. Only instances in the host's network
+//! namespace (`--network host`) and only with steering (BPF `sk_lookup`,
+//! Linux 5.9): a socket per port would hold the port itself.
+//!
+//! The port is never left unowned: the kernel takes a closed socket out
+//! of the map, so when that Dropbear ends (its instance stopped, or a
+//! tenant killed it) the port's connections come to `serve` again. Before
+//! an idle stop, `serve` takes the port back first, and keeps the
+//! instance up if a connection reached its Dropbear meanwhile. The
+//! listener is recorded in the instance's mark (PID and start time), so
+//! the idle sweep does not count it as a user's process, and a restarted
+//! `serve` takes it up again (while `serve` is down, the kernel's own
+//! lookup finds it: such instances stay reachable).
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use crate::runtime::linux::proc;
+use crate::runtime::linux::steer::Steer;
+use crate::runtime::ondemand::{self, Listener};
+use crate::runtime::Runtime;
+use crate::store::{Instance, Network};
+
+/// How long a new listener has to listen.
+const LISTEN_WITHIN: Duration = Duration::from_secs(5);
+
+/// An instance's own listener, as `serve` knows it.
+#[derive(Debug, Clone, Copy)]
+pub enum Direct {
+    /// Being started, on a thread of its own.
+    Starting,
+    /// Listening; its sockets are in the steering's map.
+    Up(Listener),
+    /// It did not listen: not tried again in this run of the instance.
+    Failed,
+}
+
+/// Whether `inst` may have a listener of its own.
+pub fn wanted(inst: &Instance, steer: Option<&Steer>) -> bool {
+    steer.is_some() && inst.network == Network::Host
+}
+
+/// Copies of the listening sockets `l` holds on `port` (none if it is
+/// gone, or does not listen there).
+fn sockets(l: Listener, port: u16) -> Vec<std::os::fd::OwnedFd> {
+    let Some(pidfd) = rustix::process::Pid::from_raw(l.pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+    else {
+        return Vec::new();
+    };
+    // The pidfd names the process for good from here: was it still ours?
+    if !l.alive() {
+        return Vec::new();
+    }
+    proc::listening_sockets(l.pid, &pidfd, port)
+}
+
+/// Puts the listening sockets `l` holds on `inst`'s port in the steering's
+/// map; how many (none: it does not listen there, or no longer).
+pub fn direct(steer: &Steer, inst: &Instance, l: Listener) -> usize {
+    // Our copies are closed on return: the map does not keep a socket
+    // open, so it leaves the map when the Dropbear closes its own.
+    sockets(l, inst.port)
+        .iter()
+        .filter(|s| steer.direct(inst.port, s.as_fd()).is_ok())
+        .count()
+}
+
+/// Starts a listener in `inst` and directs its port to it (on a thread of
+/// its own: a Dropbear takes some milliseconds to listen). The Dropbear
+/// goes to the background: the process that listens is the container's
+/// init's child, not serve's (a child of serve would stay a zombie in the
+/// instance's cgroup when it stops, until serve reaped it, and the stop
+/// would wait for it). The caller records it in the instance's mark
+/// (serve's loop writes the marks): until then the idle sweep counts it
+/// as a process of the users, which keeps the instance up.
+pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, String> {
+    let code = rt
+        .listener(inst)
+        .and_then(|mut child| child.wait())
+        .map_err(|e| e.to_string())?;
+    let failed = |why: String| {
+        format!(
+            "its own listening Dropbear {why}; its logins go through serve (see `nifty logs {}`)",
+            inst.name
+        )
+    };
+    if code != 0 {
+        return Err(failed(format!("exited with {code}")));
+    }
+    // Dropbear listens on every address family the host has, as the
+    // steering's own listeners do: until it listens on them all, or on as
+    // many twice in a row.
+    let want = steer.listeners.len();
+    let end = Instant::now() + LISTEN_WITHIN;
+    let mut seen: Option<(Listener, usize)> = None;
+    loop {
+        let found = rt
+            .processes(inst)
+            .into_iter()
+            .filter_map(Listener::of)
+            .map(|l| (l, sockets(l, inst.port).len()))
+            .find(|(_, n)| *n > 0);
+        let settled = match (found, seen) {
+            (Some((_, n)), _) if n >= want => true,
+            (Some(now), Some(before)) => now == before,
+            _ => false,
+        };
+        seen = found;
+        if settled || Instant::now() >= end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    match seen {
+        Some((l, _)) if direct(steer, inst, l) > 0 => Ok(l),
+        _ => Err(failed(format!(
+            "did not listen on port {} within {:?}",
+            inst.port, LISTEN_WITHIN
+        ))),
+    }
+}
+
+/// `serve`'s part in the idle sweep: before an instance with a listener
+/// is stopped, its port's connections come to `serve` again, and one that
+/// reached the listener meanwhile keeps the instance up.
+pub struct Release<'a> {
+    pub steer: Option<&'a Steer>,
+    pub direct: &'a HashMap<String, Direct>,
+}
+
+impl Release<'_> {
+    fn listener(&self, inst: &Instance) -> Option<Listener> {
+        match self.direct.get(&inst.name) {
+            Some(Direct::Up(l)) if l.alive() => Some(*l),
+            _ => None,
+        }
+    }
+
+    /// Whether a connection waits in a listening socket of `l` on the port.
+    fn queued(inst: &Instance, l: Listener) -> bool {
+        sockets(l, inst.port).iter().any(|s| {
+            let mut fds = [rustix::event::PollFd::new(s, rustix::event::PollFlags::IN)];
+            rustix::event::poll(&mut fds, 0).unwrap_or(0) > 0
+        })
+    }
+}
+
+impl ondemand::Release for Release<'_> {
+    fn release(&self, due: Vec<Instance>) -> Vec<Instance> {
+        let Some(steer) = self.steer else {
+            return due;
+        };
+        let with: Vec<&Instance> = due.iter().filter(|i| self.listener(i).is_some()).collect();
+        if with.is_empty() {
+            return due;
+        }
+        for inst in &with {
+            let _ = steer.undirect(inst.port);
+        }
+        // A connection the kernel gave a listener just before is in its
+        // queue or being accepted (then the sweep sees its session).
+        std::thread::sleep(Duration::from_millis(10));
+        due.into_iter()
+            .filter(|inst| match self.listener(inst) {
+                Some(l) if Self::queued(inst, l) => {
+                    self.restore(inst);
+                    false
+                }
+                _ => true,
+            })
+            .collect()
+    }
+
+    fn restore(&self, inst: &Instance) {
+        if let (Some(steer), Some(l)) = (self.steer, self.listener(inst)) {
+            direct(steer, inst, l);
+        }
+    }
+}
