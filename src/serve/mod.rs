@@ -206,6 +206,10 @@ struct Ctx<'a> {
     wake: &'a OwnedFd,
 }
 
+/// How long after the last start of a burst its instances' own listeners
+/// are started.
+const LISTEN_AFTER: Duration = Duration::from_millis(300);
+
 /// The epoll key of the wake-up eventfd (listeners' keys are fd numbers).
 const WAKE: u64 = u64::MAX;
 
@@ -225,8 +229,10 @@ fn loop_until_error<'scope, 'env>(
     // The on-demand instances known to run: the idle sweep reads only
     // these; those started otherwise are found at a full check.
     let mut running: HashSet<String> = HashSet::new();
-    // Instances started here that have no listener of their own yet.
+    // Instances started here that have no listener of their own yet, and
+    // when the last of them came up.
     let mut unheard: Vec<String> = Vec::new();
+    let mut last_up = Instant::now();
     let mut seen_dir: Option<std::time::SystemTime> = None;
     let mut checks: u32 = 0;
     let mut next_check = Instant::now();
@@ -298,7 +304,12 @@ fn loop_until_error<'scope, 'env>(
             }
             Err(_) => false,
         });
-        let wait = next_check.saturating_duration_since(Instant::now());
+        // (The start thread wakes the loop when it is done.)
+        let mut wake_at = next_check;
+        if !unheard.is_empty() && !guard(ctx.queue).1 {
+            wake_at = wake_at.min(last_up + LISTEN_AFTER);
+        }
+        let wait = wake_at.saturating_duration_since(Instant::now());
         match epoll::wait(&srv.ep, &mut events, wait.as_millis().min(1000) as i32) {
             Ok(()) => {}
             Err(rustix::io::Errno::INTR) => continue,
@@ -315,6 +326,7 @@ fn loop_until_error<'scope, 'env>(
                     srv.direct.remove(&name);
                     running.insert(name.clone());
                     unheard.push(name);
+                    last_up = Instant::now();
                 }
                 // (Unless its instance stopped meanwhile.)
                 Report::Listening(name, r) if srv.direct.contains_key(&name) => {
@@ -339,8 +351,12 @@ fn loop_until_error<'scope, 'env>(
             }
         }
         // Instances started at a connection get their own listeners once
-        // no start is under way (a listener is a start's worth of CPU).
-        if !unheard.is_empty() && !guard(ctx.queue).1 {
+        // no start has been under way for a while (a listener is a start's
+        // worth of CPU, which the sessions of a burst need first).
+        if !unheard.is_empty()
+            && last_up.elapsed() >= LISTEN_AFTER
+            && !guard(ctx.queue).1
+        {
             for name in std::mem::take(&mut unheard) {
                 if let Some(s) = srv.served.get(&name) {
                     listen_in(ctx, scope, &mut srv.direct, &s.inst, tx);
