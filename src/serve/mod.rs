@@ -353,10 +353,7 @@ fn loop_until_error<'scope, 'env>(
         // Instances started at a connection get their own listeners once
         // no start has been under way for a while (a listener is a start's
         // worth of CPU, which the sessions of a burst need first).
-        if !unheard.is_empty()
-            && last_up.elapsed() >= LISTEN_AFTER
-            && !guard(ctx.queue).1
-        {
+        if !unheard.is_empty() && last_up.elapsed() >= LISTEN_AFTER && !guard(ctx.queue).1 {
             for name in std::mem::take(&mut unheard) {
                 if let Some(s) = srv.served.get(&name) {
                     listen_in(ctx, scope, &mut srv.direct, &s.inst, tx);
