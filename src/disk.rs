@@ -105,6 +105,18 @@ pub fn lock_with_pid(path: &Path, busy: impl FnOnce(&str) -> Error) -> Result<Pi
     Ok(PidLock(f))
 }
 
+/// Does a process hold the lock file `path` (taken by [`lock_with_pid`])?
+/// Asked without taking it, and without writing anything.
+pub fn is_locked(path: &Path) -> bool {
+    match fs::File::open(path) {
+        Ok(f) => matches!(
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared),
+            Err(rustix::io::Errno::WOULDBLOCK)
+        ),
+        Err(_) => false,
+    }
+}
+
 impl Drop for PidLock {
     fn drop(&mut self) {
         let _ = self.0.set_len(0);

@@ -15,11 +15,15 @@ pub fn on_demand(ctx: &Ctx, c: OnDemandCmd) -> Result<bool> {
     let rt = Runtime::new(&ctx.store)?;
     let (sel, want) = match c {
         OnDemandCmd::Sweep => {
-            let swept = rt.sweep(
-                &ctx.store,
-                &rt.running_on_demand(),
-                &nifty::runtime::ondemand::Held,
-            );
+            // Those a running `serve` holds are its own to sweep: it takes
+            // their ports back from their listeners before it stops them.
+            let serving = nifty::serve::serving(&ctx.store);
+            let insts: Vec<_> = rt
+                .running_on_demand()
+                .into_iter()
+                .filter(|i| !(serving && rt.served_by_serve(i)))
+                .collect();
+            let swept = rt.sweep(&ctx.store, &insts, &nifty::runtime::ondemand::Held);
             let mut ok = true;
             for (name, r) in &swept.stopped {
                 match r {

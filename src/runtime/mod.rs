@@ -431,8 +431,9 @@ impl Runtime {
     }
 
     /// A listening Dropbear in a running on-demand instance, on its port
-    /// (either backend: entered as `exec` enters it). Returns its process,
-    /// which the caller reaps.
+    /// (either backend: entered as `exec` enters it). Returns the process
+    /// started, which goes to the background and exits: the caller waits
+    /// for it.
     pub fn listener(&self, inst: &Instance) -> Result<SessionProc> {
         let target = self.target(inst)?;
         let log = linux::files::append_console_log(&self.console_log(inst))?;

@@ -10,10 +10,11 @@
 //! way in one epoll set. A connection to a stopped instance starts it;
 //! every connection is handed, as it was accepted, to its own `dropbear
 //! -i` inside the instance, in its cgroup (the article's inetd and
-//! `Accept=yes`): no byte of the session passes through nifty, and nothing
-//! inside listens (a container may bind no port but its own). An instance
-//! with no session and no process of its users for its idle timeout is
-//! stopped; its port stays held.
+//! `Accept=yes`): no byte of the session passes through nifty. Once an
+//! instance is up, a Dropbear of its own takes its next connections
+//! straight from the kernel (`direct`). An instance with no session and
+//! no process of its users for its idle timeout is stopped; its port
+//! stays held.
 //!
 //! Nothing of a running instance lives only in this process: a session's
 //! Dropbear is adopted by the instance's init if `serve` dies, and a
@@ -100,10 +101,20 @@ struct Counts {
     said: Vec<String>,
 }
 
+/// Where a state root's `serve` holds its lock.
+fn lock_path(store: &Store) -> std::path::PathBuf {
+    store.root().join("serve.lock")
+}
+
+/// Does a `serve` run for `store` (it holds its lock)?
+pub fn serving(store: &Store) -> bool {
+    crate::disk::is_locked(&lock_path(store))
+}
+
 /// The lock of a state root's `serve`: a file that holds its PID.
 fn lock(store: &Store) -> Result<crate::disk::PidLock> {
     store.ensure()?;
-    let path = store.root().join("serve.lock");
+    let path = lock_path(store);
     crate::disk::lock_with_pid(&path, |pid| {
         Error::Invalid(format!(
             "`nifty serve` already runs for {} (PID {pid}, holding {}): one serves a state \
@@ -994,7 +1005,9 @@ mod tests {
         let e = lock(&store).unwrap_err().to_string();
         assert!(e.contains("already runs"), "{e}");
         assert!(e.contains(&std::process::id().to_string()), "{e}");
+        assert!(serving(&store));
         drop(first);
+        assert!(!serving(&store));
         assert!(lock(&store).is_ok());
     }
 }

@@ -480,23 +480,26 @@ fn kube_manifests_validate_and_podman_kube_play_runs_three_replicas() {
     }
     assert_eq!(maps.len(), 3, "the pods share an ID range: {maps:?}");
     // Podman 4.3 sometimes fails to remove a container's shm mount on the
-    // first try ("device or resource busy", after stopping the pods): down
-    // is asked again while any pod is left, up to 3 times.
-    let down = || {
-        podman
-            .cmd()
-            .args(["kube", "down", dep.to_str().unwrap()])
-            .output()
-            .unwrap()
-    };
+    // first try ("device or resource busy", after stopping the pods), and
+    // a second `kube down` then stops at the first pod it had removed ("no
+    // pod with name or ID ... found") without going on to the others: what
+    // is left after the first down is removed by name, each asked again
+    // up to 4 times.
+    let o = podman
+        .cmd()
+        .args(["kube", "down", dep.to_str().unwrap()])
+        .output()
+        .unwrap();
     let pods = || podman.ok(&["pod", "ps", "-q"]);
-    let mut o = down();
-    for _ in 0..2 {
-        if pods().trim().is_empty() {
+    for wait in 1..=4 {
+        let left = pods();
+        if left.trim().is_empty() {
             break;
         }
-        std::thread::sleep(Duration::from_secs(1));
-        o = down();
+        std::thread::sleep(Duration::from_secs(wait));
+        for pod in left.split_whitespace() {
+            let _ = podman.cmd().args(["pod", "rm", "-f", pod]).output();
+        }
     }
     assert!(
         pods().trim().is_empty(),

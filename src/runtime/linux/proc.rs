@@ -254,6 +254,27 @@ mod tests {
         assert_eq!(start_ticks(pid), None);
     }
 
+    #[test]
+    fn listening_sockets_are_the_kernel_s_listening_tcp_ones_on_the_port() {
+        // This process holds: a listener on `port`, a connection to it
+        // (TCP, on the same port at one end), and a UDP socket.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _a = l.accept().unwrap();
+        let _u = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+        let me = std::process::id() as i32;
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(me).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let found = listening_sockets(me, &pidfd, port);
+        assert_eq!(found.len(), 1, "the listener only");
+        assert!(rustix::net::sockopt::get_socket_acceptconn(&found[0]).unwrap());
+        assert!(listening_sockets(me, &pidfd, port.wrapping_add(1)).is_empty());
+    }
+
     /// /proc status texts as the kernel writes them (the fields read).
     fn status(name: &str, state: &str, nspid: &str) -> String {
         format!("Name:\t{name}\nUmask:\t0022\nState:\t{state}\nTgid:\t4242\nNSpid:\t{nspid}\n")

@@ -451,17 +451,14 @@ impl Native {
         log: OwnedFd,
     ) -> Result<super::SessionProc> {
         let cmd = crate::template::inittab::dropbear_inetd();
-        let (proc, _) = self.spawn_in(inst, target, None, &cmd, &[], Io::Socket { conn, log })?;
-        Ok(match proc {
-            Spawned::Child(c) => super::SessionProc::new(c.id() as i32),
-            Spawned::Pid(pid) => super::SessionProc::new(pid),
-        })
+        self.dropbear_in(inst, target, &cmd, conn, log)
     }
 
-    /// Starts a listening Dropbear in a running on-demand instance (see
-    /// `nifty serve`): the options of every instance's Dropbear, on its
-    /// port; stdin /dev/null, stdout and stderr its console log. Not
-    /// waited for, as a session.
+    /// Starts a Dropbear listening on a running on-demand instance's port
+    /// (see `nifty serve`), as the container's root: stdin and stdout
+    /// /dev/null, `log` its stderr. It goes to the background (the
+    /// container's init adopts the listening one); the caller waits for
+    /// the one it started.
     pub fn listener(
         &self,
         inst: &Instance,
@@ -471,8 +468,21 @@ impl Native {
         let cmd = crate::template::inittab::dropbear_listening(inst.port);
         let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
             .map_err(Error::sys("open(/dev/null)"))?;
-        let io = Io::Socket { conn: null, log };
-        let (proc, _) = self.spawn_in(inst, target, None, &cmd, &[], io)?;
+        self.dropbear_in(inst, target, &cmd, null, log)
+    }
+
+    /// `cmd` (a Dropbear) in a running container, `io` its stdin and
+    /// stdout, `log` its stderr; not waited for.
+    fn dropbear_in(
+        &self,
+        inst: &Instance,
+        target: &super::Target,
+        cmd: &[String],
+        io: OwnedFd,
+        log: OwnedFd,
+    ) -> Result<super::SessionProc> {
+        let io = Io::Socket { conn: io, log };
+        let (proc, _) = self.spawn_in(inst, target, None, cmd, &[], io)?;
         Ok(match proc {
             Spawned::Child(c) => super::SessionProc::new(c.id() as i32),
             Spawned::Pid(pid) => super::SessionProc::new(pid),
