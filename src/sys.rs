@@ -744,6 +744,18 @@ pub fn bpf_map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> std::io:
     bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
 }
 
+/// Gives the heap's free memory back to the kernel (glibc's
+/// `malloc_trim`; elsewhere nothing): after a burst of short-lived
+/// allocations, such as reading every record of a state root once.
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointer and only walks glibc's own
+    // arenas, under their locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Removes `key` from a BPF map (bpf(2), BPF_MAP_DELETE_ELEM); a key
 /// that is not there is not an error.
 pub fn bpf_map_delete(map: BorrowedFd<'_>, key: &[u8]) -> std::io::Result<()> {

@@ -51,11 +51,10 @@ pub struct Options {
     pub check_every: Duration,
 }
 
-/// One on-demand instance being served.
+/// One on-demand instance being served: what of it an idle one needs
+/// (its record is read when a connection comes, and kept while it runs).
 struct Served {
-    /// Boxed: a map's slot is the size of its entry, and a map has room for
-    /// up to twice its entries (50,000 idle instances: 4 MiB less).
-    inst: Box<Instance>,
+    port: u16,
     /// Its own listening socket; `None` where its port is steered.
     listener: Option<OwnedFd>,
 }
@@ -84,9 +83,13 @@ struct Server<'a> {
     /// Instances whose port could not be held, said once.
     refused: HashMap<String, String>,
     /// Each instance's record stamp as last read, and whether serve is to
-    /// hold its port: a rescan reads only the records that changed. (The
-    /// records themselves are kept once, in `served`.)
+    /// hold its port: a rescan reads only the records that changed.
     records: HashMap<String, (RecordStamp, bool)>,
+    /// The on-demand instances known to run, with their records: the idle
+    /// sweep reads only these; those started otherwise are found at a full
+    /// check. (An idle instance's record is not kept: at 50,000 that is
+    /// most of serve's memory.)
+    running: HashMap<String, Instance>,
 }
 
 /// What one round of connections did on serve's thread (starts report
@@ -96,8 +99,8 @@ struct Counts {
     /// Instances whose start it handed to a thread.
     starting: usize,
     sessions: usize,
-    /// The instances that run (those it gave sessions).
-    up: Vec<String>,
+    /// The instances that run (those it gave sessions), as read now.
+    up: Vec<Instance>,
     /// The sessions it started.
     spawned: Vec<(String, SessionProc)>,
     /// Lines for the log.
@@ -197,8 +200,8 @@ pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
 enum Report {
     /// A session it gave a connection.
     Session(String, SessionProc),
-    /// An instance it started (it runs now).
-    Up(String),
+    /// An instance it started (it runs now), as its record was read.
+    Up(Box<Instance>),
     /// How the start of an instance's own listener went.
     Listening(String, std::result::Result<ondemand::Listener, String>),
     /// A line for the log.
@@ -240,9 +243,6 @@ fn loop_until_error<'scope, 'env>(
     let (store, rt) = (ctx.store, ctx.rt);
     // Sessions started here and not yet reaped.
     let mut sessions: Vec<(String, SessionProc)> = Vec::new();
-    // The on-demand instances known to run: the idle sweep reads only
-    // these; those started otherwise are found at a full check.
-    let mut running: HashSet<String> = HashSet::new();
     // Instances started here that have no listener of their own yet, and
     // when the last of them came up.
     let mut unheard: Vec<String> = Vec::new();
@@ -272,10 +272,7 @@ fn loop_until_error<'scope, 'env>(
                     .filter(|i| srv.served.contains_key(&i.name))
                     .collect()
             } else {
-                running
-                    .iter()
-                    .filter_map(|n| srv.served.get(n).map(|s| (*s.inst).clone()))
-                    .collect()
+                srv.running.values().cloned().collect()
             };
             let release = direct::Release {
                 steer: srv.steer,
@@ -288,7 +285,13 @@ fn loop_until_error<'scope, 'env>(
                     Err(e) => say(format!("instance {name}: idle, stop failed: {e}")),
                 }
             }
-            running = swept.running.into_iter().collect();
+            let mut by_name: HashMap<String, Instance> =
+                insts.into_iter().map(|i| (i.name.clone(), i)).collect();
+            srv.running = swept
+                .running
+                .into_iter()
+                .filter_map(|n| by_name.remove(&n).map(|i| (n, i)))
+                .collect();
             // What listened in instances that run no more is gone with
             // them (a full check knows every running one).
             for (name, r) in &swept.stopped {
@@ -298,7 +301,7 @@ fn loop_until_error<'scope, 'env>(
             }
             if full {
                 srv.direct
-                    .retain(|n, d| running.contains(n) || matches!(d, Direct::Starting));
+                    .retain(|n, d| srv.running.contains_key(n) || matches!(d, Direct::Starting));
             }
             next_check = Instant::now() + opts.check_every;
         }
@@ -335,11 +338,11 @@ fn loop_until_error<'scope, 'env>(
         for r in rx.try_iter() {
             match r {
                 Report::Session(name, child) => sessions.push((name, child)),
-                Report::Up(name) => {
+                Report::Up(inst) => {
                     // A fresh run: nothing of a listener of the last one.
-                    srv.direct.remove(&name);
-                    running.insert(name.clone());
-                    unheard.push(name);
+                    srv.direct.remove(&inst.name);
+                    unheard.push(inst.name.clone());
+                    srv.running.insert(inst.name.clone(), *inst);
                     last_up = Instant::now();
                 }
                 // (Unless its instance stopped meanwhile.)
@@ -369,8 +372,8 @@ fn loop_until_error<'scope, 'env>(
         // worth of CPU, which the sessions of a burst need first).
         if !unheard.is_empty() && last_up.elapsed() >= LISTEN_AFTER && !guard(ctx.queue).1 {
             for name in std::mem::take(&mut unheard) {
-                if let Some(s) = srv.served.get(&name) {
-                    listen_in(ctx, scope, &mut srv.direct, &s.inst, tx);
+                if let Some(inst) = srv.running.get(&name) {
+                    listen_in(ctx, scope, &mut srv.direct, inst, tx);
                 }
             }
         }
@@ -385,8 +388,9 @@ fn loop_until_error<'scope, 'env>(
         if conns.is_empty() {
             continue;
         }
-        let counts = serve_connections(ctx, scope, &mut srv.served, &mut srv.direct, conns, tx);
-        running.extend(counts.up);
+        let counts = serve_connections(ctx, scope, &srv.served, &mut srv.direct, conns, tx);
+        srv.running
+            .extend(counts.up.into_iter().map(|i| (i.name.clone(), i)));
         sessions.extend(counts.spawned);
         for line in counts.said {
             say(line);
@@ -460,6 +464,7 @@ impl<'a> Server<'a> {
             ep,
             steer,
             direct: HashMap::new(),
+            running: HashMap::new(),
             served: HashMap::new(),
             by_key,
             by_port: HashMap::new(),
@@ -535,6 +540,9 @@ impl<'a> Server<'a> {
         } else {
             self.records.extend(records);
         }
+        // Thousands of records read at once (the first rescan of a large
+        // state root) leave the heap holding what they took.
+        let trim = fresh.len() >= 1000;
         let before = self.by_port.len();
         let mut changed = false;
         if full {
@@ -544,15 +552,14 @@ impl<'a> Server<'a> {
                 .iter()
                 // Gone, no longer on demand, or moved to another port.
                 .filter(|(name, s)| {
-                    !wanted.contains(*name)
-                        || fresh.get(*name).is_some_and(|i| i.port != s.inst.port)
+                    !wanted.contains(*name) || fresh.get(*name).is_some_and(|i| i.port != s.port)
                 })
                 .map(|(name, _)| name.clone())
                 .collect();
             for name in gone {
                 changed = true;
                 if let Some(s) = self.served.remove(&name) {
-                    self.let_go(&s);
+                    self.let_go(&name, &s);
                 }
             }
         }
@@ -560,14 +567,12 @@ impl<'a> Server<'a> {
         // take their connections): read once.
         let mut new: Vec<String> = Vec::new();
         for n in wanted {
-            match self.served.get_mut(&n) {
-                // Held: its record as it is now.
-                Some(s) => {
-                    if let Some(i) = fresh.remove(&n) {
-                        *s.inst = i;
-                    }
-                }
-                None => new.push(n),
+            if !self.served.contains_key(&n) {
+                new.push(n);
+            } else if let (Some(i), Some(r)) = (fresh.remove(&n), self.running.get_mut(&n)) {
+                // Running: its record as it is now (an idle timeout set
+                // meanwhile, say).
+                *r = i;
             }
         }
         let listening = if self.steer.is_some() && !new.is_empty() {
@@ -590,7 +595,7 @@ impl<'a> Server<'a> {
                     self.served.insert(
                         name,
                         Served {
-                            inst: Box::new(inst),
+                            port: inst.port,
                             listener,
                         },
                     );
@@ -620,6 +625,10 @@ impl<'a> Server<'a> {
                     }
                 ));
             }
+        }
+        drop(fresh);
+        if trim {
+            crate::sys::trim_heap();
         }
         Ok(())
     }
@@ -678,7 +687,7 @@ impl<'a> Server<'a> {
     }
 
     /// Lets go of a served instance's port.
-    fn let_go(&mut self, s: &Served) {
+    fn let_go(&mut self, name: &str, s: &Served) {
         match &s.listener {
             Some(l) => {
                 let _ = epoll::delete(&self.ep, l);
@@ -686,13 +695,14 @@ impl<'a> Server<'a> {
             }
             None => {
                 if let Some(st) = self.steer {
-                    let _ = st.undirect(s.inst.port);
-                    let _ = st.set(s.inst.port, false);
+                    let _ = st.undirect(s.port);
+                    let _ = st.set(s.port, false);
                 }
-                self.direct.remove(&s.inst.name);
             }
         }
-        self.by_port.remove(&s.inst.port);
+        self.direct.remove(name);
+        self.running.remove(name);
+        self.by_port.remove(&s.port);
     }
 
     /// Writes the ports held now, for `list` (`serve.ports`).
@@ -784,7 +794,7 @@ fn key(fd: &OwnedFd) -> u64 {
 fn serve_connections<'scope, 'env>(
     ctx: &'env Ctx<'env>,
     scope: &'scope std::thread::Scope<'scope, 'env>,
-    served: &mut HashMap<String, Served>,
+    served: &HashMap<String, Served>,
     directs: &mut HashMap<String, Direct>,
     conns: Vec<(String, OwnedFd)>,
     tx: &std::sync::mpsc::Sender<Report>,
@@ -808,22 +818,20 @@ fn serve_connections<'scope, 'env>(
     let mut wanted: Vec<String> = conns.iter().map(|(n, _)| n.clone()).collect();
     wanted.sort();
     wanted.dedup();
-    // The records as they are now (`set` may have changed one).
-    for n in &wanted {
-        if let (Ok(fresh), Some(s)) = (store.instance(n), served.get_mut(n)) {
-            *s.inst = fresh;
-        }
-    }
+    // The records as they are now (`set` may have changed one); a
+    // connection for one that is gone meanwhile ends.
     let insts: Vec<Instance> = wanted
         .iter()
-        .filter_map(|n| served.get(n).map(|s| (*s.inst).clone()))
+        .filter(|n| served.contains_key(*n))
+        .filter_map(|n| store.instance(n).ok())
         .collect();
+    let by_name: HashMap<&str, &Instance> = insts.iter().map(|i| (i.name.as_str(), i)).collect();
     let stopped = rt.with_state(&insts, |s| s == State::Stopped);
     let cold: HashSet<&str> = stopped.iter().map(|i| i.name.as_str()).collect();
     let mut waiting: HashMap<String, Vec<OwnedFd>> = HashMap::new();
     let mut warm: Vec<(String, Instance, OwnedFd)> = Vec::new();
     for (name, conn) in conns {
-        let Some(s) = served.get(&name) else {
+        let Some(inst) = by_name.get(name.as_str()) else {
             continue;
         };
         if cold.contains(name.as_str()) {
@@ -836,11 +844,11 @@ fn serve_connections<'scope, 'env>(
         if mark.idle_since.take().is_some() {
             ondemand::write_mark(store, &name, &mark);
         }
-        warm.push((name, (*s.inst).clone(), conn));
+        warm.push((name, (*inst).clone(), conn));
     }
-    counts.up = wanted
+    counts.up = insts
         .iter()
-        .filter(|n| !cold.contains(n.as_str()))
+        .filter(|i| !cold.contains(i.name.as_str()))
         .cloned()
         .collect();
     // A running instance whose logins come through serve (it has none,
@@ -973,7 +981,11 @@ fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
         let mut failed: HashSet<String> = HashSet::new();
         for (name, r) in results {
             match r {
-                Ok(()) => report(Report::Up(name)),
+                Ok(()) => {
+                    if let Some(inst) = by_name.get(name.as_str()) {
+                        report(Report::Up(Box::new((*inst).clone())));
+                    }
+                }
                 Err(e) => {
                     report(Report::Say(format!(
                         "instance {name}: start on connection failed: {e}"
