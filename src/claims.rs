@@ -91,18 +91,32 @@ pub mod uid_range {
 
     pub use super::RANGE;
 
-    /// Ranges nifty hands out first: 0x70000000-0x7FFDFFFF, which systemd
-    /// leaves unused (docs/UIDS-GIDS.md), so `systemd-nspawn
-    /// --private-users=pick` (which picks in 0x00080000-0x6FFFFFFF) never
-    /// meets them: 4094 ranges.
-    pub const HIGH_FIRST: u32 = 0x7000_0000;
-    pub const HIGH_SLOTS: u32 = (0x7FFE_0000 - HIGH_FIRST) / RANGE;
-    /// Past those, nspawn's own region (shared with its pick, which checks
-    /// only its own lock files): ranges from here up to 0x6FFF0000.
-    pub const FIRST: u32 = 0x0008_0000;
-    pub const LOW_SLOTS: u32 = (0x6FFF_0000 - FIRST) / RANGE;
+    /// Where ranges are claimed from, in order (first host ID, number of
+    /// ranges); a slot numbers the ranges of all regions one after another.
+    ///
+    /// 1. 0x70000000-0x7FFDFFFF, which systemd leaves unused
+    ///    (docs/UIDS-GIDS.md), so `systemd-nspawn --private-users=pick`
+    ///    (which picks in 0x00080000-0x6FFFFFFF) never meets them: 4094.
+    /// 2. nspawn's own region, shared with its pick (which checks only its
+    ///    own lock files), from 0x00080000 up to 0x6FFF0000: 28,663.
+    /// 3. Past 2^31, up to 0xFFFEFFFF (the last range stops short of
+    ///    0xFFFFFFFF, which means "no ID"): 32,767, only for fleets past
+    ///    the 32,757 of the first two. The kernel and nspawn take any
+    ///    32-bit ID, but systemd leaves this half unused because some
+    ///    userspace reads IDs as signed: on the host, such an instance's
+    ///    files show large owner numbers.
+    pub const REGIONS: [(u32, u32); 3] = [
+        (0x7000_0000, (0x7FFE_0000 - 0x7000_0000) / RANGE),
+        (0x0008_0000, (0x6FFF_0000 - 0x0008_0000) / RANGE),
+        (0x8000_0000, (0xFFFF_0000 - 0x8000_0000) / RANGE),
+    ];
+    /// The first host ID of the region nspawn picks in.
+    pub const FIRST: u32 = REGIONS[1].0;
+    /// Ranges of the first two regions, where an instance number's own
+    /// slot (the hint) is: a numbered fleet stays below 2^31.
+    pub const PREFERRED: u32 = REGIONS[0].1 + REGIONS[1].1;
     /// Number of ranges in all.
-    pub const SLOTS: u32 = HIGH_SLOTS + LOW_SLOTS;
+    pub const SLOTS: u32 = PREFERRED + REGIONS[2].1;
     /// Where ranges are claimed, for every state root of the host: two
     /// roots never hand out the same range.
     pub const HOST_CLAIMS: &str = "/var/lib/nifty-uids";
@@ -110,27 +124,33 @@ pub mod uid_range {
     /// this long: a create writes its instance after claiming its range.
     const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
-    /// First host ID of range `slot`.
+    /// First slot of each region.
+    const fn region_starts() -> [u32; 3] {
+        [0, REGIONS[0].1, REGIONS[0].1 + REGIONS[1].1]
+    }
+
+    /// First host ID of range `slot` (below [`SLOTS`]).
     pub fn base_of(slot: u32) -> u32 {
-        if slot < HIGH_SLOTS {
-            HIGH_FIRST + slot * RANGE
-        } else {
-            FIRST + (slot - HIGH_SLOTS) * RANGE
-        }
+        let starts = region_starts();
+        let r = (0..REGIONS.len())
+            .rev()
+            .find(|&r| slot >= starts[r])
+            .unwrap_or(0);
+        REGIONS[r].0 + (slot - starts[r]) * RANGE
     }
 
     /// The slot of a range's first host ID (one handed out by [`base_of`]).
     pub fn slot_of(base: u32) -> u32 {
-        if base >= HIGH_FIRST {
-            (base - HIGH_FIRST) / RANGE
-        } else {
-            HIGH_SLOTS + (base - FIRST) / RANGE
-        }
+        let starts = region_starts();
+        let r = (0..REGIONS.len())
+            .find(|&r| {
+                let (first, n) = REGIONS[r];
+                base >= first
+                    && u64::from(base) < u64::from(first) + u64::from(n) * u64::from(RANGE)
+            })
+            .unwrap_or(1);
+        starts[r] + base.saturating_sub(REGIONS[r].0) / RANGE
     }
-
-    /// The two regions ranges are claimed from, in order: the one nspawn
-    /// never picks, then nspawn's (first slot, number of slots).
-    const REGIONS: [(u32, u32); 2] = [(0, HIGH_SLOTS), (HIGH_SLOTS, LOW_SLOTS)];
 
     /// Per region, where this process's next claim past a taken hint
     /// starts: a random slot at first, then one past the last slot it
@@ -138,8 +158,16 @@ pub mod uid_range {
     /// time); and whether a claim found the region full. So a second state
     /// root's fleet walks past the first's claims once, not once per
     /// instance.
-    static NEXT: [AtomicU64; 2] = [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)];
-    static FULL: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    static NEXT: [AtomicU64; 3] = [
+        AtomicU64::new(u64::MAX),
+        AtomicU64::new(u64::MAX),
+        AtomicU64::new(u64::MAX),
+    ];
+    static FULL: [AtomicBool; 3] = [
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    ];
 
     fn start_in(region: usize) -> u32 {
         let n = u64::from(REGIONS[region].1);
@@ -154,7 +182,7 @@ pub mod uid_range {
     /// host ID. A claim is a symlink `<dir>/<slot> -> <instance dir>`, made
     /// atomically. `hint` (the instance number) is tried first; past a taken
     /// hint, slots are tried in the region nspawn never picks, then in
-    /// nspawn's, each from where this process's last claim there ended (a
+    /// nspawn's, then past 2^31 (see [`REGIONS`]), each from where this process's last claim there ended (a
     /// random slot at first), and a region found full is not walked again
     /// by this process. Claims of instances that are gone (their state
     /// root was deleted without `rm`) are taken back, under a lock.
@@ -165,12 +193,14 @@ pub mod uid_range {
             Ok(claims.claim(&key, instance)?.is_none()
                 || claims.take_back(&key, instance, stale)?)
         };
-        if let Some(h) = hint.map(|h| h % SLOTS) {
+        if let Some(h) = hint.map(|h| h % PREFERRED) {
             if take(h)? {
                 return Ok(base_of(h));
             }
         }
-        for (region, &(first, n)) in REGIONS.iter().enumerate() {
+        let starts = region_starts();
+        for (region, &(_, n)) in REGIONS.iter().enumerate() {
+            let first = starts[region];
             if FULL[region].load(Ordering::Relaxed) {
                 continue;
             }
@@ -259,7 +289,7 @@ mod tests {
         // never picks.
         let b = claim(d.path(), &inst("x"), Some(1)).unwrap();
         assert_ne!(b, a);
-        assert!(b >= HIGH_FIRST);
+        assert!(b >= REGIONS[0].0);
         release(d.path(), &inst("1"), a);
         assert_eq!(claim(d.path(), &inst("z"), Some(1)).unwrap(), a);
         // Releasing with the wrong owner does nothing.
@@ -273,12 +303,35 @@ mod tests {
 
     #[test]
     fn slots_and_bases_round_trip_and_never_overlap() {
+        let high = REGIONS[0].1;
+        assert_eq!((high, PREFERRED, SLOTS), (4094, 32_757, 65_524));
         assert_eq!(base_of(0), 0x7000_0000);
-        assert_eq!(base_of(HIGH_SLOTS - 1) + RANGE, 0x7FFE_0000);
-        assert_eq!(base_of(HIGH_SLOTS), FIRST);
-        assert!(base_of(SLOTS - 1) + RANGE <= 0x6FFF_0000);
-        for slot in [0, 1, HIGH_SLOTS - 1, HIGH_SLOTS, HIGH_SLOTS + 7, SLOTS - 1] {
+        assert_eq!(base_of(high - 1) + RANGE, 0x7FFE_0000);
+        assert_eq!(base_of(high), FIRST);
+        assert_eq!(base_of(PREFERRED - 1) + RANGE, 0x6FFF_0000);
+        assert_eq!(base_of(PREFERRED), 0x8000_0000);
+        // The last range ends just short of 0xFFFFFFFF ("no ID").
+        assert_eq!(
+            u64::from(base_of(SLOTS - 1)) + u64::from(RANGE),
+            0xFFFF_0000
+        );
+        let slots = [
+            0,
+            1,
+            high - 1,
+            high,
+            high + 7,
+            PREFERRED - 1,
+            PREFERRED,
+            PREFERRED + 3,
+            SLOTS - 1,
+        ];
+        for slot in slots {
             assert_eq!(slot_of(base_of(slot)), slot);
         }
+        // No two ranges overlap: sorted by base, each ends before the next.
+        let mut bases: Vec<u64> = (0..SLOTS).map(|s| u64::from(base_of(s))).collect();
+        bases.sort_unstable();
+        assert!(bases.windows(2).all(|w| w[0] + u64::from(RANGE) <= w[1]));
     }
 }
