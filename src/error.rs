@@ -190,10 +190,11 @@ pub enum Step {
     Seccomp,
     ExecInit,
     Loopback,
+    ProcNet,
 }
 
 impl Step {
-    pub const ALL: [Step; 26] = [
+    pub const ALL: [Step; 27] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::EnterEmptyRoot,
@@ -220,6 +221,7 @@ impl Step {
         Step::Seccomp,
         Step::ExecInit,
         Step::Loopback,
+        Step::ProcNet,
     ];
 
     pub fn from_u8(b: u8) -> Option<Step> {
@@ -255,6 +257,9 @@ impl Step {
             Step::Seccomp => "installing the seccomp filter",
             Step::ExecInit => "execve(/sbin/init)",
             Step::Loopback => "bringing up lo in its own network namespace (SIOCSIFFLAGS)",
+            Step::ProcNet => {
+                "open_tree and move_mount of the /proc/net link onto /proc/net (Linux 5.2)"
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::unpack::{components, Report, Tree};
 use super::{Hashing, LABEL};
 use crate::store::{now, Source as SourceRecord, Store, TemplateMeta};
-use crate::template::{dev, new_version};
+use crate::template::{dev, new_version, procnet};
 use crate::{keys, Error, Result};
 
 /// Where the image comes from.
@@ -483,6 +483,20 @@ fn finish(
                 err: e.into(),
             })?;
         }
+    }
+
+    // What /proc/net shows on the host's network (see `procnet`): nifty's
+    // directory, whatever the image had there.
+    tree.remove(procnet::DIR)?;
+    tree.mkdir(procnet::DIR, 0, 0, 0o755)?;
+    let netdir = tree
+        .open(procnet::DIR, OFlags::RDONLY | OFlags::DIRECTORY)
+        .map_err(|e| Error::Invalid(format!("{origin}: /{}: {e}", procnet::DIR)))?;
+    for (name, target) in procnet::links() {
+        rustix::fs::symlinkat(target.as_str(), &netdir, name).map_err(|e| Error::Sys {
+            call: format!("symlink /{}/{name}", procnet::DIR),
+            err: e.into(),
+        })?;
     }
 
     // The login user, and nifty's key in its authorized_keys.

@@ -15,6 +15,7 @@ pub mod accounts;
 pub mod dev;
 pub mod elf;
 pub mod inittab;
+pub mod procnet;
 
 use std::fs;
 use std::io::Read;
@@ -573,6 +574,14 @@ fn populate(
     for (target, link) in crate::template::dev::DEV_LINKS {
         let link = rootfs.join(link.to_str().unwrap_or_default());
         symlink(target.to_str().unwrap_or_default(), &link).map_err(Error::io("symlink", &link))?;
+    }
+
+    // What /proc/net shows on the host's network (see `procnet`).
+    let net = rootfs.join(procnet::DIR);
+    mkdir(&net, 0o755)?;
+    for (name, target) in procnet::links() {
+        let link = net.join(name);
+        symlink(&target, &link).map_err(Error::io("symlink", &link))?;
     }
 
     let user = &opts.user;

@@ -1032,3 +1032,58 @@ fn the_seccomp_allow_list_runs_busybox_and_dropbear_as_without_it() {
     assert!(with.ends_with("done\n"), "{with}");
     assert_eq!(with, without);
 }
+
+/// On the host's network, a container's /proc/net is the template's view
+/// (`template::procnet`): the host's socket tables are empty there (what
+/// Dropbear reads for entropy at each start, and what `netstat` lists),
+/// interfaces and routes are init's; a template without the view (built by
+/// an older nifty) keeps the kernel's.
+#[test]
+fn the_hosts_socket_tables_are_not_listed_in_proc_net() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["595"], &[]);
+    // The host has sockets: at least this instance's listening Dropbear.
+    let host = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    assert!(host.lines().count() > 1, "{host}");
+    let (code, out) = as_root(
+        &root,
+        "595",
+        "readlink /proc/net; wc -c < /proc/net/tcp; wc -c < /proc/net/tcp6; \
+         grep -c lo: /proc/net/dev; route -n | head -1",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out, "/usr/lib/nifty/net\n0\n0\n1\nKernel IP routing table\n",
+        "{out}"
+    );
+    // The login user sees the same; a login works (its Dropbear read it).
+    assert_eq!(
+        root.ssh(
+            "595",
+            "netstat -tn | tail -n +3 | wc -l; cat /proc/net/unix | wc -l"
+        ),
+        "0\n0\n"
+    );
+    // A template without it: the kernel's /proc/net.
+    root.ok(&["template", "build", "-q", "--name", "bare"]);
+    let bare = root.path().join("templates/bare");
+    let version = std::fs::read_dir(&bare)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().join("rootfs").is_dir())
+        .unwrap()
+        .path();
+    std::fs::remove_dir_all(version.join("rootfs/usr/lib/nifty/net")).unwrap();
+    root.ok(&["create", "596", "--template", "bare"]);
+    root.ok(&["start", "596"]);
+    let (_, out) = as_root(
+        &root,
+        "596",
+        "readlink /proc/net; test $(wc -l < /proc/net/tcp) -gt 1 && echo full",
+    );
+    assert_eq!(out, "self/net\nfull\n", "{out}");
+    root.ok(&["rm", "-f", "--all", "-q"]);
+    assert_clean(&root, &[]);
+}

@@ -42,6 +42,7 @@ use crate::error::{StartError, SysError};
 use crate::runtime::linux::overlay::overlay;
 use crate::sys;
 use crate::template::dev::{DEVICES, DEV_LINKS};
+use crate::template::procnet;
 
 pub use crate::error::Step;
 
@@ -65,6 +66,9 @@ pub struct Plan {
     dev_opts: CString,
     /// The template has /dev's files, links and pts directory.
     dev_in_template: bool,
+    /// /proc/net is the template's view of it (`procnet`): on the host's
+    /// network, with /proc masked, in a template that has it.
+    proc_net_view: bool,
     confine: Confine,
     init: CString,
     _argv: Vec<CString>,
@@ -188,6 +192,9 @@ impl Plan {
             ))?,
             dev_in_template: spec.lower.join("dev/null").is_file()
                 && spec.lower.join("dev/pts").is_dir(),
+            proc_net_view: spec.confine.mask_proc
+                && !spec.confine.own_network
+                && spec.lower.join(procnet::DIR).is_dir(),
             confine: spec.confine,
             devices,
             binds,
@@ -208,6 +215,9 @@ pub struct Spawned {
     pub pid: i32,
     pub pidfd: OwnedFd,
 }
+
+/// The link in the empty tmpfs that covers a container's /proc/net.
+const PROC_NET_LINK: &std::ffi::CStr = c"proc-net";
 
 /// Makes a mount namespace whose only mount is an empty, read-only tmpfs
 /// (mounted on `dir` and pivoted into), and returns it as an fd. Every
@@ -233,12 +243,18 @@ pub fn empty_root_ns(dir: &Path) -> Result<OwnedFd, SysError> {
         let empty = fsmount(
             fs.as_fd(),
             FsMountFlags::FSMOUNT_CLOEXEC,
-            MountAttrFlags::MOUNT_ATTR_RDONLY
-                | MountAttrFlags::MOUNT_ATTR_NOSUID
+            MountAttrFlags::MOUNT_ATTR_NOSUID
                 | MountAttrFlags::MOUNT_ATTR_NODEV
                 | MountAttrFlags::MOUNT_ATTR_NOEXEC,
         )
         .map_err(at("fsmount(tmpfs)"))?;
+        // Its one file: the link a container's /proc/net is covered with
+        // (see `procnet`), which a child clones before it attaches the
+        // container's root over this tmpfs.
+        rustix::fs::symlinkat(procnet::TARGET, &empty, PROC_NET_LINK)
+            .map_err(at("symlink(/proc-net) in the empty tmpfs"))?;
+        sys::mount_setattr_flags(empty.as_fd(), MountAttrFlags::MOUNT_ATTR_RDONLY)
+            .map_err(|e| SysError::io("mount_setattr(tmpfs, MOUNT_ATTR_RDONLY)", &e))?;
         move_mount(
             empty.as_fd(),
             c"",
@@ -464,6 +480,19 @@ fn child(
             rustix::thread::unshare(UnshareFlags::NEWNS),
         );
     }
+    // The /proc/net link, cloned while the empty tmpfs is the root.
+    let proc_net = plan.proc_net_view.then(|| {
+        match rustix::mount::open_tree(
+            CWD,
+            PROC_NET_LINK,
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => fail(Step::ProcNet, e.raw_os_error()),
+        }
+    });
     attach(Step::AttachRoot, &mounts.root, c"/");
     check(Step::ChdirRoot, rustix::process::fchdir(&mounts.root));
     check(
@@ -532,6 +561,10 @@ fn child(
                 Err(rustix::io::Errno::NOENT) => {}
                 Err(e) => fail(Step::MaskProc, e.raw_os_error()),
             }
+        }
+        // Onto the link itself (move_mount follows no last symlink).
+        if let Some(fd) = &proc_net {
+            attach(Step::ProcNet, fd, c"proc/net");
         }
         check(
             Step::MountSys,
@@ -655,6 +688,36 @@ mod tests {
                 ..Confine::default()
             },
         })
+    }
+
+    #[test]
+    fn proc_net_is_covered_on_the_hosts_network_of_a_template_that_has_the_view() {
+        let t = tempfile::tempdir().unwrap();
+        let view = |mask_proc: bool, own_network: bool| {
+            Plan::new(Spec {
+                lower: t.path(),
+                upper: Path::new("/upper"),
+                work: Path::new("/work"),
+                binds: &[],
+                hostname: "nifty7",
+                env: &[],
+                log_fd: null(),
+                confine: Confine {
+                    mask_proc,
+                    own_network,
+                    ..Confine::default()
+                },
+            })
+            .unwrap()
+            .proc_net_view
+        };
+        // An older template: the kernel's /proc/net.
+        assert!(!view(true, false));
+        std::fs::create_dir_all(t.path().join(procnet::DIR)).unwrap();
+        assert!(view(true, false));
+        // Its own network's tables are its own; an unmasked /proc is as is.
+        assert!(!view(true, true));
+        assert!(!view(false, false));
     }
 
     #[test]
