@@ -109,6 +109,125 @@ pub fn spawn_into_cgroup(
 ) -> Result<i32, SpawnError> {
     let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| SpawnError::Clone(std::io::Error::from_raw_os_error(e.raw_os_error())))?;
+    let pid = clone_into(cgroup, child, wr.as_raw_fd())?;
+    drop(wr);
+    let mut buf = [0u8; 4];
+    let n = loop {
+        match rustix::io::read(&rd, &mut buf) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r.unwrap_or(0),
+        }
+    };
+    if n == 4 {
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
+        }
+        return Err(SpawnError::Child(std::io::Error::from_raw_os_error(
+            i32::from_ne_bytes(buf),
+        )));
+    }
+    Ok(pid)
+}
+
+/// What the child of [`clone_into`] runs: the caller's closure, then its
+/// error (as an errno) to the pipe `wr` and `_exit`.
+struct ChildJob<'a> {
+    run: &'a mut dyn FnMut() -> std::io::Error,
+    wr: RawFd,
+}
+
+fn child_job(job: &mut ChildJob<'_>) -> ! {
+    let e = (job.run)();
+    let code = e.raw_os_error().unwrap_or(libc::EIO);
+    // SAFETY: `wr` is the pipe's write end, open in this child (a copy of
+    // the parent's fd table); write(2) reads `code` from this stack.
+    unsafe { libc::write(job.wr, (&code as *const i32).cast(), 4) };
+    exit_child(127)
+}
+
+/// The child's entry on its own stack (x86_64 path of [`clone_into`]).
+#[cfg(target_arch = "x86_64")]
+extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: `arg` is the `ChildJob` on the frame of `clone_into`, which
+    // waits (CLONE_VFORK) until this child has exec'd or exited.
+    child_job(unsafe { &mut *arg.cast::<ChildJob<'_>>() })
+}
+
+/// clone3 with CLONE_INTO_CGROUP (5.7) and CLONE_VM|CLONE_VFORK, as
+/// posix_spawn does: the child shares this process's memory until it
+/// execs, on a stack of its own, so no page table is copied and no page
+/// faults copy-on-write after (in `nifty serve`, with tens of MiB mapped
+/// and other threads running, a fork cost about 1 ms of CPU and TLB
+/// shootdowns on every CPU). Returns when the child has exec'd or exited.
+#[cfg(target_arch = "x86_64")]
+fn clone_into(
+    cgroup: BorrowedFd<'_>,
+    run: &mut dyn FnMut() -> std::io::Error,
+    wr: RawFd,
+) -> Result<i32, SpawnError> {
+    // The child's stack: system calls and a few frames of Rust.
+    let mut stack = vec![0u8; 64 << 10];
+    let low = stack.as_mut_ptr() as u64;
+    // The kernel starts the child at stack + stack_size: 16-byte aligned,
+    // as the ABI wants before a call.
+    let size = ((low + stack.len() as u64) & !15) - low;
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP | libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: low,
+        stack_size: size,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    let mut job = ChildJob { run, wr };
+    let ret: i64;
+    // SAFETY: clone3 makes a child that shares this memory (CLONE_VM) and
+    // starts on `stack` (its top, aligned), while this thread sleeps until
+    // the child has exec'd or exited (CLONE_VFORK), so `stack`, `args`
+    // and `job` (on this frame) stay valid and unchanged for it. In the
+    // parent the syscall returns the PID or -errno in rax and clobbers only
+    // rcx and r11; r12 and r13 hold `job` and the entry for the child,
+    // which calls `child_entry(job)` with a zeroed frame pointer and never
+    // returns (exec or `_exit`; `ud2` traps if it did). The child runs
+    // system calls only, on memory prepared before, no allocation or lock
+    // (the same contract as the container's first process, `clone_vm`).
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") &mut job as *mut ChildJob<'_> as *mut libc::c_void,
+            in("r13") child_entry as extern "C" fn(*mut libc::c_void) -> !,
+            out("rcx") _,
+            out("r11") _,
+            options(nostack),
+        );
+    }
+    drop(stack);
+    if ret < 0 {
+        return Err(SpawnError::Clone(std::io::Error::from_raw_os_error(
+            -ret as i32,
+        )));
+    }
+    Ok(ret as i32)
+}
+
+/// Elsewhere: clone3 with CLONE_INTO_CGROUP as fork(2) (a copy of this
+/// address space).
+#[cfg(not(target_arch = "x86_64"))]
+fn clone_into(
+    cgroup: BorrowedFd<'_>,
+    run: &mut dyn FnMut() -> std::io::Error,
+    wr: RawFd,
+) -> Result<i32, SpawnError> {
     let args = CloneArgs {
         flags: CLONE_INTO_CGROUP,
         exit_signal: libc::SIGCHLD as u64,
@@ -117,7 +236,7 @@ pub fn spawn_into_cgroup(
     };
     // SAFETY: clone3 without CLONE_VM is fork(2): the child gets a copy of
     // this address space and returns 0 on its copy of this stack. There it
-    // runs only `child` (system calls on memory prepared before the call,
+    // runs only `run` (system calls on memory prepared before the call,
     // no allocation or lock) and leaves by exec or _exit, never returning
     // into the caller's frames. `args` is valid for the call.
     let pid = unsafe {
@@ -131,28 +250,18 @@ pub fn spawn_into_cgroup(
         return Err(SpawnError::Clone(std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        let e = child();
-        let code = e.raw_os_error().unwrap_or(libc::EIO);
-        let _ = rustix::io::write(&wr, &code.to_ne_bytes());
-        exit_child(127);
-    }
-    drop(wr);
-    let mut buf = [0u8; 4];
-    let n = loop {
-        match rustix::io::read(&rd, &mut buf) {
-            Err(rustix::io::Errno::INTR) => continue,
-            r => break r.unwrap_or(0),
-        }
-    };
-    if n == 4 {
-        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
-        }
-        return Err(SpawnError::Child(std::io::Error::from_raw_os_error(
-            i32::from_ne_bytes(buf),
-        )));
+        child_job(&mut ChildJob { run, wr });
     }
     Ok(pid as i32)
+}
+
+/// Installs a seccomp filter on the calling thread; an error is its errno
+/// (nothing allocated: safe in a child that shares its parent's memory).
+pub fn apply_seccomp(prog: &seccompiler::BpfProgram) -> std::io::Result<()> {
+    seccompiler::apply_filter(prog).map_err(|e| match e {
+        seccompiler::Error::Seccomp(io) | seccompiler::Error::Prctl(io) => io,
+        _ => std::io::Error::from_raw_os_error(libc::EINVAL),
+    })
 }
 
 /// execve(2) with NULL-terminated argument and environment arrays prepared

@@ -451,3 +451,73 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
     root.ok(&["stop", "--all", "-q"]);
     assert_clean(&root, &[]);
 }
+
+/// The spawn under every session `serve` starts (`sys::spawn_into_cgroup`:
+/// clone3 with CLONE_INTO_CGROUP, sharing serve's memory until the exec):
+/// the child is born in the cgroup given, runs what it was given, and a
+/// failure before its exec comes back as that error, with nothing left.
+#[test]
+fn a_session_is_born_in_its_cgroup_and_a_failed_exec_is_reported() {
+    if !privileged() {
+        return;
+    }
+    use std::os::fd::AsFd;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let v2 = mounts
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .and_then(|l| l.split_whitespace().nth(4))
+        .expect("a cgroup2 mount")
+        .to_string();
+    /// The test's cgroup: its processes killed and the directory removed
+    /// when dropped.
+    struct Group(std::path::PathBuf, Vec<i32>);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            for pid in &self.1 {
+                if let Some(p) = rustix::process::Pid::from_raw(*pid) {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::Kill);
+                    let _ =
+                        rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
+                }
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let name = format!("nifty-test-spawn-{}", std::process::id());
+    let mut group = Group(std::path::Path::new(&v2).join(&name), Vec::new());
+    std::fs::create_dir(&group.0).unwrap();
+    let dir = std::fs::File::open(&group.0).unwrap();
+    let prog = c"/bin/sleep";
+    let argv = [c"sleep".as_ptr(), c"30".as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    let pid =
+        nifty::sys::spawn_into_cgroup(dir.as_fd(), &mut || nifty::sys::execve(prog, &argv, &envp))
+            .unwrap();
+    group.1.push(pid);
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cg.lines()
+            .any(|l| l.starts_with("0::") && l.ends_with(&name)),
+        "{cg}"
+    );
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(exe.ends_with("sleep"), "{exe:?}");
+    // A child whose exec fails: its errno, and it is reaped.
+    let missing = c"/nonexistent/nifty-test";
+    let argv = [missing.as_ptr(), std::ptr::null()];
+    match nifty::sys::spawn_into_cgroup(dir.as_fd(), &mut || {
+        nifty::sys::execve(missing, &argv, &envp)
+    }) {
+        Err(nifty::sys::SpawnError::Child(e)) => {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let procs = std::fs::read_to_string(group.0.join("cgroup.procs")).unwrap();
+    assert_eq!(procs.trim(), pid.to_string(), "{procs}");
+}

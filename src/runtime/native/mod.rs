@@ -682,8 +682,7 @@ impl Native {
                 crate::sys::landlock_restrict_self(fd.as_fd()).map_err(err)?;
             }
             for prog in &confine.seccomp {
-                seccompiler::apply_filter(prog)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                crate::sys::apply_seccomp(prog)?;
             }
             Ok(())
         };

@@ -648,14 +648,8 @@ fn child(
         check(Step::Landlock, sys::landlock_restrict_self(fd.as_fd()));
     }
     for prog in &plan.confine.seccomp {
-        if let Err(e) = seccompiler::apply_filter(prog) {
-            let errno = match e {
-                seccompiler::Error::Seccomp(io) | seccompiler::Error::Prctl(io) => {
-                    io.raw_os_error().unwrap_or(0)
-                }
-                _ => libc::EINVAL,
-            };
-            fail(Step::Seccomp, errno);
+        if let Err(e) = sys::apply_seccomp(prog) {
+            fail(Step::Seccomp, e.raw_os_error().unwrap_or(libc::EINVAL));
         }
     }
     let e = sys::execve(&plan.init, &plan.argv_ptrs, &plan.envp_ptrs);
