@@ -96,8 +96,9 @@ pub enum SpawnError {
 }
 
 /// Starts a child that is born in the cgroup v2 directory `cgroup`
-/// (clone3 with CLONE_INTO_CGROUP, Linux 5.7), as fork(2) would: no
-/// migration after the fact, whose write to `cgroup.procs` waits for an RCU
+/// (clone3 with CLONE_INTO_CGROUP, Linux 5.7), sharing this process's
+/// memory until its exec (see [`clone_into`]): no migration after the
+/// fact, whose write to `cgroup.procs` waits for an RCU
 /// grace period (15 ms in a trace) when no other migration ran just before.
 /// The child runs `child`, which makes system calls only (on memory
 /// prepared before) and ends in an exec; if it returns, its error reaches
@@ -139,9 +140,8 @@ struct ChildJob<'a> {
 fn child_job(job: &mut ChildJob<'_>) -> ! {
     let e = (job.run)();
     let code = e.raw_os_error().unwrap_or(libc::EIO);
-    // SAFETY: `wr` is the pipe's write end, open in this child (a copy of
-    // the parent's fd table); write(2) reads `code` from this stack.
-    unsafe { libc::write(job.wr, (&code as *const i32).cast(), 4) };
+    // The pipe's write end, open in this child (its copy of the fd table).
+    let _ = rustix::io::write(borrow_fd(job.wr), &code.to_ne_bytes());
     exit_child(127)
 }
 

@@ -451,12 +451,13 @@ impl Native {
         log: OwnedFd,
     ) -> Result<super::SessionProc> {
         let cmd = crate::template::inittab::dropbear_inetd();
-        self.dropbear_in(inst, target, &cmd, conn, log)
+        self.dropbear_in(inst, target, &cmd, Some(conn), log)
     }
 
     /// Starts a Dropbear listening on a running on-demand instance's port
-    /// (see `nifty serve`), as the container's root: stdin and stdout
-    /// /dev/null, `log` its stderr. It goes to the background (the
+    /// (see `nifty serve`), as the container's root: stdin and stdout the
+    /// container's own /dev/null (opened inside it: no fd of the host but
+    /// the log), `log` its stderr. It goes to the background (the
     /// container's init adopts the listening one); the caller waits for
     /// the one it started.
     pub fn listener(
@@ -466,19 +467,18 @@ impl Native {
         log: OwnedFd,
     ) -> Result<super::SessionProc> {
         let cmd = crate::template::inittab::dropbear_listening(inst.port);
-        let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
-            .map_err(Error::sys("open(/dev/null)"))?;
-        self.dropbear_in(inst, target, &cmd, null, log)
+        self.dropbear_in(inst, target, &cmd, None, log)
     }
 
     /// `cmd` (a Dropbear) in a running container, `io` its stdin and
-    /// stdout, `log` its stderr; not waited for.
+    /// stdout (none: the container's /dev/null), `log` its stderr; not
+    /// waited for.
     fn dropbear_in(
         &self,
         inst: &Instance,
         target: &super::Target,
         cmd: &[String],
-        io: OwnedFd,
+        io: Option<OwnedFd>,
         log: OwnedFd,
     ) -> Result<super::SessionProc> {
         let io = Io::Socket { conn: io, log };
@@ -607,10 +607,13 @@ impl Native {
                     .map(std::process::Stdio::from)
                     .map_err(Error::io("dup", "connection"))
             };
-            command
-                .stdin(dup(conn)?)
-                .stdout(dup(conn)?)
-                .stderr(dup(log)?);
+            // Without a connection, /dev/null: the host's in this fallback
+            // (clone3 with CLONE_INTO_CGROUP failed: before Linux 5.7).
+            let io = || match conn {
+                Some(c) => dup(c),
+                None => Ok(std::process::Stdio::null()),
+            };
+            command.stdin(io()?).stdout(io()?).stderr(dup(log)?);
         }
         let term = if ttys.any() {
             let p = pty::open(ttys)?;
@@ -717,16 +720,34 @@ impl Native {
                     .collect()
             };
             let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
-            let (c, l) = (conn.as_raw_fd(), log.as_raw_fd());
+            let (c, l) = (conn.as_ref().map(|c| c.as_raw_fd()), log.as_raw_fd());
             skip_v2.store(true, std::sync::atomic::Ordering::Relaxed);
             let r = crate::sys::spawn_into_cgroup(dir.as_fd(), &mut || {
-                for (fd, to) in [(c, 0), (c, 1), (l, 2)] {
+                let io = c.map(|c| [(c, 0), (c, 1)]);
+                for (fd, to) in io.into_iter().flatten().chain([(l, 2)]) {
                     if let Err(e) = crate::sys::dup2(fd, to) {
                         return e;
                     }
                 }
                 if let Err(e) = hook() {
                     return e;
+                }
+                // No connection: the container's /dev/null, opened in its
+                // namespaces and root.
+                if c.is_none() {
+                    let null = match rustix::fs::open(
+                        c"/dev/null",
+                        OFlags::RDWR | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    ) {
+                        Ok(fd) => fd,
+                        Err(e) => return std::io::Error::from_raw_os_error(e.raw_os_error()),
+                    };
+                    for to in [0, 1] {
+                        if let Err(e) = crate::sys::dup2(null.as_raw_fd(), to) {
+                            return e;
+                        }
+                    }
                 }
                 crate::sys::execve(&path, &argv_ptrs, &envp_ptrs)
             });
@@ -757,9 +778,9 @@ enum Spawned {
 enum Io {
     /// The caller's: a pty of nifty's for those that are terminals.
     Caller,
-    /// An accepted connection (stdin and stdout; /dev/null for a daemon)
-    /// and the console log (stderr).
-    Socket { conn: OwnedFd, log: OwnedFd },
+    /// An accepted connection (stdin and stdout; none for a daemon, which
+    /// gets the container's /dev/null) and the console log (stderr).
+    Socket { conn: Option<OwnedFd>, log: OwnedFd },
 }
 
 /// Reads the container's /etc/passwd without following any symlink out of
