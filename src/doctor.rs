@@ -98,6 +98,7 @@ const CHECKS: &[Check] = &[
     open_files,
     ptys,
     namespaces,
+    id_ranges,
     mount_max,
     inotify,
     keyrings,
@@ -217,6 +218,61 @@ fn namespaces(w: &Want<'_>) -> Vec<Finding> {
         ));
     }
     out
+}
+
+/// User-namespace ID ranges of 65536: those claimed on this host (every
+/// state root) and what a fleet of `count` in this root adds.
+fn id_ranges(w: &Want<'_>) -> Vec<Finding> {
+    use crate::claims::uid_range::{HOST_CLAIMS, PREFERRED, SLOTS};
+    let instances = w.store.instances_dir();
+    let (mut claimed, mut mine) = (0u64, 0u64);
+    if let Ok(dir) = std::fs::read_dir(HOST_CLAIMS) {
+        for e in dir.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+            {
+                claimed += 1;
+                if std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&instances)) {
+                    mine += 1;
+                }
+            }
+        }
+    }
+    let need = claimed - mine + w.count;
+    let (preferred, slots) = (u64::from(PREFERRED), u64::from(SLOTS));
+    let value = format!("{claimed} claimed in {HOST_CLAIMS} ({mine} by this root)");
+    let finding = if need <= preferred {
+        info(
+            "UID ranges",
+            Status::Ok,
+            value,
+            &format!("{need} of the {preferred} below 2^31"),
+            "",
+        )
+    } else if need <= slots {
+        info(
+            "UID ranges",
+            Status::Ok,
+            value,
+            &format!(
+                "{need}: {} past 2^31 (0x80000000 up), where systemd puts nothing and some \
+                 tools read IDs as signed (SECURITY.md)",
+                need - preferred
+            ),
+            "",
+        )
+    } else {
+        info(
+            "UID ranges",
+            Status::Fail,
+            value,
+            &format!("{need} of the {slots} a host has"),
+            "fewer instances with a user namespace per host; --no-userns for the rest \
+             (container root is then host root: SECURITY.md)",
+        )
+    };
+    vec![finding]
 }
 
 /// Mounts per mount namespace.

@@ -46,6 +46,19 @@ fn doctor_reports_real_limits_for_ten_thousand() {
             .collect::<Vec<_>>()
             .join(" ")
     ));
+    // UID ranges: the claims this host holds (other tests' roots too, so
+    // their number moves), none by this root; 10,000 more fit.
+    let f = get("UID ranges");
+    let value = f["value"].as_str().unwrap();
+    let (n, rest) = value.split_once(' ').unwrap();
+    assert!(n.parse::<u32>().is_ok(), "{f}");
+    assert_eq!(rest, "claimed in /var/lib/nifty-uids (0 by this root)");
+    assert_eq!(f["status"], "ok", "{f}");
+    let big = root.run(&["doctor", "--count", "70000", "--json"]);
+    let v2: Vec<serde_json::Value> = serde_json::from_slice(&big.stdout).unwrap();
+    let f = v2.iter().find(|f| f["check"] == "UID ranges").unwrap();
+    assert_eq!(f["status"], "fail", "{f}");
+    assert!(f["fix"].as_str().unwrap().contains("--no-userns"), "{f}");
     let cg = get("cgroups")["value"].as_str().unwrap().to_string();
     let hybrid = std::path::Path::new("/sys/fs/cgroup/unified").exists();
     assert_eq!(cg.starts_with("hybrid"), hybrid, "{cg}");
