@@ -132,33 +132,20 @@ pub fn spawn_into_cgroup(
 
 /// What the child of [`clone_into`] runs: the caller's closure, then its
 /// error (as an errno) to the pipe `wr` and `_exit`.
-struct ChildJob<'a> {
-    run: &'a mut dyn FnMut() -> std::io::Error,
-    wr: RawFd,
-}
-
-fn child_job(job: &mut ChildJob<'_>) -> ! {
-    let e = (job.run)();
+fn child_job(run: &mut dyn FnMut() -> std::io::Error, wr: RawFd) -> ! {
+    let e = run();
     let code = e.raw_os_error().unwrap_or(libc::EIO);
     // The pipe's write end, open in this child (its copy of the fd table).
-    let _ = rustix::io::write(borrow_fd(job.wr), &code.to_ne_bytes());
+    let _ = rustix::io::write(borrow_fd(wr), &code.to_ne_bytes());
     exit_child(127)
 }
 
-/// The child's entry on its own stack (x86_64 path of [`clone_into`]).
-#[cfg(target_arch = "x86_64")]
-extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
-    // SAFETY: `arg` is the `ChildJob` on the frame of `clone_into`, which
-    // waits (CLONE_VFORK) until this child has exec'd or exited.
-    child_job(unsafe { &mut *arg.cast::<ChildJob<'_>>() })
-}
-
-/// clone3 with CLONE_INTO_CGROUP (5.7) and CLONE_VM|CLONE_VFORK, as
-/// posix_spawn does: the child shares this process's memory until it
-/// execs, on a stack of its own, so no page table is copied and no page
-/// faults copy-on-write after (in `nifty serve`, with tens of MiB mapped
-/// and other threads running, a fork cost about 1 ms of CPU and TLB
-/// shootdowns on every CPU). Returns when the child has exec'd or exited.
+/// clone3 with CLONE_INTO_CGROUP (5.7) through [`clone3_vfork`]: the
+/// child shares this process's memory until it execs, on a stack of its
+/// own, so no page table is copied and no page faults copy-on-write after
+/// (in `nifty serve`, with tens of MiB mapped and other threads running, a
+/// fork cost about 1 ms of CPU and TLB shootdowns on every CPU). Returns
+/// when the child has exec'd or exited.
 #[cfg(target_arch = "x86_64")]
 fn clone_into(
     cgroup: BorrowedFd<'_>,
@@ -167,30 +154,67 @@ fn clone_into(
 ) -> Result<i32, SpawnError> {
     // The child's stack: system calls and a few frames of Rust.
     let mut stack = vec![0u8; 64 << 10];
+    let mut args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    clone3_vfork(&mut args, &mut stack, &mut || -> i32 {
+        child_job(&mut *run, wr)
+    })
+    .map_err(SpawnError::Clone)
+}
+
+/// The entry of a [`clone3_vfork`] child, on its own stack: runs the
+/// closure and exits with what it returns (if it returns: it should exec).
+#[cfg(target_arch = "x86_64")]
+extern "C" fn vfork_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: `arg` points to the `&mut dyn FnMut` on the frame of
+    // `clone3_vfork`, which waits (CLONE_VFORK) until this child has
+    // exec'd or exited, so it and its captures are alive and unchanged.
+    let f = unsafe { &mut *arg.cast::<&mut dyn FnMut() -> i32>() };
+    exit_child(f())
+}
+
+/// clone3(2) with `args` plus CLONE_VM|CLONE_VFORK, the child on `stack`,
+/// as posix_spawn does with clone: the child shares this process's memory
+/// until it execs (no page table copied), and this thread sleeps until it
+/// has exec'd or exited. The child runs `f` and exits with what it
+/// returns. clone3 is what takes CLONE_INTO_CGROUP (5.7), which glibc's
+/// clone() cannot pass: hence the few instructions here that put the
+/// child on its stack (x86_64; elsewhere nifty forks, or clones without
+/// CLONE_INTO_CGROUP). Returns the child's PID.
+///
+/// Contract (as for [`clone_vm`]): `f` makes system calls only, on memory
+/// prepared before, no allocation or lock, and ends by exec or exit.
+#[cfg(target_arch = "x86_64")]
+fn clone3_vfork(
+    args: &mut CloneArgs,
+    stack: &mut [u8],
+    mut f: &mut dyn FnMut() -> i32,
+) -> std::io::Result<i32> {
     let low = stack.as_mut_ptr() as u64;
     // The kernel starts the child at stack + stack_size: 16-byte aligned,
     // as the ABI wants before a call.
     let size = ((low + stack.len() as u64) & !15) - low;
-    let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP | libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        stack: low,
-        stack_size: size,
-        cgroup: cgroup.as_raw_fd() as u64,
-        ..Default::default()
-    };
-    let mut job = ChildJob { run, wr };
+    if size < 4096 {
+        return Err(std::io::Error::other("clone3_vfork: stack too small"));
+    }
+    args.flags |= libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64;
+    args.stack = low;
+    args.stack_size = size;
+    let arg = &mut f as *mut &mut dyn FnMut() -> i32 as *mut libc::c_void;
     let ret: i64;
     // SAFETY: clone3 makes a child that shares this memory (CLONE_VM) and
     // starts on `stack` (its top, aligned), while this thread sleeps until
-    // the child has exec'd or exited (CLONE_VFORK), so `stack`, `args`
-    // and `job` (on this frame) stay valid and unchanged for it. In the
-    // parent the syscall returns the PID or -errno in rax and clobbers only
-    // rcx and r11; r12 and r13 hold `job` and the entry for the child,
-    // which calls `child_entry(job)` with a zeroed frame pointer and never
-    // returns (exec or `_exit`; `ud2` traps if it did). The child runs
-    // system calls only, on memory prepared before, no allocation or lock
-    // (the same contract as the container's first process, `clone_vm`).
+    // the child has exec'd or exited (CLONE_VFORK), so `stack`, `args` and
+    // `f` (on this frame) stay valid and unchanged for it. In the parent
+    // the syscall returns the PID or -errno in rax and clobbers only rcx
+    // and r11; r12 and r13 hold `f`'s address and the entry for the child,
+    // which calls `vfork_entry(arg)` with a zeroed frame pointer and never
+    // returns (exec or `_exit`; `ud2` traps if it did). The child keeps the
+    // contract above.
     unsafe {
         core::arch::asm!(
             "syscall",
@@ -202,22 +226,53 @@ fn clone_into(
             "ud2",
             "2:",
             inlateout("rax") libc::SYS_clone3 => ret,
-            in("rdi") &args as *const CloneArgs,
+            in("rdi") args as *const CloneArgs,
             in("rsi") std::mem::size_of::<CloneArgs>(),
-            in("r12") &mut job as *mut ChildJob<'_> as *mut libc::c_void,
-            in("r13") child_entry as extern "C" fn(*mut libc::c_void) -> !,
+            in("r12") arg,
+            in("r13") vfork_entry as extern "C" fn(*mut libc::c_void) -> !,
             out("rcx") _,
             out("r11") _,
             options(nostack),
         );
     }
-    drop(stack);
     if ret < 0 {
-        return Err(SpawnError::Clone(std::io::Error::from_raw_os_error(
-            -ret as i32,
-        )));
+        return Err(std::io::Error::from_raw_os_error(-ret as i32));
     }
     Ok(ret as i32)
+}
+
+/// Elsewhere: not available (the callers fall back).
+#[cfg(not(target_arch = "x86_64"))]
+fn clone3_vfork(
+    _: &mut CloneArgs,
+    _: &mut [u8],
+    _: &mut dyn FnMut() -> i32,
+) -> std::io::Result<i32> {
+    Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+/// [`spawn_vfork`] through clone3, the child born in the cgroup v2
+/// directory `cgroup` (CLONE_INTO_CGROUP, 5.7): no migration, whose write
+/// to `cgroup.procs` can wait for an RCU grace period. An error is
+/// clone3's (before 5.7, or not x86_64): the caller may fall back to
+/// [`spawn_vfork`] and a write to `cgroup.procs`.
+pub fn spawn_vfork_into(
+    flags: i32,
+    cgroup: BorrowedFd<'_>,
+    stack: &mut [u8],
+    f: &mut dyn FnMut() -> i32,
+) -> std::io::Result<(i32, OwnedFd)> {
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: flags as u32 as u64 | CLONE_INTO_CGROUP | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    let pid = clone3_vfork(&mut args, stack, f)?;
+    // SAFETY: with CLONE_PIDFD the kernel stored a new, owned fd.
+    Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
 
 /// Elsewhere: clone3 with CLONE_INTO_CGROUP as fork(2) (a copy of this
@@ -250,7 +305,7 @@ fn clone_into(
         return Err(SpawnError::Clone(std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        child_job(&mut ChildJob { run, wr });
+        child_job(run, wr);
     }
     Ok(pid as i32)
 }

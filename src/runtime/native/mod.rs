@@ -236,6 +236,13 @@ impl Native {
         let empty_root = self.empty_root()?;
         self.delegation()?;
         let procs = cg.create(&inst.limits)?;
+        // Its v2 directory, for the container's init to be born in.
+        let v2_dir = rustix::fs::open(
+            &cg.v2,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok();
         let started = match &bind_guard {
             Some(g) => g.attach(&cg.v2).map_err(|e| {
                 StartError::Setup(SysError::io(
@@ -257,7 +264,14 @@ impl Native {
                     StartError::Setup(e) => Some(e.errno.raw_os_error()),
                     _ => None,
                 },
-                || spawn::spawn(&plan, &procs, empty_root.as_fd()),
+                || {
+                    spawn::spawn(
+                        &plan,
+                        v2_dir.as_ref().map(|d| d.as_fd()),
+                        &procs,
+                        empty_root.as_fd(),
+                    )
+                },
             )
         });
         match started {

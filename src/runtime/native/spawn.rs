@@ -33,7 +33,7 @@
 use std::ffi::{c_char, CString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::{MountAttrFlags, MountFlags, MoveMountFlags, OpenTreeFlags};
@@ -349,13 +349,16 @@ impl Mounts {
 
 /// Starts the container: a child sharing nifty's memory (CLONE_VM, so no
 /// page tables are copied; CLONE_VFORK, so this thread waits until the child
-/// has exec'd init or failed) in a new PID namespace. The child first joins
-/// the container's cgroups through `cgroup_procs` (v2 and v1 `cgroup.procs`
-/// files, opened for writing), then enters a copy of `empty_root` (from
-/// [`empty_root_ns`]) and builds the container there. Returns once init is
-/// exec'd, or with the step that failed.
+/// has exec'd init or failed) in a new PID namespace. It is born in the
+/// container's v2 cgroup `cgroup_dir` where the kernel can (clone3 with
+/// CLONE_INTO_CGROUP, Linux 5.7, x86_64: no migration), else it joins it by
+/// `cgroup_procs[0]`; then it joins the v1 ones (the rest of
+/// `cgroup_procs`: `cgroup.procs` files opened for writing), enters a copy
+/// of `empty_root` (from [`empty_root_ns`]) and builds the container there.
+/// Returns once init is exec'd, or with the step that failed.
 pub fn spawn(
     plan: &Plan,
+    cgroup_dir: Option<BorrowedFd<'_>>,
     cgroup_procs: &[OwnedFd],
     empty_root: BorrowedFd<'_>,
 ) -> Result<Spawned, StartError> {
@@ -376,9 +379,25 @@ pub fn spawn(
     }
     let failure = AtomicU64::new(0);
     let mut stack = vec![0u8; CHILD_STACK];
-    let spawned = sys::spawn_vfork(flags, &mut stack, &mut || {
-        child(plan, &mounts, cgroup_procs, empty_root, &failure)
-    })
+    // Whether the child is born in its v2 cgroup (read by the child).
+    let born = AtomicBool::new(cgroup_dir.is_some());
+    let mut run = || {
+        let procs = match born.load(Ordering::SeqCst) {
+            true => cgroup_procs.get(1..).unwrap_or_default(),
+            false => cgroup_procs,
+        };
+        child(plan, &mounts, procs, empty_root, &failure)
+    };
+    let into = cgroup_dir.map(|dir| sys::spawn_vfork_into(flags, dir, &mut stack, &mut run));
+    let spawned = match into {
+        Some(Ok(s)) => Ok(s),
+        Some(Err(e)) => {
+            tracing::debug!("clone3(CLONE_INTO_CGROUP): {e}; the container's init migrates");
+            born.store(false, Ordering::SeqCst);
+            sys::spawn_vfork(flags, &mut stack, &mut run)
+        }
+        None => sys::spawn_vfork(flags, &mut stack, &mut run),
+    }
     .map_err(|e| {
         SysError::new(
             "clone(CLONE_VM|CLONE_VFORK)",
@@ -459,8 +478,9 @@ fn child(
 
     // Until exec, this process is marked as not yet a container's init.
     let _ = rustix::thread::set_name(STARTING);
-    // Join the container's cgroups first: from here on, everything this
-    // process does is accounted, limited, and seen by `nifty list`/`stop`.
+    // Join the container's cgroups first (those it was not born in): from
+    // here on, everything this process does is accounted, limited, and
+    // seen by `nifty list`/`stop`.
     for f in cgroup_procs {
         if let Err(e) = rustix::io::write(f, b"0") {
             fail(Step::JoinCgroup, e.raw_os_error());
