@@ -98,8 +98,8 @@ pub enum SpawnError {
 /// Starts a child that is born in the cgroup v2 directory `cgroup`
 /// (clone3 with CLONE_INTO_CGROUP, Linux 5.7), sharing this process's
 /// memory until its exec (see [`clone_into`]): no migration after the
-/// fact, whose write to `cgroup.procs` waits for an RCU
-/// grace period (15 ms in a trace) when no other migration ran just before.
+/// fact, whose write to `cgroup.procs` waits for an RCU grace period (15 ms
+/// in a trace) when no other migration ran just before.
 /// The child runs `child`, which makes system calls only (on memory
 /// prepared before) and ends in an exec; if it returns, its error reaches
 /// the caller through a close-on-exec pipe and the child exits. Returns the

@@ -233,6 +233,17 @@ pub fn cpu_usage_usec(dir: &Path) -> Option<u64> {
         .ok()
 }
 
+/// A cgroup v2 directory, opened for a child to be born in (clone3 with
+/// CLONE_INTO_CGROUP); `None` if it cannot be (the child then joins it).
+pub fn open_dir(dir: &Path) -> Option<OwnedFd> {
+    rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()
+}
+
 /// The PIDs in the cgroup at `dir` (its `cgroup.procs`); empty if it
 /// does not exist.
 pub fn procs_of(dir: &Path) -> Vec<i32> {

@@ -237,12 +237,7 @@ impl Native {
         self.delegation()?;
         let procs = cg.create(&inst.limits)?;
         // Its v2 directory, for the container's init to be born in.
-        let v2_dir = rustix::fs::open(
-            &cg.v2,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ok();
+        let v2_dir = cgroup::open_dir(&cg.v2);
         let started = match &bind_guard {
             Some(g) => g.attach(&cg.v2).map_err(|e| {
                 StartError::Setup(SysError::io(
@@ -561,14 +556,7 @@ impl Native {
                 .iter()
                 .find(|p| p.starts_with(&self.hierarchy.v2))
                 .and_then(|p| p.parent())
-                .and_then(|d| {
-                    rustix::fs::open(
-                        d,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .ok()
-                }),
+                .and_then(cgroup::open_dir),
             Io::Caller => None,
         };
         let skip_v2 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
