@@ -26,7 +26,7 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
             let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
             nifty::sys::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0)
                 .context("dup2(/dev/null, 0)")?;
-            let code = nifty::serve::session(&ctx.store, conn)?;
+            let code = nifty::serve::session(&ctx.store, &rt, conn)?;
             std::process::exit(code);
         }
         SystemdCmd::Install => {

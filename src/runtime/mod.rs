@@ -229,6 +229,8 @@ pub const CPU_WINDOW: Duration = Duration::from_millis(200);
 pub struct Runtime {
     native: native::Native,
     store: Store,
+    /// The host's cgroup mounts, found once for both backends.
+    hierarchy: linux::cgroup::Hierarchy,
     systemd: std::sync::OnceLock<crate::error::Once<systemd::Systemd>>,
 }
 
@@ -308,9 +310,11 @@ fn keeping_pidns<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 impl Runtime {
     pub fn new(store: &Store) -> Result<Runtime> {
+        let hierarchy = linux::cgroup::Hierarchy::detect()?;
         Ok(Runtime {
-            native: native::Native::new(store)?,
+            native: native::Native::new(store, hierarchy.clone()),
             store: store.clone(),
+            hierarchy,
             systemd: std::sync::OnceLock::new(),
         })
     }
@@ -319,7 +323,10 @@ impl Runtime {
     /// whose verbs are about the unit files themselves).
     pub fn systemd(&self) -> Result<&systemd::Systemd> {
         self.systemd
-            .get_or_init(|| systemd::Systemd::new(&self.store).map_err(std::sync::Arc::new))
+            .get_or_init(|| {
+                systemd::Systemd::new(&self.store, self.hierarchy.clone())
+                    .map_err(std::sync::Arc::new)
+            })
             .as_ref()
             .map_err(|e| Error::Once(e.clone()))
     }

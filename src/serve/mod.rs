@@ -724,8 +724,9 @@ impl<'a> Server<'a> {
 /// (`nifty-ssh@.service`, `Accept=yes`): the instance is the one whose
 /// port the connection came in on; it is started if it is stopped, and
 /// the connection is handed to a `dropbear -i` in it, as `serve` does.
-/// Returns when the session ends, with its exit code.
-pub fn session(store: &Store, conn: OwnedFd) -> Result<i32> {
+/// Returns when the session ends, with its exit code. A login to a
+/// running instance asks systemd nothing (see `Systemd::init_pid`).
+pub fn session(store: &Store, rt: &Runtime, conn: OwnedFd) -> Result<i32> {
     let local = rustix::net::getsockname(&conn).map_err(Error::sys("getsockname(stdin)"))?;
     let port = match local {
         rustix::net::SocketAddrAny::V4(a) => a.port(),
@@ -749,8 +750,10 @@ pub fn session(store: &Store, conn: OwnedFd) -> Result<i32> {
                 store.root().display()
             ))
         })?;
-    let rt = Runtime::new(store)?;
-    let stopped = rt.with_state(std::slice::from_ref(&inst), |s| s == State::Stopped);
+    let stopped = match rt.target(&inst) {
+        Ok(_) => Vec::new(),
+        Err(_) => rt.with_state(std::slice::from_ref(&inst), |s| s == State::Stopped),
+    };
     if !stopped.is_empty() {
         ondemand::mark_starting(store, &stopped, true);
         let r = rt.start_many(&stopped, &|_| {});

@@ -338,6 +338,17 @@ fn article_fleet_under_systemd() {
     assert_ne!(before, after, "nifty@10 was not restarted");
     assert!(wait_port(root.port("10"), Duration::from_secs(20)));
     assert_eq!(root.ssh("10", "hostname").trim(), "nifty10");
+    // nifty finds a container in its unit's cgroup, in the unit file's
+    // slice, without asking systemd; one a drop-in moved to another slice
+    // is found where systemd says it is.
+    let moved = host.etc.path().join("nifty@9.service.d/90-slice.conf");
+    std::fs::write(&moved, "[Service]\nSlice=nifty-moved.slice\n").unwrap();
+    host.sh(&["systemctl", "daemon-reload"]);
+    host.nifty(&["restart", "9"]);
+    let cg = host.stdout(&["systemctl", "show", "--property=ControlGroup", "nifty@9"]);
+    assert!(cg.contains("/nifty-moved.slice/"), "{cg}");
+    assert_eq!(host.nifty(&["exec", "9", "--", "hostname"]), "nifty9\n");
+    assert_eq!(host.nifty(&["exec", "3", "--", "hostname"]), "nifty3\n");
 
     // A rolling update through systemd: version 2 of the template, 1..4
     // restarted two at a time, each checked (an SSH login with its own

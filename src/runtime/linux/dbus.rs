@@ -21,16 +21,35 @@ pub fn dbus_err(what: impl std::fmt::Display) -> impl FnOnce(zbus::Error) -> Err
     }
 }
 
+/// What to do when systemd cannot be reached on the system bus.
+fn unreachable(e: impl std::fmt::Display) -> Error {
+    Error::Host(format!(
+        "cannot reach systemd on the system bus: {e}; is dbus running? \
+         (apt-get install dbus)"
+    ))
+}
+
 /// Connects to systemd through the system bus.
 pub fn connect() -> Result<Connection> {
     zbus::blocking::connection::Builder::system()
         .and_then(|b| b.max_queued(1 << 20).build())
-        .map_err(|e| {
-            Error::Host(format!(
-                "cannot reach systemd on the system bus: {e}; is dbus running? \
-                 (apt-get install dbus)"
-            ))
-        })
+        .map_err(unreachable)
+}
+
+/// The system bus's socket, where a caller that connects later (on first
+/// use) checks for it first: there is none where dbus is not installed
+/// or not running. Its address from `DBUS_SYSTEM_BUS_ADDRESS` is taken on
+/// trust (the connection says what is wrong with it).
+pub fn check_system_bus() -> Result<()> {
+    const SOCKET: &str = "/run/dbus/system_bus_socket";
+    if std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS").is_some() {
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(SOCKET) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => Ok(()),
+        Ok(_) => Err(unreachable(format!("{SOCKET} is not a socket"))),
+        Err(e) => Err(unreachable(format!("{SOCKET}: {e}"))),
+    }
 }
 
 /// Properties of a transient unit, as `StartTransientUnit` takes them.

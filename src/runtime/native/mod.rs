@@ -44,9 +44,8 @@ pub struct Native {
 }
 
 impl Native {
-    pub fn new(store: &Store) -> Result<Native> {
-        let hierarchy = Hierarchy::detect()?;
-        Ok(Native {
+    pub fn new(store: &Store, hierarchy: Hierarchy) -> Native {
+        Native {
             store: store.clone(),
             base: hierarchy.base(&store.cgroup_name()),
             hierarchy,
@@ -54,7 +53,7 @@ impl Native {
             preflight: Default::default(),
             seccomp: std::sync::OnceLock::new(),
             empty_root: std::sync::OnceLock::new(),
-        })
+        }
     }
 
     /// The confinement of an instance: its user namespace (`userns`, made

@@ -81,7 +81,9 @@ pub struct Systemd {
     store: Store,
     names: Names,
     nspawn: PathBuf,
-    conn: Connection,
+    /// The system bus, connected at the first call to systemd: a session's
+    /// way into a running instance needs none.
+    conn: std::sync::OnceLock<Connection>,
     hierarchy: Hierarchy,
     /// Subscribe() is once per connection.
     subscribed: std::sync::OnceLock<()>,
@@ -90,17 +92,17 @@ pub struct Systemd {
 impl Systemd {
     /// Connects to systemd (the system bus); fails with what to do when
     /// the host cannot run this backend.
-    pub fn new(store: &Store) -> Result<Systemd> {
+    pub fn new(store: &Store, hierarchy: Hierarchy) -> Result<Systemd> {
         let nspawn = check_host()?;
-        let conn = connect()?;
+        dbus::check_system_bus()?;
         Ok(Systemd {
             store: store.clone(),
             names: Names {
                 prefix: store.cgroup_name(),
             },
             nspawn,
-            conn,
-            hierarchy: Hierarchy::detect()?,
+            conn: std::sync::OnceLock::new(),
+            hierarchy,
             subscribed: std::sync::OnceLock::new(),
         })
     }
@@ -109,8 +111,17 @@ impl Systemd {
         &self.names
     }
 
+    /// The connection to systemd, made on first use.
+    fn conn(&self) -> Result<&Connection> {
+        if let Some(c) = self.conn.get() {
+            return Ok(c);
+        }
+        let c = connect()?;
+        Ok(self.conn.get_or_init(|| c))
+    }
+
     fn manager(&self) -> Result<ManagerProxy<'_>> {
-        ManagerProxy::new(&self.conn).map_err(dbus_err("org.freedesktop.systemd1.Manager"))
+        ManagerProxy::new(self.conn()?).map_err(dbus_err("org.freedesktop.systemd1.Manager"))
     }
 
     /// Path of the template unit file.
@@ -386,7 +397,7 @@ impl Systemd {
     where
         P: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
     {
-        zbus::blocking::proxy::Builder::<P>::new(&self.conn)
+        zbus::blocking::proxy::Builder::<P>::new(self.conn().ok()?)
             .path(path.clone())
             .ok()?
             .cache_properties(zbus::proxy::CacheProperties::No)
@@ -409,9 +420,18 @@ impl Systemd {
         Some((cg, pid))
     }
 
-    /// The PID (on the host) of a running instance's init.
+    /// The PID (on the host) of a running instance's init: found in the
+    /// cgroup where its unit runs (`SLICE/<unit>`, systemd names a
+    /// unit's cgroup after it), or, if it is not there (a drop-in moved
+    /// the unit elsewhere, or it is stopped), where systemd says.
     pub fn init_pid(&self, inst: &Instance) -> Option<i32> {
-        self.init_of(&self.unit_path(inst)?).map(|(_, pid)| pid)
+        let dir = self
+            .hierarchy
+            .v2
+            .join(unit::SLICE)
+            .join(self.names.unit(&inst.name));
+        find_init(&procs_under(&dir))
+            .or_else(|| self.init_of(&self.unit_path(inst)?).map(|(_, pid)| pid))
     }
 
     /// Where a running instance lives: its init and its v2 cgroup (the

@@ -163,6 +163,10 @@ pub fn nspawn_args(spec: &TemplateSpec<'_>) -> Vec<String> {
     ]
 }
 
+/// The slice of every instance's unit (`Slice=`): its cgroup is
+/// `SLICE/<unit>` in the v2 hierarchy.
+pub const SLICE: &str = "machine.slice";
+
 /// The text of the template unit `nifty@.service`.
 pub fn template(spec: &TemplateSpec<'_>) -> String {
     let root = exec_word(&spec.root.display().to_string());
@@ -207,7 +211,7 @@ TimeoutStopSec={timeout}s
 SuccessExitStatus=133
 RestartForceExitStatus=133
 Delegate=yes
-Slice=machine.slice
+Slice={slice}
 TasksMax=512
 
 [Install]
@@ -218,6 +222,7 @@ WantedBy=multi-user.target
         prefix = spec.names.prefix,
         root_path = root,
         timeout = STOP_TIMEOUT_SECS,
+        slice = SLICE,
         console = spec
             .root
             .join("instances/%I/console.log")
