@@ -149,6 +149,16 @@ pub fn check_backend(inst: &Instance) -> Result<()> {
     }
 }
 
+/// Can anything of `backend` run on this host? Not the systemd backend's
+/// where systemd is not PID 1: its instances are all stopped here, and
+/// `rm` removes them without asking systemd.
+fn runs_here(backend: Backend) -> bool {
+    match backend {
+        Backend::Native => true,
+        Backend::Systemd => dbus::booted(),
+    }
+}
+
 /// The backend used when `create` is not told: systemd where PID 1 is
 /// systemd and systemd-nspawn is installed, native elsewhere.
 pub fn default_backend() -> Backend {
@@ -594,6 +604,9 @@ impl Runtime {
 
     /// Before `rm`: refuses while anything of the instance runs.
     pub fn release(&self, inst: &Instance) -> Result<()> {
+        if !runs_here(inst.backend) {
+            return Ok(());
+        }
         self.of(inst)?.release(inst)
     }
 
@@ -601,7 +614,11 @@ impl Runtime {
     pub fn forget(&self, insts: &[Instance]) -> Result<()> {
         for (b, group) in Self::groups(insts) {
             let names: Vec<String> = group.iter().map(|i| i.name.clone()).collect();
-            self.launcher(b)?.forget(&names)?;
+            if runs_here(b) {
+                self.launcher(b)?.forget(&names)?;
+            } else {
+                systemd::forget_offline(&self.store, &names)?;
+            }
         }
         Ok(())
     }

@@ -255,6 +255,18 @@ impl Root {
         )
     }
 
+    /// The host-wide UID-range claims (/var/lib/nifty-uids) that point
+    /// into this root.
+    pub fn uid_claims(&self) -> Vec<PathBuf> {
+        let Ok(dir) = std::fs::read_dir("/var/lib/nifty-uids") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .map(|e| e.path())
+            .filter(|p| std::fs::read_link(p).is_ok_and(|t| t.starts_with(self.path())))
+            .collect()
+    }
+
     /// SSH as the template's user, asserting success.
     pub fn ssh(&self, name: &str, cmd: &str) -> String {
         let (ok, out, err) = self.ssh_as(name, "luser", cmd);
@@ -270,6 +282,11 @@ impl Drop for Root {
         // host-wide (/var/lib/nifty-uids) and must not outlive the test.
         for verb in [&["kill", "--all", "-q"][..], &["rm", "-f", "--all", "-q"]] {
             let _ = nifty().arg("--root").arg(self.path()).args(verb).output();
+        }
+        // A claim an rm that failed left (a failed test's) goes too: only
+        // this root's.
+        for link in self.uid_claims() {
+            let _ = std::fs::remove_file(link);
         }
         // rm of the last instance unmounts the disk store; if a test
         // left it mounted some other way, it goes now (never left behind).

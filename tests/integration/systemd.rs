@@ -518,6 +518,16 @@ fn systemd_backend_refused_without_systemd() {
     root.ok(&["kill", "--all"]);
     let e = root.fails(&["start", "1"]);
     assert!(e.contains("PID 1"), "{e}");
+    // Nothing of it can run here: rm removes it without systemd, and lets
+    // go of its ID range, port and drop-ins.
+    assert_eq!(root.uid_claims().len(), 1);
+    root.ok(&["rm", "-f", "1"]);
+    assert!(root.ok(&["list"]).contains("0 instance(s)"));
+    assert!(root.uid_claims().is_empty(), "{:?}", root.uid_claims());
+    assert!(!root
+        .path()
+        .join(format!("ports/{}", common::TEST_PORT_BASE + 1))
+        .exists());
 }
 
 /// On-demand instances on the systemd backend: the article's socket

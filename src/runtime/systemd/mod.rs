@@ -700,6 +700,29 @@ impl super::Launcher for Systemd {
 }
 
 /// Removes a drop-in directory; a missing one is fine.
+/// Where systemd is not PID 1 (a state root moved to such a host, say),
+/// nothing of an instance of this backend runs, and `forget` cannot ask
+/// systemd: the instances' drop-ins and boot links are removed as the
+/// files they are.
+pub fn forget_offline(store: &Store, names: &[String]) -> Result<()> {
+    let n = Names {
+        prefix: store.cgroup_name(),
+    };
+    for name in names {
+        for (unit, wants) in [
+            (n.unit(name), "multi-user.target.wants"),
+            (n.socket(name), "sockets.target.wants"),
+        ] {
+            remove_dir(&Path::new(UNIT_DIR).join(format!("{unit}.d")))?;
+            let link = Path::new(UNIT_DIR).join(wants).join(&unit);
+            if link.symlink_metadata().is_ok_and(|m| m.is_symlink()) {
+                std::fs::remove_file(&link).map_err(Error::io("remove", &link))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn remove_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", dir)(e)),
