@@ -90,8 +90,8 @@ pub struct Systemd {
 }
 
 impl Systemd {
-    /// Connects to systemd (the system bus); fails with what to do when
-    /// the host cannot run this backend.
+    /// The backend (connected to systemd at its first call); fails with
+    /// what to do when the host cannot run it.
     pub fn new(store: &Store, hierarchy: Hierarchy) -> Result<Systemd> {
         let nspawn = check_host()?;
         dbus::check_system_bus()?;
@@ -699,7 +699,6 @@ impl super::Launcher for Systemd {
     }
 }
 
-/// Removes a drop-in directory; a missing one is fine.
 /// Where systemd is not PID 1 (a state root moved to such a host, say),
 /// nothing of an instance of this backend runs, and `forget` cannot ask
 /// systemd: the instances' drop-ins and boot links are removed as the
@@ -723,6 +722,7 @@ pub fn forget_offline(store: &Store, names: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Removes a drop-in directory; a missing one is fine.
 fn remove_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", dir)(e)),
