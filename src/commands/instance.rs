@@ -71,7 +71,17 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<bool> {
         ctx.printer
             .info(format!("created {} (port {})", inst.name, inst.port));
     }
-    Ok(out.report(&ctx.printer, "create"))
+    let made: Vec<_> = match spec.on_demand {
+        Some(_) => out
+            .ok
+            .iter()
+            .filter_map(|n| ctx.store.instance(n).ok())
+            .collect(),
+        None => Vec::new(),
+    };
+    let ok = out.report(&ctx.printer, "create");
+    super::serve::hint_serve(ctx, &rt, &made);
+    Ok(ok)
 }
 
 /// Creates the instances `names` as `spec` says (its `name` is each of

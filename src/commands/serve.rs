@@ -83,7 +83,39 @@ pub fn on_demand(ctx: &Ctx, c: OnDemandCmd) -> Result<bool> {
             insts.len()
         ),
     });
+    if want.is_some() {
+        let now: Vec<_> = insts
+            .iter()
+            .filter_map(|i| ctx.store.instance(&i.name).ok())
+            .collect();
+        hint_serve(ctx, &rt, &now);
+    }
     Ok(true)
+}
+
+/// Says so when on-demand instances wait for a `nifty serve` that does not
+/// run (nothing holds their ports until one does).
+pub fn hint_serve(ctx: &Ctx, rt: &Runtime, insts: &[nifty::store::Instance]) {
+    let waiting = insts.iter().filter(|i| rt.served_by_serve(i)).count();
+    if waiting == 0 || nifty::serve::serving(&ctx.store) {
+        return;
+    }
+    let root = match ctx.store.root() {
+        r if r == std::path::Path::new(nifty::store::DEFAULT_ROOT) => String::new(),
+        r => format!(" --root {}", r.display()),
+    };
+    let service = if nifty::runtime::dbus::booted() {
+        format!(
+            ", or as a service: `nifty{root} systemd install`, then `systemctl enable --now {}`",
+            nifty::runtime::systemd::serve_unit(&ctx.store)
+        )
+    } else {
+        String::new()
+    };
+    ctx.printer.info(format!(
+        "{waiting} on-demand instance(s) wait for `nifty{root} serve`, which does not run \
+         (nothing holds their ports until it does): run it{service}"
+    ));
 }
 
 pub fn serve(ctx: &Ctx, a: &ServeArgs) -> Result<bool> {

@@ -390,7 +390,13 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
     assert!(e.contains("idle-timeout"), "{e}");
     assert!(root.instance_toml("2").get("on_demand").is_none());
 
-    root.ok(&["on-demand", "enable", "2", "--idle-timeout", "3s"]);
+    // No serve runs yet: it says so, and how to run it.
+    let said = root.ok(&["on-demand", "enable", "2", "--idle-timeout", "3s"]);
+    assert!(
+        said.contains("1 on-demand instance(s) wait for `nifty --root")
+            && said.contains("serve`, which does not run"),
+        "{said}"
+    );
     let tab = std::fs::read_to_string(root.upper("2").join("etc/inittab")).unwrap();
     assert!(
         !tab.lines()
@@ -432,7 +438,9 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
     let e = root.fails(&["create", "3", "--network", "none"]);
     assert!(e.contains("--on-demand"), "{e}");
     assert!(!root.path().join("instances/3").exists());
-    root.ok(&["create", "3", "--on-demand", "--network", "none", "-q"]);
+    // serve runs: nothing to say about it.
+    let said = root.ok(&["create", "3", "--on-demand", "--network", "none"]);
+    assert!(!said.contains("wait for"), "{said}");
     assert!(
         wait_until(Duration::from_secs(20), || served(&root, "3")),
         "{}",

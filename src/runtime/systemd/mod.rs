@@ -61,6 +61,15 @@ pub fn check_host() -> Result<PathBuf> {
     })
 }
 
+/// The unit `nifty systemd install` writes for `nifty serve` of `store`
+/// (`nifty.service`, `nifty-<hash>.service` for another root).
+pub fn serve_unit(store: &Store) -> String {
+    Names {
+        prefix: store.cgroup_name(),
+    }
+    .serve_service()
+}
+
 /// The template unit of `store` for a nifty binary and systemd-nspawn at
 /// the given paths, without asking systemd anything (packaging: `make
 /// install`, `make deb`).
