@@ -112,6 +112,7 @@ const CHECKS: &[Check] = &[
     port_ownership,
     abstract_sockets,
     on_demand_ports,
+    on_demand_served,
     default_template,
     templates_current,
     cgroups,
@@ -635,6 +636,40 @@ fn on_demand_ports(_: &Want<'_>) -> Vec<Finding> {
         value,
         ">= 5.9 (BPF sk_lookup); fallback: any",
         "",
+    )]
+}
+
+/// This root's on-demand instances of the native launcher are reachable
+/// only while a `nifty serve` holds their ports: none is said when there
+/// are none.
+fn on_demand_served(w: &Want<'_>) -> Vec<Finding> {
+    let Ok(rt) = crate::runtime::Runtime::new(w.store) else {
+        return Vec::new();
+    };
+    let names = w.store.instance_names().unwrap_or_default();
+    let waiting = names
+        .iter()
+        .filter_map(|n| w.store.instance(n).ok())
+        .filter(|i| rt.served_by_serve(i))
+        .count();
+    if waiting == 0 {
+        return Vec::new();
+    }
+    let serving = crate::serve::serving(w.store);
+    let root = w.store.root().display();
+    vec![info(
+        "on-demand serve",
+        if serving { Status::Ok } else { Status::Warn },
+        format!(
+            "{waiting} native on-demand instance(s); `nifty serve` {} for {root}",
+            if serving { "runs" } else { "does not run" }
+        ),
+        "a running `nifty serve`, which holds their ports",
+        if serving {
+            ""
+        } else {
+            "run `nifty serve` for this root, or enable the service `nifty systemd install` writes for it"
+        },
     )]
 }
 

@@ -397,6 +397,16 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
             && said.contains("serve`, which does not run"),
         "{said}"
     );
+    let doctor = |want: &str| {
+        let out = root.run(&["doctor"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(want) && l.contains("on-demand serve")),
+            "{text}"
+        );
+    };
+    doctor("WARN");
     let tab = std::fs::read_to_string(root.upper("2").join("etc/inittab")).unwrap();
     assert!(
         !tab.lines()
@@ -410,6 +420,7 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
         "{}",
         serve.log()
     );
+    doctor("ok");
     assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
     assert!(
         wait_until(Duration::from_secs(30), || phases(&root)["2"]["phase"]
