@@ -184,8 +184,9 @@ pub mod uid_range {
     /// hint, slots are tried in the region nspawn never picks, then in
     /// nspawn's, then past 2^31 (see [`REGIONS`]), each from where this
     /// process's last claim there ended (a random slot at first), and a
-    /// region found full is not walked again by this process. Claims of instances that are gone (their state
-    /// root was deleted without `rm`) are taken back, under a lock.
+    /// region found full is not walked again by this process. Claims of
+    /// instances that are gone (their state root was deleted without `rm`)
+    /// are taken back, under a lock.
     pub fn claim(dir: &Path, instance: &Path, hint: Option<u32>) -> Result<u32> {
         let claims = Claims::new(dir)?;
         let take = |slot: u32| -> Result<bool> {

@@ -442,9 +442,19 @@ impl Runtime {
     /// mode inside it (either backend: it is entered as `exec` enters it).
     /// Returns the session's process, which the caller reaps.
     pub fn session(&self, inst: &Instance, conn: std::os::fd::OwnedFd) -> Result<SessionProc> {
-        let target = self.target(inst)?;
+        self.session_at(inst, &self.target(inst)?, conn)
+    }
+
+    /// [`Runtime::session`] in the running instance at `target`, which the
+    /// caller found.
+    pub fn session_at(
+        &self,
+        inst: &Instance,
+        target: &Target,
+        conn: std::os::fd::OwnedFd,
+    ) -> Result<SessionProc> {
         let log = linux::files::append_console_log(&self.console_log(inst))?;
-        keeping_pidns(|| self.native.session(inst, &target, conn, log))
+        keeping_pidns(|| self.native.session(inst, target, conn, log))
     }
 
     /// A listening Dropbear in a running on-demand instance, on its port

@@ -750,32 +750,40 @@ pub fn session(store: &Store, rt: &Runtime, conn: OwnedFd) -> Result<i32> {
                 store.root().display()
             ))
         })?;
-    let stopped = match rt.target(&inst) {
-        Ok(_) => Vec::new(),
-        Err(_) => rt.with_state(std::slice::from_ref(&inst), |s| s == State::Stopped),
-    };
-    if !stopped.is_empty() {
-        ondemand::mark_starting(store, &stopped, true);
-        let r = rt.start_many(&stopped, &|_| {});
-        ondemand::mark_starting(store, &stopped, false);
-        for (_, r) in r {
-            match r {
-                // Another connection's session started it meanwhile.
-                Ok(()) | Err(Error::Running(..)) => {}
-                Err(e) => return Err(e),
+    // Where it runs, found once: at once when it is up (the warm path);
+    // else after its start, by this session or by another's.
+    let target = match rt.target(&inst) {
+        Ok(t) => t,
+        Err(_) => {
+            let stopped = rt.with_state(std::slice::from_ref(&inst), |s| s == State::Stopped);
+            if !stopped.is_empty() {
+                ondemand::mark_starting(store, &stopped, true);
+                let r = rt.start_many(&stopped, &|_| {});
+                ondemand::mark_starting(store, &stopped, false);
+                for (_, r) in r {
+                    match r {
+                        // Another connection's session started it meanwhile.
+                        Ok(()) | Err(Error::Running(..)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            // A start by another session may still be on its way up.
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                match rt.target(&inst) {
+                    Ok(t) => break t,
+                    Err(e) if Instant::now() >= end => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
             }
         }
-    }
+    };
     let mut mark = ondemand::read_mark(store, &inst.name);
     if mark.idle_since.take().is_some() {
         ondemand::write_mark(store, &inst.name, &mark);
     }
-    // A start by another session may still be on its way up.
-    let end = Instant::now() + Duration::from_secs(30);
-    while rt.target(&inst).is_err() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    rt.session(&inst, conn)?.wait()
+    rt.session_at(&inst, &target, conn)?.wait()
 }
 
 /// A mutex's guard, also after a panic of another holder.
