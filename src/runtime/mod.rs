@@ -179,6 +179,10 @@ pub type Done<'a> = &'a (dyn Fn(&str) + Sync);
 pub trait Launcher: Sync {
     /// The state of these instances (all of this backend).
     fn infos(&self, insts: &[&Instance]) -> Vec<Info>;
+    /// Only whether each runs, and its init's PID: what [`Launcher::infos`]
+    /// says first, without its memory (for sweeps and checks that need
+    /// no more).
+    fn states(&self, insts: &[&Instance]) -> Vec<(State, Option<i32>)>;
     /// Starts them; `done` is called once per instance.
     fn start_many(&self, insts: &[&Instance], done: Done<'_>) -> Results;
     /// Stops them; a stopped one is not an error.
@@ -395,12 +399,36 @@ impl Runtime {
             .collect()
     }
 
+    /// Whether each of `insts` runs, and its init's PID, in the order
+    /// given: [`Runtime::infos`] without what a sweep or a check needs not
+    /// read (memory, template versions, uptime).
+    pub fn states(&self, insts: &[Instance]) -> Vec<(State, Option<i32>)> {
+        let mut by_name: std::collections::HashMap<&str, (State, Option<i32>)> =
+            std::collections::HashMap::new();
+        for (b, group) in Self::groups(insts) {
+            // No systemd here: none of them can be running.
+            let states = match self.launcher(b) {
+                Ok(l) => l.states(&group),
+                Err(_) => vec![(State::Stopped, None); group.len()],
+            };
+            by_name.extend(group.iter().map(|i| i.name.as_str()).zip(states));
+        }
+        insts
+            .iter()
+            .map(|i| {
+                by_name
+                    .remove(i.name.as_str())
+                    .unwrap_or((State::Stopped, None))
+            })
+            .collect()
+    }
+
     /// Those of `insts` whose state passes `keep`, in their order.
     pub fn with_state(&self, insts: &[Instance], keep: impl Fn(State) -> bool) -> Vec<Instance> {
-        self.infos(insts)
+        self.states(insts)
             .into_iter()
             .zip(insts)
-            .filter(|(info, _)| keep(info.state))
+            .filter(|((state, _), _)| keep(*state))
             .map(|(_, i)| i.clone())
             .collect()
     }
@@ -411,7 +439,7 @@ impl Runtime {
 
     /// PID of a running instance's init.
     pub fn init_pid(&self, inst: &Instance) -> Option<i32> {
-        self.info(inst).pid
+        self.states(std::slice::from_ref(inst)).remove(0).1
     }
 
     /// Where a running instance lives (for `exec`).

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::linux::proc;
 use super::{Info, Results, Runtime, State, StopOptions};
 use crate::store::{Instance, Store};
 
@@ -249,7 +250,7 @@ pub fn describe(store: &Store, insts: &[Instance], infos: &mut [Info]) {
         info.on_demand = Some(OnDemandInfo {
             phase,
             sessions: socks.established.get(&inst.port).copied().unwrap_or(0),
-            idle_since: fresh_idle_since(&mark, info).filter(|_| running),
+            idle_since: fresh_idle_since(&mark, info.uptime_secs).filter(|_| running),
             idle_timeout_secs: od.idle_timeout_secs,
         });
     }
@@ -257,9 +258,9 @@ pub fn describe(store: &Store, insts: &[Instance], infos: &mut [Info]) {
 
 /// A mark's idle time, unless it is older than the instance's current
 /// run (left from before a stop that did not clear it).
-fn fresh_idle_since(mark: &Mark, info: &Info) -> Option<u64> {
+fn fresh_idle_since(mark: &Mark, uptime_secs: Option<u64>) -> Option<u64> {
     let since = mark.idle_since?;
-    let started = now().saturating_sub(info.uptime_secs?);
+    let started = now().saturating_sub(uptime_secs?);
     // Uptime is in whole seconds.
     (since + 1 >= started).then_some(since)
 }
@@ -323,16 +324,18 @@ impl Runtime {
         let t = now();
         let mut due = Vec::new();
         let mut out = Swept::default();
-        for (inst, info) in insts.iter().zip(self.infos(&insts)) {
-            if info.state != State::Running {
+        // Only whether each runs and what runs in it: at every check, for
+        // every running instance.
+        for (inst, (state, pid)) in insts.iter().zip(self.states(&insts)) {
+            if state != State::Running {
                 continue;
             }
             let mut mark = read_mark(store, &inst.name);
-            let busy = self.busy(inst, info.pid, mark.listener);
+            let busy = self.busy(inst, pid, mark.listener);
             let before = mark.clone();
             if busy {
                 mark.idle_since = None;
-            } else if fresh_idle_since(&mark, &info).is_none() {
+            } else if fresh_idle_since(&mark, pid.and_then(proc::uptime)).is_none() {
                 mark.idle_since = Some(t);
             }
             if mark != before {

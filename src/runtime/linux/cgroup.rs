@@ -224,8 +224,7 @@ fn write(path: &Path, value: &str) -> Result<()> {
 /// (`usage_usec` of its `cpu.stat`, which every v2 cgroup has, with or
 /// without the cpu controller).
 pub fn cpu_usage_usec(dir: &Path) -> Option<u64> {
-    fs::read_to_string(dir.join("cpu.stat"))
-        .ok()?
+    super::proc::read_kernel_file(&dir.join("cpu.stat"))?
         .lines()
         .find_map(|l| l.strip_prefix("usage_usec "))?
         .trim()
@@ -247,7 +246,7 @@ pub fn open_dir(dir: &Path) -> Option<OwnedFd> {
 /// The PIDs in the cgroup at `dir` (its `cgroup.procs`); empty if it
 /// does not exist.
 pub fn procs_of(dir: &Path) -> Vec<i32> {
-    fs::read_to_string(dir.join("cgroup.procs"))
+    super::proc::read_kernel_file(&dir.join("cgroup.procs"))
         .map(|s| s.lines().filter_map(|l| l.parse().ok()).collect())
         .unwrap_or_default()
 }
@@ -496,7 +495,9 @@ impl Cgroup {
                         .procs()
                         .iter()
                         .filter_map(|p| {
-                            let s = fs::read_to_string(format!("/proc/{p}/statm")).ok()?;
+                            let s = super::proc::read_kernel_file(Path::new(&format!(
+                                "/proc/{p}/statm"
+                            )))?;
                             let mut f = s.split_whitespace().skip(1);
                             let rss: u64 = f.next()?.parse().ok()?;
                             let shared: u64 = f.next()?.parse().ok()?;
@@ -507,7 +508,7 @@ impl Cgroup {
                 }
             }
         };
-        fs::read_to_string(file).ok()?.trim().parse().ok()
+        super::proc::read_kernel_file(&file)?.trim().parse().ok()
     }
 
     /// SIGKILLs everything in the cgroup: `cgroup.kill` (Linux 5.14+),

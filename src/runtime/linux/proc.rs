@@ -30,6 +30,33 @@ pub fn lock(dir: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Reads a file the kernel makes as it is read (under /proc, or a cgroup's
+/// `cgroup.procs`): one open, one read for most (4 KiB), no `stat` (their
+/// size says nothing), where `fs::read_to_string` makes a dozen calls. Per
+/// process and instance at every sweep and `list`. At most `MAX` bytes.
+pub fn read_kernel_file(path: &Path) -> Option<String> {
+    const MAX: usize = 4 << 20;
+    let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            if len >= MAX {
+                break;
+            }
+            buf.resize(len * 2, 0);
+        }
+        match rustix::io::read(&fd, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return None,
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).ok()
+}
+
 /// The container's init among its cgroup's processes: the one that is PID 1
 /// in its own namespace and has exec'd (a first process still setting up,
 /// or left behind by a nifty killed mid-start, does not count).
@@ -48,7 +75,7 @@ pub fn find_init(procs: &[i32]) -> Option<i32> {
 pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
     let own = nifty_exe();
     procs.iter().find_map(|&pid| {
-        let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let s = read_kernel_file(Path::new(&format!("/proc/{pid}/status")))?;
         let stopped = pid_one(&s)?;
         let exe = rustix::fs::stat(format!("/proc/{pid}/exe").as_str())
             .ok()
@@ -121,7 +148,7 @@ fn nifty_exe() -> Option<(u64, u64)> {
 /// reused, never with the same start). None for one that has ended (a
 /// zombie too).
 pub fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read_kernel_file(Path::new(&format!("/proc/{pid}/stat")))?;
     // The name in parentheses is the process's to choose: after its last ')'.
     let mut after = stat[stat.rfind(')')? + 2..].split(' ');
     if matches!(after.next(), Some("Z" | "X" | "x")) {
@@ -130,17 +157,14 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
     after.nth(18)?.parse().ok()
 }
 
-/// Seconds since a process started.
+/// Seconds since a process started. Its start is in clock ticks since
+/// boot, and so is the boot-time clock (what /proc/uptime shows; no file
+/// to read per process).
 pub fn uptime(pid: i32) -> Option<u64> {
     let start = start_ticks(pid)?;
-    let up: f64 = fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split(' ')
-        .next()?
-        .parse()
-        .ok()?;
+    let up = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     let hz = rustix::param::clock_ticks_per_second();
-    Some((up as u64).saturating_sub(start / hz))
+    Some((up.tv_sec as u64).saturating_sub(start / hz))
 }
 
 /// The listening TCP sockets of process `pid` (through `pidfd`) on `port`

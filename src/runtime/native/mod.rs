@@ -157,14 +157,21 @@ impl Native {
 
     /// State, init PID, uptime and memory of an instance, from the kernel.
     pub fn info(&self, inst: &Instance) -> Info {
-        let cg = self.cgroup(&inst.name);
-        let init = find_init_state(&cg.procs());
-        let pid = init.map(|(pid, _)| pid);
-        let mut info = Info::new(inst, pid, pid.and_then(|_| cg.memory()));
-        if init.is_some_and(|(_, stopped)| stopped) {
-            info.state = super::State::Stopping;
-        }
+        let (state, pid) = self.state(inst);
+        let memory = pid.and_then(|_| self.cgroup(&inst.name).memory());
+        let mut info = Info::new(inst, pid, memory);
+        info.state = state;
         info
+    }
+
+    /// Whether an instance runs (its cgroup holds an init that has
+    /// exec'd), and that init's PID.
+    pub fn state(&self, inst: &Instance) -> (super::State, Option<i32>) {
+        match find_init_state(&self.cgroup(&inst.name).procs()) {
+            None => (super::State::Stopped, None),
+            Some((pid, true)) => (super::State::Stopping, Some(pid)),
+            Some((pid, false)) => (super::State::Running, Some(pid)),
+        }
     }
 
     /// Where a running native instance lives: its init and its cgroups.
@@ -792,6 +799,11 @@ impl super::Launcher for Native {
         // Read from /proc and cgroupfs: in parallel.
         use rayon::prelude::*;
         insts.par_iter().map(|i| self.info(i)).collect()
+    }
+
+    fn states(&self, insts: &[&Instance]) -> Vec<(super::State, Option<i32>)> {
+        use rayon::prelude::*;
+        insts.par_iter().map(|i| self.state(i)).collect()
     }
 
     fn start_many(&self, insts: &[&Instance], done: Done<'_>) -> Results {

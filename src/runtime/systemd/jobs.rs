@@ -171,7 +171,7 @@ impl Systemd {
         if let Err(e) = self.prepare(insts) {
             return crate::runtime::fail(insts, &e);
         }
-        let states = self.states().unwrap_or_default();
+        let states = self.unit_states().unwrap_or_default();
         let mut todo = Vec::new();
         for inst in insts {
             let active = states

@@ -257,7 +257,7 @@ impl Systemd {
 
     /// Names of the instances whose units may have a container (one call).
     pub fn running_names(&self) -> Vec<String> {
-        self.states()
+        self.unit_states()
             .map(|st| {
                 st.into_iter()
                     .filter(|(_, (s, _))| may_run(s))
@@ -381,7 +381,7 @@ impl Systemd {
     }
 
     /// Active state of every loaded unit of this store, by instance name.
-    fn states(&self) -> Result<HashMap<String, (String, OwnedObjectPath)>> {
+    fn unit_states(&self) -> Result<HashMap<String, (String, OwnedObjectPath)>> {
         let rows = self
             .manager()?
             .list_units_by_patterns(&[], &[&self.names.pattern()])
@@ -478,7 +478,34 @@ impl Systemd {
     /// What systemd says about these instances (one call for the states,
     /// one more per running instance).
     pub fn infos(&self, insts: &[&Instance]) -> Vec<Info> {
-        let states = self.states().unwrap_or_else(|e| {
+        self.running(insts)
+            .into_iter()
+            .zip(insts)
+            .map(|(running, inst)| {
+                let (pid, memory) = match &running {
+                    Some((path, (cg, pid))) => (Some(*pid), self.memory(path, cg)),
+                    None => (None, None),
+                };
+                Info::new(inst, pid, memory)
+            })
+            .collect()
+    }
+
+    /// Whether each runs, and its init: [`Systemd::infos`] without the
+    /// call per running instance for its memory.
+    pub fn states(&self, insts: &[&Instance]) -> Vec<(super::State, Option<i32>)> {
+        self.running(insts)
+            .into_iter()
+            .map(|running| match running {
+                Some((_, (_, pid))) => (super::State::Running, Some(pid)),
+                None => (super::State::Stopped, None),
+            })
+            .collect()
+    }
+
+    /// The unit, cgroup and init of each of these instances that runs.
+    fn running(&self, insts: &[&Instance]) -> Vec<Option<Running>> {
+        let states = self.unit_states().unwrap_or_else(|e| {
             // Say so rather than show running containers as stopped.
             tracing::warn!("{e}: systemd instances are shown as stopped");
             HashMap::new()
@@ -486,15 +513,10 @@ impl Systemd {
         insts
             .iter()
             .map(|inst| {
-                let running = states
+                states
                     .get(&inst.name)
                     .filter(|(s, _)| may_run(s))
-                    .and_then(|(_, p)| Some((p.clone(), self.init_of(p)?)));
-                let (pid, memory) = match &running {
-                    Some((path, (cg, pid))) => (Some(*pid), self.memory(path, cg)),
-                    None => (None, None),
-                };
-                Info::new(inst, pid, memory)
+                    .and_then(|(_, p)| Some((p.clone(), self.init_of(p)?)))
             })
             .collect()
     }
@@ -570,6 +592,10 @@ impl Systemd {
 impl super::Launcher for Systemd {
     fn infos(&self, insts: &[&Instance]) -> Vec<Info> {
         Systemd::infos(self, insts)
+    }
+
+    fn states(&self, insts: &[&Instance]) -> Vec<(super::State, Option<i32>)> {
+        Systemd::states(self, insts)
     }
 
     fn start_many(&self, insts: &[&Instance], done: super::Done<'_>) -> super::Results {
@@ -747,6 +773,9 @@ fn write_unit_file(path: &Path, text: &str) -> Result<()> {
 /// reloading or on its way down (its init may still run: `list` shows it
 /// running until it is gone); not while activating (nspawn has not made
 /// the container yet), inactive or failed.
+/// A running instance's unit, and its cgroup and init (`init_of`).
+type Running = (OwnedObjectPath, (String, i32));
+
 fn may_run(active_state: &str) -> bool {
     matches!(active_state, "active" | "reloading" | "deactivating")
 }
