@@ -327,6 +327,62 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     assert_clean(&root, &[]);
 }
 
+/// A session `serve` starts, cold (a `dropbear -i`) or through the
+/// instance's own listener, lives in the instance's cgroup, whether born
+/// there (clone3 with CLONE_INTO_CGROUP, Linux 5.7) or moved there (the
+/// fallback before, forced here).
+#[test]
+fn sessions_live_in_their_instance_s_cgroup_on_both_paths() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "1", "--on-demand", "-q"]);
+    let port = root.port("1");
+    let parent = "tr '\\0' ' ' < /proc/$PPID/cmdline";
+    // A session's `sleep`, found from the host in the instance's cgroup.
+    let sleeps_inside = |root: &Root| {
+        std::thread::scope(|s| {
+            let h = s.spawn(|| root.ssh("1", "sleep 2; echo slept"));
+            let found = wait_until(Duration::from_secs(10), || {
+                root.procs("1").iter().any(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "sleep")
+                })
+            });
+            assert_eq!(h.join().unwrap(), "slept\n");
+            found
+        })
+    };
+    for env in [&[][..], &[("NIFTY_FALLBACKS", "into-cgroup")][..]] {
+        let serve = Serve::start_with(&root, env);
+        assert!(
+            wait_until(Duration::from_secs(20), || served(&root, "1")),
+            "{}",
+            serve.log()
+        );
+        // Cold: serve's `dropbear -i`.
+        assert!(sleeps_inside(&root), "{env:?}: cold session outside");
+        assert!(
+            wait_until(Duration::from_secs(10), || listening(port)),
+            "{env:?}: no listener: {}",
+            serve.log()
+        );
+        // Warm: once the kernel hands the port's logins to its listener.
+        assert!(
+            wait_until(Duration::from_secs(10), || !root
+                .ssh("1", parent)
+                .contains(" -i ")),
+            "{env:?}: logins still come through serve: {}",
+            serve.log()
+        );
+        assert!(sleeps_inside(&root), "{env:?}: warm session outside");
+        drop(serve);
+        root.ok(&["stop", "1", "-q"]);
+    }
+}
+
 #[test]
 fn serve_says_which_port_it_cannot_hold_and_serves_the_rest() {
     if !privileged() {

@@ -647,6 +647,80 @@ fn exec_never_hands_the_callers_terminal_to_the_container() {
     );
 }
 
+/// The caller's stdio that is no terminal, pipe or socket reaches the
+/// command through pipes of nifty's, never as the host's fd: a host
+/// directory as stdin (the CVE-2024-21626 class: `cd /proc/self/fd/0` was
+/// the host's tree), a file as stdin and stdout (its bytes in, the output
+/// out, the exit code kept). Pipes pass as they are.
+#[test]
+fn exec_hands_no_host_file_or_directory_to_the_container() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["566"], &[]);
+    let exec = |stdin: std::process::Stdio, stdout: std::process::Stdio, script: &str| {
+        common::nifty()
+            .arg("--root")
+            .arg(root.path())
+            .args(["exec", "566", "--", "sh", "-c", script])
+            .env_remove("NIFTY_ROOT")
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run nifty exec")
+    };
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("host-only-marker"), "x").unwrap();
+    let dir = std::fs::File::open(host.path()).unwrap();
+    let o = exec(
+        dir.into(),
+        std::process::Stdio::piped(),
+        "readlink /proc/self/fd/0; ls /proc/self/fd/0/ 2>&1; cd /proc/self/fd/0 && ls; echo end",
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.starts_with("pipe:["),
+        "stdin is not nifty's pipe: {out}"
+    );
+    assert!(
+        !out.contains("host-only-marker"),
+        "the host directory: {out}"
+    );
+    assert!(out.ends_with("end\n"), "{out}");
+    // A file in, a file out: the bytes arrive, the exit code stays.
+    let input = host.path().join("in");
+    std::fs::write(&input, "from a host file\n").unwrap();
+    let output = host.path().join("out");
+    let o = exec(
+        std::fs::File::open(&input).unwrap().into(),
+        std::fs::File::create(&output).unwrap().into(),
+        "cat; readlink /proc/self/fd/0; readlink /proc/self/fd/1; exit 7",
+    );
+    assert_eq!(o.status.code(), Some(7), "{o:?}");
+    let out = std::fs::read_to_string(&output).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "from a host file");
+    assert!(
+        lines[1].starts_with("pipe:[") && lines[2].starts_with("pipe:["),
+        "{out}"
+    );
+    // A pipe of the caller's is handed as it is (no copy through nifty).
+    let (r, w) = rustix::pipe::pipe().unwrap();
+    let ino = rustix::fs::fstat(&w).unwrap().st_ino;
+    let o = exec(
+        std::process::Stdio::null(),
+        std::process::Stdio::from(w),
+        "readlink /proc/self/fd/1",
+    );
+    assert!(o.status.success(), "{o:?}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+    assert_eq!(out.trim(), format!("pipe:[{ino}]"));
+}
+
 /// Item 2 (the CVE-2019-5736 class): the nifty that enters a container
 /// runs from a sealed in-memory copy of itself, so a container that makes
 /// the kernel run it again (a script whose interpreter is

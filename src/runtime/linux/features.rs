@@ -34,7 +34,9 @@ pub fn overlay_fd_layers() -> Option<bool> {
 /// `NIFTY_FALLBACKS` (comma-separated) names the fallback `what`: nifty
 /// takes the path of older kernels for it even where the kernel has the
 /// newer means (`overlay`: layers by path; `bind`: cgroup bind programs
-/// instead of Landlock), so tests and benchmarks reach it here.
+/// instead of Landlock; `into-cgroup`: sessions spawned, then moved into
+/// the container's cgroups, as before Linux 5.7), so tests and benchmarks
+/// reach it here.
 pub fn forced(what: &str) -> bool {
     std::env::var("NIFTY_FALLBACKS").is_ok_and(|v| v.split(',').any(|f| f == what))
 }

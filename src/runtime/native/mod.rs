@@ -429,20 +429,26 @@ impl Native {
         cmd: &[String],
         env: &[(String, String)],
     ) -> Result<i32> {
-        let (Spawned::Child(mut child), term) =
-            self.spawn_in(inst, target, user, cmd, env, Io::Caller)?
+        let Started {
+            proc: Spawned::Child(mut child),
+            term,
+            relays,
+        } = self.spawn_in(inst, target, user, cmd, env, Io::Caller)?
         else {
             return Err(Error::Host(
                 "exec: the command was not started as a child".into(),
             ));
         };
-        if let Some((p, ttys)) = term {
-            drop(p.slave);
+        if term.is_some() || relays.any() {
             let pid = rustix::process::Pid::from_raw(child.id() as i32)
                 .ok_or_else(|| Error::Host("exec: the command has no PID".into()))?;
             let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
                 .map_err(Error::sys("pidfd_open(command)"))?;
-            pty::proxy(&p.master, &pidfd, ttys);
+            let term = term.map(|(p, ttys)| {
+                drop(p.slave);
+                (p.master, ttys)
+            });
+            pty::proxy(term.as_ref().map(|(m, t)| (m, *t)), relays, &pidfd);
         }
         let status = child
             .wait()
@@ -497,7 +503,7 @@ impl Native {
         log: OwnedFd,
     ) -> Result<super::SessionProc> {
         let io = Io::Socket { conn: io, log };
-        let (proc, _) = self.spawn_in(inst, target, None, cmd, &[], io)?;
+        let Started { proc, .. } = self.spawn_in(inst, target, None, cmd, &[], io)?;
         Ok(match proc {
             Spawned::Child(c) => super::SessionProc::new(c.id() as i32),
             Spawned::Pid(pid) => super::SessionProc::new(pid),
@@ -516,7 +522,7 @@ impl Native {
         cmd: &[String],
         env: &[(String, String)],
         io: Io,
-    ) -> Result<(Spawned, Option<(pty::Pty, pty::Ttys)>)> {
+    ) -> Result<Started> {
         let pid = target.pid;
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let open_ns = |ns: &str| {
@@ -557,6 +563,7 @@ impl Native {
             })
             .collect::<Result<_>>()?;
         let born_in = match &io {
+            Io::Socket { .. } if features::forced("into-cgroup") => None,
             Io::Socket { .. } => target
                 .procs_files
                 .iter()
@@ -615,13 +622,38 @@ impl Native {
                     .map(std::process::Stdio::from)
                     .map_err(Error::io("dup", "connection"))
             };
-            // Without a connection, /dev/null: the host's in this fallback
-            // (clone3 with CLONE_INTO_CGROUP failed: before Linux 5.7).
+            // Without a connection, /dev/null until the hook puts the
+            // container's own in its place (below).
             let io = || match conn {
                 Some(c) => dup(c),
                 None => Ok(std::process::Stdio::null()),
             };
             command.stdin(io()?).stdout(io()?).stderr(dup(log)?);
+        }
+        // Of the caller's stdio that is no terminal, all but pipes and
+        // sockets go through pipes of nifty's (see `pty::Relayed`).
+        let mut relays = pty::Relays::default();
+        if socket_io.is_none() {
+            let relayed = pty::Relayed::of_caller(ttys);
+            let pipe = || {
+                rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                    .map_err(Error::sys("pipe2"))
+            };
+            if relayed.stdin {
+                let (r, w) = pipe()?;
+                command.stdin(std::process::Stdio::from(r));
+                relays.stdin = Some(w);
+            }
+            if relayed.stdout {
+                let (r, w) = pipe()?;
+                command.stdout(std::process::Stdio::from(w));
+                relays.stdout = Some(r);
+            }
+            if relayed.stderr {
+                let (r, w) = pipe()?;
+                command.stderr(std::process::Stdio::from(w));
+                relays.stderr = Some(r);
+            }
         }
         let term = if ttys.any() {
             let p = pty::open(ttys)?;
@@ -650,6 +682,9 @@ impl Native {
             (_, _, true) => Some(2),
             _ => None,
         };
+        // A daemon (no connection) gets the container's /dev/null, opened
+        // in its namespaces and root: no fd of the host.
+        let null_io = matches!(&socket_io, Some((None, _)));
         let hook = move || -> std::io::Result<()> {
             let err = |e: rustix::io::Errno| std::io::Error::from_raw_os_error(e.raw_os_error());
             rustix::process::setsid().map_err(err)?;
@@ -680,6 +715,14 @@ impl Native {
             }
             if rustix::process::chdir(home.as_c_str()).is_err() {
                 rustix::process::chdir(c"/").map_err(err)?;
+            }
+            if null_io {
+                let null =
+                    rustix::fs::open(c"/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+                        .map_err(err)?;
+                for to in [0, 1] {
+                    crate::sys::dup2(null.as_raw_fd(), to)?;
+                }
             }
             rustix::thread::set_thread_groups(&[]).map_err(err)?;
             rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(err)?;
@@ -740,27 +783,16 @@ impl Native {
                 if let Err(e) = hook() {
                     return e;
                 }
-                // No connection: the container's /dev/null, opened in its
-                // namespaces and root.
-                if c.is_none() {
-                    let null = match rustix::fs::open(
-                        c"/dev/null",
-                        OFlags::RDWR | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    ) {
-                        Ok(fd) => fd,
-                        Err(e) => return std::io::Error::from_raw_os_error(e.raw_os_error()),
-                    };
-                    for to in [0, 1] {
-                        if let Err(e) = crate::sys::dup2(null.as_raw_fd(), to) {
-                            return e;
-                        }
-                    }
-                }
                 crate::sys::execve(&path, &argv_ptrs, &envp_ptrs)
             });
             match r {
-                Ok(pid) => return Ok((Spawned::Pid(pid), None)),
+                Ok(pid) => {
+                    return Ok(Started {
+                        proc: Spawned::Pid(pid),
+                        term: None,
+                        relays,
+                    })
+                }
                 Err(crate::sys::SpawnError::Child(e)) => return Err(cannot(e)),
                 Err(crate::sys::SpawnError::Clone(e)) => {
                     tracing::debug!("clone3(CLONE_INTO_CGROUP): {e}; the session migrates");
@@ -770,8 +802,21 @@ impl Native {
         }
         let child = crate::sys::spawn_with_hook(&mut command, hook).map_err(cannot)?;
         drop(command); // its copies of the pty's far end and of the connection
-        Ok((Spawned::Child(child), term.map(|p| (p, ttys))))
+        Ok(Started {
+            proc: Spawned::Child(child),
+            term: term.map(|p| (p, ttys)),
+            relays,
+        })
     }
+}
+
+/// What `spawn_in` started, with nifty's ends of its stdio.
+struct Started {
+    proc: Spawned,
+    /// A pty of nifty's, for those of the caller's stdio that are terminals.
+    term: Option<(pty::Pty, pty::Ttys)>,
+    /// Pipes of nifty's, for the others that are no pipe or socket.
+    relays: pty::Relays,
 }
 
 /// A process `spawn_in` started: a `Command`'s child, or one born in the
