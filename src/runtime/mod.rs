@@ -481,7 +481,7 @@ impl Runtime {
         target: &Target,
         conn: std::os::fd::OwnedFd,
     ) -> Result<SessionProc> {
-        let log = linux::files::append_console_log(&self.console_log(inst))?;
+        let log = linux::files::append_console_log(&self.store.console_log(inst))?;
         keeping_pidns(|| self.native.session(inst, target, conn, log))
     }
 
@@ -491,7 +491,7 @@ impl Runtime {
     /// for it.
     pub fn listener(&self, inst: &Instance) -> Result<SessionProc> {
         let target = self.target(inst)?;
-        let log = linux::files::append_console_log(&self.console_log(inst))?;
+        let log = linux::files::append_console_log(&self.store.console_log(inst))?;
         keeping_pidns(|| self.native.listener(inst, &target, log))
     }
 
@@ -615,8 +615,21 @@ impl Runtime {
     /// Where an instance's console output goes, on either backend (the
     /// systemd unit sends it there too: a journal stream per unit would
     /// stop at journald's 4096 streams).
+    /// For reading: the disk store is mounted first if it is not yet
+    /// (after a reboot); a log from before logs counted against `--disk`
+    /// is shown until the instance's next start writes the new one.
     pub fn console_log(&self, inst: &Instance) -> std::path::PathBuf {
-        self.store.console_log(&inst.name)
+        if inst.disk_store {
+            if let Err(e) = crate::volume::ensure(&self.store) {
+                tracing::warn!("{e}");
+            }
+        }
+        let path = self.store.console_log(inst);
+        let before = self.store.console_log_before_disk(&inst.name);
+        if !path.exists() && before.exists() {
+            return before;
+        }
+        path
     }
 
     /// Checks, before anything is created or started, that this kernel can

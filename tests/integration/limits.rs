@@ -176,6 +176,54 @@ fn cpu_share(root: &Root, name: &str, d: Duration) -> f64 {
     (usage() - a) as f64 / t.elapsed().as_micros() as f64
 }
 
+/// The console log is in the instance's directory of the disk store and
+/// counts against its `--disk` limit: a login user's syslog flood (which
+/// syslogd writes to the console log, on the host) stops at the limit and
+/// fills nothing of the host's; `logs` reads it there.
+#[test]
+fn a_console_log_flood_stops_at_the_disk_limit() {
+    if !privileged() {
+        return;
+    }
+    let root = fleet(&["831"], &["--disk", "8M"]);
+    let (ok, out, err) = root.ssh_as(
+        "831",
+        "luser",
+        "yes 'a line of a syslog flood by the login user, 64 bytes or so' \
+         | head -c 20000000 | logger; echo sent",
+    );
+    assert!(ok && out.contains("sent"), "{out}{err}");
+    let log = root.path().join("disk/831/console.log");
+    // syslogd writes behind the sender: until the size settles.
+    let mut size = 0;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        if now == size && now > 0 {
+            break;
+        }
+        size = now;
+    }
+    assert!(
+        size > 4 << 20,
+        "the flood did not reach the log ({size} bytes)"
+    );
+    assert!(
+        size <= 8 << 20,
+        "{size} bytes of console log under an 8 MiB limit"
+    );
+    assert!(
+        !root.path().join("instances/831/console.log").exists(),
+        "a console log outside the disk store"
+    );
+    let logs = root.ok(&["logs", "831"]);
+    assert!(
+        logs.contains("syslog flood by the login user"),
+        "{}",
+        &logs[logs.len().saturating_sub(500)..]
+    );
+}
+
 #[test]
 fn a_cpu_hog_gets_its_share_and_a_cap_holds_it() {
     if !privileged() {

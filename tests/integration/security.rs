@@ -496,7 +496,7 @@ fn tenant_escape_sequences_do_not_reach_the_terminal() {
         r#"printf 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEvil \033]0;pwned\007\033[2J\n' >> /home/luser/.ssh/authorized_keys && echo "::respawn:printf '\\033[2J\\033]0;pwned\\007 planted\\n'; exec sleep 99999" >> /etc/inittab && kill -HUP 1"#,
     );
     assert_eq!(code, 0, "{out}");
-    let log = root.path().join("instances/562/console.log");
+    let log = root.path().join("disk/562/console.log");
     let end = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("planted"))
         && Instant::now() < end

@@ -130,13 +130,13 @@ impl Native {
 
     /// Appends a line to an instance's console log (`nifty logs`), for what
     /// nifty does to it that init would otherwise have printed.
-    fn console_note(&self, name: &str, line: &str) {
+    fn console_note(&self, inst: &Instance, line: &str) {
         let r = fs::OpenOptions::new()
             .append(true)
-            .open(self.store.console_log(name))
+            .open(self.store.console_log(inst))
             .and_then(|mut f| writeln!(f, "{line}"));
         if let Err(e) = r {
-            tracing::debug!(instance = %name, "console log: {e}");
+            tracing::debug!(instance = %inst.name, "console log: {e}");
         }
     }
 
@@ -220,9 +220,10 @@ impl Native {
             .iter()
             .map(|b| parse_bind(b))
             .collect::<Result<Vec<_>>>()?;
-        let log = files::open_console_log(&self.store.console_log(&inst.name), &inst.name)?;
-        let env = init_env(inst);
+        // (The layers first: they mount the disk store, where the log is.)
         let (upper, work) = self.store.instance_layers(inst)?;
+        let log = files::open_console_log(&self.store.console_log(inst), &inst.name)?;
+        let env = init_env(inst);
         let userns = inst.security.uid_base.map(userns::create).transpose()?;
         let (confine, bind_guard) = self.confinement(inst, userns, false)?;
         let plan = spawn::Plan::new(spawn::Spec {
@@ -340,7 +341,7 @@ impl Native {
                             .map_err(Error::sys(format!("pidfd_send_signal({pid}, {signal:?})")))?;
                         if signal == Signal::Stop {
                             self.console_note(
-                                &inst.name,
+                                inst,
                                 "nifty: powering off: init stopped, SIGTERM to its processes",
                             );
                             let mut signalled = Vec::new();

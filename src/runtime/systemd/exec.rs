@@ -33,16 +33,14 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
             }
             // The console log, rotated and opened as a native start does
             // (the unit appends nifty's own messages to it before this).
-            let log = match crate::runtime::linux::files::open_console_log(
-                &store.console_log(name),
-                name,
-            ) {
+            let path = store.console_log(&inst);
+            let log = match crate::runtime::linux::files::open_console_log(&path, name) {
                 Ok(fd) => fd,
                 Err(e) => return e,
             };
             let err = match log.try_clone() {
                 Ok(fd) => fd,
-                Err(e) => return Error::io("dup", store.console_log(name))(e),
+                Err(e) => return Error::io("dup", &path)(e),
             };
             let e = std::process::Command::new(prog)
                 .args(rest)
