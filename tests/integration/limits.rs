@@ -222,6 +222,27 @@ fn a_console_log_flood_stops_at_the_disk_limit() {
         "{}",
         &logs[logs.len().saturating_sub(500)..]
     );
+    // The log fills the instance's limit, as its own files would...
+    let (ok, out) = sh(&root, "831", "dd if=/dev/zero of=/root/room bs=1M count=2");
+    assert!(!ok, "2 MiB written beside a full log: {out}");
+    // ... and the next start gives it its room back: a log that cannot
+    // even be renamed any more is removed, and says so.
+    root.ok(&["restart", "831"]);
+    assert!(wait_port(root.port("831"), Duration::from_secs(20)));
+    let (ok, out) = sh(
+        &root,
+        "831",
+        "dd if=/dev/zero of=/root/room bs=1M count=2 && echo wrote",
+    );
+    assert!(
+        ok && out.contains("wrote"),
+        "no room after a restart: {out}"
+    );
+    let logs = root.ok(&["logs", "831"]);
+    assert!(
+        logs.contains("filled the instance's disk limit: removed"),
+        "{logs}"
+    );
 }
 
 #[test]

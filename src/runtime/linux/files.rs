@@ -370,11 +370,27 @@ const LOG_ROTATE: u64 = 1 << 20;
 /// Opens (and rotates, past 1 MiB, to `console.log.1`) an instance's
 /// console log for appending, and writes the start line; init's stdout
 /// and stderr go there, on both backends.
+///
+/// A log in the disk store counts against the instance's limit: when that
+/// is full, even the rename fails (btrfs reserves metadata for it), and
+/// then the old log is removed (an unlink always frees), so that every
+/// start gives the instance its room back.
 pub fn open_console_log(path: &std::path::Path, name: &str) -> Result<OwnedFd> {
+    let mut dropped = false;
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE) {
-        let _ = std::fs::rename(path, path.with_extension("log.1"));
+        let old = path.with_extension("log.1");
+        if std::fs::rename(path, &old).is_err() {
+            let _ = std::fs::remove_file(&old);
+            if std::fs::rename(path, &old).is_err() {
+                dropped = std::fs::remove_file(path).is_ok();
+            }
+        }
     }
     let mut f = std::fs::File::from(append_console_log(path)?);
+    if dropped {
+        let _ =
+            f.write_all(b"nifty: the last console log filled the instance's disk limit: removed\n");
+    }
     // One write: the line never interleaves with the container's output.
     let line = format!(
         "nifty: starting instance {name} at {}\n",
