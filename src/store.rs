@@ -5,8 +5,7 @@
 //! <root>/instances/<name>/instance.toml             template, port, user, limits, backend
 //! <root>/instances/<name>/{upper,work}/             the instance's own changes (no disk store)
 //! <root>/instances/<name>/console.log               console output of its init (no disk store)
-//! <root>/disk/<name>/{upper,work,console.log}        the same in the disk store (`--disk`;
-//!                                                    console.log of native instances)
+//! <root>/disk/<name>/{upper,work,console.log}        the same in the disk store (`--disk`)
 //! <root>/ports/<port> -> <name>                     port claims (symlinks, O(1) and atomic)
 //! <root>/keys/id_ed25519{,.pub}                     nifty's SSH client key pair
 //! <run>/mnt                                          the one mount point every container
@@ -331,15 +330,14 @@ impl Store {
     pub fn instance_dir(&self, name: &str) -> PathBuf {
         self.instances_dir().join(name)
     }
-    /// An instance's console log. A native one's is beside its layers in
-    /// the disk store where it has one, so that it counts against the
-    /// instance's `--disk` quota: what a container writes to its console
-    /// or its syslog cannot fill the host's disk (a full quota only loses
-    /// lines). Not yet a systemd instance's: systemd-nspawn ends the
-    /// container when its console cannot be written (tested), so its log
-    /// stays in its instance directory, as do logs without a disk store.
+    /// An instance's console log: beside its layers in the disk store
+    /// where it has one, so that it counts against the instance's `--disk`
+    /// quota: what a container writes to its console or its syslog cannot
+    /// fill the host's disk (a full quota loses lines; the next start
+    /// removes a log that filled it). Both backends: init writes to it
+    /// itself (systemd-nspawn with `--console=pipe`).
     pub fn console_log(&self, inst: &Instance) -> PathBuf {
-        if inst.disk_store && inst.backend == Backend::Native {
+        if inst.disk_store {
             crate::volume::instance_dir(self, &inst.name).join("console.log")
         } else {
             self.console_log_before_disk(&inst.name)

@@ -330,7 +330,12 @@ fn article_fleet_under_systemd() {
         !ok && err.contains("Disk quota exceeded"),
         "200M under 100M: {err}"
     );
+    // The console log is in the disk store too, counted against the limit
+    // (nspawn passes init the log's fds: --console=pipe), and a full limit
+    // did not end the container: it answered the login above.
     root.ssh("3", "rm big");
+    let log = std::fs::read_to_string(root.path().join("disk/3/console.log")).unwrap();
+    assert!(log.contains("nifty: starting instance 3"), "{log}");
     // restart goes through systemd too: a new init, reachable again.
     let before = host.stdout(&["systemctl", "show", "--property=MainPID", "nifty@10"]);
     host.nifty(&["restart", "10"]);

@@ -16,6 +16,19 @@ use crate::{Error, Result};
 /// plus the instance's own (user namespace range, binds, capabilities).
 /// Returns only on failure.
 pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
+    let e = prepare_and_exec(store, name, args);
+    // Also in the console log, where `nifty logs` shows it (the unit's own
+    // output goes to the log's old place: see `unit`).
+    if let Ok(inst) = store.instance(name) {
+        if let Ok(fd) = crate::runtime::linux::files::append_console_log(&store.console_log(&inst))
+        {
+            let _ = rustix::io::write(&fd, format!("nifty: {e}\n").as_bytes());
+        }
+    }
+    e
+}
+
+fn prepare_and_exec(store: &Store, name: &str, args: &[String]) -> Error {
     match prepare_root(store, name) {
         Ok(extra) => {
             let Some((prog, rest)) = args.split_first() else {
@@ -42,9 +55,16 @@ pub fn exec_nspawn(store: &Store, name: &str, args: &[String]) -> Error {
                 Ok(fd) => fd,
                 Err(e) => return Error::io("dup", &path)(e),
             };
+            // Its stdin (init's, with --console=pipe): an empty pipe, no
+            // file of the host's.
+            let stdin = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+                Ok((r, _)) => r,
+                Err(e) => return Error::sys("pipe")(e),
+            };
             let e = std::process::Command::new(prog)
                 .args(rest)
                 .args(extra)
+                .stdin(stdin)
                 .stdout(log)
                 .stderr(err)
                 .exec();

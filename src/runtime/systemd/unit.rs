@@ -158,6 +158,12 @@ pub fn nspawn_args(spec: &TemplateSpec<'_>) -> Vec<String> {
         // is ignored by it.
         "--kill-signal=SIGUSR2".into(),
         "--link-journal=no".into(),
+        // The container's init writes to the console log itself, as a
+        // native one does (the fds `nifty systemd exec` passes, no pty and
+        // no /dev/console, which BusyBox init does without): nspawn copies
+        // nothing, and a write the log's disk limit refuses loses a line
+        // (nspawn's copy ended the container). systemd 242 and later.
+        "--console=pipe".into(),
         "--resolv-conf=off".into(),
         "--timezone=off".into(),
     ]
@@ -201,8 +207,11 @@ ExecStart={nifty} --root {root} systemd exec %I -- {nspawn} \\
 KillMode=mixed
 KillSignal=SIGTERM
 # The container's console goes to its console log, as a native one's
-# (`nifty logs`; rotated at start by nifty): a journal stream per unit stops
-# at journald's limit of 4096 streams, and its rate limit drops lines.
+# (`nifty logs`; rotated at start by nifty; in the disk store, counted
+# against the instance's disk limit), through the fds `nifty systemd exec`
+# gives systemd-nspawn (--console=pipe): a journal stream per unit stops at
+# journald's limit of 4096 streams, and its rate limit drops lines. nifty's
+# own messages before that go here (its errors to the console log too).
 StandardOutput=append:{console}
 StandardError=inherit
 SyslogIdentifier=nifty%I
@@ -525,6 +534,7 @@ mod tests {
             "--boot",
             "--directory=/var/lib/nifty/instances/%I/root",
             "--kill-signal=SIGUSR2",
+            "--console=pipe",
             "KillSignal=SIGTERM",
             "KillMode=mixed",
             "Type=notify",
