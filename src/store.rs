@@ -340,13 +340,15 @@ impl Store {
         if inst.disk_store {
             crate::volume::instance_dir(self, &inst.name).join("console.log")
         } else {
-            self.console_log_before_disk(&inst.name)
+            self.console_log_in_instance_dir(&inst.name)
         }
     }
 
-    /// Where console logs were before they counted against `--disk`
-    /// (still shown by `logs` until the instance's next start).
-    pub fn console_log_before_disk(&self, name: &str) -> PathBuf {
+    /// The console log's place in the instance directory: the log of an
+    /// instance without a disk store; for one with, a log from before logs
+    /// counted against `--disk` (shown by `logs` until its next start),
+    /// and what the systemd unit writes before systemd-nspawn runs.
+    pub fn console_log_in_instance_dir(&self, name: &str) -> PathBuf {
         self.instance_dir(name).join("console.log")
     }
     pub fn ports_dir(&self) -> PathBuf {

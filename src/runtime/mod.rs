@@ -625,7 +625,7 @@ impl Runtime {
             }
         }
         let path = self.store.console_log(inst);
-        let before = self.store.console_log_before_disk(&inst.name);
+        let before = self.store.console_log_in_instance_dir(&inst.name);
         if !path.exists() && before.exists() {
             return before;
         }
