@@ -112,6 +112,7 @@ const CHECKS: &[Check] = &[
     port_ownership,
     abstract_sockets,
     on_demand_ports,
+    network_tables,
     on_demand_served,
     default_template,
     templates_current,
@@ -635,6 +636,37 @@ fn on_demand_ports(_: &Want<'_>) -> Vec<Finding> {
         Status::Ok,
         value,
         ">= 5.9 (BPF sk_lookup); fallback: any",
+        "",
+    )]
+}
+
+/// Whether a `--network none` instance's namespace gets a TCP table of its
+/// own (Linux 6.1): made as a start makes it.
+fn network_tables(_: &Want<'_>) -> Vec<Finding> {
+    use crate::runtime::linux::{features, netns};
+    let shared = "the host's TCP table, which /proc/net/tcp in such an instance walks whole \
+                  (Dropbear reads it at each start: some 3 ms on a host with a large table)";
+    let (status, value) = if features::forced("netns-ehash") {
+        (
+            Status::Ok,
+            format!("{shared} (forced by NIFTY_FALLBACKS=netns-ehash)"),
+        )
+    } else if netns::nursery().is_some() {
+        (
+            Status::Ok,
+            format!(
+                "each --network none instance's network has a table of its own ({} buckets)",
+                netns::OWN_TABLE
+            ),
+        )
+    } else {
+        (Status::Ok, format!("fallback: {shared}"))
+    };
+    vec![info(
+        "netns TCP tables",
+        status,
+        value,
+        ">= 6.1 (net.ipv4.tcp_child_ehash_entries); fallback: any",
         "",
     )]
 }

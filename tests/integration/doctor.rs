@@ -67,6 +67,18 @@ fn doctor_reports_real_limits_for_ten_thousand() {
         .as_str()
         .unwrap()
         .contains(pid1.trim()));
+    // A TCP table of its own for --network none instances where the kernel
+    // has the sysctl that makes one (6.1).
+    let tables = get("netns TCP tables")["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let own = std::path::Path::new("/proc/sys/net/ipv4/tcp_child_ehash_entries").exists();
+    assert_eq!(
+        tables.contains("of its own (1024 buckets)"),
+        own,
+        "{tables}"
+    );
     // The exit code says whether everything passed.
     let failed = v.iter().any(|f| f["status"] == "fail");
     assert_eq!(o.status.success(), !failed);

@@ -519,6 +519,37 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
         inside.trim().parse::<u32>().unwrap() <= 2,
         "host sockets seen: {inside}"
     );
+    // Its network has a TCP table of its own (Linux 6.1, `netns`), which
+    // /proc/net/tcp walks in place of the host's; the host's sysctl is
+    // left as it was. Forced to the fallback, it shares the host's (the
+    // kernel says so with a negative size).
+    let host_child = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_child_ehash_entries");
+    let table = |root: &Root| {
+        root.ssh(
+            "3",
+            "cat /proc/sys/net/ipv4/tcp_ehash_entries 2>/dev/null; true",
+        )
+    };
+    match &host_child {
+        Ok(_) => assert_eq!(table(&root), "1024\n"),
+        Err(_) => assert_eq!(table(&root), "", "a kernel before 6.1 has no such sysctl"),
+    }
+    root.ok(&["stop", "3", "-q"]);
+    let shared = crate::common::nifty()
+        .env("NIFTY_FALLBACKS", "netns-ehash")
+        .arg("--root")
+        .arg(root.path())
+        .args(["start", "3", "-q"])
+        .output()
+        .unwrap();
+    crate::common::succeeded(&shared, "start with NIFTY_FALLBACKS=netns-ehash");
+    if host_child.is_ok() {
+        assert!(table(&root).starts_with('-'), "{}", table(&root));
+    }
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_child_ehash_entries").ok(),
+        host_child.ok()
+    );
     root.ok(&["stop", "3", "-q"]);
     let e = root.fails(&["on-demand", "disable", "3"]);
     assert!(e.contains("network of its own"), "{e}");

@@ -1,8 +1,9 @@
 //! The Linux toolbox both backends share: cgroups, user namespaces and
 //! their ID ranges, confinement (capabilities, seccomp, Landlock, bind
 //! programs), the overlay root, host-side access to an instance's files,
-//! /proc readers, ptys, one socket for many ports (`steer`), and what the
-//! running kernel offers. Nothing here
+//! /proc readers, ptys, one socket for many ports (`steer`), a TCP table
+//! of its own for each network namespace (`netns`), and what the running
+//! kernel offers. Nothing here
 //! knows which backend runs an instance; `native` (nifty's own launcher)
 //! and `systemd` build on it; it builds on `crate::sys` and reads the
 //! state on disk (`store`, `claims`), nothing above.
@@ -14,6 +15,7 @@ pub mod dbus;
 pub mod delegate;
 pub mod features;
 pub mod files;
+pub mod netns;
 pub mod overlay;
 pub mod proc;
 pub mod pty;

@@ -39,6 +39,7 @@ use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::{MountAttrFlags, MountFlags, MoveMountFlags, OpenTreeFlags};
 
 use crate::error::{StartError, SysError};
+use crate::runtime::linux::netns;
 use crate::runtime::linux::overlay::overlay;
 use crate::sys;
 use crate::template::dev::{DEVICES, DEV_LINKS};
@@ -388,17 +389,28 @@ pub fn spawn(
         };
         child(plan, &mounts, procs, empty_root, &failure)
     };
-    let into = cgroup_dir.map(|dir| sys::spawn_vfork_into(flags, dir, &mut stack, &mut run));
-    let spawned = match into {
-        Some(Ok(s)) => Ok(s),
-        Some(Err(e)) => {
-            tracing::debug!("clone3(CLONE_INTO_CGROUP): {e}; the container's init migrates");
-            born.store(false, Ordering::SeqCst);
-            sys::spawn_vfork(flags, &mut stack, &mut run)
+    let mut clone = || {
+        let into = cgroup_dir.map(|dir| sys::spawn_vfork_into(flags, dir, &mut stack, &mut run));
+        match into {
+            Some(Ok(s)) => Ok(s),
+            Some(Err(e)) => {
+                tracing::debug!("clone3(CLONE_INTO_CGROUP): {e}; the container's init migrates");
+                born.store(false, Ordering::SeqCst);
+                sys::spawn_vfork(flags, &mut stack, &mut run)
+            }
+            None => sys::spawn_vfork(flags, &mut stack, &mut run),
         }
-        None => sys::spawn_vfork(flags, &mut stack, &mut run),
-    }
-    .map_err(|e| {
+    };
+    // Its network gets a TCP table of its own where the kernel can (see
+    // `netns`): made from the nursery.
+    let cloned = match plan.confine.own_network.then(netns::nursery).flatten() {
+        Some(nursery) => nursery.within(&mut clone).unwrap_or_else(|e| {
+            tracing::debug!("setns(the network nursery): {e}; the host's TCP table");
+            clone()
+        }),
+        None => clone(),
+    };
+    let spawned = cloned.map_err(|e| {
         SysError::new(
             "clone(CLONE_VM|CLONE_VFORK)",
             rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
