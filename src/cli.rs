@@ -294,6 +294,13 @@ pub enum SystemdCmd {
     /// in it on the connection.
     #[command(hide = true)]
     Session,
+    /// The unit's ExecStartPost: once the container runs, cover its
+    /// /proc/net with the template's view (on the host's network).
+    #[command(hide = true)]
+    Post {
+        /// Instance name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,5 +1,5 @@
 //! `nifty systemd install|uninstall|show`, `enable`, `disable`, and the
-//! hidden `systemd exec` that nifty@.service runs.
+//! hidden `systemd exec` and `systemd post` that nifty@.service runs.
 
 use anyhow::{Context, Result};
 use nifty::runtime::{Runtime, StopOptions};
@@ -28,6 +28,12 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
                 .context("dup2(/dev/null, 0)")?;
             let code = nifty::serve::session(&ctx.store, &rt, conn)?;
             std::process::exit(code);
+        }
+        SystemdCmd::Post { name } => {
+            let inst = ctx.store.instance(&name)?;
+            rt.cover_proc_net(&inst)
+                .with_context(|| format!("instance {name}: its /proc/net view"))?;
+            Ok(true)
         }
         SystemdCmd::Install => {
             let sd = rt.systemd()?;

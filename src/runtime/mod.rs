@@ -495,6 +495,15 @@ impl Runtime {
         keeping_pidns(|| self.native.listener(inst, &target, log))
     }
 
+    /// Covers a running instance's /proc/net with the template's view where
+    /// it should show it and does not (either backend; in effect a systemd
+    /// one, whose /proc systemd-nspawn mounts: `nifty systemd post`, the
+    /// unit's ExecStartPost). Whether it did.
+    pub fn cover_proc_net(&self, inst: &Instance) -> Result<bool> {
+        let target = self.target(inst)?;
+        self.native.cover_proc_net(inst, &target)
+    }
+
     /// `nifty on-demand enable|disable`: makes a stopped instance on
     /// demand (`Some`: its Dropbear leaves its inittab and its backend
     /// holds its port) or no longer. A new idle timeout alone is only

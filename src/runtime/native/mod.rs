@@ -492,6 +492,47 @@ impl Native {
         self.dropbear_in(inst, target, &cmd, None, log)
     }
 
+    /// Whether the running container whose init is `pid` should show the
+    /// template's view of /proc/net and does not (see `procnet`): one on
+    /// the host's network, of a template that has the view, whose /proc
+    /// systemd-nspawn mounted.
+    /// `mnt` is its mount namespace: never the caller's own.
+    fn proc_net_uncovered(&self, inst: &Instance, pid: i32, mnt: &OwnedFd) -> bool {
+        inst.network == crate::store::Network::Host
+            && !spawn::is_own_mount_ns(mnt.as_fd())
+            && spawn::proc_net_uncovered(pid)
+            && self
+                .store
+                .instance_lower(inst)
+                .join(crate::template::procnet::DIR)
+                .is_dir()
+    }
+
+    /// Covers a running container's /proc/net with the template's view if
+    /// it should show it and does not (a systemd one, right after its
+    /// start: `nifty systemd post`); whether it did.
+    pub fn cover_proc_net(&self, inst: &Instance, target: &super::Target) -> Result<bool> {
+        let path = format!("/proc/{}/ns/mnt", target.pid);
+        let mnt = rustix::fs::open(
+            path.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(Error::sys(format!("open({path})")))?;
+        if !self.proc_net_uncovered(inst, target.pid, &mnt) {
+            return Ok(false);
+        }
+        let empty = self.empty_root()?;
+        spawn::cover_proc_net_in(empty.as_fd(), mnt.as_fd()).map_err(|e| Error::Sys {
+            call: format!(
+                "instance {:?}: move_mount of the /proc/net view in its mount namespace",
+                inst.name
+            ),
+            err: e,
+        })?;
+        Ok(true)
+    }
+
     /// `cmd` (a Dropbear) in a running container, `io` its stdin and
     /// stdout (none: the container's /dev/null), `log` its stderr; not
     /// waited for.
@@ -572,6 +613,15 @@ impl Native {
                 .and_then(|p| p.parent())
                 .and_then(cgroup::open_dir),
             Io::Caller => None,
+        };
+        // A container on the host's network whose /proc/net is still the
+        // kernel's (a systemd one: systemd-nspawn mounts its /proc) gets the
+        // template's view now, as a native one has it from its start:
+        // Dropbear reads /proc/net/tcp at each start, which on the host's
+        // network walks the kernel's whole table (`procnet`).
+        let proc_net_from = match self.proc_net_uncovered(inst, pid, &mnt) {
+            true => Some(self.empty_root()?),
+            false => None,
         };
         let skip_v2 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let skip = skip_v2.clone();
@@ -692,7 +742,14 @@ impl Native {
             if let Some(fd) = ctty {
                 rustix::process::ioctl_tiocsctty(crate::sys::borrow_fd(fd)).map_err(err)?;
             }
+            let proc_net = proc_net_from
+                .as_ref()
+                .and_then(|empty| spawn::clone_proc_net_link(empty.as_fd()).ok());
             move_into_link_name_space(mnt.as_fd(), Some(LinkNameSpaceType::Mount)).map_err(err)?;
+            if let Some(link) = &proc_net {
+                // Not a boundary (SECURITY.md): a session goes on without.
+                let _ = spawn::cover_proc_net(link.as_fd());
+            }
             move_into_link_name_space(
                 uts.as_fd(),
                 Some(LinkNameSpaceType::HostNameAndNISDomainName),

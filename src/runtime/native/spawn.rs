@@ -220,6 +220,86 @@ pub struct Spawned {
 /// The link in the empty tmpfs that covers a container's /proc/net.
 const PROC_NET_LINK: &std::ffi::CStr = c"proc-net";
 
+/// Whether the running container whose init is `pid` still shows the
+/// kernel's /proc/net where the template's view belongs (see `procnet`): a
+/// systemd one, whose /proc systemd-nspawn mounts (the native launcher
+/// covers it before init runs). The link is read through init's root, not
+/// followed.
+pub fn proc_net_uncovered(pid: i32) -> bool {
+    let path = format!("/proc/{pid}/root/proc/net");
+    rustix::fs::readlink(path.as_str(), Vec::new())
+        .is_ok_and(|l| l.as_bytes() != procnet::TARGET.to_bytes())
+}
+
+/// Whether `mnt` is the calling thread's own mount namespace (then it is no
+/// container's: the PID it was opened by was reused, or is no container's
+/// init), which nothing may cover.
+pub fn is_own_mount_ns(mnt: BorrowedFd<'_>) -> bool {
+    match (
+        rustix::fs::stat("/proc/thread-self/ns/mnt"),
+        rustix::fs::fstat(mnt),
+    ) {
+        (Ok(own), Ok(its)) => (own.st_dev, own.st_ino) == (its.st_dev, its.st_ino),
+        _ => true,
+    }
+}
+
+/// For a process about to join a running container's mount namespace (a
+/// spawn hook: nothing allocated): enters `empty_root` (from
+/// [`empty_root_ns`]) and clones its /proc/net link, to be attached by
+/// [`cover_proc_net`] once in the container's.
+pub fn clone_proc_net_link(empty_root: BorrowedFd<'_>) -> rustix::io::Result<OwnedFd> {
+    use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+    move_into_link_name_space(empty_root, Some(LinkNameSpaceType::Mount))?;
+    rustix::mount::open_tree(
+        CWD,
+        PROC_NET_LINK,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+    )
+}
+
+/// In a running container's mount namespace (a spawn hook, before it
+/// joins the user namespace): covers /proc/net with `link` (from
+/// [`clone_proc_net_link`]), unless it is covered already (by another
+/// session meanwhile). What a native start does, for a container the
+/// native launcher did not start.
+pub fn cover_proc_net(link: BorrowedFd<'_>) -> rustix::io::Result<()> {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+    if let Ok((got, _)) = rustix::fs::readlinkat_raw(CWD, c"/proc/net", &mut buf) {
+        if *got == *procnet::TARGET.to_bytes() {
+            return Ok(());
+        }
+    }
+    rustix::mount::move_mount(
+        link,
+        c"",
+        CWD,
+        c"/proc/net",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+}
+
+/// Covers the /proc/net of the running container whose mount namespace is
+/// `mnt` (see [`cover_proc_net`]), from a thread of its own: a thread that
+/// gives up sharing the process's root and cwd (`unshare(CLONE_FS)`) may
+/// enter other mount namespaces, and it ends there.
+pub fn cover_proc_net_in(empty_root: BorrowedFd<'_>, mnt: BorrowedFd<'_>) -> std::io::Result<()> {
+    use rustix::thread::{move_into_link_name_space, LinkNameSpaceType, UnshareFlags};
+    std::thread::scope(|s| {
+        s.spawn(|| -> rustix::io::Result<()> {
+            rustix::thread::unshare(UnshareFlags::FS)?;
+            let link = clone_proc_net_link(empty_root)?;
+            move_into_link_name_space(mnt, Some(LinkNameSpaceType::Mount))?;
+            cover_proc_net(link.as_fd())
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("the thread covering /proc/net panicked"))?
+        .map_err(std::io::Error::from)
+    })
+}
+
 /// Makes a mount namespace whose only mount is an empty, read-only tmpfs
 /// (mounted on `dir` and pivoted into), and returns it as an fd. Every
 /// container's mount namespace is a copy of it. Done on a thread of its own
@@ -714,6 +794,15 @@ mod tests {
                 ..Confine::default()
             },
         })
+    }
+
+    #[test]
+    fn the_callers_own_mount_namespace_is_never_a_container_s() {
+        let own = std::fs::File::open("/proc/self/ns/mnt").unwrap();
+        assert!(is_own_mount_ns(own.as_fd()));
+        // Any other namespace passes this check (setns then checks its type).
+        let other = std::fs::File::open("/proc/self/ns/net").unwrap();
+        assert!(!is_own_mount_ns(other.as_fd()));
     }
 
     #[test]

@@ -201,6 +201,12 @@ Type=notify
 # root is never in the host's mount table and goes away with the container.
 ExecStart={nifty} --root {root} systemd exec %I -- {nspawn} \\
     {args}
+# Once the container runs, its /proc/net (systemd-nspawn mounted the
+# kernel's) is covered with the template's view, as a native instance's is:
+# no socket of the host listed, and Dropbear's read of /proc/net/tcp at
+# each login walks no table of the host's. Not a boundary; '-': a start
+# does not fail for it.
+ExecStartPost=-{nifty} --root {root} systemd post %I
 # `systemctl stop` sends SIGTERM to systemd-nspawn, which passes the
 # container's init its --kill-signal (SIGUSR2: BusyBox init powers off);
 # whatever is left after the timeout is killed.
@@ -529,6 +535,7 @@ mod tests {
         for want in [
             "Description=nifty container # %I",
             "ExecStart=/usr/local/bin/nifty --root /var/lib/nifty systemd exec %I -- /usr/bin/systemd-nspawn",
+            "ExecStartPost=-/usr/local/bin/nifty --root /var/lib/nifty systemd post %I",
             "--machine=nifty%I",
             "--keep-unit",
             "--boot",
