@@ -224,6 +224,22 @@ impl Drop for SystemdHost {
     }
 }
 
+/// `name`'s /proc/net, as its login user sees it, is the template's view
+/// (systemd-nspawn mounted the kernel's; the unit's ExecStartPost, or the
+/// first session or exec, covers it): no socket of the host is listed.
+fn assert_proc_net_view(root: &Root, name: &str) {
+    let listed = root.ssh(
+        name,
+        "readlink /proc/net; cat /proc/net/tcp /proc/net/tcp6 | wc -l",
+    );
+    let (link, lines) = listed.split_once('\n').unwrap();
+    assert_eq!(link, "/usr/lib/nifty/net", "{name}: {listed}");
+    assert!(
+        lines.trim().parse::<u32>().unwrap() <= 2,
+        "{name}: {listed}"
+    );
+}
+
 fn privileged_systemd() -> bool {
     if !privileged() {
         return false;
@@ -274,16 +290,9 @@ fn article_fleet_under_systemd() {
     let help = root.ssh("3", "sh --help 2>&1");
     assert!(help.contains("BusyBox"), "sh --help over ssh: {help}");
     assert_eq!(root.ssh("10", "hostname").trim(), "nifty10");
-    // The unit's ExecStartPost covered /proc/net with the template's view
-    // (systemd-nspawn mounted the kernel's): the host's sockets, the test
-    // host's own among them, are not listed.
-    let listed = root.ssh(
-        "10",
-        "readlink /proc/net; cat /proc/net/tcp /proc/net/tcp6 | wc -l",
-    );
-    let (link, lines) = listed.split_once('\n').unwrap();
-    assert_eq!(link, "/usr/lib/nifty/net", "{listed}");
-    assert!(lines.trim().parse::<u32>().unwrap() <= 2, "{listed}");
+    // The unit's ExecStartPost covered /proc/net with the template's view:
+    // the test host's own sockets are not listed.
+    assert_proc_net_view(root, "10");
 
     let status = host.stdout(&["systemctl", "status", "--no-pager", "--lines=0", "nifty@3"]);
     for want in [
@@ -623,17 +632,9 @@ fn on_demand_instances_under_systemd_socket_activation() {
     assert_eq!(host.is_active("nifty@3.service"), "active");
     let out = root.ssh("3", "tr '\\0' ' ' < /proc/$PPID/cmdline");
     assert!(out.starts_with("/usr/sbin/dropbear -i "), "{out}");
-    // systemd-nspawn mounted the kernel's /proc/net; its first session
-    // covered it with the template's view, as a native start does: the
-    // host's sockets (200 socket units listen) are not listed, and the
+    // Its /proc/net is the view too (200 socket units listen): the
     // `dropbear -i` of each login walks no table of the host's.
-    let listed = root.ssh(
-        "3",
-        "readlink /proc/net; cat /proc/net/tcp /proc/net/tcp6 | wc -l",
-    );
-    let (link, lines) = listed.split_once('\n').unwrap();
-    assert_eq!(link, "/usr/lib/nifty/net", "{listed}");
-    assert!(lines.trim().parse::<u32>().unwrap() <= 2, "{listed}");
+    assert_proc_net_view(root, "3");
 
     // The timer's sweep stops them once idle for 4 s (it runs every 10 s).
     let end = Instant::now() + Duration::from_secs(60);
