@@ -96,14 +96,3 @@ impl Nursery {
         Ok(made)
     }
 }
-
-/// The size of the calling thread's namespace's TCP table as the kernel
-/// says it (`net.ipv4.tcp_ehash_entries`: negative when it is the shared
-/// one); `None` before Linux 6.1.
-pub fn tcp_table_size() -> Option<i64> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_ehash_entries")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
