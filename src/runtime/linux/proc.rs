@@ -293,10 +293,24 @@ mod tests {
             rustix::process::PidfdFlags::empty(),
         )
         .unwrap();
-        let found = listening_sockets(me, &pidfd, port);
-        assert_eq!(found.len(), 1, "the listener only");
-        assert!(rustix::net::sockopt::get_socket_acceptconn(&found[0]).unwrap());
-        assert!(listening_sockets(me, &pidfd, port.wrapping_add(1)).is_empty());
+        // By inode: the other tests of this process run at once, and one
+        // may listen on the same port number (on another address).
+        let ino = |fd: std::os::fd::BorrowedFd<'_>| rustix::fs::fstat(fd).unwrap().st_ino;
+        let found: Vec<u64> = listening_sockets(me, &pidfd, port)
+            .iter()
+            .map(|s| ino(s.as_fd()))
+            .collect();
+        assert!(found.contains(&ino(l.as_fd())), "the listener");
+        for (what, fd) in [
+            ("the connection", _c.as_fd()),
+            ("the accepted one", _a.0.as_fd()),
+            ("the UDP socket", _u.as_fd()),
+        ] {
+            assert!(!found.contains(&ino(fd)), "{what} is no listener");
+        }
+        assert!(!listening_sockets(me, &pidfd, port.wrapping_add(1))
+            .iter()
+            .any(|s| ino(s.as_fd()) == ino(l.as_fd())));
     }
 
     /// /proc status texts as the kernel writes them (the fields read).
