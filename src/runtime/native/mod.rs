@@ -498,9 +498,11 @@ impl Native {
     /// systemd-nspawn mounted.
     /// `mnt` is its mount namespace: never the caller's own.
     fn proc_net_uncovered(&self, inst: &Instance, pid: i32, mnt: &OwnedFd) -> bool {
+        // The readlink first: a native container is covered from its start,
+        // and each of its sessions pays only that.
         inst.network == crate::store::Network::Host
-            && !spawn::is_own_mount_ns(mnt.as_fd())
             && spawn::proc_net_uncovered(pid)
+            && !spawn::is_own_mount_ns(mnt.as_fd())
             && self
                 .store
                 .instance_lower(inst)
