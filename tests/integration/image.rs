@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::{privileged, succeeded, tool, wait_port, Root, TEST_PORT_BASE};
@@ -56,7 +57,10 @@ const IMAGE: &str = "localhost/nifty-default:v1";
 /// its containers.conf sets them below.
 struct Podman {
     dir: tempfile::TempDir,
-    networks_before: BTreeSet<String>,
+    /// In the name of every network this test makes: the networks are the
+    /// host's, shared with the tests that run beside it, so only these are
+    /// removed on drop.
+    tag: String,
 }
 
 impl Podman {
@@ -71,12 +75,13 @@ impl Podman {
             "[containers]\ndefault_ulimits = [\"nofile=4096:4096\", \"nproc=4096:4096\"]\n",
         )
         .unwrap();
-        let mut p = Podman {
-            dir,
-            networks_before: BTreeSet::new(),
-        };
-        p.networks_before = p.networks();
-        Some(p)
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let tag = format!(
+            "niftytest{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        Some(Podman { dir, tag })
     }
 
     fn cmd(&self) -> Command {
@@ -136,7 +141,7 @@ impl Drop for Podman {
         ] {
             let _ = self.cmd().args(args).output();
         }
-        for n in self.networks().difference(&self.networks_before) {
+        for n in self.networks().iter().filter(|n| n.contains(&self.tag)) {
             let _ = self.cmd().args(["network", "rm", "-f", n]).output();
         }
         // Podman's overlay mounts of this store, if any survived.
@@ -457,11 +462,22 @@ fn kube_manifests_validate_and_podman_kube_play_runs_three_replicas() {
     assert!(err.contains("--expose none"), "{err}");
 
     podman.ok(&["load", "-q", "-i", e.archive().to_str().unwrap()]);
-    podman.ok(&["kube", "play", dep.to_str().unwrap()]);
+    // A network of its own, on a subnet that Podman does not pick by
+    // itself (it picks from 10.89.0.0/16): `kube play`'s default network
+    // would be made by the first user, and a Compose network made at the
+    // same moment by the test beside this one could be given the same
+    // subnet, its containers then answering these pods' addresses.
+    let net = format!("{}-kube", podman.tag);
+    let subnet = format!("10.213.{}.0/24", std::process::id() % 250);
+    podman.ok(&["network", "create", "--subnet", &subnet, &net]);
+    podman.ok(&["kube", "play", "--network", &net, dep.to_str().unwrap()]);
     let mut maps = BTreeSet::new();
     for i in 0..3 {
         let ip = podman.ip(&format!("nifty-default-pod-{i}-ssh"));
-        assert!(!ip.is_empty(), "pod {i} has no address");
+        assert!(
+            ip.starts_with(subnet.trim_end_matches("0/24")),
+            "pod {i} is at {ip:?}, not on its network {subnet}"
+        );
         let out = login_ok(
             &e.key(),
             &ip,
@@ -529,7 +545,7 @@ fn a_compose_file_runs_a_fleet_with_podman_compose() {
         "-o",
         file.to_str().unwrap(),
     ]);
-    let project = format!("niftytest{}", std::process::id());
+    let project = podman.tag.clone();
     let run = |verb: &[&str]| {
         let mut c = Command::new(&compose);
         podman.env(&mut c);

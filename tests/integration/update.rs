@@ -145,7 +145,13 @@ fn update_moves_a_running_fleet_in_healthy_batches_and_keeps_its_files() {
             );
         }
     }
-    assert!(log.iter().filter(|(_, _, ok)| *ok).count() >= 12, "{log:?}");
+    // The prober did log in while the update ran (how many times depends
+    // on the machine's speed, so only that it did: an instance of a batch
+    // not being restarted answered).
+    assert!(
+        log.iter().any(|(_, t, ok)| *ok && *t < wall),
+        "no login succeeded during the update: {log:?}"
+    );
 }
 
 #[test]
