@@ -526,6 +526,28 @@ impl Cgroup {
         Ok(())
     }
 
+    /// On a systemd host, whether the delegated scope that holds this
+    /// group has no process left in its whole tree: systemd then ends the
+    /// scope and removes its tree itself (see `delegate`), and nifty must
+    /// not remove groups in it at the same moment. systemd 252 walks the
+    /// tree with nftw(3), which gives up when a directory it listed is gone
+    /// before it opens it; the rest of the tree, the scope's own directory
+    /// with it, is then left behind (seen on Debian 12: the scope and its
+    /// `.nifty` leaf after `stop --all`).
+    fn scope_ending(&self) -> bool {
+        if !self.delegated {
+            return false;
+        }
+        let Some(scope) = self.v2.parent() else {
+            return false;
+        };
+        match fs::read_to_string(scope.join("cgroup.events")) {
+            Ok(events) => events.lines().any(|l| l == "populated 0"),
+            // The scope is gone already, and this group with it.
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
+    }
+
     /// Waits until the cgroup has no process, up to `timeout`.
     pub fn wait_empty(&self, timeout: Duration) -> bool {
         let end = Instant::now() + timeout;
@@ -540,8 +562,12 @@ impl Cgroup {
         }
     }
 
-    /// Removes the (empty) cgroup directories.
+    /// Removes the (empty) cgroup directories; on a systemd host, unless
+    /// systemd is about to remove them with the scope (`scope_ending`).
     pub fn remove(&self) -> Result<()> {
+        if self.scope_ending() {
+            return Ok(());
+        }
         for d in self.own_dirs() {
             let mut tries = 0;
             loop {
@@ -651,5 +677,48 @@ mod tests {
         assert!(h.v2_controllers);
         assert_eq!(h.instance("nifty", "a").procs_files().len(), 1);
         assert!(Hierarchy::parse("1 2 0:1 / / rw - ext4 /dev/vda rw\n").is_err());
+    }
+
+    /// On a systemd host, a group in a scope that has no process left is
+    /// systemd's to remove (with the scope); in a scope still in use, or
+    /// on a host without systemd, nifty removes it. Plain directories
+    /// stand in for cgroupfs: `cgroup.events` is what is read.
+    #[test]
+    fn a_group_in_an_ending_scope_is_left_to_systemd() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Hierarchy::parse(PURE).unwrap();
+        h.v2 = dir.path().to_path_buf();
+        let scope = dir.path().join(super::super::delegate::base("s"));
+        let events = scope.join("cgroup.events");
+        for (systemd, populated, removed) in
+            [(true, "0", false), (true, "1", true), (false, "0", true)]
+        {
+            h.systemd = systemd;
+            let base = h.base("s");
+            let cg = h.instance(&base, "7");
+            fs::create_dir_all(&cg.v2).unwrap();
+            if systemd {
+                fs::write(&events, format!("populated {populated}\nfrozen 0\n")).unwrap();
+            } else {
+                // Without systemd, the store's group is `s` at the top.
+                fs::write(
+                    cg.v2.parent().unwrap().join("cgroup.events"),
+                    "populated 0\n",
+                )
+                .unwrap();
+            }
+            cg.remove().unwrap();
+            assert_eq!(
+                !cg.v2.exists(),
+                removed,
+                "systemd {systemd}, populated {populated}"
+            );
+            let _ = fs::remove_dir(&cg.v2);
+        }
+        // The scope gone already: nothing to do, no error.
+        h.systemd = true;
+        fs::remove_file(&events).unwrap();
+        fs::remove_dir(&scope).unwrap();
+        h.instance(&h.base("s"), "7").remove().unwrap();
     }
 }

@@ -13,7 +13,9 @@
 //! wants the scope's own cgroup empty before its controllers are handed
 //! down). The containers' cgroups are made beside that leaf. When the last
 //! container stops and nifty is gone, the scope is empty and systemd ends
-//! it and removes it, with everything under it: nothing to clean up.
+//! it and removes it, with everything under it: nothing to clean up. nifty
+//! then leaves the stopped containers' groups to systemd's removal rather
+//! than racing it (`Cgroup::remove`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -382,26 +382,35 @@ impl Native {
             );
         }
         tracing::debug!(elapsed = ?phase.elapsed(), "all inits gone");
-        // Phase 3: wait for the cgroups to empty and remove them.
+        // Phase 3: wait for every cgroup to empty, then remove them. All
+        // empty first: on a systemd host, the last process to go may end
+        // the scope, and systemd then removes the groups itself (see
+        // `Cgroup::remove`), which it must not find nifty doing as well.
+        let emptied: Vec<Result<()>> = pending
+            .par_iter()
+            .map(|p| {
+                if p.cg.wait_empty(Duration::from_secs(1)) {
+                    return Ok(());
+                }
+                let _ = p.cg.kill();
+                if p.cg.wait_empty(Duration::from_secs(5)) {
+                    Ok(())
+                } else {
+                    Err(Error::Host(format!(
+                        "instance {:?}: processes {:?} survive SIGKILL in {}",
+                        p.name,
+                        p.cg.procs(),
+                        p.cg.v2.display()
+                    )))
+                }
+            })
+            .collect();
         self.hierarchy.flush_stats(&self.base);
         let cleaned: Vec<(String, Result<()>)> = pending
             .par_iter()
-            .map(|p| {
-                let r = if p.cg.wait_empty(Duration::from_secs(1)) {
-                    p.cg.remove()
-                } else {
-                    let _ = p.cg.kill();
-                    if p.cg.wait_empty(Duration::from_secs(5)) {
-                        p.cg.remove()
-                    } else {
-                        Err(Error::Host(format!(
-                            "instance {:?}: processes {:?} survive SIGKILL in {}",
-                            p.name,
-                            p.cg.procs(),
-                            p.cg.v2.display()
-                        )))
-                    }
-                };
+            .zip(emptied)
+            .map(|(p, r)| {
+                let r = r.and_then(|()| p.cg.remove());
                 done(&p.name);
                 (p.name.clone(), r)
             })
