@@ -535,17 +535,11 @@ impl Cgroup {
     /// with it, is then left behind (seen on Debian 12: the scope and its
     /// `.nifty` leaf after `stop --all`).
     fn scope_ending(&self) -> bool {
-        if !self.delegated {
-            return false;
-        }
-        let Some(scope) = self.v2.parent() else {
-            return false;
-        };
-        match fs::read_to_string(scope.join("cgroup.events")) {
-            Ok(events) => events.lines().any(|l| l == "populated 0"),
-            // The scope is gone already, and this group with it.
-            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-        }
+        self.delegated
+            && self
+                .v2
+                .parent()
+                .is_some_and(|scope| !super::delegate::populated(scope))
     }
 
     /// Waits until the cgroup has no process, up to `timeout`.
@@ -715,7 +709,7 @@ mod tests {
             );
             let _ = fs::remove_dir(&cg.v2);
         }
-        // The scope gone already: nothing to do, no error.
+        // The scope gone already (systemd removed it): no error.
         h.systemd = true;
         fs::remove_file(&events).unwrap();
         fs::remove_dir(&scope).unwrap();

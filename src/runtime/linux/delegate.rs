@@ -47,9 +47,22 @@ pub fn ensure(v2: &Path, store: &str, root: &Path, memory_max: Option<u64>) -> R
     let unit = unit(store);
     let conn = dbus::connect()?;
     let manager = ManagerProxy::new(&conn).map_err(dbus::dbus_err("Manager"))?;
-    let end = Instant::now() + Duration::from_secs(30);
+    let begin = Instant::now();
+    let end = begin + Duration::from_secs(30);
+    let scope = v2.join(SLICE).join(&unit);
     loop {
         match state(&conn, &manager, &unit) {
+            // Active but with no process left: its last container just
+            // stopped, and systemd is about to end it and remove its tree
+            // (the stopped containers' groups with it: see
+            // `Cgroup::remove`). A container started in it now would be
+            // left in the cgroup of an ended unit: wait for the end, and
+            // make a new one. (Only so long: a systemd that does not end
+            // it is used as it is.)
+            Some(s)
+                if s == "active"
+                    && !populated(&scope)
+                    && begin.elapsed() < Duration::from_secs(5) => {}
             Some(s) if s == "active" => return Ok(()),
             // Being made by another nifty, or ending as its last container
             // went: wait for either to finish.
@@ -95,6 +108,13 @@ pub fn ensure(v2: &Path, store: &str, root: &Path, memory_max: Option<u64>) -> R
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether the cgroup `dir` or one below it holds a process; a cgroup
+/// that cannot be read counts as in use.
+pub fn populated(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .map_or(true, |events| !events.lines().any(|l| l == "populated 0"))
 }
 
 /// The unit's ActiveState, or `None` if systemd has no such unit loaded.
