@@ -381,6 +381,17 @@ pub fn assert_clean(root: &Root, pids: &[i32]) {
         );
     }
     let base = root.cgroup_base();
+    // On a systemd host, a scope with no process left is systemd's to end
+    // and remove, with the stopped containers' groups in it (nifty leaves
+    // them to it rather than race its removal): wait for that; what is
+    // still there after is left behind.
+    let end = Instant::now() + Duration::from_secs(15);
+    while nifty::runtime::linux::delegate::populated(&base) == Some(false)
+        && base.components().any(|c| c.as_os_str() == "nifty.slice")
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let left: Vec<_> = std::fs::read_dir(&base)
         .map(|d| {
             d.flatten()

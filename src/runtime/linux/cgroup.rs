@@ -539,7 +539,7 @@ impl Cgroup {
             && self
                 .v2
                 .parent()
-                .is_some_and(|scope| !super::delegate::populated(scope))
+                .is_some_and(|scope| super::delegate::populated(scope) == Some(false))
     }
 
     /// Waits until the cgroup has no process, up to `timeout`.

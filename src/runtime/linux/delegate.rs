@@ -61,7 +61,7 @@ pub fn ensure(v2: &Path, store: &str, root: &Path, memory_max: Option<u64>) -> R
             // it is used as it is.)
             Some(s)
                 if s == "active"
-                    && !populated(&scope)
+                    && populated(&scope) == Some(false)
                     && begin.elapsed() < Duration::from_secs(5) => {}
             Some(s) if s == "active" => return Ok(()),
             // Being made by another nifty, or ending as its last container
@@ -110,11 +110,14 @@ pub fn ensure(v2: &Path, store: &str, root: &Path, memory_max: Option<u64>) -> R
     }
 }
 
-/// Whether the cgroup `dir` or one below it holds a process; a cgroup
-/// that cannot be read counts as in use.
-pub fn populated(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("cgroup.events"))
-        .map_or(true, |events| !events.lines().any(|l| l == "populated 0"))
+/// Whether the cgroup `dir` or one below it holds a process (`None`: no
+/// such cgroup, or it cannot be read).
+pub fn populated(dir: &Path) -> Option<bool> {
+    let events = std::fs::read_to_string(dir.join("cgroup.events")).ok()?;
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("populated "))
+        .map(|v| v != "0")
 }
 
 /// The unit's ActiveState, or `None` if systemd has no such unit loaded.

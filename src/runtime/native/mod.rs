@@ -35,9 +35,9 @@ pub struct Native {
     /// The empty mount namespace the containers' namespaces are copies
     /// of, made once per process (see `spawn`).
     empty_root: std::sync::OnceLock<crate::error::Once<std::sync::Arc<OwnedFd>>>,
-    /// On a systemd host: the store's delegated scope is active (checked,
-    /// or made, once per process; see `delegate`).
-    delegated: std::sync::OnceLock<crate::error::Once<()>>,
+    /// On a systemd host: whether the store's delegated scope was found
+    /// active (checked, or made; see `delegate`), or why it cannot be.
+    delegated: std::sync::Mutex<Option<crate::error::Once<()>>>,
     /// What the kernel offers, checked once per process: without and with
     /// a user namespace (see `features::preflight`).
     preflight: [std::sync::OnceLock<crate::error::Once<()>>; 2],
@@ -49,7 +49,7 @@ impl Native {
             store: store.clone(),
             base: hierarchy.base(&store.cgroup_name()),
             hierarchy,
-            delegated: std::sync::OnceLock::new(),
+            delegated: std::sync::Mutex::new(None),
             preflight: Default::default(),
             seccomp: std::sync::OnceLock::new(),
             empty_root: std::sync::OnceLock::new(),
@@ -96,18 +96,37 @@ impl Native {
     }
 
     /// On a systemd host, makes sure the store's delegated scope is active.
+    /// Asking systemd once per process is not enough for one that lives
+    /// on (`serve`): the scope ends when its last container stops, and a
+    /// start after that must make a new one, not a directory of the old
+    /// one's name that no unit owns. A scope with a process in it has not
+    /// ended, so systemd is asked again only when the scope is found empty
+    /// (one read of `cgroup.events` per start).
     fn delegation(&self) -> Result<()> {
         if !self.hierarchy.systemd {
             return Ok(());
         }
-        crate::error::once(&self.delegated, || {
-            delegate::ensure(
-                &self.hierarchy.v2,
-                &self.store.cgroup_name(),
-                self.store.root(),
-                cgroup::fleet_memory_max(),
-            )
-        })
+        let mut known = self.delegated.lock().unwrap_or_else(|e| e.into_inner());
+        match &*known {
+            Some(Err(e)) => return Err(Error::Once(e.clone())),
+            Some(Ok(()))
+                if delegate::populated(&self.hierarchy.v2.join(&self.base)) == Some(true) =>
+            {
+                return Ok(())
+            }
+            _ => {}
+        }
+        let r = delegate::ensure(
+            &self.hierarchy.v2,
+            &self.store.cgroup_name(),
+            self.store.root(),
+            cgroup::fleet_memory_max(),
+        );
+        *known = Some(r.map_err(std::sync::Arc::new));
+        match &*known {
+            Some(Err(e)) => Err(Error::Once(e.clone())),
+            _ => Ok(()),
+        }
     }
 
     /// The empty mount namespace every container's is a copy of.
