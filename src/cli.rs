@@ -1,5 +1,6 @@
 //! The command line: clap types only; doc comments are the --help.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -36,6 +37,42 @@ pub struct Cli {
     pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The command line, parsed. The line systemd runs at every connection
+    /// to an on-demand instance (`nifty --root DIR systemd session`, as
+    /// nifty writes it in nifty-ssh@.service) is taken as it is, without
+    /// clap: building the parser of every verb costs about 0.6 ms, a tenth
+    /// of what such a login costs more than one to an always-on instance.
+    /// Any other line, or that one with `NIFTY_PORT_BASE` set (which clap
+    /// checks), goes to clap.
+    pub fn from_args() -> Cli {
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        Cli::session_line(&args, std::env::var_os("NIFTY_PORT_BASE").is_some())
+            .unwrap_or_else(Cli::parse)
+    }
+
+    fn session_line(args: &[OsString], port_base_set: bool) -> Option<Cli> {
+        match args {
+            [flag, root, verb, sub]
+                if flag == "--root"
+                    && !root.is_empty()
+                    && verb == "systemd"
+                    && sub == "session"
+                    && !port_base_set =>
+            {
+                Some(Cli {
+                    root: PathBuf::from(root),
+                    port_base: nifty::store::PORT_BASE,
+                    quiet: false,
+                    verbose: 0,
+                    command: Command::Systemd(SystemdCmd::Session),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -687,4 +724,50 @@ pub struct UpArgs {
     /// Limits of the instances it creates, as `create`'s.
     #[command(flatten)]
     pub limits: LimitArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn the_session_line_is_what_clap_makes_of_it() {
+        let args = ["--root", "/var/lib/nifty", "systemd", "session"];
+        let fast = Cli::session_line(&line(&args), false).expect("the session line");
+        let clap = Cli::try_parse_from(std::iter::once("nifty").chain(args)).unwrap();
+        assert_eq!(fast.root, clap.root);
+        assert_eq!((fast.quiet, fast.verbose), (clap.quiet, clap.verbose));
+        assert!(matches!(
+            clap.command,
+            Command::Systemd(SystemdCmd::Session)
+        ));
+        assert!(matches!(
+            fast.command,
+            Command::Systemd(SystemdCmd::Session)
+        ));
+        assert_eq!(fast.port_base, nifty::store::PORT_BASE);
+    }
+
+    #[test]
+    fn any_other_line_goes_to_clap() {
+        for args in [
+            &["--root", "/r", "systemd", "session", "extra"][..],
+            &["--root=/r", "systemd", "session"],
+            &["--root", "", "systemd", "session"],
+            &["--root", "/r", "systemd", "post"],
+            &["-q", "/r", "systemd", "session"],
+            &["systemd", "session"],
+        ] {
+            assert!(Cli::session_line(&line(args), false).is_none(), "{args:?}");
+        }
+        let args = line(&["--root", "/r", "systemd", "session"]);
+        assert!(
+            Cli::session_line(&args, true).is_none(),
+            "NIFTY_PORT_BASE is clap's to check"
+        );
+    }
 }

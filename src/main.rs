@@ -6,11 +6,9 @@ mod complete;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     complete::answer();
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::from_args();
     // Verbs that put processes into containers run from a sealed copy of
     // the binary (see `sys::reexec_sealed`).
     if matches!(

@@ -655,19 +655,33 @@ impl NetConfinement {
     pub fn of_kernel() -> NetConfinement {
         static K: std::sync::OnceLock<NetConfinement> = std::sync::OnceLock::new();
         *K.get_or_init(|| {
-            let abi = crate::sys::landlock_abi();
-            let ports = if abi >= 4 && !super::features::forced("bind") {
-                PortOwnership::Landlock
-            } else if BindPrograms::load(22).is_ok() {
-                PortOwnership::CgroupBpf
+            let k = Self::of_landlock();
+            if k.ports == PortOwnership::None && BindPrograms::load(22).is_ok() {
+                NetConfinement {
+                    ports: PortOwnership::CgroupBpf,
+                    ..k
+                }
             } else {
-                PortOwnership::None
-            };
-            NetConfinement {
-                ports,
-                abstract_unix: abi >= 6,
+                k
             }
         })
+    }
+
+    /// What Landlock alone offers, without the probe of cgroup BPF (a
+    /// load of two programs): all that a process joining a running
+    /// container needs, whose cgroup holds the bind programs already. A
+    /// one-shot process such as `nifty systemd session` would otherwise
+    /// pay the probe at every connection.
+    fn of_landlock() -> NetConfinement {
+        let abi = crate::sys::landlock_abi();
+        NetConfinement {
+            ports: if abi >= 4 && !super::features::forced("bind") {
+                PortOwnership::Landlock
+            } else {
+                PortOwnership::None
+            },
+            abstract_unix: abi >= 6,
+        }
     }
 
     /// Containers bind only their own TCP port.
@@ -697,10 +711,15 @@ pub struct NetGuard {
 /// what is then not defended).
 ///
 /// `joining`: for a process that joins a running container, whose cgroup
-/// holds the bind programs already: none are loaded (each load runs the
-/// verifier; an on-demand session would pay it at every connection).
+/// holds the bind programs already: none are loaded, nor probed for (each
+/// load runs the verifier; an on-demand session would pay it at every
+/// connection).
 pub fn network(port: u16, joining: bool) -> std::io::Result<NetGuard> {
-    let k = NetConfinement::of_kernel();
+    let k = if joining {
+        NetConfinement::of_landlock()
+    } else {
+        NetConfinement::of_kernel()
+    };
     let landlock_ports = [port, 0];
     let ports = (k.ports == PortOwnership::Landlock).then_some(&landlock_ports[..]);
     Ok(NetGuard {
