@@ -387,7 +387,9 @@ pub fn assert_clean(root: &Root, pids: &[i32]) {
     // still there after is left behind.
     let end = Instant::now() + Duration::from_secs(15);
     while nifty::runtime::linux::delegate::populated(&base) == Some(false)
-        && base.components().any(|c| c.as_os_str() == "nifty.slice")
+        && base
+            .components()
+            .any(|c| c.as_os_str() == nifty::runtime::linux::delegate::SLICE)
         && Instant::now() < end
     {
         std::thread::sleep(Duration::from_millis(100));

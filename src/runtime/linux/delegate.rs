@@ -113,7 +113,7 @@ pub fn ensure(v2: &Path, store: &str, root: &Path, memory_max: Option<u64>) -> R
 /// Whether the cgroup `dir` or one below it holds a process (`None`: no
 /// such cgroup, or it cannot be read).
 pub fn populated(dir: &Path) -> Option<bool> {
-    let events = std::fs::read_to_string(dir.join("cgroup.events")).ok()?;
+    let events = super::proc::read_kernel_file(&dir.join("cgroup.events"))?;
     events
         .lines()
         .find_map(|l| l.strip_prefix("populated "))

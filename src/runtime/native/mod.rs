@@ -121,12 +121,10 @@ impl Native {
             &self.store.cgroup_name(),
             self.store.root(),
             cgroup::fleet_memory_max(),
-        );
-        *known = Some(r.map_err(std::sync::Arc::new));
-        match &*known {
-            Some(Err(e)) => Err(Error::Once(e.clone())),
-            _ => Ok(()),
-        }
+        )
+        .map_err(std::sync::Arc::new);
+        *known = Some(r.clone());
+        r.map_err(Error::Once)
     }
 
     /// The empty mount namespace every container's is a copy of.
