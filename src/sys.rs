@@ -833,6 +833,8 @@ const BPF_MAP_CREATE: i32 = 0;
 const BPF_MAP_UPDATE_ELEM: i32 = 2;
 const BPF_MAP_DELETE_ELEM: i32 = 3;
 const BPF_PROG_LOAD: i32 = 5;
+const BPF_OBJ_PIN: i32 = 6;
+const BPF_OBJ_GET: i32 = 7;
 const BPF_PROG_ATTACH: i32 = 8;
 const BPF_LINK_CREATE: i32 = 28;
 
@@ -867,6 +869,40 @@ struct BpfLinkCreate {
     target_fd: u32,
     attach_type: u32,
     flags: u32,
+}
+
+/// `union bpf_attr` for BPF_OBJ_PIN and BPF_OBJ_GET.
+#[repr(C)]
+struct BpfObj {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Pins the BPF object `fd` (a map, program or link: links from Linux 5.7)
+/// at `path` in a bpffs (bpf(2), BPF_OBJ_PIN): it lives on, without an
+/// open fd, until the path is removed.
+pub fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let attr = BpfObj {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &attr).map(|_| ())
+}
+
+/// Opens the BPF object pinned at `path` (bpf(2), BPF_OBJ_GET).
+pub fn bpf_obj_get(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let attr = BpfObj {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &attr)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Makes a BPF map (bpf(2), BPF_MAP_CREATE).
@@ -935,6 +971,29 @@ pub fn bpf_map_delete(map: BorrowedFd<'_>, key: &[u8]) -> std::io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         r => r.map(drop),
     }
+}
+
+/// The cookie of the network namespace a socket was made in
+/// (SO_NETNS_COOKIE, Linux 5.14). Unlike SIOCGSKNS it needs no
+/// CAP_NET_ADMIN, which a systemd service may lack.
+pub fn socket_netns_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`, a live
+    // u64 of that size, and `len` back.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// The network namespace a socket was made in (ioctl SIOCGSKNS, Linux

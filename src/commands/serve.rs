@@ -23,7 +23,7 @@ pub fn on_demand(ctx: &Ctx, c: OnDemandCmd) -> Result<bool> {
                 .into_iter()
                 .filter(|i| !(serving && rt.served_by_serve(i)))
                 .collect();
-            let swept = rt.sweep(&ctx.store, &insts, &nifty::runtime::ondemand::Held);
+            let swept = nifty::serve::sweep_unserved(&ctx.store, &rt, &insts);
             let mut ok = true;
             for (name, r) in &swept.stopped {
                 match r {

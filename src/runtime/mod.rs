@@ -485,14 +485,14 @@ impl Runtime {
         keeping_pidns(|| self.native.session(inst, target, conn, log))
     }
 
-    /// A listening Dropbear in a running on-demand instance, on its port
-    /// (either backend: entered as `exec` enters it). Returns the process
+    /// A listening Dropbear in a running on-demand instance, bound as
+    /// `bound` says (either backend: entered as `exec` enters it). Returns the process
     /// started, which goes to the background and exits: the caller waits
     /// for it.
-    pub fn listener(&self, inst: &Instance) -> Result<SessionProc> {
+    pub fn listener(&self, inst: &Instance, bound: linux::proc::Bound) -> Result<SessionProc> {
         let target = self.target(inst)?;
         let log = linux::files::append_console_log(&self.store.console_log(inst))?;
-        keeping_pidns(|| self.native.listener(inst, &target, log))
+        keeping_pidns(|| self.native.listener(inst, &target, log, bound))
     }
 
     /// Covers a running instance's /proc/net with the template's view where

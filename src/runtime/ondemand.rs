@@ -108,6 +108,23 @@ pub fn write_mark(store: &Store, name: &str, mark: &Mark) {
     }
 }
 
+/// Changes an instance's mark by `f`, under a lock of its own: processes
+/// that each change one field of it (a systemd session, the idle sweep of
+/// systemd's timer) run at once, and none may write back what another
+/// just changed.
+pub fn update_mark(store: &Store, name: &str, f: impl FnOnce(&mut Mark)) {
+    let lock = store.instance_dir(name).join("on-demand.lock");
+    let _held = crate::disk::lock_file(&lock)
+        .map_err(|e| tracing::warn!("instance {name:?}: on-demand mark: {e}"))
+        .ok();
+    let mut mark = read_mark(store, name);
+    let before = mark.clone();
+    f(&mut mark);
+    if mark != before {
+        write_mark(store, name, &mark);
+    }
+}
+
 /// Marks instances as being started at a connection (`on`) or no longer.
 pub fn mark_starting(store: &Store, insts: &[Instance], on: bool) {
     let t = now();
@@ -280,8 +297,9 @@ fn container_processes(pids: &[i32], init: i32, listener: Option<Listener>) -> u
 }
 
 /// What the idle sweep asks of whoever holds the instances' ports before
-/// it stops idle ones: `nifty serve`, whose instances may take their
-/// connections themselves (a listening Dropbear of their own).
+/// it stops idle ones (`nifty serve`, or systemd's sockets with the
+/// pinned steering), whose instances may take their connections
+/// themselves (a listening Dropbear of their own).
 pub trait Release {
     /// Takes the ports of `due` back (new connections come to the holder
     /// from now on, not to the instance); returns those that may be
@@ -289,17 +307,6 @@ pub trait Release {
     fn release(&self, due: Vec<Instance>) -> Vec<Instance>;
     /// Gives back what `release` took of one not stopped after all.
     fn restore(&self, inst: &Instance);
-}
-
-/// Nothing to take back: the ports' holder always has their connections
-/// (systemd's sockets).
-pub struct Held;
-
-impl Release for Held {
-    fn release(&self, due: Vec<Instance>) -> Vec<Instance> {
-        due
-    }
-    fn restore(&self, _: &Instance) {}
 }
 
 /// What one sweep did.
@@ -339,7 +346,7 @@ impl Runtime {
                 mark.idle_since = Some(t);
             }
             if mark != before {
-                write_mark(store, &inst.name, &mark);
+                update_mark(store, &inst.name, |m| m.idle_since = mark.idle_since);
             }
             let timeout = inst.on_demand.map_or(u64::MAX, |o| o.idle_timeout_secs);
             match mark.idle_since {

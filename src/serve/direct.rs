@@ -21,16 +21,23 @@
 //! the idle sweep does not count it as a user's process, and a restarted
 //! `serve` takes it up again (while `serve` is down, the kernel's own
 //! lookup finds it: such instances stay reachable).
+//!
+//! The systemd backend has the same warm path, through a steering pinned
+//! in bpffs ([`pinned`]): the first connection systemd's socket gives a
+//! running instance (`nifty systemd session`) also starts its listener,
+//! on an ephemeral loopback port since the port is the socket's, and the
+//! idle sweep of systemd's timer gives the port back to the socket before
+//! it stops the instance ([`Release`]).
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use crate::runtime::linux::proc;
-use crate::runtime::linux::steer::Steer;
+use crate::runtime::linux::proc::{self, Bound};
+use crate::runtime::linux::steer::{self, Steer};
 use crate::runtime::ondemand::{self, Listener};
 use crate::runtime::Runtime;
-use crate::store::{Instance, Network};
+use crate::store::{Backend, Instance, Network, Store};
 
 /// How long a new listener has to listen.
 const LISTEN_WITHIN: Duration = Duration::from_secs(5);
@@ -51,9 +58,22 @@ pub fn wanted(inst: &Instance, steer: Option<&Steer>) -> bool {
     steer.is_some() && inst.network == Network::Host
 }
 
-/// Copies of the listening sockets `l` holds on `port` (none if it is
-/// gone, or does not listen there).
-fn sockets(l: Listener, port: u16) -> Vec<std::os::fd::OwnedFd> {
+/// Where an instance's own listener binds under `steer`: on its port when
+/// `serve` holds the ports (then nobody else may bind it, and while
+/// `serve` is down the kernel's own lookup finds the listener); on an
+/// ephemeral loopback port where systemd's socket unit holds the port
+/// (a pinned steering: see [`pinned`]).
+fn bound(steer: &Steer, inst: &Instance) -> Bound {
+    if steer.holds_ports() {
+        Bound::Port(inst.port)
+    } else {
+        Bound::Loopback
+    }
+}
+
+/// Copies of the listening sockets `l` holds, bound as `bound` says (none
+/// if it is gone, or does not listen there).
+fn sockets(l: Listener, bound: Bound) -> Vec<std::os::fd::OwnedFd> {
     let Some(pidfd) = rustix::process::Pid::from_raw(l.pid)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
     else {
@@ -63,18 +83,25 @@ fn sockets(l: Listener, port: u16) -> Vec<std::os::fd::OwnedFd> {
     if !l.alive() {
         return Vec::new();
     }
-    proc::listening_sockets(l.pid, &pidfd, port)
+    proc::listening_sockets(l.pid, &pidfd, bound)
 }
 
-/// Puts the listening sockets `l` holds on `inst`'s port in the steering's
-/// map; how many (none: it does not listen there, or no longer).
+/// Puts the listening sockets of `l` in the steering's map, for `inst`'s
+/// port; how many (none: it does not listen, or no longer).
 pub fn direct(steer: &Steer, inst: &Instance, l: Listener) -> usize {
     // Our copies are closed on return: the map does not keep a socket
     // open, so it leaves the map when the Dropbear closes its own.
-    sockets(l, inst.port)
+    let n = sockets(l, bound(steer, inst))
         .iter()
         .filter(|s| steer.direct(inst.port, s.as_fd()).is_ok())
-        .count()
+        .count();
+    // A pinned steering looks at a port once it is set (`serve` sets the
+    // ports it holds itself).
+    if n > 0 && !steer.holds_ports() && steer.set(inst.port, true).is_err() {
+        let _ = steer.undirect(inst.port);
+        return 0;
+    }
+    n
 }
 
 /// Starts a listener in `inst` and directs its port to it (on a thread of
@@ -86,8 +113,9 @@ pub fn direct(steer: &Steer, inst: &Instance, l: Listener) -> usize {
 /// (serve's loop writes the marks): until then the idle sweep counts it
 /// as a process of the users, which keeps the instance up.
 pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, String> {
+    let bound = bound(steer, inst);
     let code = rt
-        .listener(inst)
+        .listener(inst, bound)
         .and_then(|mut child| child.wait())
         .map_err(|e| e.to_string())?;
     let failed = |why: String| {
@@ -100,9 +128,14 @@ pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, S
         return Err(failed(format!("exited with {code}")));
     }
     // Dropbear listens on every address family the host has, as the
-    // steering's own listeners do: until it listens on them all, or on as
-    // many twice in a row.
-    let want = steer.listeners.len();
+    // steering's own listeners do (on a pinned steering: both loopback
+    // addresses): until it listens on them all, or on as many twice in a
+    // row.
+    let want = if steer.holds_ports() {
+        steer.listeners.len()
+    } else {
+        2
+    };
     let end = Instant::now() + LISTEN_WITHIN;
     let mut seen: Option<(Listener, usize)> = None;
     loop {
@@ -110,7 +143,7 @@ pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, S
             .processes(inst)
             .into_iter()
             .filter_map(Listener::of)
-            .map(|l| (l, sockets(l, inst.port).len()))
+            .map(|l| (l, sockets(l, bound).len()))
             .find(|(_, n)| *n > 0);
         let settled = match (found, seen) {
             (Some((_, n)), _) if n >= want => true,
@@ -126,31 +159,86 @@ pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, S
     match seen {
         Some((l, _)) if direct(steer, inst, l) > 0 => Ok(l),
         _ => Err(failed(format!(
-            "did not listen on port {} within {:?}",
-            inst.port, LISTEN_WITHIN
+            "did not listen ({bound:?}) within {LISTEN_WITHIN:?}"
         ))),
     }
 }
 
-/// `serve`'s part in the idle sweep: before an instance with a listener
-/// is stopped, its port's connections come to `serve` again, and one that
-/// reached the listener meanwhile keeps the instance up.
+/// The pinned steering of `store`'s on-demand ports on a systemd host
+/// (see `Steer::pinned`): opened, or made at its first use (`make`) under
+/// a lock in the store, as sessions run at once. `None` where there is no
+/// bpffs at /sys/fs/bpf or the kernel has no `sk_lookup` (Linux 5.9):
+/// every login then gets a session of its own, as the article's
+/// `Accept=yes` does.
+pub fn pinned(store: &Store, make: bool) -> Option<Steer> {
+    let dir = steer::pin_dir(&store.cgroup_name())?;
+    if !make {
+        return Steer::open_pinned(&dir).ok();
+    }
+    let _lock = crate::disk::lock_file(&store.root().join("steer.lock")).ok()?;
+    Steer::pinned(&dir)
+        .map_err(|e| tracing::info!("no steering pinned in {}: {e}", dir.display()))
+        .ok()
+}
+
+/// After systemd's socket gave a running instance's connection to a
+/// session (`nifty systemd session`): the instance gets a listener of its
+/// own, whose sockets the pinned steering hands its next connections, so
+/// that they skip systemd's unit per connection; or its listener, alive
+/// but not in the steering's map (made again since), is put back. One
+/// session at a time per instance (a lock); the others go on at once.
+pub fn ensure_pinned(store: &Store, rt: &Runtime, inst: &Instance) {
+    if inst.backend != Backend::Systemd || inst.network != Network::Host {
+        return;
+    }
+    let lock = store.instance_dir(&inst.name).join("listener.lock");
+    let Ok(fd) = rustix::fs::open(
+        &lock,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CREATE | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    ) else {
+        return;
+    };
+    if rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return;
+    }
+    let Some(steer) = pinned(store, true) else {
+        return;
+    };
+    let own = ondemand::read_mark(store, &inst.name)
+        .listener
+        .filter(|l| l.alive() && rt.processes(inst).contains(&l.pid));
+    if let Some(l) = own {
+        direct(&steer, inst, l);
+        return;
+    }
+    match start(rt, &steer, inst) {
+        Ok(l) => ondemand::update_mark(store, &inst.name, |m| m.listener = Some(l)),
+        Err(e) => tracing::warn!("instance {:?}: {e}", inst.name),
+    }
+}
+
+/// The holder's part in the idle sweep (`serve`'s, or the systemd
+/// timer's with a pinned steering): before an instance with a listener is
+/// stopped, its port's connections come to the holder again, and one
+/// that reached the listener meanwhile keeps the instance up.
 pub struct Release<'a> {
     pub steer: Option<&'a Steer>,
-    pub direct: &'a HashMap<String, Direct>,
+    /// The instances' own listeners, by instance name.
+    pub listeners: HashMap<String, Listener>,
 }
 
 impl Release<'_> {
     fn listener(&self, inst: &Instance) -> Option<Listener> {
-        match self.direct.get(&inst.name) {
-            Some(Direct::Up(l)) if l.alive() => Some(*l),
-            _ => None,
-        }
+        self.listeners
+            .get(&inst.name)
+            .copied()
+            .filter(Listener::alive)
     }
 
-    /// Whether a connection waits in a listening socket of `l` on the port.
-    fn queued(inst: &Instance, l: Listener) -> bool {
-        sockets(l, inst.port).iter().any(|s| {
+    /// Whether a connection waits in a listening socket of `l`.
+    fn queued(steer: &Steer, inst: &Instance, l: Listener) -> bool {
+        sockets(l, bound(steer, inst)).iter().any(|s| {
             let mut fds = [rustix::event::PollFd::new(s, rustix::event::PollFlags::IN)];
             rustix::event::poll(&mut fds, 0).unwrap_or(0) > 0
         })
@@ -174,7 +262,7 @@ impl ondemand::Release for Release<'_> {
         std::thread::sleep(Duration::from_millis(10));
         due.into_iter()
             .filter(|inst| match self.listener(inst) {
-                Some(l) if Self::queued(inst, l) => {
+                Some(l) if Self::queued(steer, inst, l) => {
                     self.restore(inst);
                     false
                 }

@@ -276,7 +276,14 @@ fn loop_until_error<'scope, 'env>(
             };
             let release = direct::Release {
                 steer: srv.steer,
-                direct: &srv.direct,
+                listeners: srv
+                    .direct
+                    .iter()
+                    .filter_map(|(name, d)| match d {
+                        Direct::Up(l) => Some((name.clone(), *l)),
+                        _ => None,
+                    })
+                    .collect(),
             };
             let swept = rt.sweep(store, &insts, &release);
             for (name, r) in &swept.stopped {
@@ -779,11 +786,33 @@ pub fn session(store: &Store, rt: &Runtime, conn: OwnedFd) -> Result<i32> {
             }
         }
     };
-    let mut mark = ondemand::read_mark(store, &inst.name);
-    if mark.idle_since.take().is_some() {
-        ondemand::write_mark(store, &inst.name, &mark);
+    if ondemand::read_mark(store, &inst.name).idle_since.is_some() {
+        ondemand::update_mark(store, &inst.name, |m| m.idle_since = None);
     }
-    rt.session_at(&inst, &target, conn)?.wait()
+    let mut child = rt.session_at(&inst, &target, conn)?;
+    // The next logins go straight to a Dropbear of its own.
+    direct::ensure_pinned(store, rt, &inst);
+    child.wait()
+}
+
+/// The idle sweep of the on-demand instances no `serve` holds (systemd's
+/// timer runs it: `nifty on-demand sweep`). Before it stops a systemd
+/// instance whose own listener takes its logins (through the pinned
+/// steering), the port's connections go back to systemd's socket.
+pub fn sweep_unserved(store: &Store, rt: &Runtime, insts: &[Instance]) -> ondemand::Swept {
+    let steer = direct::pinned(store, false);
+    let release = direct::Release {
+        steer: steer.as_ref(),
+        listeners: insts
+            .iter()
+            .filter(|i| i.backend == crate::store::Backend::Systemd)
+            .filter_map(|i| {
+                let l = ondemand::read_mark(store, &i.name).listener?;
+                Some((i.name.clone(), l))
+            })
+            .collect(),
+    };
+    rt.sweep(store, insts, &release)
 }
 
 /// A mutex's guard, also after a panic of another holder.

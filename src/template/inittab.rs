@@ -68,14 +68,26 @@ pub fn render_on_demand() -> String {
         .to_string()
 }
 
-/// The Dropbear `nifty serve` runs listening on `port` in a running
-/// on-demand instance, with the options of `dropbear -i` (below): not in
+/// The Dropbear that listens in a running on-demand instance (see
+/// `serve::direct`), on its port (`Bound::Port`), with the options of
+/// `dropbear -i` (below): not in
 /// the foreground, so that it leaves serve for the container's init (which
 /// reaps it, as it reaps every orphan there), logging to syslog.
-pub fn dropbear_listening(port: u16) -> Vec<String> {
+/// `Bound::Loopback`: on an ephemeral port of each loopback address
+/// instead, where the port is a systemd socket's (the steering hands the
+/// listener the port's connections all the same).
+pub fn dropbear_listening(bound: crate::runtime::linux::proc::Bound) -> Vec<String> {
+    use crate::runtime::linux::proc::Bound;
     let mut cmd = dropbear_inetd();
     cmd.retain(|a| a != "-i");
-    cmd.extend(["-p".to_string(), port.to_string()]);
+    match bound {
+        Bound::Port(port) => cmd.extend(["-p".to_string(), port.to_string()]),
+        Bound::Loopback => {
+            for at in ["127.0.0.1:0", "[::1]:0"] {
+                cmd.extend(["-p".to_string(), at.to_string()]);
+            }
+        }
+    }
     cmd
 }
 
@@ -94,6 +106,23 @@ pub fn dropbear_inetd() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::linux::proc::Bound;
+
+    #[test]
+    fn a_listener_binds_its_port_or_an_ephemeral_one_on_loopback() {
+        let on_port = dropbear_listening(Bound::Port(2201));
+        assert!(!on_port.contains(&"-i".to_string()), "{on_port:?}");
+        assert!(on_port.ends_with(&["-p".to_string(), "2201".to_string()]));
+        let loopback = dropbear_listening(Bound::Loopback).join(" ");
+        assert!(
+            loopback.ends_with("-p 127.0.0.1:0 -p [::1]:0"),
+            "never every address: {loopback}"
+        );
+        assert!(
+            loopback.starts_with("/usr/sbin/dropbear -w -r "),
+            "{loopback}"
+        );
+    }
 
     #[test]
     fn inittab_lines_parse() {

@@ -72,6 +72,10 @@ impl SystemdHost {
                 self.etc.path().display()
             ))
             .arg(format!("--bind-ro={NIFTY}"))
+            // What a systemd host's services may call, and nspawn's
+            // filter refuses: bpf and pidfd_getfd (the steering of logins
+            // to running on-demand instances).
+            .arg("--system-call-filter=bpf pidfd_getfd")
             .args(["-b", "systemd.firstboot=off"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -118,6 +122,12 @@ impl SystemdHost {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        // The bpffs a systemd host has at /sys/fs/bpf (systemd mounts it;
+        // in a container it does not): a bpffs of its own, gone with it.
+        common::succeeded(
+            &self.sh(&["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"]),
+            "mount bpffs at /sys/fs/bpf in the systemd host",
+        );
     }
 
     fn log(&self) -> String {
@@ -193,6 +203,13 @@ impl SystemdHost {
                 out.push(format!("pid {pid}: {}", cg.lines().next().unwrap_or("")));
             }
         }
+        // A steering pinned in the host's bpffs (the warm path of on-demand
+        // instances) goes with the last of them.
+        let pins = self.stdout(&["sh", "-c", "ls -A /sys/fs/bpf/nifty 2>/dev/null"]);
+        out.extend(
+            pins.lines()
+                .map(|p| format!("pinned: /sys/fs/bpf/nifty/{p}")),
+        );
         out
     }
 }
@@ -630,8 +647,36 @@ fn on_demand_instances_under_systemd_socket_activation() {
     up.sort_by_key(|n| n.parse::<u32>().unwrap_or(0));
     assert_eq!(up, twenty, "exactly the 20 logged in to run");
     assert_eq!(host.is_active("nifty@3.service"), "active");
+    // The first login of each came through systemd's socket: a session,
+    // a `dropbear -i`. That session also started the instance's own
+    // Dropbear, listening on loopback, and put its sockets in the pinned
+    // steering: the next logins go straight to it, and systemd's socket
+    // accepts none of them.
+    let mark = root.path().join("instances/3/on-demand.json");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&mark).is_ok_and(|m| m.contains("listener"))
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let accepted = || -> u64 {
+        let out = host.stdout(&["systemctl", "show", "-P", "NAccepted", "nifty-ssh@3.socket"]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("NAccepted: {out:?}"))
+    };
+    let before = accepted();
     let out = root.ssh("3", "tr '\\0' ' ' < /proc/$PPID/cmdline");
-    assert!(out.starts_with("/usr/sbin/dropbear -i "), "{out}");
+    assert!(
+        out.starts_with("/usr/sbin/dropbear ") && out.contains("-p 127.0.0.1:0"),
+        "a login to a running instance is its own listener's: {out}\n{}",
+        host.stdout(&["journalctl", "-u", "nifty-ssh@*", "-n", "20", "--no-pager"])
+    );
+    assert_eq!(
+        accepted(),
+        before,
+        "systemd's socket took a login of a running instance"
+    );
     // Its /proc/net is the view too (200 socket units listen): the
     // `dropbear -i` of each login walks no table of the host's.
     assert_proc_net_view(root, "3");

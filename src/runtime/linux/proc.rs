@@ -167,20 +167,46 @@ pub fn uptime(pid: i32) -> Option<u64> {
     Some((up.tv_sec as u64).saturating_sub(start / hz))
 }
 
-/// The listening TCP sockets of process `pid` (through `pidfd`) on `port`
-/// in nifty's own network namespace: copies of its fds (pidfd_getfd,
-/// Linux 5.6). The process may be a tenant's: each fd is checked for what
-/// the kernel says it is (a TCP socket, listening, on that port, made in
-/// this network namespace), not for what the process says; at most
-/// `MAX_FDS` of its fds are looked at.
-pub fn listening_sockets(pid: i32, pidfd: &OwnedFd, port: u16) -> Vec<OwnedFd> {
+/// Where a listening socket is bound, for [`listening_sockets`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// On this port, any address.
+    Port(u16),
+    /// On a loopback address (127.0.0.1 or ::1), any port.
+    Loopback,
+}
+
+impl Bound {
+    fn matches(self, addr: &rustix::net::SocketAddrAny) -> bool {
+        use rustix::net::SocketAddrAny::{V4, V6};
+        match (self, addr) {
+            (Bound::Port(p), V4(a)) => a.port() == p,
+            (Bound::Port(p), V6(a)) => a.port() == p,
+            (Bound::Loopback, V4(a)) => a.ip().is_loopback(),
+            (Bound::Loopback, V6(a)) => a.ip().is_loopback(),
+            _ => false,
+        }
+    }
+}
+
+/// The listening TCP sockets of process `pid` (through `pidfd`) bound as
+/// `bound` says, in nifty's own network namespace: copies of its fds
+/// (pidfd_getfd, Linux 5.6). The process may be a tenant's: each fd is
+/// checked for what the kernel says it is (a TCP socket, listening, bound
+/// there, made in this network namespace), not for what the process says;
+/// at most `MAX_FDS` of its fds are looked at.
+pub fn listening_sockets(pid: i32, pidfd: &OwnedFd, bound: Bound) -> Vec<OwnedFd> {
     const MAX_FDS: usize = 64;
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
-    let own_netns = rustix::fs::stat("/proc/self/ns/net")
-        .ok()
-        .map(|st| (st.st_dev, st.st_ino));
+    let own_netns = rustix::net::socket(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::DGRAM,
+        None,
+    )
+    .ok()
+    .and_then(|s| netns_of(s.as_fd()));
     let mut out = Vec::new();
     for entry in dir.flatten().take(MAX_FDS) {
         let Some(fd) = entry
@@ -208,20 +234,31 @@ pub fn listening_sockets(pid: i32, pidfd: &OwnedFd, port: u16) -> Vec<OwnedFd> {
                 .ok()
                 .flatten()
                 == Some(rustix::net::ipproto::TCP);
-        let on_port = match rustix::net::getsockname(&sock) {
-            Ok(rustix::net::SocketAddrAny::V4(a)) => a.port() == port,
-            Ok(rustix::net::SocketAddrAny::V6(a)) => a.port() == port,
-            _ => false,
-        };
-        let here = crate::sys::socket_netns(sock.as_fd())
-            .ok()
-            .and_then(|ns| rustix::fs::fstat(&ns).ok())
-            .map(|st| (st.st_dev, st.st_ino));
+        let on_port = rustix::net::getsockname(&sock).is_ok_and(|a| bound.matches(&a));
+        let here = netns_of(sock.as_fd());
         if listening_tcp && on_port && here.is_some() && here == own_netns {
             out.push(sock);
         }
     }
     out
+}
+
+/// Which network namespace a socket was made in: its cookie
+/// (SO_NETNS_COOKIE, Linux 5.14, no capability needed), else the
+/// namespace's inode (SIOCGSKNS, which needs CAP_NET_ADMIN).
+#[derive(Debug, PartialEq, Eq)]
+enum Netns {
+    Cookie(u64),
+    Inode(u64, u64),
+}
+
+fn netns_of(sock: std::os::fd::BorrowedFd<'_>) -> Option<Netns> {
+    if let Ok(cookie) = crate::sys::socket_netns_cookie(sock) {
+        return Some(Netns::Cookie(cookie));
+    }
+    let ns = crate::sys::socket_netns(sock).ok()?;
+    let st = rustix::fs::fstat(&ns).ok()?;
+    Some(Netns::Inode(st.st_dev, st.st_ino))
 }
 
 /// Does the process exist (signal 0)?
@@ -296,7 +333,7 @@ mod tests {
         // By inode: the other tests of this process run at once, and one
         // may listen on the same port number (on another address).
         let ino = |fd: std::os::fd::BorrowedFd<'_>| rustix::fs::fstat(fd).unwrap().st_ino;
-        let found: Vec<u64> = listening_sockets(me, &pidfd, port)
+        let found: Vec<u64> = listening_sockets(me, &pidfd, Bound::Port(port))
             .iter()
             .map(|s| ino(s.as_fd()))
             .collect();
@@ -308,9 +345,34 @@ mod tests {
         ] {
             assert!(!found.contains(&ino(fd)), "{what} is no listener");
         }
-        assert!(!listening_sockets(me, &pidfd, port.wrapping_add(1))
+        assert!(
+            !listening_sockets(me, &pidfd, Bound::Port(port.wrapping_add(1)))
+                .iter()
+                .any(|s| ino(s.as_fd()) == ino(l.as_fd()))
+        );
+        // Any port on loopback: the listener; one on every address is not.
+        let everywhere = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let on_loopback: Vec<u64> = listening_sockets(me, &pidfd, Bound::Loopback)
             .iter()
-            .any(|s| ino(s.as_fd()) == ino(l.as_fd())));
+            .map(|s| ino(s.as_fd()))
+            .collect();
+        assert!(on_loopback.contains(&ino(l.as_fd())), "the listener");
+        assert!(!on_loopback.contains(&ino(everywhere.as_fd())));
+    }
+
+    #[test]
+    fn a_bound_is_a_port_anywhere_or_any_port_on_loopback() {
+        use rustix::net::{SocketAddrAny, SocketAddrV4, SocketAddrV6};
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        let v4 = |ip: Ipv4Addr, port| SocketAddrAny::V4(SocketAddrV4::new(ip, port));
+        let v6 = |ip: Ipv6Addr, port| SocketAddrAny::V6(SocketAddrV6::new(ip, port, 0, 0));
+        assert!(Bound::Port(2201).matches(&v4(Ipv4Addr::UNSPECIFIED, 2201)));
+        assert!(Bound::Port(2201).matches(&v6(Ipv6Addr::UNSPECIFIED, 2201)));
+        assert!(!Bound::Port(2201).matches(&v4(Ipv4Addr::LOCALHOST, 2202)));
+        assert!(Bound::Loopback.matches(&v4(Ipv4Addr::LOCALHOST, 40123)));
+        assert!(Bound::Loopback.matches(&v6(Ipv6Addr::LOCALHOST, 40123)));
+        assert!(!Bound::Loopback.matches(&v4(Ipv4Addr::UNSPECIFIED, 40123)));
+        assert!(!Bound::Loopback.matches(&v6(Ipv6Addr::UNSPECIFIED, 40123)));
     }
 
     /// /proc status texts as the kernel writes them (the fields read).

@@ -19,6 +19,14 @@
 //! The program lives while the link's fd is open: when `serve` ends,
 //! steering ends with it; ports an instance listens on itself stay
 //! reachable, the others are closed again.
+//!
+//! On a systemd host, systemd's socket units hold the ports and no nifty
+//! process stays: the same program and maps, with no listeners of nifty's,
+//! are pinned in the bpffs at /sys/fs/bpf ([`Steer::pinned`]), where each
+//! per-connection `nifty systemd session` finds them. A running instance's
+//! own listener (on an ephemeral loopback port: the port is systemd's)
+//! then takes its port's connections before the kernel's lookup finds
+//! systemd's socket; without one, the lookup falls through to it.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
@@ -45,14 +53,44 @@ const DIRECT: u32 = 65536;
 pub struct Steer {
     /// port -> 1 (steered) or 0.
     ports: OwnedFd,
-    _socks: OwnedFd,
     /// (port << 1 | IPv6) -> an instance's own listening socket.
     direct: OwnedFd,
-    _prog: OwnedFd,
-    _link: OwnedFd,
+    /// What keeps the program attached where nothing is pinned: the map
+    /// of nifty's listeners, the program, its link.
+    _keep: Vec<OwnedFd>,
     /// Where steered connections wait: IPv4 and, where the host has it,
-    /// IPv6 (nonblocking, close-on-exec).
+    /// IPv6 (nonblocking, close-on-exec). None in a pinned steering.
     pub listeners: Vec<OwnedFd>,
+}
+
+/// `BPF_FS_MAGIC`: a bpffs, where BPF objects are pinned.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The objects of a pinned steering, in its directory; the link last (a
+/// directory without it is an unfinished one).
+const PINS: [&str; 3] = ["ports", "direct", "link"];
+
+/// Where the pinned steering named `name` lives: under the bpffs that
+/// systemd mounts at /sys/fs/bpf (`None` where there is none).
+pub fn pin_dir(name: &str) -> Option<std::path::PathBuf> {
+    let base = std::path::Path::new("/sys/fs/bpf");
+    let st = rustix::fs::statfs(base).ok()?;
+    (st.f_type as i64 == BPF_FS_MAGIC).then(|| base.join("nifty").join(name))
+}
+
+/// Removes a pinned steering (its program detaches once no fd of its link
+/// is open); nothing if there is none.
+pub fn unpin(dir: &std::path::Path) -> std::io::Result<()> {
+    for name in PINS.iter().rev() {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 impl Steer {
@@ -60,9 +98,6 @@ impl Steer {
     /// steered yet. Fails on kernels before 5.9 (no `sk_lookup`), which
     /// the caller answers with a socket per port.
     pub fn new() -> std::io::Result<Steer> {
-        let ports = crate::sys::bpf_map_create(MAP_ARRAY, 4, 1, PORTS, "nifty_ports")?;
-        let socks = crate::sys::bpf_map_create(MAP_SOCKMAP, 4, 8, 2, "nifty_socks")?;
-        let direct = crate::sys::bpf_map_create(MAP_SOCKHASH, 4, 8, DIRECT, "nifty_direct")?;
         let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
         // SO_REUSEADDR is inherited by the accepted connections: their
         // TIME-WAIT must not keep the instance's own Dropbear (after
@@ -87,6 +122,15 @@ impl Steer {
                 listeners.push(v6);
             }
         }
+        Steer::attach(listeners)
+    }
+
+    /// The maps and the program, attached to the caller's network
+    /// namespace, with `listeners` as nifty's.
+    fn attach(listeners: Vec<OwnedFd>) -> std::io::Result<Steer> {
+        let ports = crate::sys::bpf_map_create(MAP_ARRAY, 4, 1, PORTS, "nifty_ports")?;
+        let socks = crate::sys::bpf_map_create(MAP_SOCKMAP, 4, 8, 2, "nifty_socks")?;
+        let direct = crate::sys::bpf_map_create(MAP_SOCKHASH, 4, 8, DIRECT, "nifty_direct")?;
         for (i, l) in listeners.iter().enumerate() {
             let fd = l.as_raw_fd() as u64;
             crate::sys::bpf_map_update(
@@ -106,12 +150,40 @@ impl Steer {
         let link = crate::sys::bpf_link_create(prog.as_fd(), netns.as_fd(), ATTACH_SK_LOOKUP)?;
         Ok(Steer {
             ports,
-            _socks: socks,
             direct,
-            _prog: prog,
-            _link: link,
+            _keep: vec![socks, prog, link],
             listeners,
         })
+    }
+
+    /// The steering of a systemd host, pinned in `dir` (a bpffs directory:
+    /// [`pin_dir`]) so that it outlives the process that made it: opened
+    /// if it is there, else made. It has no listeners of nifty's (the
+    /// ports are systemd's sockets'); only running instances' own
+    /// listening sockets, in `direct`, take their ports' connections
+    /// before the kernel's lookup finds systemd's. The caller serialises
+    /// the making (a lock of its own). Fails before Linux 5.9, or where
+    /// BPF objects cannot be pinned.
+    pub fn pinned(dir: &std::path::Path) -> std::io::Result<Steer> {
+        if let Ok(steer) = Steer::open_pinned(dir) {
+            return Ok(steer);
+        }
+        // None, or an unfinished one (its maker died): made again.
+        unpin(dir)?;
+        let steer = Steer::attach(Vec::new())?;
+        let pin = || -> std::io::Result<()> {
+            std::fs::create_dir_all(dir)?;
+            let fds = [&steer.ports, &steer.direct, &steer._keep[2]];
+            for (name, fd) in PINS.iter().zip(fds) {
+                crate::sys::bpf_obj_pin(fd.as_fd(), &dir.join(name))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = pin() {
+            let _ = unpin(dir);
+            return Err(e);
+        }
+        Ok(steer)
     }
 
     /// Steers `port`'s new connections to the listeners (`on`), or no
@@ -143,7 +215,27 @@ impl Steer {
         )
     }
 
-    /// `port`'s new connections come to nifty's listeners again.
+    /// The steering pinned in `dir`, if it is there, whole.
+    pub fn open_pinned(dir: &std::path::Path) -> std::io::Result<Steer> {
+        let get = |name: &str| crate::sys::bpf_obj_get(&dir.join(name));
+        let (ports, direct) = (get("ports")?, get("direct")?);
+        get("link")?;
+        Ok(Steer {
+            ports,
+            direct,
+            _keep: Vec::new(),
+            listeners: Vec::new(),
+        })
+    }
+
+    /// Whether nifty's own listeners hold the steered ports (`serve`'s
+    /// steering), or systemd's sockets do (a pinned one).
+    pub fn holds_ports(&self) -> bool {
+        !self.listeners.is_empty()
+    }
+
+    /// `port`'s new connections come to nifty's listeners again (to the
+    /// kernel's own lookup, on a pinned steering).
     pub fn undirect(&self, port: u16) -> std::io::Result<()> {
         for v6 in [0, 1] {
             crate::sys::bpf_map_delete(self.direct.as_fd(), &direct_key(port, v6).to_ne_bytes())?;

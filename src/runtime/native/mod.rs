@@ -502,8 +502,8 @@ impl Native {
         self.dropbear_in(inst, target, &cmd, Some(conn), log)
     }
 
-    /// Starts a Dropbear listening on a running on-demand instance's port
-    /// (see `nifty serve`), as the container's root: stdin and stdout the
+    /// Starts a Dropbear listening in a running on-demand instance, bound
+    /// as `bound` says (see `serve::direct`), as the container's root: stdin and stdout the
     /// container's own /dev/null (opened inside it: no fd of the host but
     /// the log), `log` its stderr. It goes to the background (the
     /// container's init adopts the listening one); the caller waits for
@@ -513,8 +513,9 @@ impl Native {
         inst: &Instance,
         target: &super::Target,
         log: OwnedFd,
+        bound: crate::runtime::linux::proc::Bound,
     ) -> Result<super::SessionProc> {
-        let cmd = crate::template::inittab::dropbear_listening(inst.port);
+        let cmd = crate::template::inittab::dropbear_listening(bound);
         self.dropbear_in(inst, target, &cmd, None, log)
     }
 

@@ -319,6 +319,7 @@ impl Systemd {
         }
         let refs: Vec<&str> = services.iter().map(String::as_str).collect();
         let _ = m.disable_unit_files(&refs, false);
+        self.unpin_steering()?;
         let mut removed = false;
         for (path, _) in self.unit_files()? {
             match std::fs::remove_file(&path) {
@@ -377,7 +378,26 @@ impl Systemd {
             remove_dir(&self.dropin_dir(n))?;
             remove_dir(&self.socket_dropin_dir(n))?;
         }
+        // The last on-demand instance gone, so is the steering of their
+        // logins (pinned in bpffs: see `serve::direct`).
+        let on_demand_left = self.store.instance_names()?.iter().any(|n| {
+            self.store
+                .instance(n)
+                .is_ok_and(|i| i.backend == Backend::Systemd && i.on_demand.is_some())
+        });
+        if !on_demand_left {
+            self.unpin_steering()?;
+        }
         self.reload()
+    }
+
+    /// Removes the store's pinned steering, if there is one.
+    fn unpin_steering(&self) -> Result<()> {
+        match crate::runtime::linux::steer::pin_dir(&self.store.cgroup_name()) {
+            Some(dir) => crate::runtime::linux::steer::unpin(&dir)
+                .map_err(Error::io("remove the pinned steering", &dir)),
+            None => Ok(()),
+        }
     }
 
     /// Active state of every loaded unit of this store, by instance name.
