@@ -55,8 +55,10 @@ pub struct Steer {
     ports: OwnedFd,
     /// (port << 1 | IPv6) -> an instance's own listening socket.
     direct: OwnedFd,
-    /// What keeps the program attached where nothing is pinned: the map
-    /// of nifty's listeners, the program, its link.
+    /// The program's link, which keeps it attached (where this process
+    /// made it: `None` when opened from pins).
+    link: Option<OwnedFd>,
+    /// The map of nifty's listeners and the program, kept with the link.
     _keep: Vec<OwnedFd>,
     /// Where steered connections wait: IPv4 and, where the host has it,
     /// IPv6 (nonblocking, close-on-exec). None in a pinned steering.
@@ -151,7 +153,8 @@ impl Steer {
         Ok(Steer {
             ports,
             direct,
-            _keep: vec![socks, prog, link],
+            link: Some(link),
+            _keep: vec![socks, prog],
             listeners,
         })
     }
@@ -172,9 +175,11 @@ impl Steer {
         unpin(dir)?;
         let steer = Steer::attach(Vec::new())?;
         let pin = || -> std::io::Result<()> {
+            let link = steer.link.as_ref().ok_or_else(|| {
+                std::io::Error::other("the steering made has no link (a bug of nifty's)")
+            })?;
             std::fs::create_dir_all(dir)?;
-            let fds = [&steer.ports, &steer.direct, &steer._keep[2]];
-            for (name, fd) in PINS.iter().zip(fds) {
+            for (name, fd) in PINS.iter().zip([&steer.ports, &steer.direct, link]) {
                 crate::sys::bpf_obj_pin(fd.as_fd(), &dir.join(name))?;
             }
             Ok(())
@@ -223,6 +228,7 @@ impl Steer {
         Ok(Steer {
             ports,
             direct,
+            link: None,
             _keep: Vec::new(),
             listeners: Vec::new(),
         })
