@@ -29,7 +29,6 @@
 //! idle sweep of systemd's timer gives the port back to the socket before
 //! it stops the instance ([`Release`]).
 
-use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
@@ -172,8 +171,11 @@ pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, S
 /// `Accept=yes` does.
 pub fn pinned(store: &Store, make: bool) -> Option<Steer> {
     let dir = steer::pin_dir(&store.cgroup_name())?;
+    if let Ok(steer) = Steer::open_pinned(&dir) {
+        return Some(steer);
+    }
     if !make {
-        return Steer::open_pinned(&dir).ok();
+        return None;
     }
     let _lock = crate::disk::lock_file(&store.root().join("steer.lock")).ok()?;
     Steer::pinned(&dir)
@@ -224,16 +226,14 @@ pub fn ensure_pinned(store: &Store, rt: &Runtime, inst: &Instance) {
 /// that reached the listener meanwhile keeps the instance up.
 pub struct Release<'a> {
     pub steer: Option<&'a Steer>,
-    /// The instances' own listeners, by instance name.
-    pub listeners: HashMap<String, Listener>,
+    /// An instance's own listener, as the holder knows it (asked only of
+    /// the instances due to stop).
+    pub listener: &'a dyn Fn(&Instance) -> Option<Listener>,
 }
 
 impl Release<'_> {
     fn listener(&self, inst: &Instance) -> Option<Listener> {
-        self.listeners
-            .get(&inst.name)
-            .copied()
-            .filter(Listener::alive)
+        (self.listener)(inst).filter(Listener::alive)
     }
 
     /// Whether a connection waits in a listening socket of `l`.

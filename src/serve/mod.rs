@@ -274,16 +274,14 @@ fn loop_until_error<'scope, 'env>(
             } else {
                 srv.running.values().cloned().collect()
             };
+            let direct = &srv.direct;
+            let listener = |i: &Instance| match direct.get(&i.name) {
+                Some(Direct::Up(l)) => Some(*l),
+                _ => None,
+            };
             let release = direct::Release {
                 steer: srv.steer,
-                listeners: srv
-                    .direct
-                    .iter()
-                    .filter_map(|(name, d)| match d {
-                        Direct::Up(l) => Some((name.clone(), *l)),
-                        _ => None,
-                    })
-                    .collect(),
+                listener: &listener,
             };
             let swept = rt.sweep(store, &insts, &release);
             for (name, r) in &swept.stopped {
@@ -801,16 +799,14 @@ pub fn session(store: &Store, rt: &Runtime, conn: OwnedFd) -> Result<i32> {
 /// steering), the port's connections go back to systemd's socket.
 pub fn sweep_unserved(store: &Store, rt: &Runtime, insts: &[Instance]) -> ondemand::Swept {
     let steer = direct::pinned(store, false);
+    let listener = |i: &Instance| {
+        (i.backend == crate::store::Backend::Systemd)
+            .then(|| ondemand::read_mark(store, &i.name).listener)
+            .flatten()
+    };
     let release = direct::Release {
         steer: steer.as_ref(),
-        listeners: insts
-            .iter()
-            .filter(|i| i.backend == crate::store::Backend::Systemd)
-            .filter_map(|i| {
-                let l = ondemand::read_mark(store, &i.name).listener?;
-                Some((i.name.clone(), l))
-            })
-            .collect(),
+        listener: &listener,
     };
     rt.sweep(store, insts, &release)
 }

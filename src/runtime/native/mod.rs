@@ -30,6 +30,9 @@ pub struct Native {
     store: Store,
     hierarchy: Hierarchy,
     base: String,
+    /// The store's group in the v2 hierarchy (on a systemd host, its
+    /// delegated scope), whose `cgroup.events` a start reads.
+    base_dir: std::path::PathBuf,
     /// The seccomp programs, compiled once per process.
     seccomp: std::sync::OnceLock<std::result::Result<Vec<seccompiler::BpfProgram>, String>>,
     /// The empty mount namespace the containers' namespaces are copies
@@ -48,6 +51,7 @@ impl Native {
         Native {
             store: store.clone(),
             base: hierarchy.base(&store.cgroup_name()),
+            base_dir: hierarchy.v2.join(hierarchy.base(&store.cgroup_name())),
             hierarchy,
             delegated: std::sync::Mutex::new(None),
             preflight: Default::default(),
@@ -109,11 +113,7 @@ impl Native {
         let mut known = self.delegated.lock().unwrap_or_else(|e| e.into_inner());
         match &*known {
             Some(Err(e)) => return Err(Error::Once(e.clone())),
-            Some(Ok(()))
-                if delegate::populated(&self.hierarchy.v2.join(&self.base)) == Some(true) =>
-            {
-                return Ok(())
-            }
+            Some(Ok(())) if delegate::populated(&self.base_dir) == Some(true) => return Ok(()),
             _ => {}
         }
         let r = delegate::ensure(

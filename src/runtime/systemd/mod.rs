@@ -379,21 +379,29 @@ impl Systemd {
             remove_dir(&self.socket_dropin_dir(n))?;
         }
         // The last on-demand instance gone, so is the steering of their
-        // logins (pinned in bpffs: see `serve::direct`).
-        let on_demand_left = self.store.instance_names()?.iter().any(|n| {
-            self.store
-                .instance(n)
-                .is_ok_and(|i| i.backend == Backend::Systemd && i.on_demand.is_some())
-        });
-        if !on_demand_left {
-            self.unpin_steering()?;
+        // logins (pinned in bpffs: see `serve::direct`). The store's
+        // records are read only if there is one.
+        if self.pinned_steering().is_some_and(|d| d.exists()) {
+            let on_demand_left = self.store.instance_names()?.iter().any(|n| {
+                self.store
+                    .instance(n)
+                    .is_ok_and(|i| i.backend == Backend::Systemd && i.on_demand.is_some())
+            });
+            if !on_demand_left {
+                self.unpin_steering()?;
+            }
         }
         self.reload()
     }
 
+    /// Where the store's steering is pinned (`None`: no bpffs).
+    fn pinned_steering(&self) -> Option<PathBuf> {
+        crate::runtime::linux::steer::pin_dir(&self.store.cgroup_name())
+    }
+
     /// Removes the store's pinned steering, if there is one.
     fn unpin_steering(&self) -> Result<()> {
-        match crate::runtime::linux::steer::pin_dir(&self.store.cgroup_name()) {
+        match self.pinned_steering() {
             Some(dir) => crate::runtime::linux::steer::unpin(&dir)
                 .map_err(Error::io("remove the pinned steering", &dir)),
             None => Ok(()),
