@@ -125,6 +125,15 @@ pub fn update_mark(store: &Store, name: &str, f: impl FnOnce(&mut Mark)) {
     }
 }
 
+/// A login ends an instance's idle time (its session's processes would,
+/// at the next sweep, unless it has ended by then). The lock is taken only
+/// when there is an idle time to end, not at every login.
+pub fn end_idle(store: &Store, name: &str) {
+    if read_mark(store, name).idle_since.is_some() {
+        update_mark(store, name, |m| m.idle_since = None);
+    }
+}
+
 /// Marks instances as being started at a connection (`on`) or no longer.
 pub fn mark_starting(store: &Store, insts: &[Instance], on: bool) {
     let t = now();

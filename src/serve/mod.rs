@@ -757,9 +757,11 @@ pub fn session(store: &Store, rt: &Runtime, conn: OwnedFd) -> Result<i32> {
         })?;
     // Where it runs, found once: at once when it is up (the warm path);
     // else after its start, by this session or by another's.
+    let mut cold = false;
     let target = match rt.target(&inst) {
         Ok(t) => t,
         Err(_) => {
+            cold = true;
             let stopped = rt.with_state(std::slice::from_ref(&inst), |s| s == State::Stopped);
             if !stopped.is_empty() {
                 ondemand::mark_starting(store, &stopped, true);
@@ -784,13 +786,23 @@ pub fn session(store: &Store, rt: &Runtime, conn: OwnedFd) -> Result<i32> {
             }
         }
     };
-    if ondemand::read_mark(store, &inst.name).idle_since.is_some() {
-        ondemand::update_mark(store, &inst.name, |m| m.idle_since = None);
-    }
+    ondemand::end_idle(store, &inst.name);
     let mut child = rt.session_at(&inst, &target, conn)?;
-    // The next logins go straight to a Dropbear of its own.
-    direct::ensure_pinned(store, rt, &inst);
-    child.wait()
+    // The next logins go straight to a Dropbear of its own. After a cold
+    // start it waits, as `serve`'s listeners wait for the end of a burst:
+    // started at once, the listeners of a burst's instances would take
+    // CPU from the burst's sessions. (The unit ends once both are done.)
+    if !cold {
+        direct::ensure_pinned(store, rt, &inst);
+        return child.wait();
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(LISTEN_AFTER);
+            direct::ensure_pinned(store, rt, &inst);
+        });
+        child.wait()
+    })
 }
 
 /// The idle sweep of the on-demand instances no `serve` holds (systemd's
@@ -874,12 +886,7 @@ fn serve_connections<'scope, 'env>(
             waiting.entry(name).or_default().push(conn);
             continue;
         }
-        // A login ends an idle time (the session's processes would, at
-        // the next sweep, unless it has ended by then).
-        let mut mark = ondemand::read_mark(store, &name);
-        if mark.idle_since.take().is_some() {
-            ondemand::write_mark(store, &name, &mark);
-        }
+        ondemand::end_idle(store, &name);
         warm.push((name, (*inst).clone(), conn));
     }
     counts.up = insts
