@@ -290,6 +290,16 @@ impl Store {
     pub fn root(&self) -> &Path {
         &self.root
     }
+
+    /// The `--root` option that names this store in a command line shown
+    /// to the user: "" for the default root, else " --root DIR".
+    pub fn root_flag(&self) -> String {
+        if self.root == Path::new(DEFAULT_ROOT) {
+            String::new()
+        } else {
+            format!(" --root {}", self.root.display())
+        }
+    }
     pub fn run_dir(&self) -> &Path {
         &self.run
     }

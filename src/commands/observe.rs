@@ -157,11 +157,11 @@ pub fn status(ctx: &Ctx, a: StatusArgs) -> Result<bool> {
     }
     let port_state = match &st.info.on_demand {
         Some(od) if od.phase == nifty::runtime::ondemand::Phase::Unserved => {
-            "not held: run `nifty serve` (native) or start its socket unit (systemd)"
+            format!("not held: {}", rt.hold_ports_hint(&inst))
         }
-        Some(_) => "held by the host: a connection starts it",
-        None if st.listening => "listening",
-        None => "not listening",
+        Some(_) => "held by the host: a connection starts it".into(),
+        None if st.listening => "listening".into(),
+        None => "not listening".into(),
     };
     println!(
         "        Port: {} ({port_state})  ssh -p {} {}@localhost",
@@ -308,6 +308,7 @@ pub fn exec(ctx: &Ctx, a: ExecArgs) -> Result<ExitCode> {
 
 pub fn ssh(ctx: &Ctx, a: SshArgs) -> Result<ExitCode> {
     let inst = ctx.store.instance(&a.name)?;
+    Runtime::new(&ctx.store)?.reachable(&inst)?;
     let mut cmd = nifty::sshclient::command(&ctx.store, &inst)?;
     if !a.cmd.is_empty() {
         cmd.arg("--").args(&a.cmd);

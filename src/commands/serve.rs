@@ -100,10 +100,7 @@ pub fn hint_serve(ctx: &Ctx, rt: &Runtime, insts: &[nifty::store::Instance]) {
     if waiting == 0 || nifty::serve::serving(&ctx.store) {
         return;
     }
-    let root = match ctx.store.root() {
-        r if r == std::path::Path::new(nifty::store::DEFAULT_ROOT) => String::new(),
-        r => format!(" --root {}", r.display()),
-    };
+    let root = ctx.store.root_flag();
     let service = if nifty::runtime::dbus::booted() {
         format!(
             ", or as a service: `nifty{root} systemd install`, then `systemctl enable --now {}`",

@@ -208,6 +208,9 @@ pub trait Launcher: Sync {
     /// (the native launcher), rather than something of the backend's own
     /// (systemd's socket units).
     fn served_by_serve(&self) -> bool;
+    /// What has an on-demand instance's port held when nothing does, for
+    /// messages: "run `nifty serve`", or its socket unit to start.
+    fn hold_ports_hint(&self, inst: &Instance) -> String;
     /// Names of the instances that may be running (a cheap superset, for
     /// sweeps: one directory read or one call).
     fn running_names(&self) -> Vec<String>;
@@ -576,6 +579,42 @@ impl Runtime {
 
     /// Whether `nifty serve` holds this on-demand instance's port and
     /// starts it (not its backend's own sockets); `serve` takes only these.
+    /// What has `inst`'s port held when nothing does (see
+    /// `Launcher::hold_ports_hint`).
+    pub fn hold_ports_hint(&self, inst: &Instance) -> String {
+        match self.of(inst) {
+            Ok(l) => l.hold_ports_hint(inst),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Whether a connection to `inst`'s SSH port is answered now: it runs,
+    /// or it is on demand and something holds its port to start it. For
+    /// `nifty ssh`, which says why not instead of the client's
+    /// "Connection refused".
+    pub fn reachable(&self, inst: &Instance) -> Result<()> {
+        let mut infos = vec![self.info(inst)];
+        if inst.on_demand.is_none() {
+            return match infos[0].state {
+                State::Stopped => Err(Error::NotRunning(inst.name.clone())),
+                _ => Ok(()),
+            };
+        }
+        ondemand::describe(&self.store, std::slice::from_ref(inst), &mut infos);
+        match infos[0].on_demand.as_ref().map(|o| o.phase) {
+            Some(ondemand::Phase::Unserved) => Err(Error::Invalid(format!(
+                "instance {:?} is on demand and nothing holds its port {}, so nothing \
+                 starts it at a connection: {} (or start it: `nifty{} start {}`)",
+                inst.name,
+                inst.port,
+                self.hold_ports_hint(inst),
+                self.store.root_flag(),
+                inst.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     pub fn served_by_serve(&self, inst: &Instance) -> bool {
         inst.on_demand.is_some() && self.of(inst).is_ok_and(|l| l.served_by_serve())
     }

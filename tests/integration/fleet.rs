@@ -298,6 +298,9 @@ fn up_twice_leaves_five_running() {
     );
     let pids: Vec<i32> = range(1, 5).iter().flat_map(|n| root.procs(n)).collect();
     root.ok(&["stop", "--all"]);
+    // A stopped instance: `nifty ssh` says so and how to start it.
+    let e = root.fails(&["ssh", "3", "--", "true"]);
+    assert!(e.contains("is not running") && e.contains("start"), "{e}");
     assert_clean(&root, &pids);
 }
 

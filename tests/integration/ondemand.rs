@@ -176,6 +176,12 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     let p = phases(&root);
     assert_eq!(p["7"]["phase"], "unserved", "{:?}", p["7"]);
     assert_eq!(p["7"]["idle_timeout_secs"], 60);
+    // `nifty ssh` says what to run instead of ssh's "Connection refused".
+    let e = root.fails(&["ssh", "7", "--", "true"]);
+    assert!(
+        e.contains("nothing holds its port") && e.contains("serve`"),
+        "{e}"
+    );
 
     let mut serve = Serve::start(&root);
     assert!(

@@ -1034,6 +1034,10 @@ impl super::Launcher for Native {
         true
     }
 
+    fn hold_ports_hint(&self, _: &Instance) -> String {
+        format!("run `nifty{} serve`", self.store.root_flag())
+    }
+
     fn hold_ports(&self, _: &[&Instance], _: bool) -> Result<()> {
         // `nifty serve` holds them: it rescans when the instances
         // directory changes, which this makes it do.

@@ -697,6 +697,13 @@ impl super::Launcher for Systemd {
         false
     }
 
+    fn hold_ports_hint(&self, inst: &Instance) -> String {
+        format!(
+            "start its socket: `systemctl start {}`",
+            self.names.socket(&inst.name)
+        )
+    }
+
     fn running_names(&self) -> Vec<String> {
         Systemd::running_names(self)
     }
