@@ -338,6 +338,13 @@ pub enum SystemdCmd {
         /// Instance name.
         name: String,
     },
+    /// The unit's ExecStop: power the container off from the host, as the
+    /// native launcher does, without BusyBox init's two seconds of sleep.
+    #[command(hide = true)]
+    Stop {
+        /// Instance name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

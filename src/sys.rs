@@ -543,6 +543,55 @@ pub fn clone_vm(
     Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
 
+/// Powers off the PID namespace `pidns` (an open `/proc/<pid>/ns/pid`) as
+/// a poweroff inside it would (Linux 3.4): a child made in it calls
+/// reboot(2), and the kernel kills the namespace's init, whose parent sees
+/// it end by SIGINT (a poweroff), and with it every process of the
+/// namespace. Needs CAP_SYS_BOOT over the namespace's user namespace and
+/// CAP_SYS_ADMIN to join it (host root has both); the child does nothing
+/// else, and the calling thread's next children are made in its own PID
+/// namespace again.
+pub fn power_off_pid_ns(pidns: BorrowedFd<'_>) -> std::io::Result<()> {
+    use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+    let own = rustix::fs::open(
+        "/proc/thread-self/ns/pid",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    move_into_link_name_space(pidns, Some(LinkNameSpaceType::ProcessID))?;
+    let mut stack = vec![0u8; 16 << 10];
+    let made = spawn_vfork(0, &mut stack, &mut || {
+        // SAFETY: reboot(2) with its magic numbers and no argument: in a
+        // PID namespace other than the host's it ends that namespace, this
+        // child with it; it returns only on failure.
+        unsafe {
+            libc::syscall(
+                libc::SYS_reboot,
+                libc::LINUX_REBOOT_MAGIC1,
+                libc::LINUX_REBOOT_MAGIC2,
+                libc::LINUX_REBOOT_CMD_POWER_OFF,
+                0usize,
+            )
+        };
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(1)
+    });
+    let back = move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&own),
+        Some(LinkNameSpaceType::ProcessID),
+    );
+    let (pid, _pidfd) = made?;
+    back?;
+    let status = rustix::process::waitpid(
+        rustix::process::Pid::from_raw(pid),
+        rustix::process::WaitOptions::empty(),
+    )?;
+    match status.and_then(|s| s.exit_status()) {
+        Some(0) => Ok(()),
+        Some(e) => Err(std::io::Error::from_raw_os_error(e as i32)),
+        None => Err(std::io::Error::other("the reboot(2) child was killed")),
+    }
+}
+
 /// [`clone_vm`] with CLONE_VFORK: returns when the child has exec'd or
 /// exited, so `f` may borrow anything of the caller's.
 pub fn spawn_vfork(

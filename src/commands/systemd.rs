@@ -1,5 +1,6 @@
 //! `nifty systemd install|uninstall|show`, `enable`, `disable`, and the
-//! hidden `systemd exec` and `systemd post` that nifty@.service runs.
+//! hidden `systemd exec`, `systemd post` and `systemd stop` that
+//! nifty@.service runs.
 
 use anyhow::{Context, Result};
 use nifty::runtime::{Runtime, StopOptions};
@@ -28,6 +29,12 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
                 .context("dup2(/dev/null, 0)")?;
             let code = nifty::serve::session(&ctx.store, &rt, conn)?;
             std::process::exit(code);
+        }
+        SystemdCmd::Stop { name } => {
+            let inst = ctx.store.instance(&name)?;
+            rt.power_off_inside(&inst, StopOptions::default().timeout)
+                .with_context(|| format!("instance {name}: power off"))?;
+            Ok(true)
         }
         SystemdCmd::Post { name } => {
             let inst = ctx.store.instance(&name)?;

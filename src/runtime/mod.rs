@@ -498,6 +498,120 @@ impl Runtime {
         keeping_pidns(|| self.native.listener(inst, &target, log, bound))
     }
 
+    /// The systemd backend's stop without BusyBox init's poweroff, which
+    /// sleeps two seconds (`nifty systemd stop`, the unit's ExecStop), as
+    /// the native launcher powers off: init is stopped (SIGSTOP: it
+    /// respawns nothing), every other process of its PID namespace gets
+    /// SIGTERM, and once they are gone (or after `grace`) a `poweroff -f`
+    /// in the container has the kernel end the namespace. nspawn sees its
+    /// init end as from a poweroff (SIGINT: "shut down"), exits 0, and the
+    /// unit stops clean. Returns whether it did. `false`, with init running
+    /// again, leaves the stop to systemd's KillSignal (SIGUSR2 to init:
+    /// its own poweroff): when it is not running, when its inittab has
+    /// `shutdown` actions (init's poweroff runs them), or when it did not
+    /// go down.
+    pub fn power_off_inside(&self, inst: &Instance, grace: Duration) -> Result<bool> {
+        use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+        use std::os::fd::OwnedFd;
+        let target = match self.target(inst) {
+            Ok(t) => t,
+            Err(Error::NotRunning(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let init = target.pid;
+        if native::poweroff::init_has_shutdown_actions(init) {
+            return Ok(false);
+        }
+        let open =
+            |pid: i32| Pid::from_raw(pid).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok());
+        let Some(init_fd) = open(init) else {
+            return Ok(false);
+        };
+        let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+        let Some(own) = ns(init) else {
+            return Ok(false);
+        };
+        let Some(dir) = target.procs_files.first().and_then(|f| f.parent()) else {
+            return Ok(false);
+        };
+        // The container's processes but init: in its cgroup (and those
+        // below) and its PID namespace, which nspawn, in the unit's
+        // cgroup too, and this process are not. Each is opened as a pidfd
+        // first and kept only if it is still there after, so that a
+        // reused PID never gets a signal.
+        let services = || -> Vec<OwnedFd> {
+            linux::cgroup::procs_under(dir)
+                .into_iter()
+                .filter(|p| *p != init)
+                .filter_map(|p| open(p).map(|fd| (p, fd)))
+                .filter(|(p, _)| ns(*p).as_ref() == Some(&own))
+                .map(|(_, fd)| fd)
+                .collect()
+        };
+        let resume = || {
+            let _ = pidfd_send_signal(&init_fd, Signal::Cont);
+            Ok(false)
+        };
+        if pidfd_send_signal(&init_fd, Signal::Stop).is_err() {
+            return Ok(false);
+        }
+        self.native.console_note(
+            inst,
+            "nifty: powering off: init stopped, SIGTERM to its processes",
+        );
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            let left = services();
+            if left.is_empty() {
+                break;
+            }
+            for fd in &left {
+                let _ = pidfd_send_signal(fd, Signal::Term);
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // Until one of them exits (or a tenth of a second: a newcomer).
+            let mut fds: Vec<_> = left
+                .iter()
+                .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+                .collect();
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            let _ = rustix::event::poll(&mut fds, wait.as_millis() as i32);
+        }
+        // Its PID namespace, while the pidfd says that init is still the
+        // process at its PID.
+        let pidns = rustix::fs::open(
+            format!("/proc/{init}/ns/pid").as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        );
+        let mut fds = [rustix::event::PollFd::new(
+            &init_fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let pidns = match pidns {
+            Ok(ns) if rustix::event::poll(&mut fds, 0) == Ok(0) => ns,
+            _ => return resume(),
+        };
+        if let Err(e) = crate::sys::power_off_pid_ns(std::os::fd::AsFd::as_fd(&pidns)) {
+            tracing::warn!(
+                "instance {:?}: reboot(2) in its PID namespace: {e}",
+                inst.name
+            );
+            return resume();
+        }
+        let mut fds = [rustix::event::PollFd::new(
+            &init_fd,
+            rustix::event::PollFlags::IN,
+        )];
+        if rustix::event::poll(&mut fds, 5000).unwrap_or(0) == 0 {
+            return resume();
+        }
+        Ok(true)
+    }
+
     /// Covers a running instance's /proc/net with the template's view where
     /// it should show it and does not (either backend; in effect a systemd
     /// one, whose /proc systemd-nspawn mounts: `nifty systemd post`, the

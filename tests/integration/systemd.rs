@@ -438,8 +438,26 @@ fn article_fleet_under_systemd() {
     // Mended: new instances below are made on version 3.
     std::fs::copy("/usr/sbin/dropbear", &v3_dropbear).unwrap();
 
-    // Stop: every unit ends on BusyBox init's own poweroff, not on the
-    // unit's timeout (which would log "timed out" and kill).
+    // 10's inittab gains a shutdown action (BusyBox init re-reads it on
+    // SIGHUP): its poweroff is left to init, so that the action runs.
+    host.nifty(&[
+        "exec",
+        "10",
+        "--",
+        "sh",
+        "-c",
+        "echo '::shutdown:/bin/echo custom shutdown ran' >> /etc/inittab && kill -HUP 1",
+    ]);
+    let reloaded = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        host.nifty(&["logs", "10"])
+            .contains("reloading /etc/inittab")
+    });
+    assert!(reloaded, "init did not re-read its inittab");
+    // Stop: every unit ends on nifty's power off (the unit's ExecStop:
+    // init stopped, SIGTERM to the services, then reboot(2) in its PID
+    // namespace), not on the unit's timeout (which would log "timed out"
+    // and kill), and its result is a success: nspawn saw a poweroff.
     host.nifty(&["stop", "1..10"]);
     for n in 1..=10 {
         let u = format!("nifty@{n}");
@@ -454,13 +472,29 @@ fn article_fleet_under_systemd() {
     );
     // The console goes to the instance's console log, as a native one's
     // (no journal stream per unit: journald takes at most 4096).
-    for n in ["1", "10"] {
+    // What its last run wrote (the log keeps the runs before).
+    let last_run = |n: &str| {
         let log = host.nifty(&["logs", n]);
         assert!(log.contains("nifty: starting instance"), "{n}: {log}");
-        assert!(log.contains("The system is going down NOW"), "{n}: {log}");
-    }
+        log.rsplit("nifty: starting instance")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    // 1: the services exited on SIGTERM (syslogd and Dropbear say so);
+    // init's own poweroff, which sleeps two seconds, never ran.
+    let log = last_run("1");
+    assert!(log.contains("nifty: powering off"), "{log}");
+    assert!(log.contains("syslogd exiting"), "{log}");
+    assert!(log.contains("Terminated by signal"), "{log}");
+    assert!(!log.contains("The system is going down"), "{log}");
+    // 10: init ran its shutdown action, then its poweroff.
+    let log = last_run("10");
+    assert!(log.contains("custom shutdown ran"), "{log}");
+    assert!(log.contains("The system is going down"), "{log}");
+    assert!(!log.contains("nifty: powering off"), "{log}");
     assert!(
-        !journal.contains("The system is going down NOW"),
+        !journal.contains("syslogd exiting"),
         "the console went to the journal:\n{journal}"
     );
     let active = host.stdout(&[

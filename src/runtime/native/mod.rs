@@ -6,8 +6,6 @@
 pub mod poweroff;
 pub mod spawn;
 
-use std::fs;
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -147,11 +145,12 @@ impl Native {
 
     /// Appends a line to an instance's console log (`nifty logs`), for what
     /// nifty does to it that init would otherwise have printed.
-    fn console_note(&self, inst: &Instance, line: &str) {
-        let r = fs::OpenOptions::new()
-            .append(true)
-            .open(self.store.console_log(inst))
-            .and_then(|mut f| writeln!(f, "{line}"));
+    pub fn console_note(&self, inst: &Instance, line: &str) {
+        let r = crate::runtime::linux::files::append_console_log(&self.store.console_log(inst))
+            .and_then(|fd| {
+                rustix::io::write(&fd, format!("{line}\n").as_bytes())
+                    .map_err(Error::sys("write(console log)"))
+            });
         if let Err(e) = r {
             tracing::debug!(instance = %inst.name, "console log: {e}");
         }

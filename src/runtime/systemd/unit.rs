@@ -207,6 +207,13 @@ ExecStart={nifty} --root {root} systemd exec %I -- {nspawn} \\
 # each login walks no table of the host's. Not a boundary; '-': a start
 # does not fail for it.
 ExecStartPost=-{nifty} --root {root} systemd post %I
+# A stop powers the container off from the host (`nifty systemd stop`), as
+# the native launcher does: init is stopped, its services get SIGTERM, and
+# once they are gone a `poweroff -f` inside ends the container at once,
+# where BusyBox init's own poweroff sleeps two seconds. '-': if it could
+# not (or the inittab has shutdown actions, which init's poweroff runs),
+# the KillSignal below does it the slow way.
+ExecStop=-{nifty} --root {root} systemd stop %I
 # `systemctl stop` sends SIGTERM to systemd-nspawn, which passes the
 # container's init its --kill-signal (SIGUSR2: BusyBox init powers off);
 # whatever is left after the timeout is killed.
@@ -536,6 +543,7 @@ mod tests {
             "Description=nifty container # %I",
             "ExecStart=/usr/local/bin/nifty --root /var/lib/nifty systemd exec %I -- /usr/bin/systemd-nspawn",
             "ExecStartPost=-/usr/local/bin/nifty --root /var/lib/nifty systemd post %I",
+            "ExecStop=-/usr/local/bin/nifty --root /var/lib/nifty systemd stop %I",
             "--machine=nifty%I",
             "--keep-unit",
             "--boot",
