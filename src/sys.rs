@@ -550,9 +550,13 @@ pub fn clone_vm(
 /// namespace. Needs CAP_SYS_BOOT over the namespace's user namespace and
 /// CAP_SYS_ADMIN to join it (host root has both); the child does nothing
 /// else, and the calling thread's next children are made in its own PID
-/// namespace again.
+/// namespace again. The calling process is made non-dumpable first: the
+/// child shares its memory, and while it lives in the container's PID
+/// namespace nothing there may read or write that memory through ptrace
+/// or /proc/<pid>/mem, even with the same UID (`--no-userns`).
 pub fn power_off_pid_ns(pidns: BorrowedFd<'_>) -> std::io::Result<()> {
     use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
     let own = rustix::fs::open(
         "/proc/thread-self/ns/pid",
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
