@@ -502,10 +502,11 @@ impl Runtime {
     /// sleeps two seconds (`nifty systemd stop`, the unit's ExecStop), as
     /// the native launcher powers off: init is stopped (SIGSTOP: it
     /// respawns nothing), every other process of its PID namespace gets
-    /// SIGTERM, and once they are gone (or after `grace`) a `poweroff -f`
-    /// in the container has the kernel end the namespace. nspawn sees its
-    /// init end as from a poweroff (SIGINT: "shut down"), exits 0, and the
-    /// unit stops clean. Returns whether it did. `false`, with init running
+    /// SIGTERM, and once they are gone (or after `grace`) a child of this
+    /// process made in that namespace calls reboot(2), and the kernel ends
+    /// the namespace (`sys::power_off_pid_ns`). nspawn sees its init end
+    /// as from a poweroff (SIGINT: "shut down"), exits 0, and the unit
+    /// stops clean. Returns whether it did. `false`, with init running
     /// again, leaves the stop to systemd's KillSignal (SIGUSR2 to init:
     /// its own poweroff): when it is not running, when its inittab has
     /// `shutdown` actions (init's poweroff runs them), or when it did not
@@ -537,8 +538,8 @@ impl Runtime {
         // The container's processes but init: in its cgroup (and those
         // below) and its PID namespace, which nspawn, in the unit's
         // cgroup too, and this process are not. Each is opened as a pidfd
-        // first and kept only if it is still there after, so that a
-        // reused PID never gets a signal.
+        // first and kept only if the process opened is in that namespace,
+        // so that a reused PID never gets a signal.
         let services = || -> Vec<OwnedFd> {
             linux::cgroup::procs_under(dir)
                 .into_iter()
@@ -691,8 +692,6 @@ impl Runtime {
         Ok(true)
     }
 
-    /// Whether `nifty serve` holds this on-demand instance's port and
-    /// starts it (not its backend's own sockets); `serve` takes only these.
     /// What has `inst`'s port held when nothing does (see
     /// `Launcher::hold_ports_hint`).
     pub fn hold_ports_hint(&self, inst: &Instance) -> String {
@@ -729,6 +728,8 @@ impl Runtime {
         }
     }
 
+    /// Whether `nifty serve` holds this on-demand instance's port and
+    /// starts it (not its backend's own sockets); `serve` takes only these.
     pub fn served_by_serve(&self, inst: &Instance) -> bool {
         inst.on_demand.is_some() && self.of(inst).is_ok_and(|l| l.served_by_serve())
     }

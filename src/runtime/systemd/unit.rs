@@ -209,8 +209,8 @@ ExecStart={nifty} --root {root} systemd exec %I -- {nspawn} \\
 ExecStartPost=-{nifty} --root {root} systemd post %I
 # A stop powers the container off from the host (`nifty systemd stop`), as
 # the native launcher does: init is stopped, its services get SIGTERM, and
-# once they are gone a `poweroff -f` inside ends the container at once,
-# where BusyBox init's own poweroff sleeps two seconds. '-': if it could
+# once they are gone a reboot(2) in its PID namespace ends the container at
+# once, where BusyBox init's own poweroff sleeps two seconds. '-': if it could
 # not (or the inittab has shutdown actions, which init's poweroff runs),
 # the KillSignal below does it the slow way.
 ExecStop=-{nifty} --root {root} systemd stop %I
