@@ -17,6 +17,20 @@ pub const TEST_PORT_BASE: u16 = 20000;
 /// The nifty under test, with the tests' port base, and the native
 /// launcher unless a test names `--backend` (the default would be systemd
 /// on a systemd host, such as the VMs of tests/vm).
+/// `nifty` arguments that give a running instance's inittab a shutdown
+/// action (BusyBox init re-reads it on SIGHUP): its stop is then left to
+/// init's own poweroff, so that the action runs.
+pub fn add_shutdown_action(name: &str) -> [&str; 6] {
+    [
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "echo '::shutdown:/bin/echo custom shutdown ran' >> /etc/inittab && kill -HUP 1",
+    ]
+}
+
 pub fn nifty() -> Command {
     let mut c = Command::new(NIFTY);
     c.env("NIFTY_PORT_BASE", TEST_PORT_BASE.to_string())

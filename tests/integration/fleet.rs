@@ -472,14 +472,7 @@ fn stop_powers_off_from_the_host_unless_the_inittab_has_shutdown_actions() {
     let root = running(611, 612);
     // 612's inittab gains a shutdown action (BusyBox init re-reads it on
     // SIGHUP): its poweroff is left to init, so that the action runs.
-    root.ok(&[
-        "exec",
-        "612",
-        "--",
-        "sh",
-        "-c",
-        "echo '::shutdown:/bin/echo custom shutdown ran' >> /etc/inittab && kill -HUP 1",
-    ]);
+    root.ok(&common::add_shutdown_action("612"));
     let reloaded = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
         root.ok(&["logs", "612"]).contains("reloading /etc/inittab")

@@ -440,14 +440,7 @@ fn article_fleet_under_systemd() {
 
     // 10's inittab gains a shutdown action (BusyBox init re-reads it on
     // SIGHUP): its poweroff is left to init, so that the action runs.
-    host.nifty(&[
-        "exec",
-        "10",
-        "--",
-        "sh",
-        "-c",
-        "echo '::shutdown:/bin/echo custom shutdown ran' >> /etc/inittab && kill -HUP 1",
-    ]);
+    host.nifty(&common::add_shutdown_action("10"));
     let reloaded = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
         host.nifty(&["logs", "10"])
