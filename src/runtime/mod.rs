@@ -528,8 +528,7 @@ impl Runtime {
         let Some(init_fd) = open(init) else {
             return Ok(false);
         };
-        let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
-        let Some(own) = ns(init) else {
+        let Some(own) = linux::proc::pid_ns(init) else {
             return Ok(false);
         };
         let Some(dir) = target.procs_files.first().and_then(|f| f.parent()) else {
@@ -540,13 +539,12 @@ impl Runtime {
         // cgroup too, and this process are not. Each is opened as a pidfd
         // first and kept only if the process opened is in that namespace,
         // so that a reused PID never gets a signal.
-        let services = || -> Vec<OwnedFd> {
+        let services = || -> Vec<(i32, OwnedFd)> {
             linux::cgroup::procs_under(dir)
                 .into_iter()
                 .filter(|p| *p != init)
                 .filter_map(|p| open(p).map(|fd| (p, fd)))
-                .filter(|(p, _)| ns(*p).as_ref() == Some(&own))
-                .map(|(_, fd)| fd)
+                .filter(|(p, _)| linux::proc::pid_ns(*p).as_ref() == Some(&own))
                 .collect()
         };
         let resume = || {
@@ -561,13 +559,17 @@ impl Runtime {
             "nifty: powering off: init stopped, SIGTERM to its processes",
         );
         let deadline = std::time::Instant::now() + grace;
+        // Each gets SIGTERM once (newcomers too), as from init.
+        let mut signalled = std::collections::HashSet::new();
         loop {
             let left = services();
             if left.is_empty() {
                 break;
             }
-            for fd in &left {
-                let _ = pidfd_send_signal(fd, Signal::Term);
+            for (pid, fd) in &left {
+                if signalled.insert(*pid) {
+                    let _ = pidfd_send_signal(fd, Signal::Term);
+                }
             }
             let now = std::time::Instant::now();
             if now >= deadline {
@@ -576,7 +578,7 @@ impl Runtime {
             // Until one of them exits (or a tenth of a second: a newcomer).
             let mut fds: Vec<_> = left
                 .iter()
-                .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+                .map(|(_, fd)| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
                 .collect();
             let wait = (deadline - now).min(Duration::from_millis(100));
             let _ = rustix::event::poll(&mut fds, wait.as_millis() as i32);

@@ -295,13 +295,12 @@ fn fresh_idle_since(mark: &Mark, uptime_secs: Option<u64>) -> Option<u64> {
 /// (a backend's cgroup may hold its launcher too: systemd-nspawn), but
 /// `serve`'s listening Dropbear.
 fn container_processes(pids: &[i32], init: i32, listener: Option<Listener>) -> usize {
-    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
-    let Some(own) = ns(init) else {
+    let Some(own) = proc::pid_ns(init) else {
         return pids.len();
     };
     let listener = listener.filter(Listener::alive).map(|l| l.pid);
     pids.iter()
-        .filter(|p| Some(**p) != listener && ns(**p).as_ref() == Some(&own))
+        .filter(|p| Some(**p) != listener && proc::pid_ns(**p).as_ref() == Some(&own))
         .count()
 }
 

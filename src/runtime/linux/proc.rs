@@ -261,6 +261,13 @@ fn netns_of(sock: std::os::fd::BorrowedFd<'_>) -> Option<Netns> {
     Some(Netns::Inode(st.st_dev, st.st_ino))
 }
 
+/// The PID namespace of a process (its `ns/pid` link's text, which names
+/// the namespace), to tell a container's processes from others in the
+/// same cgroup.
+pub fn pid_ns(pid: i32) -> Option<std::path::PathBuf> {
+    fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
+}
+
 /// Does the process exist (signal 0)?
 pub fn alive(pid: i32) -> bool {
     Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
