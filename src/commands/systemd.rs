@@ -32,7 +32,8 @@ pub fn run(ctx: &Ctx, c: SystemdCmd) -> Result<bool> {
         }
         SystemdCmd::Stop { name } => {
             let inst = ctx.store.instance(&name)?;
-            rt.power_off_inside(&inst, StopOptions::default().timeout)
+            rt.systemd()?
+                .power_off_inside(&inst, StopOptions::default().timeout)
                 .with_context(|| format!("instance {name}: power off"))?;
             Ok(true)
         }

@@ -23,6 +23,28 @@ pub const HOST_KEY: &str = "/etc/dropbear/dropbear_ed25519_host_key";
 /// The environment variable that carries the instance's SSH port.
 pub const PORT_ENV: &str = "NIFTY_PORT";
 
+/// The shutdown line of the inittabs nifty wrote before it powered off
+/// containers itself (templates and instances made then still have it):
+/// it only printed a message, so it does not need init.
+const LEGACY_SHUTDOWN: &str = "/bin/echo nifty: shutting down";
+
+/// The `shutdown` actions of an inittab (BusyBox
+/// `id:runlevels:action:process`): with any, a stop leaves the poweroff to
+/// init, so that they run.
+pub fn shutdown_actions(inittab: &str) -> Vec<&str> {
+    inittab
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.splitn(4, ':');
+            let (_, _, action, process) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            (action.trim() == "shutdown").then_some(process.trim())
+        })
+        .filter(|p| *p != LEGACY_SHUTDOWN)
+        .collect()
+}
+
 /// Renders the inittab; `port` writes the port in, `None` takes it from
 /// `NIFTY_PORT`.
 ///
@@ -106,6 +128,30 @@ pub fn dropbear_inetd() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_shutdown_actions() {
+        let t = "# comment\n::respawn:/sbin/syslogd -n\n\
+                 ::shutdown:/bin/umount -a -r\n  ::shutdown: /sbin/swapoff -a\n\
+                 ::ctrlaltdel:/sbin/reboot\nbroken line\n";
+        assert_eq!(
+            shutdown_actions(t),
+            ["/bin/umount -a -r", "/sbin/swapoff -a"]
+        );
+        assert!(shutdown_actions("::respawn:/usr/sbin/dropbear -F\n").is_empty());
+        // A process may hold colons.
+        assert_eq!(
+            shutdown_actions("::shutdown:/bin/sh -c 'echo a:b'\n"),
+            ["/bin/sh -c 'echo a:b'"]
+        );
+    }
+
+    #[test]
+    fn nifty_s_old_message_line_needs_no_init() {
+        let old = render(Some(2201)) + "::shutdown:/bin/echo nifty: shutting down\n";
+        assert!(shutdown_actions(&old).is_empty());
+        assert!(shutdown_actions(&render(None)).is_empty());
+    }
     use crate::runtime::linux::proc::Bound;
 
     #[test]

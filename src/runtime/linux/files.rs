@@ -415,6 +415,36 @@ pub fn append_console_log(path: &std::path::Path) -> Result<OwnedFd> {
     Ok(f.into())
 }
 
+/// Appends a line to an instance's console log (`nifty logs`), for what
+/// nifty does to it that init would otherwise have printed (either
+/// backend). A failure is only logged: the note is not worth a failed stop.
+pub fn console_note(store: &Store, inst: &Instance, line: &str) {
+    let r = append_console_log(&store.console_log(inst)).and_then(|fd| {
+        rustix::io::write(&fd, format!("{line}\n").as_bytes())
+            .map_err(Error::sys("write(console log)"))
+    });
+    if let Err(e) = r {
+        tracing::debug!(instance = %inst.name, "console log: {e}");
+    }
+}
+
+/// What a stop by nifty (rather than by init's own poweroff) writes to the
+/// instance's console log, on either backend.
+pub const POWERING_OFF: &str = "nifty: powering off: init stopped, SIGTERM to its processes";
+
+/// Whether the init `pid` of instance `name` must power off by itself: its
+/// root's `/etc/inittab` has `shutdown` actions, or cannot be read as
+/// [`Root::read`] reads a tenant's file (a regular file, no link on the
+/// way; BusyBox's built-in inittab, used without one, has some).
+pub fn init_has_shutdown_actions(name: &str, pid: i32) -> bool {
+    match Root::of_running(name, pid, 0).and_then(|root| root.read("/etc/inittab")) {
+        Ok(Some(text)) => {
+            !crate::template::inittab::shutdown_actions(&String::from_utf8_lossy(&text)).is_empty()
+        }
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,19 +143,6 @@ impl Native {
         })
     }
 
-    /// Appends a line to an instance's console log (`nifty logs`), for what
-    /// nifty does to it that init would otherwise have printed.
-    pub fn console_note(&self, inst: &Instance, line: &str) {
-        let r = crate::runtime::linux::files::append_console_log(&self.store.console_log(inst))
-            .and_then(|fd| {
-                rustix::io::write(&fd, format!("{line}\n").as_bytes())
-                    .map_err(Error::sys("write(console log)"))
-            });
-        if let Err(e) = r {
-            tracing::debug!(instance = %inst.name, "console log: {e}");
-        }
-    }
-
     /// The cgroup of an instance.
     pub fn cgroup(&self, name: &str) -> Cgroup {
         self.hierarchy.instance(&self.base, name)
@@ -347,7 +334,7 @@ impl Native {
                         // See `poweroff`: without shutdown actions, nifty
                         // powers off from the host.
                         let signal = if opts.signal == Signal::Usr2
-                            && !poweroff::init_has_shutdown_actions(pid)
+                            && !files::init_has_shutdown_actions(&inst.name, pid)
                         {
                             Signal::Stop
                         } else {
@@ -356,10 +343,7 @@ impl Native {
                         rustix::process::pidfd_send_signal(fd, signal)
                             .map_err(Error::sys(format!("pidfd_send_signal({pid}, {signal:?})")))?;
                         if signal == Signal::Stop {
-                            self.console_note(
-                                inst,
-                                "nifty: powering off: init stopped, SIGTERM to its processes",
-                            );
+                            files::console_note(&self.store, inst, files::POWERING_OFF);
                             let mut signalled = Vec::new();
                             let fds =
                                 poweroff::term_services(&cg, procs, pid, &mut signalled, &budget);

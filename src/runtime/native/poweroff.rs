@@ -13,72 +13,18 @@
 //! process, and once they are gone (or at `--timeout`) kills what is left
 //! with `cgroup.kill`. The services see what they would see from init. An
 //! inittab with `shutdown` actions (or none: BusyBox's default has some)
-//! is left to init's own poweroff, so that they run.
+//! is left to init's own poweroff, so that they run (see
+//! `linux::files::init_has_shutdown_actions`). The systemd backend's stop
+//! does the same from its unit's ExecStop (`runtime::systemd::stop`).
 
-use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
-use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::process::{Pid, PidfdFlags, Signal};
 
 use crate::runtime::linux::cgroup::Cgroup;
-
-/// The shutdown line of the inittabs nifty wrote before it powered off
-/// itself (templates and instances made then still have it): it only
-/// printed a message, so it does not need init.
-const LEGACY_SHUTDOWN: &str = "/bin/echo nifty: shutting down";
-
-/// The `shutdown` actions of an inittab (BusyBox `id:runlevels:action:process`).
-pub fn shutdown_actions(inittab: &str) -> Vec<&str> {
-    inittab
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let mut f = l.splitn(4, ':');
-            let (_, _, action, process) = (f.next()?, f.next()?, f.next()?, f.next()?);
-            (action.trim() == "shutdown").then_some(process.trim())
-        })
-        .filter(|p| *p != LEGACY_SHUTDOWN)
-        .collect()
-}
-
-/// Whether the init `pid` must power off by itself: its root's
-/// `/etc/inittab` has `shutdown` actions, or cannot be read as a regular
-/// file (BusyBox's built-in inittab has some). Read inside the container's
-/// root, never through a link out of it.
-pub fn init_has_shutdown_actions(pid: i32) -> bool {
-    let read = || -> Option<String> {
-        let root = rustix::fs::open(
-            format!("/proc/{pid}/root"),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ok()?;
-        let fd = rustix::fs::openat2(
-            &root,
-            "etc/inittab",
-            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV,
-        )
-        .ok()?;
-        let st = rustix::fs::fstat(&fd).ok()?;
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-            return None;
-        }
-        let mut text = String::new();
-        std::fs::File::from(fd)
-            .take(64 << 10)
-            .read_to_string(&mut text)
-            .ok()?;
-        Some(text)
-    };
-    read().map_or(true, |t| !shutdown_actions(&t).is_empty())
-}
 
 /// Open pidfds of signalled processes the watch may keep (to be woken by
 /// their exits); past it, a container is watched by reading its cgroup.
@@ -321,34 +267,4 @@ pub fn watch(stopping: &mut [Stopping], budget: &FdBudget) -> usize {
         cursor = (cursor + SCAN_PER_ROUND) % scan.len().max(1);
     }
     timed_out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_shutdown_actions() {
-        let t = "# comment\n::respawn:/sbin/syslogd -n\n\
-                 ::shutdown:/bin/umount -a -r\n  ::shutdown: /sbin/swapoff -a\n\
-                 ::ctrlaltdel:/sbin/reboot\nbroken line\n";
-        assert_eq!(
-            shutdown_actions(t),
-            ["/bin/umount -a -r", "/sbin/swapoff -a"]
-        );
-        assert!(shutdown_actions("::respawn:/usr/sbin/dropbear -F\n").is_empty());
-        // A process may hold colons.
-        assert_eq!(
-            shutdown_actions("::shutdown:/bin/sh -c 'echo a:b'\n"),
-            ["/bin/sh -c 'echo a:b'"]
-        );
-    }
-
-    #[test]
-    fn nifty_s_old_message_line_needs_no_init() {
-        let old = crate::template::inittab::render(Some(2201))
-            + "::shutdown:/bin/echo nifty: shutting down\n";
-        assert!(shutdown_actions(&old).is_empty());
-        assert!(shutdown_actions(&crate::template::inittab::render(None)).is_empty());
-    }
 }

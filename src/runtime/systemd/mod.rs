@@ -6,6 +6,7 @@
 
 mod exec;
 mod jobs;
+mod stop;
 pub mod unit;
 
 pub use exec::exec_nspawn;
