@@ -470,23 +470,44 @@ fn mount_api(_: &Want<'_>) -> Vec<Finding> {
     )]
 }
 
-/// Idmapped overlay lower layers (5.19).
-fn idmapped_layers(_: &Want<'_>) -> Vec<Finding> {
+/// Idmapped overlay lower layers (5.19), tried on the default template
+/// when there is one, or the fallback: shifted copies.
+fn idmapped_layers(w: &Want<'_>) -> Vec<Finding> {
+    use crate::runtime::linux::features;
     let (release, at_least) = kernel();
-    let mut out = Vec::new();
-    let idmap = at_least((5, 19));
-    out.push(info(
+    let template = w.store.template_rootfs("default");
+    let forced = features::forced("shifted");
+    let idmap = if forced {
+        false
+    } else if template.is_dir() && w.store.root().is_dir() {
+        features::idmapped_layers(&template, w.store.root())
+    } else {
+        at_least((5, 19))
+    };
+    vec![info(
         "idmapped overlay layers",
-        if idmap { Status::Ok } else { Status::Fail },
-        format!("Linux {release}"),
-        ">= 5.19: each instance's own UID range over the one shared template",
+        if idmap { Status::Ok } else { Status::Warn },
+        if idmap {
+            format!("Linux {release}: every instance's ID range over the one shared template")
+        } else {
+            format!(
+                "Linux {release}{}: each instance with a user namespace gets its own copy of the \
+                 template in its ID range at its first start (reflinked where the filesystem \
+                 can; else the template's size per instance)",
+                if forced {
+                    " (forced by NIFTY_FALLBACKS=shifted)"
+                } else {
+                    ""
+                }
+            )
+        },
+        ">= 5.19 (or a backport), and a filesystem with idmapped mounts under the template",
         if idmap {
             ""
         } else {
-            "a newer kernel (Ubuntu 22.04: its HWE kernel), or create with --no-userns (container root is host root: see SECURITY.md)"
+            "a newer kernel (Ubuntu 22.04: its HWE kernel) shares one template between all instances"
         },
-    ));
-    out
+    )]
 }
 
 /// Overlay layers by fd (6.13), or the fallback.
@@ -711,12 +732,12 @@ fn default_template(w: &Want<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
     let template = w.store.template_rootfs("default");
     if template.is_dir() {
-        let r = features::preflight(&template, true);
+        let r = features::preflight(true);
         out.push(info(
             "default template",
             if r.is_ok() { Status::Ok } else { Status::Fail },
             match &r {
-                Ok(()) => "overlay, user namespace and idmapped mount all work".to_string(),
+                Ok(()) => "overlayfs and user namespaces work".to_string(),
                 Err(e) => e.to_string(),
             },
             "what `start` needs, tried on the template",

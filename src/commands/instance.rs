@@ -96,7 +96,7 @@ fn create_all(
     // Refuse before creating anything: a kernel that cannot mount the
     // instance's overlay (idmapped unless --no-userns), a backend that is
     // not here (no systemd), a name or a bind it cannot take.
-    rt.preflight(&spec.template, spec.userns)?;
+    rt.preflight(spec.userns)?;
     rt.check_create(spec.backend, names, &spec.bind_ro)?;
     ctx.store.ensure()?;
     // Once, before any instance: a host that cannot have the disk store

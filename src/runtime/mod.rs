@@ -681,10 +681,10 @@ impl Runtime {
     }
 
     /// Checks, before anything is created or started, that this kernel can
-    /// run instances of `template` with or without a user namespace (both
-    /// backends mount the same overlay).
-    pub fn preflight(&self, template: &str, userns: bool) -> Result<()> {
-        linux::features::preflight(&self.store.template_rootfs(template), userns)
+    /// run instances with or without a user namespace (both backends
+    /// mount the same overlay).
+    pub fn preflight(&self, userns: bool) -> Result<()> {
+        linux::features::preflight(userns)
     }
 
     /// Refuses, before anything is created, names or binds `backend`

@@ -1161,3 +1161,122 @@ fn the_hosts_socket_tables_are_not_listed_in_proc_net() {
     root.ok(&["rm", "-f", "--all", "-q"]);
     assert_clean(&root, &[]);
 }
+
+/// Where overlayfs takes no idmapped template (Linux before 5.19: Ubuntu
+/// 22.04, RHEL 9), each instance runs on its own copy of the template,
+/// shifted into its ID range (forced here with NIFTY_FALLBACKS=shifted):
+/// the container sees the template's owners, the host sees only the
+/// instance's IDs, a new template version gets a new copy at the update,
+/// and `rm` leaves no file of the range behind.
+#[test]
+fn the_shifted_template_fallback_keeps_each_instance_in_its_range() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build", "-q"]);
+    let run = |args: &[&str]| {
+        common::nifty()
+            .env("NIFTY_FALLBACKS", "shifted")
+            .arg("--root")
+            .arg(root.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let forced = |args: &[&str]| {
+        common::succeeded(
+            &run(args),
+            &format!("{args:?} with NIFTY_FALLBACKS=shifted"),
+        )
+    };
+    let doctor = forced(&["doctor", "--count", "10"]);
+    assert!(
+        doctor.lines().any(|l| l.contains("idmapped overlay layers")
+            && l.contains("forced by NIFTY_FALLBACKS=shifted")),
+        "{doctor}"
+    );
+    forced(&["create", "595", "596"]);
+    let base = |name: &str| {
+        root.instance_toml(name)["security"]["uid_base"]
+            .as_integer()
+            .unwrap() as u32
+    };
+    let copy = |name: &str, version: u32| {
+        root.path().join(format!(
+            "instances/{name}/shifted/default-v{version}-{}",
+            base(name)
+        ))
+    };
+    forced(&["start", "595", "596"]);
+    for n in ["595", "596"] {
+        assert!(wait_port(root.port(n), Duration::from_secs(20)), "{n}");
+    }
+    // Inside: the template's owners, and files that work.
+    assert_eq!(
+        root.ssh(
+            "595",
+            "id -u; stat -c '%u:%g %a' /etc/shadow ~ /bin/busybox"
+        ),
+        "1000\n0:0 600\n1000:1000 700\n0:0 755\n"
+    );
+    assert_eq!(root.ssh("595", "echo kept > ~/f && cat ~/f"), "kept\n");
+    let (code, out) = as_root(
+        &root,
+        "596",
+        "echo '# mine' >> /etc/profile && tail -n1 /etc/profile",
+    );
+    assert_eq!((code, out.as_str()), (0, "# mine\n"));
+    // On the host: each copy in its own range, in a directory only root
+    // enters; the shared template untouched.
+    for n in ["595", "596"] {
+        let c = copy(n, 1);
+        let b = base(n);
+        assert_eq!(std::fs::metadata(&c).unwrap().uid(), b, "{n}");
+        assert_eq!(std::fs::metadata(c.join("etc/shadow")).unwrap().uid(), b);
+        assert_eq!(
+            std::fs::metadata(c.join("home/luser")).unwrap().uid(),
+            b + 1000
+        );
+        let dir = c.parent().unwrap();
+        assert_eq!(
+            std::fs::metadata(dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+    assert_ne!(base("595"), base("596"));
+    assert_eq!(
+        std::fs::metadata(root.rootfs().join("etc/shadow"))
+            .unwrap()
+            .uid(),
+        0
+    );
+    // A new template version: the update restarts 595 on a new copy, and
+    // the old one goes.
+    root.ok(&["template", "build", "-q", "--with", "/usr/bin/socat"]);
+    forced(&["update", "595"]);
+    assert!(wait_port(root.port("595"), Duration::from_secs(20)));
+    assert!(copy("595", 2).is_dir());
+    assert!(!copy("595", 1).exists());
+    assert_eq!(
+        root.ssh("595", "cat ~/f; command -v socat"),
+        "kept\n/usr/bin/socat\n"
+    );
+    // rm leaves no file of the instance's range behind.
+    let pids = [root.procs("595"), root.procs("596")].concat();
+    forced(&["stop", "595", "596"]);
+    assert_clean(&root, &pids);
+    let b = base("595");
+    forced(&["rm", "595"]);
+    let left = std::process::Command::new("find")
+        .arg(root.path())
+        .args(["-uid", &b.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}

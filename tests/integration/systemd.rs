@@ -541,6 +541,30 @@ fn article_fleet_under_systemd() {
         host.stdout(&["systemctl", "is-enabled", "nifty@2"]).trim(),
         "disabled"
     );
+    // Where overlayfs takes no idmapped template (Linux before 5.19), the
+    // unit's root is the instance's own shifted copy of the template
+    // (forced for the units through the manager's environment).
+    host.sh(&["systemctl", "set-environment", "NIFTY_FALLBACKS=shifted"]);
+    host.nifty(&["create", "shifted1", "--backend", "systemd"]);
+    host.nifty(&["start", "shifted1"]);
+    host.sh(&["systemctl", "unset-environment", "NIFTY_FALLBACKS"]);
+    let root = &host.root;
+    assert!(wait_port(root.port("shifted1"), Duration::from_secs(20)));
+    assert_eq!(
+        root.ssh("shifted1", "id -u; stat -c '%u:%g' /etc/shadow ~"),
+        "1000\n0:0\n1000:1000\n"
+    );
+    let record = root.instance_toml("shifted1");
+    let base = record["security"]["uid_base"].as_integer().unwrap() as u32;
+    let version = record["template_version"].as_integer().unwrap();
+    let copy = root.path().join(format!(
+        "instances/shifted1/shifted/default-v{version}-{base}"
+    ));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(copy.join("etc/shadow")).unwrap().uid(),
+        base
+    );
     host.nifty(&["rm", "-f", "--all"]);
     host.nifty(&["systemd", "uninstall"]);
     assert!(!host.etc.path().join("nifty@.service").exists());

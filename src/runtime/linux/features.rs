@@ -41,6 +41,64 @@ pub fn forced(what: &str) -> bool {
     std::env::var("NIFTY_FALLBACKS").is_ok_and(|v| v.split(',').any(|f| f == what))
 }
 
+static IDMAPPED_LAYERS: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// Does overlayfs take the template, idmapped into an instance's ID range,
+/// as its lower layer (Linux 5.19, or a backport; and a filesystem with
+/// idmapped mounts under the template: ext4 and XFS from 5.12, btrfs
+/// 5.15, tmpfs 6.3)? Learnt once per process: from 5.19, by idmapping
+/// `template_rootfs` (a detached mount, nothing mounted); before, by
+/// making such an overlay of it over an empty upper layer in a scratch
+/// directory under `scratch` (removed after), for kernels with a backport. Where it does not, instances with a
+/// user namespace get their own shifted copy of the template instead
+/// (`super::shift`). `NIFTY_FALLBACKS=shifted` answers no.
+pub fn idmapped_layers(template_rootfs: &Path, scratch: &Path) -> bool {
+    if forced("shifted") {
+        return false;
+    }
+    match IDMAPPED_LAYERS.load(Ordering::Relaxed) {
+        YES => return true,
+        NO => return false,
+        _ => {}
+    }
+    let probe = || -> Option<()> {
+        let ns = super::userns::create(crate::claims::uid_range::FIRST).ok()?;
+        if kernel_version() >= (5, 19) {
+            // Overlayfs takes any idmapped layer: what is left to learn is
+            // whether the template's filesystem idmaps (no mount needed).
+            let tree = rustix::mount::open_tree(
+                rustix::fs::CWD,
+                template_rootfs,
+                rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+                    | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+            )
+            .ok()?;
+            return crate::sys::mount_setattr_idmap(tree.as_fd(), ns.as_fd()).ok();
+        }
+        // Before 5.19, unless backported: an overlay of the idmapped
+        // template over an empty upper layer tells.
+        let dir = tempfile::Builder::new()
+            .prefix(".idmap-probe-")
+            .tempdir_in(scratch)
+            .ok()?;
+        let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
+        std::fs::create_dir(&upper).ok()?;
+        std::fs::create_dir(&work).ok()?;
+        super::overlay::overlay(template_rootfs, &upper, &work, Some(ns.as_fd())).ok()?;
+        Some(())
+    };
+    let yes = probe().is_some();
+    if !yes {
+        tracing::debug!(
+            "overlayfs takes no idmapped template here (Linux {}.{}): instances get shifted copies",
+            kernel_version().0,
+            kernel_version().1
+        );
+    }
+    IDMAPPED_LAYERS.store(if yes { YES } else { NO }, Ordering::Relaxed);
+    yes
+}
+
 pub(crate) fn set_overlay_fd_layers(yes: bool) {
     OVERLAY_FD_LAYERS.store(if yes { YES } else { NO }, Ordering::Relaxed);
 }
@@ -74,11 +132,11 @@ pub fn parse_release(release: &str) -> (u32, u32) {
 }
 
 /// Checks, before anything is created or started, that this kernel can
-/// run an instance of `template` (its rootfs) with or without a user
-/// namespace: overlayfs (built in, or a module that loads), user
-/// namespaces, and an idmapped mount of the template's filesystem. Each
-/// missing piece is one line naming it and the kernel that has it.
-pub fn preflight(template_rootfs: &Path, userns: bool) -> Result<()> {
+/// run an instance with or without a user namespace: overlayfs (built in, or a module that loads) and user
+/// namespaces. Each missing piece is one line naming it and the kernel
+/// that has it. (An idmapped template is not needed: where overlayfs
+/// takes none, an instance gets a shifted copy, see `super::shift`.)
+pub fn preflight(userns: bool) -> Result<()> {
     use rustix::mount::{fsopen, FsOpenFlags};
     // fsopen loads the module if it must (request_module), like mount.
     if let Err(e) = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
@@ -89,18 +147,29 @@ pub fn preflight(template_rootfs: &Path, userns: bool) -> Result<()> {
              or a kernel built with CONFIG_OVERLAY_FS"
         )));
     }
+    // mount_setattr(2) (5.12) makes the read-only mounts of every
+    // container: asked to change nothing on a detached clone of the root
+    // mount (not its submounts), it answers ENOSYS only where it is missing.
+    let probe = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        "/",
+        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+            | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    );
+    if let Ok(tree) = probe {
+        let nothing = rustix::mount::MountAttrFlags::empty();
+        if let Err(e) = crate::sys::mount_setattr_flags(tree.as_fd(), nothing) {
+            if e.raw_os_error() == Some(libc::ENOSYS) {
+                let (major, minor) = kernel_version();
+                return Err(Error::Host(format!(
+                    "Linux {major}.{minor} has no mount_setattr(2), which nifty needs for \
+                     every container's read-only mounts: use Linux 5.12 or newer"
+                )));
+            }
+        }
+    }
     if !userns {
         return Ok(());
-    }
-    let (major, minor) = kernel_version();
-    if (major, minor) < (5, 19) {
-        return Err(Error::Host(format!(
-            "Linux {major}.{minor} cannot use an idmapped template as an overlay layer \
-             (overlayfs takes idmapped layers from Linux 5.19), so each instance cannot \
-             have its own ID range over the shared template: use a newer kernel \
-             (Ubuntu 22.04: its HWE kernel), or create with --no-userns (container root \
-             is then host root: see SECURITY.md)"
-        )));
     }
     let ns = super::userns::create(crate::claims::uid_range::FIRST).map_err(|e| {
         let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
@@ -113,35 +182,10 @@ pub fn preflight(template_rootfs: &Path, userns: bool) -> Result<()> {
              CONFIG_USER_NS (every distribution kernel has it)"
         ))
     })?;
-    let tree = rustix::mount::open_tree(
-        rustix::fs::CWD,
-        template_rootfs,
-        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
-            | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )
-    .map_err(|e| Error::Sys {
-        call: format!(
-            "open_tree({}) (the new mount API, Linux 5.2)",
-            template_rootfs.display()
-        ),
-        err: std::io::Error::from_raw_os_error(e.raw_os_error()),
-    })?;
-    crate::sys::mount_setattr_idmap(tree.as_fd(), ns.as_fd()).map_err(|e| {
-        let fs = rustix::fs::statfs(template_rootfs)
-            .map(|s| format!("{:#x}", s.f_type))
-            .unwrap_or_default();
-        Error::Host(format!(
-            "the template {} cannot be shown through an idmapped mount on Linux {}.{} \
-             (mount_setattr(MOUNT_ATTR_IDMAP): {e}; filesystem magic {fs}): idmapped \
-             mounts need Linux 5.12 on ext4, xfs and btrfs (5.15), 6.3 on tmpfs, and \
-             overlayfs takes them as layers from 5.19; move the state root (--root) to \
-             such a filesystem, use a newer kernel, or create with --no-userns (container \
-             root is then host root: see SECURITY.md)",
-            template_rootfs.display(),
-            kernel_version().0,
-            kernel_version().1
-        ))
-    })
+    // Where the template cannot be idmapped as an overlay layer, each
+    // instance gets a shifted copy of it instead (`super::shift`).
+    drop(ns);
+    Ok(())
 }
 
 #[cfg(test)]

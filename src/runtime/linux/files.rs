@@ -91,19 +91,19 @@ impl Root {
 /// stopped instance, and for the systemd backend's root.
 pub(crate) fn detached_overlay(store: &Store, inst: &Instance) -> Result<OwnedFd> {
     let (upper, work) = store.instance_layers(inst)?;
-    let ns = inst.security.uid_base.map(userns::create).transpose()?;
-    super::overlay::overlay(
-        &store.instance_lower(inst),
-        &upper,
-        &work,
-        ns.as_ref().map(|n| n.as_fd()),
+    let lower = super::shift::lower(store, inst)?;
+    let ns = match inst.security.uid_base {
+        Some(base) if lower.idmap => Some(userns::create(base)?),
+        _ => None,
+    };
+    super::overlay::overlay(&lower.path, &upper, &work, ns.as_ref().map(|n| n.as_fd())).map_err(
+        |e| {
+            Error::from(SysError {
+                call: format!("instance {:?}: {}", inst.name, e.call),
+                ..e
+            })
+        },
     )
-    .map_err(|e| {
-        Error::from(SysError {
-            call: format!("instance {:?}: {}", inst.name, e.call),
-            ..e
-        })
-    })
 }
 
 impl Root {

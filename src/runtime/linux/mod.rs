@@ -1,7 +1,8 @@
 //! The Linux toolbox both backends share: cgroups, user namespaces and
 //! their ID ranges, confinement (capabilities, seccomp, Landlock, bind
 //! programs), the overlay root, host-side access to an instance's files,
-//! /proc readers, ptys, one socket for many ports (`steer`), a TCP table
+//! /proc readers, shifted copies of the template where overlayfs takes no
+//! idmapped one, ptys, one socket for many ports (`steer`), a TCP table
 //! of its own for each network namespace (`netns`), and what the running
 //! kernel offers. Nothing here
 //! knows which backend runs an instance; `native` (nifty's own launcher)
@@ -20,5 +21,6 @@ pub mod overlay;
 pub mod proc;
 pub mod pty;
 pub mod seccomp;
+pub mod shift;
 pub mod steer;
 pub mod userns;

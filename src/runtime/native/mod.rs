@@ -18,7 +18,7 @@ use crate::error::{StartError, SysError};
 use crate::runtime::linux::cgroup::{Cgroup, Hierarchy};
 use crate::runtime::linux::files::{self, User};
 use crate::runtime::linux::proc::{find_init, find_init_state, lock};
-use crate::runtime::linux::{cgroup, confine, delegate, features, pty, userns};
+use crate::runtime::linux::{cgroup, confine, delegate, features, pty, shift, userns};
 use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
 use crate::{Error, Result};
@@ -210,14 +210,14 @@ impl Native {
             cg.kill()?;
             cg.wait_empty(Duration::from_secs(5));
         }
-        let lower = self.store.instance_lower(inst);
-        if !lower.is_dir() {
+        if !self.store.instance_lower(inst).is_dir() {
             return Err(Error::NoTemplate(inst.template.clone()));
         }
         let userns = inst.security.uid_base.is_some();
         crate::error::once(&self.preflight[usize::from(userns)], || {
-            features::preflight(&lower, userns)
+            features::preflight(userns)
         })?;
+        let lower = shift::lower(&self.store, inst)?;
         let binds = inst
             .bind_ro
             .iter()
@@ -230,7 +230,8 @@ impl Native {
         let userns = inst.security.uid_base.map(userns::create).transpose()?;
         let (confine, bind_guard) = self.confinement(inst, userns, false)?;
         let plan = spawn::Plan::new(spawn::Spec {
-            lower: &lower,
+            lower: &lower.path,
+            lower_idmap: lower.idmap,
             upper: &upper,
             work: &work,
             binds: &binds,

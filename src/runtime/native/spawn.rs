@@ -54,6 +54,8 @@ pub const STARTING: &std::ffi::CStr = c"nifty:starting";
 /// Everything the child needs, made before the fork.
 pub struct Plan {
     lower: PathBuf,
+    /// Idmap `lower` through `confine.userns` (see `Spec::lower_idmap`).
+    lower_idmap: bool,
     upper: PathBuf,
     work: PathBuf,
     /// (host device, path inside the container)
@@ -129,6 +131,9 @@ const PROC_RO: [&std::ffi::CStr; 5] = [
 /// What to boot.
 pub struct Spec<'a> {
     pub lower: &'a Path,
+    /// `lower` is the shared template, idmapped through the container's
+    /// user namespace; else it is used as it is (`linux::shift`).
+    pub lower_idmap: bool,
     pub upper: &'a Path,
     pub work: &'a Path,
     /// (host source, absolute path inside the container)
@@ -180,6 +185,7 @@ impl Plan {
             .collect();
         Ok(Plan {
             lower: spec.lower.to_path_buf(),
+            lower_idmap: spec.lower_idmap,
             upper: spec.upper.to_path_buf(),
             work: spec.work.to_path_buf(),
             devpts_opts: cstr(format!(
@@ -390,7 +396,11 @@ impl Mounts {
             &plan.lower,
             &plan.upper,
             &plan.work,
-            plan.confine.userns.as_ref().map(|u| u.as_fd()),
+            plan.confine
+                .userns
+                .as_ref()
+                .filter(|_| plan.lower_idmap)
+                .map(|u| u.as_fd()),
         )?;
         let devices = plan
             .devices
@@ -783,6 +793,7 @@ mod tests {
     ) -> std::io::Result<Plan> {
         Plan::new(Spec {
             lower,
+            lower_idmap: false,
             upper: Path::new("/upper"),
             work: Path::new("/work"),
             binds,
@@ -811,6 +822,7 @@ mod tests {
         let view = |mask_proc: bool, own_network: bool| {
             Plan::new(Spec {
                 lower: t.path(),
+                lower_idmap: false,
                 upper: Path::new("/upper"),
                 work: Path::new("/work"),
                 binds: &[],
