@@ -49,9 +49,10 @@ static IDMAPPED_LAYERS: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// 5.15, tmpfs 6.3)? Learnt once per process: from 5.19, by idmapping
 /// `template_rootfs` (a detached mount, nothing mounted); before, by
 /// making such an overlay of it over an empty upper layer in a scratch
-/// directory under `scratch` (removed after), for kernels with a backport. Where it does not, instances with a
-/// user namespace get their own shifted copy of the template instead
-/// (`super::shift`). `NIFTY_FALLBACKS=shifted` answers no.
+/// directory under `scratch` (removed after), for kernels with a
+/// backport. Where it does not, instances with a user namespace get their
+/// own shifted copy of the template instead (`super::shift`).
+/// `NIFTY_FALLBACKS=shifted` answers no.
 pub fn idmapped_layers(template_rootfs: &Path, scratch: &Path) -> bool {
     if forced("shifted") {
         return false;
@@ -132,10 +133,11 @@ pub fn parse_release(release: &str) -> (u32, u32) {
 }
 
 /// Checks, before anything is created or started, that this kernel can
-/// run an instance with or without a user namespace: overlayfs (built in, or a module that loads) and user
-/// namespaces. Each missing piece is one line naming it and the kernel
-/// that has it. (An idmapped template is not needed: where overlayfs
-/// takes none, an instance gets a shifted copy, see `super::shift`.)
+/// run an instance with or without a user namespace: overlayfs (built
+/// in, or a module that loads), mount_setattr(2) and user namespaces. Each
+/// missing piece is one line naming it and the kernel that has it. (An
+/// idmapped template is not needed: where overlayfs takes none, an
+/// instance gets a shifted copy, see `super::shift`.)
 pub fn preflight(userns: bool) -> Result<()> {
     use rustix::mount::{fsopen, FsOpenFlags};
     // fsopen loads the module if it must (request_module), like mount.
