@@ -138,15 +138,36 @@ impl Root {
         self.dir.path()
     }
 
-    /// Runs nifty with this root.
-    pub fn run(&self, args: &[&str]) -> Output {
-        nifty()
-            .arg("--root")
+    /// nifty with this root and `args`, to run.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = nifty();
+        c.arg("--root")
             .arg(self.path())
             .args(args)
-            .env_remove("NIFTY_ROOT")
+            .env_remove("NIFTY_ROOT");
+        c
+    }
+
+    /// Runs nifty with this root.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run nifty")
+    }
+
+    /// Runs nifty with this root and the fallback of older kernels
+    /// `fallback` forced (`NIFTY_FALLBACKS`).
+    pub fn run_forced(&self, fallback: &str, args: &[&str]) -> Output {
+        self.command(args)
+            .env("NIFTY_FALLBACKS", fallback)
             .output()
             .expect("run nifty")
+    }
+
+    /// [`Root::run_forced`], asserting success; returns stdout.
+    pub fn forced(&self, fallback: &str, args: &[&str]) -> String {
+        succeeded(
+            &self.run_forced(fallback, args),
+            &format!("nifty {args:?} with NIFTY_FALLBACKS={fallback}"),
+        )
     }
 
     /// Runs nifty and asserts success; returns stdout.

@@ -581,14 +581,7 @@ fn the_overlay_fallback_of_older_kernels_boots_and_leaves_nothing() {
     let root = Root::new();
     root.ok(&["template", "build", "-q"]);
     root.ok(&["create", "641..642"]);
-    let o = common::nifty()
-        .env("NIFTY_FALLBACKS", "overlay")
-        .arg("--root")
-        .arg(root.path())
-        .args(["start", "641..642"])
-        .output()
-        .unwrap();
-    common::succeeded(&o, "start with NIFTY_FALLBACKS=overlay");
+    root.forced("overlay", &["start", "641..642"]);
     booted(&root, &range(641, 642));
     let pids = [root.procs("641"), root.procs("642")].concat();
     // Its root is the overlay, its layers named only by fd number.

@@ -929,18 +929,8 @@ fn the_cgroup_bind_fallback_holds_a_container_to_its_port() {
     let root = Root::new();
     root.ok(&["template", "build", "-q", "--with", "/usr/bin/socat"]);
     root.ok(&["create", "591", "592"]);
-    let run = |args: &[&str]| {
-        common::nifty()
-            .env("NIFTY_FALLBACKS", "bind")
-            .arg("--root")
-            .arg(root.path())
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let forced = |args: &[&str]| {
-        common::succeeded(&run(args), &format!("{args:?} with NIFTY_FALLBACKS=bind"))
-    };
+    let run = |args: &[&str]| root.run_forced("bind", args);
+    let forced = |args: &[&str]| root.forced("bind", args);
     // Container root, its exec'd process held by the cgroup's programs
     // alone (no Landlock port rule with the fallback forced).
     let as_root = |script: &str| {
@@ -1176,21 +1166,7 @@ fn the_shifted_template_fallback_keeps_each_instance_in_its_range() {
     }
     let root = Root::new();
     root.ok(&["template", "build", "-q"]);
-    let run = |args: &[&str]| {
-        common::nifty()
-            .env("NIFTY_FALLBACKS", "shifted")
-            .arg("--root")
-            .arg(root.path())
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let forced = |args: &[&str]| {
-        common::succeeded(
-            &run(args),
-            &format!("{args:?} with NIFTY_FALLBACKS=shifted"),
-        )
-    };
+    let forced = |args: &[&str]| root.forced("shifted", args);
     let doctor = forced(&["doctor", "--count", "10"]);
     assert!(
         doctor.lines().any(|l| l.contains("idmapped overlay layers")
