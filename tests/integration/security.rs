@@ -1239,6 +1239,13 @@ fn the_shifted_template_fallback_keeps_each_instance_in_its_range() {
         root.ssh("595", "cat ~/f; command -v socat"),
         "kept\n/usr/bin/socat\n"
     );
+    // Without the fallback, 596's copy is of no more use: its next start
+    // removes it.
+    forced(&["stop", "596"]);
+    root.ok(&["start", "596"]);
+    assert!(wait_port(root.port("596"), Duration::from_secs(20)));
+    assert!(!copy("596", 1).parent().unwrap().exists());
+    assert_eq!(root.ssh("596", "tail -n1 /etc/profile"), "# mine\n");
     // rm leaves no file of the instance's range behind.
     let pids = [root.procs("595"), root.procs("596")].concat();
     forced(&["stop", "595", "596"]);

@@ -66,13 +66,18 @@ pub fn lower(store: &Store, inst: &Instance) -> Result<Lower> {
     if !template.is_dir() {
         return Err(Error::NoTemplate(inst.template.clone()));
     }
+    let dir = store.instance_dir(&inst.name).join(DIR);
     if features::idmapped_layers(&template, store.root()) {
+        // A copy made before (an older kernel, or the fallback forced) is
+        // of no more use.
+        if dir.exists() {
+            let _ = fs::remove_dir_all(&dir);
+        }
         return Ok(Lower {
             path: template,
             idmap: true,
         });
     }
-    let dir = store.instance_dir(&inst.name).join(DIR);
     let name = format!("{}-v{}-{base}", inst.template, inst.template_version);
     let path = dir.join(&name);
     if !path.is_dir() {
