@@ -737,7 +737,7 @@ fn default_template(w: &Want<'_>) -> Vec<Finding> {
             "default template",
             if r.is_ok() { Status::Ok } else { Status::Fail },
             match &r {
-                Ok(()) => "overlayfs and user namespaces work".to_string(),
+                Ok(()) => "overlayfs, mount_setattr and user namespaces work".to_string(),
                 Err(e) => e.to_string(),
             },
             "what `start` needs, tried on the template",
