@@ -53,19 +53,20 @@ pub struct Lower {
 
 /// The lower layer for a stopped instance about to be mounted (a start, or
 /// a host-side write to it): the shared template, or its shifted copy,
-/// made now if it is missing. Call it only while nothing of the instance
+/// made now if it is missing; `NoTemplate` if its template version is
+/// gone (the one place a start checks it). Call it only while nothing of the instance
 /// runs: a copy of another template version is removed.
 pub fn lower(store: &Store, inst: &Instance) -> Result<Lower> {
     let template = store.instance_lower(inst);
+    if !template.is_dir() {
+        return Err(Error::NoTemplate(inst.template.clone()));
+    }
     let Some(base) = inst.security.uid_base else {
         return Ok(Lower {
             path: template,
             idmap: false,
         });
     };
-    if !template.is_dir() {
-        return Err(Error::NoTemplate(inst.template.clone()));
-    }
     let dir = store.instance_dir(&inst.name).join(DIR);
     if features::idmapped_layers(&template, store.root()) {
         // A copy made before (an older kernel, or the fallback forced) is

@@ -210,9 +210,6 @@ impl Native {
             cg.kill()?;
             cg.wait_empty(Duration::from_secs(5));
         }
-        if !self.store.instance_lower(inst).is_dir() {
-            return Err(Error::NoTemplate(inst.template.clone()));
-        }
         let userns = inst.security.uid_base.is_some();
         crate::error::once(&self.preflight[usize::from(userns)], || {
             features::preflight(userns)
