@@ -1,6 +1,7 @@
 //! `nifty doctor`: can this host run a fleet of N containers? Each check
 //! reads the kernel's real value, compares it with what N containers need,
-//! and says how to fix it; `--fix` applies the sysctls it can.
+//! and says how to fix it; `--fix` applies the sysctls it can (and turns
+//! on `favordynmods` where a start joins v1 cgroups).
 
 use std::path::Path;
 
@@ -38,9 +39,20 @@ pub struct Finding {
     pub need: String,
     /// How to fix it (empty when fine).
     pub fix: String,
-    /// A sysctl `--fix` can set: (key, value).
+    /// What `--fix` changes for it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sysctl: Option<(String, String)>,
+    pub change: Option<Change>,
+}
+
+/// A change `--fix` makes to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// A sysctl, set to a value.
+    Sysctl { key: String, value: String },
+    /// The cgroup v2 mount, reconfigured with `favordynmods` (until the
+    /// next boot).
+    FavorDynmods,
 }
 
 fn sysctl(key: &str) -> Option<String> {
@@ -68,7 +80,10 @@ fn at_least(check: &str, key: &str, need: u64, set_to: u64, why: &str) -> Findin
         } else {
             format!("sysctl -w {key}={set_to}")
         },
-        sysctl: (!ok).then(|| (key.to_string(), set_to.to_string())),
+        change: (!ok).then(|| Change::Sysctl {
+            key: key.to_string(),
+            value: set_to.to_string(),
+        }),
     }
 }
 
@@ -79,7 +94,7 @@ fn info(check: &str, status: Status, value: String, need: &str, fix: &str) -> Fi
         value,
         need: need.into(),
         fix: fix.into(),
-        sysctl: None,
+        change: None,
     }
 }
 
@@ -117,6 +132,7 @@ const CHECKS: &[Check] = &[
     default_template,
     templates_current,
     cgroups,
+    cgroup_joins,
     systemd,
     disk,
     disk_store,
@@ -335,10 +351,10 @@ fn ports(w: &Want<'_>) -> Vec<Finding> {
         Some((missing, merged)) if !missing.is_empty() => (
             Status::Warn,
             format!("sysctl -w net.ipv4.ip_local_reserved_ports={merged}"),
-            Some((
-                "net.ipv4.ip_local_reserved_ports".to_string(),
-                merged.clone(),
-            )),
+            Some(Change::Sysctl {
+                key: "net.ipv4.ip_local_reserved_ports".to_string(),
+                value: merged.clone(),
+            }),
         ),
         _ => (Status::Ok, String::new(), None),
     };
@@ -352,7 +368,7 @@ fn ports(w: &Want<'_>) -> Vec<Finding> {
             fleet.0, fleet.1
         ),
         fix,
-        sysctl: set,
+        change: set,
     });
     if top_port > 65535 {
         out.push(info(
@@ -790,6 +806,59 @@ fn cgroups(w: &Want<'_>) -> Vec<Finding> {
     out
 }
 
+/// Whether a start waits for an RCU grace period to join its v1 cgroups
+/// (a hybrid host without `favordynmods`): 10-20 ms of a single cold start
+/// here, during which every other start's cgroup work waits too.
+fn cgroup_joins(_: &Want<'_>) -> Vec<Finding> {
+    let Ok(h) = Hierarchy::detect() else {
+        return Vec::new(); // said by the cgroups check
+    };
+    let (_, at_least) = kernel();
+    let need = "no wait for an RCU grace period at each start";
+    let (status, value, fix, change) = if !h.joins_v1() {
+        (
+            Status::Ok,
+            "none: a container is cloned into its cgroup (CLONE_INTO_CGROUP)".to_string(),
+            String::new(),
+            None,
+        )
+    } else if h.favordynmods {
+        (
+            Status::Ok,
+            "each start joins the v1 groups; favordynmods is on, so a join does not wait for an RCU grace period".into(),
+            String::new(),
+            None,
+        )
+    } else if at_least((6, 0)) {
+        (
+            Status::Warn,
+            "each start joins the v1 groups, and each join waits for an RCU grace period (favordynmods is off)".into(),
+            format!(
+                "nifty doctor --fix (mount -o remount,favordynmods {}: until the next boot; \
+                 the kernel command line cgroup_favordynmods=true, Linux 6.7, makes it last), \
+                 or boot with pure cgroup v2 (systemd.unified_cgroup_hierarchy=1)",
+                h.v2.display()
+            ),
+            Some(Change::FavorDynmods),
+        )
+    } else {
+        (
+            Status::Warn,
+            "each start joins the v1 groups, and each join waits for an RCU grace period (no favordynmods before Linux 6.0)".into(),
+            "boot with pure cgroup v2 (systemd.unified_cgroup_hierarchy=1), or Linux 6.0 or later and favordynmods".into(),
+            None,
+        )
+    };
+    vec![Finding {
+        check: "cgroup joins".into(),
+        status,
+        value,
+        need: need.into(),
+        fix,
+        change,
+    }]
+}
+
 /// systemd as PID 1 and systemd-nspawn (the systemd backend).
 fn systemd(_: &Want<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -1012,17 +1081,23 @@ fn overlay_status(release: &str) -> (Status, String) {
     }
 }
 
-/// What the running kernel offers nifty, one row per feature: the version
-/// that brought it, and what nifty does without it.
-/// Applies the sysctls of failed findings; returns what was set.
-pub fn fix(findings: &[Finding]) -> Vec<(String, String, Result<(), String>)> {
+/// Makes the changes of the findings that have one; returns each, with
+/// whether it was made.
+pub fn fix(findings: &[Finding]) -> Vec<(Change, Result<(), String>)> {
     findings
         .iter()
-        .filter_map(|f| f.sysctl.clone())
-        .map(|(k, v)| {
-            let path = Path::new("/proc/sys").join(k.replace('.', "/"));
-            let r = std::fs::write(&path, &v).map_err(|e| format!("{}: {e}", path.display()));
-            (k, v, r)
+        .filter_map(|f| f.change.clone())
+        .map(|c| {
+            let r = match &c {
+                Change::Sysctl { key, value } => {
+                    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+                    std::fs::write(&path, value).map_err(|e| format!("{}: {e}", path.display()))
+                }
+                Change::FavorDynmods => Hierarchy::detect()
+                    .and_then(|h| h.set_favordynmods(true))
+                    .map_err(|e| e.to_string()),
+            };
+            (c, r)
         })
         .collect()
 }
@@ -1064,6 +1139,6 @@ mod tests {
         let huge = check(&store, 100_000_000);
         assert!(huge
             .iter()
-            .any(|f| f.status == Status::Fail && f.sysctl.is_some()));
+            .any(|f| f.status == Status::Fail && f.change.is_some()));
     }
 }

@@ -113,19 +113,35 @@ fn doctor(ctx: &Ctx, a: crate::cli::DoctorArgs) -> Result<bool> {
             }
         }
         let applied = doctor::fix(&findings);
-        for (k, v, r) in &applied {
-            match r {
-                Ok(()) => ctx.printer.info(format!("set {k} = {v}")),
-                Err(e) => eprintln!("nifty: doctor: cannot set {k}: {e}"),
+        let mut sysctls = Vec::new();
+        for (change, r) in &applied {
+            match (change, r) {
+                (doctor::Change::Sysctl { key, value }, Ok(())) => {
+                    ctx.printer.info(format!("set {key} = {value}"));
+                    sysctls.push(format!("  {key} = {value}"));
+                }
+                (doctor::Change::Sysctl { key, .. }, Err(e)) => {
+                    eprintln!("nifty: doctor: cannot set {key}: {e}")
+                }
+                (doctor::Change::FavorDynmods, Ok(())) => ctx.printer.info(
+                    "turned on favordynmods: a start's v1 cgroup joins no longer wait for an \
+                     RCU grace period (until the next boot; the kernel command line \
+                     cgroup_favordynmods=true, Linux 6.7, makes it last)",
+                ),
+                (doctor::Change::FavorDynmods, Err(e)) => {
+                    eprintln!("nifty: doctor: cannot turn on favordynmods: {e}")
+                }
             }
         }
-        if applied.iter().any(|(_, _, r)| r.is_ok()) {
+        if !sysctls.is_empty() {
             ctx.printer.info(
                 "to keep them after a reboot, put these lines in /etc/sysctl.d/90-nifty.conf:",
             );
-            for (k, v, _) in applied.iter().filter(|(_, _, r)| r.is_ok()) {
-                ctx.printer.info(format!("  {k} = {v}"));
+            for line in sysctls {
+                ctx.printer.info(line);
             }
+        }
+        if applied.iter().any(|(_, r)| r.is_ok()) {
             findings = doctor::check(&ctx.store, a.count);
         }
     }

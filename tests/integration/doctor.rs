@@ -83,3 +83,59 @@ fn doctor_reports_real_limits_for_ten_thousand() {
     let failed = v.iter().any(|f| f["status"] == "fail");
     assert_eq!(o.status.success(), !failed);
 }
+
+/// The cgroup v2 mount's line in /proc/self/mountinfo, from its mount
+/// options on (its IDs left out).
+fn v2_mount() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .map(|l| l.split(' ').skip(4).collect::<Vec<_>>().join(" "))
+        .expect("a cgroup2 mount")
+}
+
+/// `doctor --fix` turns on `favordynmods` by reconfiguring the cgroup v2
+/// mount, which sets exactly the flags it is given: the others must be
+/// given again. Given as they are (`favordynmods` too, if it is on: once
+/// on, Linux 6.18 cannot turn it off), the mount reads the same after,
+/// its mount flags (`nosuid`, ...) and superblock flags (`nsdelegate`,
+/// `memory_recursiveprot` on a systemd host) alike. And the doctor's row
+/// says what the mount says.
+#[test]
+fn the_cgroup_mount_keeps_its_flags_through_a_reconfiguration() {
+    if !privileged() {
+        return;
+    }
+    let h = nifty::runtime::linux::cgroup::Hierarchy::detect().unwrap();
+    let before = v2_mount();
+    let on = h.v2_flags.iter().any(|f| f == "favordynmods");
+    h.set_favordynmods(on).unwrap();
+    assert_eq!(v2_mount(), before);
+
+    let root = Root::new();
+    let o = root.run(&["doctor", "--json"]);
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let row = v.iter().find(|f| f["check"] == "cgroup joins").unwrap();
+    let value = row["value"].as_str().unwrap();
+    if !h.joins_v1() {
+        assert!(value.contains("CLONE_INTO_CGROUP"), "{row}");
+        assert_eq!(row["status"], "ok", "{row}");
+    } else if h.favordynmods {
+        assert!(value.contains("favordynmods is on"), "{row}");
+        assert_eq!(row["status"], "ok", "{row}");
+    } else {
+        assert_eq!(row["status"], "warn", "{row}");
+        let release = rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        // favordynmods came with Linux 6.0.
+        if nifty::runtime::linux::features::parse_release(&release) >= (6, 0) {
+            assert!(row["fix"].as_str().unwrap().contains("--fix"), "{row}");
+            assert_eq!(row["change"], "favor_dynmods", "{row}");
+        } else {
+            assert!(row.get("change").is_none(), "{row}");
+        }
+    }
+}

@@ -9,7 +9,7 @@
 //! v2 host, or v1 `pids`/`memory` cgroups of the same name on a hybrid one.
 
 use std::fs;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,13 @@ pub struct Hierarchy {
     /// PID 1 is systemd: the stores' groups live in scopes it delegated
     /// (see `delegate`), never beside its own.
     pub systemd: bool,
+    /// The v2 mount's superblock flags (`nsdelegate`, ...; not `rw`), which
+    /// a reconfiguration must give again to keep.
+    pub v2_flags: Vec<String>,
+    /// Some cgroup mount has `favordynmods` (Linux 6.0): the kernel's one
+    /// lock for moving processes between cgroups (the threadgroup rwsem)
+    /// is taken for writing without waiting for an RCU grace period.
+    pub favordynmods: bool,
 }
 
 impl Hierarchy {
@@ -58,6 +65,8 @@ impl Hierarchy {
     /// Parses mountinfo text (separate for unit tests).
     pub fn parse(info: &str) -> Result<Hierarchy> {
         let mut v2 = None;
+        let mut v2_flags = Vec::new();
+        let mut favordynmods = false;
         let (mut v1_pids, mut v1_memory, mut v1_cpu, mut v1_blkio) = (None, None, None, None);
         for line in info.lines() {
             let Some((left, right)) = line.split_once(" - ") else {
@@ -67,8 +76,18 @@ impl Hierarchy {
             let mut r = right.split(' ');
             let fstype = r.next().unwrap_or("");
             let opts = r.nth(1).unwrap_or("");
+            if fstype == "cgroup2" || fstype == "cgroup" {
+                favordynmods |= opts.split(',').any(|o| o == "favordynmods");
+            }
             match fstype {
-                "cgroup2" if v2.is_none() => v2 = Some(PathBuf::from(mount_point)),
+                "cgroup2" if v2.is_none() => {
+                    v2 = Some(PathBuf::from(mount_point));
+                    v2_flags = opts
+                        .split(',')
+                        .filter(|o| !matches!(*o, "rw" | "ro" | ""))
+                        .map(String::from)
+                        .collect();
+                }
                 "cgroup" => {
                     for o in opts.split(',') {
                         match o {
@@ -98,7 +117,47 @@ impl Hierarchy {
             v1_cpu,
             v1_blkio,
             systemd: false,
+            v2_flags,
+            favordynmods,
         })
+    }
+
+    /// A container's start joins v1 cgroups (a hybrid host): it writes its
+    /// PID to their `cgroup.procs`, where on a pure v2 host it is cloned
+    /// into its one cgroup (`CLONE_INTO_CGROUP`) and moves nowhere. Each
+    /// such move takes the threadgroup rwsem for writing, which, without
+    /// `favordynmods`, first waits for an RCU grace period (10-20 ms on a
+    /// 2-core VM), holding `cgroup_mutex` meanwhile: every other start's
+    /// cgroup work waits too.
+    pub fn joins_v1(&self) -> bool {
+        !self.v2_controllers
+    }
+
+    /// Sets or clears `favordynmods` on the v2 mount (Linux 6.0), keeping
+    /// its other superblock flags (a cgroup2 reconfiguration sets exactly
+    /// the flags it is given) and its mount flags (`nosuid`, ...: `fspick`
+    /// reconfigures the superblock only). The setting is the kernel's, for
+    /// every hierarchy; it lasts until the next boot.
+    pub fn set_favordynmods(&self, on: bool) -> Result<()> {
+        use rustix::mount::{fsconfig_reconfigure, fsconfig_set_flag, fspick, FsPickFlags};
+        let call = |what: &str| format!("{what} ({})", self.v2.display());
+        let fs = fspick(
+            rustix::fs::CWD,
+            &self.v2,
+            FsPickFlags::FSPICK_CLOEXEC | FsPickFlags::FSPICK_NO_AUTOMOUNT,
+        )
+        .map_err(Error::sys(call("fspick")))?;
+        let flags = self.v2_flags.iter().map(String::as_str);
+        for flag in flags
+            .filter(|f| *f != "favordynmods")
+            .chain(on.then_some("favordynmods"))
+        {
+            fsconfig_set_flag(fs.as_fd(), flag).map_err(Error::sys(call(&format!(
+                "fsconfig(FSCONFIG_SET_FLAG, {flag:?})"
+            ))))?;
+        }
+        fsconfig_reconfigure(fs.as_fd())
+            .map_err(Error::sys(call("fsconfig(FSCONFIG_CMD_RECONFIGURE)")))
     }
 
     /// The cgroup of instance `name` under the store's group `base`.
@@ -644,6 +703,27 @@ mod tests {
 32 29 0:29 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 ";
     const PURE: &str = "30 22 0:27 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n";
+
+    /// The v2 mount's flags are kept for a reconfiguration (not `rw`);
+    /// `favordynmods` on any cgroup mount is the kernel's, for all.
+    #[test]
+    fn mount_flags_and_favordynmods() {
+        let h = Hierarchy::parse(PURE).unwrap();
+        assert_eq!(h.v2_flags, ["nsdelegate"]);
+        assert!(!h.favordynmods && !h.joins_v1());
+        let h = Hierarchy::parse(HYBRID).unwrap();
+        assert!(h.v2_flags.is_empty() && !h.favordynmods && h.joins_v1());
+        let on = HYBRID.replace(
+            "cgroup2 rw\n",
+            "cgroup2 rw,favordynmods,memory_recursiveprot\n",
+        );
+        let h = Hierarchy::parse(&on).unwrap();
+        assert_eq!(h.v2_flags, ["favordynmods", "memory_recursiveprot"]);
+        assert!(h.favordynmods);
+        // Set on a v1 root (the kernel's command line sets it on all).
+        let v1 = HYBRID.replace("rw,pids", "rw,pids,favordynmods");
+        assert!(Hierarchy::parse(&v1).unwrap().favordynmods);
+    }
 
     #[test]
     fn hybrid_layout() {
