@@ -54,8 +54,8 @@ pub struct Lower {
 /// The lower layer for a stopped instance about to be mounted (a start, or
 /// a host-side write to it): the shared template, or its shifted copy,
 /// made now if it is missing; `NoTemplate` if its template version is
-/// gone (the one place a start checks it). Call it only while nothing of the instance
-/// runs: a copy of another template version is removed.
+/// gone (the one place a start checks it). Call it only while nothing of
+/// the instance runs: a copy of another template version is removed.
 pub fn lower(store: &Store, inst: &Instance) -> Result<Lower> {
     let template = store.instance_lower(inst);
     if !template.is_dir() {
