@@ -331,6 +331,54 @@ pub fn execve(path: &CStr, argv: &[*const c_char], envp: &[*const c_char]) -> st
     std::io::Error::last_os_error()
 }
 
+/// Sets every signal's action to the default and unblocks all, as a
+/// new process starts (exec resets handlers but keeps ignored signals
+/// ignored, and the mask). Allocation-free: it runs in a vfork child.
+pub fn default_signals() {
+    // The kernel's `struct sigaction` (libc's wrapper refuses the signals
+    // it keeps for itself, which the caller's parent may still ignore).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    let none: u64 = 0;
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: rt_sigaction with SIG_DFL and an empty mask installs
+            // no handler; it reads only `dfl` (the kernel's layout, mask
+            // size 8), which lives on this frame.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                )
+            };
+        }
+    }
+    // SAFETY: rt_sigprocmask(SIG_SETMASK) reads only `none` (size 8).
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &none as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
+}
+
 /// _exit(2): leave a forked child without running the parent's atexit
 /// handlers or flushing its buffers.
 pub fn exit_child(code: i32) -> ! {

@@ -172,6 +172,10 @@ pub fn default_backend() -> Backend {
 /// Called once per instance as a fleet operation finishes it (progress).
 pub type Done<'a> = &'a (dyn Fn(&str) + Sync);
 
+/// The connections waiting for an instance, by its name (`nifty serve`'s
+/// cold starts): each leaves the caller's hands when taken.
+pub type Take<'a> = &'a (dyn Fn(&str) -> Vec<std::os::fd::OwnedFd> + Sync);
+
 /// One door per backend: everything a command may ask of the launcher
 /// that runs an instance. Commands never ask which backend an instance
 /// uses: [`Runtime`] groups instances by backend and hands each group to
@@ -185,6 +189,15 @@ pub trait Launcher: Sync {
     fn states(&self, insts: &[&Instance]) -> Vec<(State, Option<i32>)>;
     /// Starts them; `done` is called once per instance.
     fn start_many(&self, insts: &[&Instance], done: Done<'_>) -> Results;
+    /// [`Launcher::start_many`] at connections (`nifty serve`): a
+    /// launcher that can serve an instance's waiting connections from its
+    /// start (sooner, and cheaper, than a session in it once it runs)
+    /// takes them with `take`, each served as [`Runtime::session`] serves
+    /// one; what it leaves stays the caller's, for after `done`.
+    fn start_many_serving(&self, insts: &[&Instance], take: Take<'_>, done: Done<'_>) -> Results {
+        let _ = take;
+        self.start_many(insts, done)
+    }
     /// Stops them; a stopped one is not an error.
     fn stop_many(&self, insts: &[&Instance], opts: StopOptions, done: Done<'_>) -> Results;
     /// Where a running instance lives (for `exec` and host-side files).
@@ -813,11 +826,28 @@ impl Runtime {
     /// Starts instances: each backend's group at once (native ones in
     /// parallel on the worker pool, systemd ones as queued jobs).
     pub fn start_many(&self, insts: &[Instance], done: Done<'_>) -> Results {
+        self.start_all(insts, None, done)
+    }
+
+    /// [`Runtime::start_many`] at connections: `take` gives each
+    /// instance's waiting connections to a start that serves them (see
+    /// [`Launcher::start_many_serving`]); `done` serves what is left.
+    pub fn start_many_serving(
+        &self,
+        insts: &[Instance],
+        take: Take<'_>,
+        done: Done<'_>,
+    ) -> Results {
+        self.start_all(insts, Some(take), done)
+    }
+
+    fn start_all(&self, insts: &[Instance], take: Option<Take<'_>>, done: Done<'_>) -> Results {
         let mut out = Results::new();
         for (b, group) in Self::groups(insts) {
-            out.extend(match self.launcher(b) {
-                Ok(l) => l.start_many(&group, done),
-                Err(e) => fail(&group, &e),
+            out.extend(match (self.launcher(b), take) {
+                (Ok(l), Some(take)) => l.start_many_serving(&group, take, done),
+                (Ok(l), None) => l.start_many(&group, done),
+                (Err(e), _) => fail(&group, &e),
             });
         }
         self.retire_previous_keys(insts, &out);

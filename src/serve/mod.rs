@@ -1004,11 +1004,21 @@ fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
         let by_name: HashMap<&str, &Instance> =
             batch.iter().map(|i| (i.name.as_str(), i)).collect();
         let failed_sessions = std::sync::Mutex::new(Vec::new());
-        // Each instance's sessions as soon as it is up (on the worker that
-        // started it); one that did not start ends its connections. (`done`
-        // comes once per instance, whatever its start did: none is left
-        // in `starting`.)
-        let results = rt.start_many(&batch, &|name| {
+        // The connections waiting when a start is ready to serve them go
+        // with it: the container's first process hands each to its own
+        // Dropbear before init runs (so a burst's banners do not wait for
+        // the inits and services of the instances started before them).
+        let take = |name: &str| {
+            guard(ctx.starting)
+                .get_mut(name)
+                .map(std::mem::take)
+                .unwrap_or_default()
+        };
+        // Those that came after get their sessions as soon as it is up (on
+        // the worker that started it); one that did not start ends its
+        // connections. (`done` comes once per instance, whatever its start
+        // did: none is left in `starting`.)
+        let results = rt.start_many_serving(&batch, &take, &|name| {
             let conns = guard(ctx.starting).remove(name).unwrap_or_default();
             let Some(inst) = by_name.get(name) else {
                 return;

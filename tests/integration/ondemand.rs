@@ -347,18 +347,26 @@ fn sessions_live_in_their_instance_s_cgroup_on_both_paths() {
     root.ok(&["create", "1", "--on-demand", "-q"]);
     let port = root.port("1");
     let parent = "tr '\\0' ' ' < /proc/$PPID/cmdline";
-    // A session's `sleep`, found from the host in the instance's cgroup.
+    // A session's `sleep`, found from the host in the instance's cgroup;
+    // and the parent of the session's Dropbear, as the instance sees it.
     let sleeps_inside = |root: &Root| {
         std::thread::scope(|s| {
-            let h = s.spawn(|| root.ssh("1", "sleep 2; echo slept"));
+            let h = s.spawn(|| {
+                root.ssh(
+                    "1",
+                    "sed -n 's/^PPid:[[:space:]]*//p' /proc/$PPID/status; sleep 2; echo slept",
+                )
+            });
             let found = wait_until(Duration::from_secs(10), || {
                 root.procs("1").iter().any(|p| {
                     std::fs::read_to_string(format!("/proc/{p}/comm"))
                         .is_ok_and(|c| c.trim() == "sleep")
                 })
             });
-            assert_eq!(h.join().unwrap(), "slept\n");
-            found
+            let out = h.join().unwrap();
+            let (ppid, slept) = out.split_once('\n').expect("two lines");
+            assert_eq!(slept, "slept\n");
+            (found, ppid.to_string())
         })
     };
     for env in [&[][..], &[("NIFTY_FALLBACKS", "into-cgroup")][..]] {
@@ -368,8 +376,14 @@ fn sessions_live_in_their_instance_s_cgroup_on_both_paths() {
             "{}",
             serve.log()
         );
-        // Cold: serve's `dropbear -i`.
-        assert!(sleeps_inside(&root), "{env:?}: cold session outside");
+        // Cold: a `dropbear -i` that the container's first process started
+        // before it exec'd init (init is its parent).
+        let (inside, ppid) = sleeps_inside(&root);
+        assert!(inside, "{env:?}: cold session outside");
+        assert_eq!(
+            ppid, "1",
+            "{env:?}: the cold session's Dropbear was not init's child"
+        );
         assert!(
             wait_until(Duration::from_secs(10), || listening(port)),
             "{env:?}: no listener: {}",
@@ -383,7 +397,7 @@ fn sessions_live_in_their_instance_s_cgroup_on_both_paths() {
             "{env:?}: logins still come through serve: {}",
             serve.log()
         );
-        assert!(sleeps_inside(&root), "{env:?}: warm session outside");
+        assert!(sleeps_inside(&root).0, "{env:?}: warm session outside");
         drop(serve);
         root.ok(&["stop", "1", "-q"]);
     }

@@ -255,6 +255,25 @@ fn no_host_fd_leaks_into_a_container() {
 }
 
 #[test]
+fn no_signal_disposition_of_nifty_reaches_a_container() {
+    if !privileged() {
+        return;
+    }
+    // nifty ignores SIGPIPE, as every Rust program does (and whatever ran
+    // it may ignore more: a shell's background job ignores SIGINT and
+    // SIGQUIT). Exec keeps ignored signals ignored: the container's init
+    // must start as a new process does, or every process of the tenant's
+    // inherits them.
+    let root = fleet(&["532"], &[]);
+    let (code, out) = as_root(&root, "532", "grep -E '^Sig(Blk|Ign)' /proc/1/status");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+        "init's blocked and ignored signals"
+    );
+}
+
+#[test]
 fn planted_symlinks_do_not_redirect_host_writes() {
     if !privileged() {
         return;

@@ -42,6 +42,18 @@ pub struct User {
     pub home: String,
 }
 
+impl User {
+    /// The container's root.
+    pub fn root() -> User {
+        User {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            home: "/root".into(),
+        }
+    }
+}
+
 /// Opens the merged root of an instance, running or not. A stopped
 /// instance stays locked (no start) while the root is open. `running`
 /// finds the init of a running instance (whichever backend runs it); it

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, Signal};
 
-use super::{check_backend, Done, Info, Results, StopOptions, UnitStatus};
+use super::{check_backend, Done, Info, Results, StopOptions, Take, UnitStatus};
 use crate::error::{StartError, SysError};
 use crate::runtime::linux::cgroup::{Cgroup, Hierarchy};
 use crate::runtime::linux::files::{self, User};
@@ -190,6 +190,14 @@ impl Native {
 
     /// Boots an instance. Fails if it runs already.
     pub fn start(&self, inst: &Instance) -> Result<i32> {
+        self.start_serving(inst, None)
+    }
+
+    /// [`Native::start`], whose first process also serves the connections
+    /// `take` gives for it, if any (see `spawn::Sessions`), each as
+    /// [`Native::session`] would, before it execs init. Taken as late as
+    /// can be: connections that come after stay the caller's.
+    fn start_serving(&self, inst: &Instance, take: Option<Take<'_>>) -> Result<i32> {
         check_backend(inst)?;
         let dir = self.store.instance_dir(&inst.name);
         let _lock = lock(&dir)?;
@@ -226,6 +234,17 @@ impl Native {
         let env = init_env(inst);
         let userns = inst.security.uid_base.map(userns::create).transpose()?;
         let (confine, bind_guard) = self.confinement(inst, userns, false)?;
+        let conns = take.map(|t| t(&inst.name)).unwrap_or_default();
+        let session_argv = crate::template::inittab::dropbear_inetd();
+        let root = User::root();
+        let session_env = session_env(&root);
+        if !conns.is_empty() {
+            // A session's process runs the container's Dropbear while this
+            // process's memory is still shared with the container's first
+            // one: none of the container's may read or trace it.
+            rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+                .map_err(Error::sys("prctl(PR_SET_DUMPABLE, 0)"))?;
+        }
         let plan = spawn::Plan::new(spawn::Spec {
             lower: &lower.path,
             lower_idmap: lower.idmap,
@@ -236,6 +255,12 @@ impl Native {
             env: &env,
             log_fd: log,
             confine,
+            sessions: Some(spawn::Sessions {
+                conns,
+                argv: &session_argv,
+                env: &session_env,
+                home: &root.home,
+            }),
         })
         .map_err(|e| Error::Start {
             name: inst.name.clone(),
@@ -280,6 +305,14 @@ impl Native {
         match started {
             Ok(s) => {
                 tracing::debug!(instance = %inst.name, pid = s.pid, "started");
+                let failed = plan.sessions_failed();
+                if failed > 0 {
+                    tracing::warn!(
+                        "instance {}: {failed} connection(s) closed unserved: \
+                         its /usr/sbin/dropbear did not start (see its console log)",
+                        inst.name
+                    );
+                }
                 Ok(s.pid)
             }
             Err(failure) => {
@@ -290,6 +323,26 @@ impl Native {
                     failure,
                 })
             }
+        }
+    }
+
+    /// Starts many instances at once (on a pool), each serving what
+    /// `take` gives for it (see [`Native::start_serving`]).
+    fn start_all(&self, insts: &[&Instance], take: Option<Take<'_>>, done: Done<'_>) -> Results {
+        use rayon::prelude::*;
+        let work = || {
+            insts
+                .par_iter()
+                .map(|i| {
+                    let r = self.start_serving(i, take).map(|_| ());
+                    done(&i.name);
+                    (i.name.clone(), r)
+                })
+                .collect::<Results>()
+        };
+        match crate::fleet::pool(insts.len()) {
+            Ok(p) => p.install(work),
+            Err(_) => work(),
         }
     }
 
@@ -590,12 +643,7 @@ impl Native {
             open_ns("pid")?,
         );
         let account = match user {
-            None | Some("root") => User {
-                uid: 0,
-                gid: 0,
-                home: "/root".into(),
-                name: "root".into(),
-            },
+            None | Some("root") => User::root(),
             // Read as every tenant file is (no link followed, a regular
             // file of bounded size), through init's root.
             Some(u) => {
@@ -642,14 +690,7 @@ impl Native {
         command
             .args(&cmd[1..])
             .env_clear()
-            .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
-            .env("HOME", &account.home)
-            .env("USER", &account.name)
-            .env("LOGNAME", &account.name)
-            .env(
-                "TERM",
-                std::env::var("TERM").unwrap_or_else(|_| "vt100".into()),
-            )
+            .envs(session_env(&account))
             .envs(env.iter().map(|(k, v)| (k, v)));
         let home = std::ffi::CString::new(account.home.as_bytes()).unwrap_or_default();
         let userns = match inst.security.uid_base {
@@ -920,21 +961,11 @@ impl super::Launcher for Native {
     }
 
     fn start_many(&self, insts: &[&Instance], done: Done<'_>) -> Results {
-        use rayon::prelude::*;
-        let work = || {
-            insts
-                .par_iter()
-                .map(|i| {
-                    let r = self.start(i).map(|_| ());
-                    done(&i.name);
-                    (i.name.clone(), r)
-                })
-                .collect::<Results>()
-        };
-        match crate::fleet::pool(insts.len()) {
-            Ok(p) => p.install(work),
-            Err(_) => work(),
-        }
+        self.start_all(insts, None, done)
+    }
+
+    fn start_many_serving(&self, insts: &[&Instance], take: Take<'_>, done: Done<'_>) -> Results {
+        self.start_all(insts, Some(take), done)
     }
 
     fn stop_many(&self, insts: &[&Instance], opts: StopOptions, done: Done<'_>) -> Results {
@@ -1057,6 +1088,22 @@ impl super::Launcher for Native {
 }
 
 /// The environment init starts with.
+/// The environment of a process nifty starts in a running container as
+/// `account` (`exec`, a session's Dropbear): the caller's TERM, nothing
+/// else of the caller's.
+fn session_env(account: &User) -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), "/bin:/sbin:/usr/bin:/usr/sbin".into()),
+        ("HOME".into(), account.home.clone()),
+        ("USER".into(), account.name.clone()),
+        ("LOGNAME".into(), account.name.clone()),
+        (
+            "TERM".into(),
+            std::env::var("TERM").unwrap_or_else(|_| "vt100".into()),
+        ),
+    ]
+}
+
 fn init_env(inst: &Instance) -> Vec<(String, String)> {
     vec![
         ("PATH".into(), "/sbin:/bin:/usr/sbin:/usr/bin".into()),

@@ -33,7 +33,7 @@
 use std::ffi::{c_char, CString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::{MountAttrFlags, MountFlags, MoveMountFlags, OpenTreeFlags};
@@ -73,12 +73,80 @@ pub struct Plan {
     /// network, with /proc masked, in a template that has it.
     proc_net_view: bool,
     confine: Confine,
-    init: CString,
+    init: Exec,
+    log_fd: OwnedFd,
+    /// Connections to serve before init runs, if any.
+    sessions: Option<SessionPlan>,
+}
+
+/// A program to exec, its argv and envp made C arrays before the fork.
+struct Exec {
+    path: CString,
     _argv: Vec<CString>,
     _envp: Vec<CString>,
     argv_ptrs: Vec<*const c_char>,
     envp_ptrs: Vec<*const c_char>,
-    log_fd: OwnedFd,
+}
+
+impl Exec {
+    /// `argv[0]` is the path.
+    fn new(argv: &[String], env: &[(String, String)]) -> std::io::Result<Exec> {
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| cstr(a.as_str()))
+            .collect::<Result<_, _>>()?;
+        let path = argv
+            .first()
+            .cloned()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no program"))?;
+        let envp: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| cstr(format!("{k}={v}")))
+            .collect::<std::io::Result<_>>()?;
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain([std::ptr::null()])
+                .collect()
+        };
+        Ok(Exec {
+            path,
+            argv_ptrs: ptrs(&argv),
+            envp_ptrs: ptrs(&envp),
+            _argv: argv,
+            _envp: envp,
+        })
+    }
+
+    /// Execs it; returns only on failure.
+    fn run(&self) -> std::io::Error {
+        sys::execve(&self.path, &self.argv_ptrs, &self.envp_ptrs)
+    }
+}
+
+/// Connections a container's first process serves before it execs init
+/// (`nifty serve`'s cold starts): each gets a process of its own, forked
+/// from it in the container as it is by then (namespaces, root, cgroups,
+/// IDs, capabilities, seccomp: all that init gets), which execs
+/// `argv` (Dropbear in inetd mode) with the connection on stdin and
+/// stdout and the console log on stderr. So a cold login's Dropbear runs
+/// before init and its services, and costs no entry into the container
+/// from outside (no `setns`, no cgroup migration, no second seccomp
+/// filter). Init adopts them, as it adopts any orphan.
+pub struct Sessions<'a> {
+    pub conns: Vec<OwnedFd>,
+    pub argv: &'a [String],
+    pub env: &'a [(String, String)],
+    /// Its working directory (`/` if that is missing).
+    pub home: &'a str,
+}
+
+struct SessionPlan {
+    exec: Exec,
+    home: CString,
+    conns: Vec<OwnedFd>,
+    /// How many did not exec (written by the children).
+    failed: AtomicU32,
 }
 
 fn cstr(s: impl Into<Vec<u8>>) -> std::io::Result<CString> {
@@ -142,6 +210,7 @@ pub struct Spec<'a> {
     pub env: &'a [(String, String)],
     pub log_fd: OwnedFd,
     pub confine: Confine,
+    pub sessions: Option<Sessions<'a>>,
 }
 
 impl Plan {
@@ -167,22 +236,15 @@ impl Plan {
                 bind_dirs.push(path_c(&prefix)?);
             }
         }
-        let argv = vec![cstr("/sbin/init")?];
-        let envp: Vec<CString> = spec
-            .env
-            .iter()
-            .map(|(k, v)| cstr(format!("{k}={v}")))
-            .collect::<std::io::Result<_>>()?;
-        let argv_ptrs = argv
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain([std::ptr::null()])
-            .collect();
-        let envp_ptrs = envp
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain([std::ptr::null()])
-            .collect();
+        let sessions = match spec.sessions {
+            Some(s) if !s.conns.is_empty() => Some(SessionPlan {
+                exec: Exec::new(s.argv, s.env)?,
+                home: cstr(s.home)?,
+                conns: s.conns,
+                failed: AtomicU32::new(0),
+            }),
+            _ => None,
+        };
         Ok(Plan {
             lower: spec.lower.to_path_buf(),
             lower_idmap: spec.lower_idmap,
@@ -207,13 +269,16 @@ impl Plan {
             binds,
             bind_dirs,
             hostname: spec.hostname.as_bytes().to_vec(),
-            init: cstr("/sbin/init")?,
-            _argv: argv,
-            _envp: envp,
-            argv_ptrs,
-            envp_ptrs,
+            init: Exec::new(&["/sbin/init".to_string()], spec.env)?,
             log_fd: spec.log_fd,
+            sessions,
         })
+    }
+
+    /// How many of the connections given in [`Spec::sessions`] got no
+    /// process (after [`spawn`]; they were closed).
+    pub fn sessions_failed(&self) -> u32 {
+        (self.sessions.as_ref()).map_or(0, |s| s.failed.load(Ordering::SeqCst))
     }
 }
 
@@ -470,6 +535,11 @@ pub fn spawn(
     }
     let failure = AtomicU64::new(0);
     let mut stack = vec![0u8; CHILD_STACK];
+    // The stack of the sessions' children, one at a time.
+    let mut session_stack = match plan.sessions {
+        Some(_) => vec![0u8; SESSION_STACK],
+        None => Vec::new(),
+    };
     // Whether the child is born in its v2 cgroup (read by the child).
     let born = AtomicBool::new(cgroup_dir.is_some());
     let mut run = || {
@@ -477,7 +547,14 @@ pub fn spawn(
             true => cgroup_procs.get(1..).unwrap_or_default(),
             false => cgroup_procs,
         };
-        child(plan, &mounts, procs, empty_root, &failure)
+        child(
+            plan,
+            &mounts,
+            procs,
+            empty_root,
+            &failure,
+            &mut session_stack,
+        )
     };
     let mut clone = || {
         let into = cgroup_dir.map(|dir| sys::spawn_vfork_into(flags, dir, &mut stack, &mut run));
@@ -530,6 +607,8 @@ pub fn spawn(
 
 /// Stack of the container's first process until it execs init.
 const CHILD_STACK: usize = 256 << 10;
+/// Stack of a session's process until it execs.
+const SESSION_STACK: usize = 16 << 10;
 
 /// The container side. Raw system calls only, on memory prepared in `plan`
 /// and `mounts`.
@@ -539,6 +618,7 @@ fn child(
     cgroup_procs: &[OwnedFd],
     empty_root: BorrowedFd<'_>,
     failure: &AtomicU64,
+    session_stack: &mut [u8],
 ) -> i32 {
     let fail = |step: Step, errno: i32| -> ! {
         failure.store(
@@ -580,6 +660,10 @@ fn child(
 
     // Until exec, this process is marked as not yet a container's init.
     let _ = rustix::thread::set_name(STARTING);
+    // Every signal as a new process has it (nifty's handlers and ignored
+    // SIGPIPE are not the container's): exec would keep ignored ones, and
+    // a session's program runs beside this process before its exec.
+    sys::default_signals();
     // Join the container's cgroups first (those it was not born in): from
     // here on, everything this process does is accounted, limited, and
     // seen by `nifty list`/`stop`.
@@ -774,8 +858,41 @@ fn child(
             fail(Step::Seccomp, e.raw_os_error().unwrap_or(libc::EINVAL));
         }
     }
-    let e = sys::execve(&plan.init, &plan.argv_ptrs, &plan.envp_ptrs);
+    if let Some(s) = &plan.sessions {
+        serve_sessions(s, session_stack);
+    }
+    let e = plan.init.run();
     fail(Step::ExecInit, e.raw_os_error().unwrap_or(0))
+}
+
+/// In the container's first process, right before it execs init: a
+/// process for each connection of `s` (see [`Sessions`]), each exec'd
+/// before the next is made (CLONE_VFORK, on `stack`). One that cannot be
+/// made or exec'd is counted in `s.failed`; its connection closes when
+/// init is exec'd.
+fn serve_sessions(s: &SessionPlan, stack: &mut [u8]) {
+    for conn in &s.conns {
+        let fd = conn.as_raw_fd();
+        let mut run = || {
+            // A session of its own, in its home, the connection on stdin
+            // and stdout (stderr is the console log already).
+            let _ = rustix::process::setsid();
+            if rustix::process::chdir(s.home.as_c_str()).is_err() {
+                let _ = rustix::process::chdir(c"/");
+            }
+            if sys::dup2(fd, 0).and_then(|()| sys::dup2(fd, 1)).is_ok() {
+                let _ = s.exec.run();
+            }
+            s.failed.fetch_add(1, Ordering::SeqCst);
+            sys::exit_child(127)
+        };
+        match sys::spawn_vfork(0, stack, &mut run) {
+            Ok((_, pidfd)) => drop(pidfd),
+            Err(_) => {
+                s.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -804,6 +921,7 @@ mod tests {
                 id_base: 0x7000_0000,
                 ..Confine::default()
             },
+            sessions: None,
         })
     }
 
@@ -834,6 +952,7 @@ mod tests {
                     own_network,
                     ..Confine::default()
                 },
+                sessions: None,
             })
             .unwrap()
             .proc_net_view
@@ -885,10 +1004,49 @@ mod tests {
         std::fs::write(t.path().join("dev/null"), "").unwrap();
         assert!(plan(t.path(), &[], &env).unwrap().dev_in_template);
         // execve's arrays end with NULL and hold what was asked.
-        assert_eq!(p.argv_ptrs.len(), 2);
-        assert!(p.argv_ptrs[1].is_null() && p.envp_ptrs[1].is_null());
-        assert_eq!(p._envp[0].to_str(), Ok("PATH=/bin"));
+        assert_eq!(p.init.path.to_str(), Ok("/sbin/init"));
+        assert_eq!(p.init.argv_ptrs.len(), 2);
+        assert!(p.init.argv_ptrs[1].is_null() && p.init.envp_ptrs[1].is_null());
+        assert_eq!(p.init._envp[0].to_str(), Ok("PATH=/bin"));
         assert_eq!(p.hostname, b"nifty7");
+        assert!(p.sessions.is_none() && p.sessions_failed() == 0);
+    }
+
+    #[test]
+    fn sessions_are_planned_only_with_connections() {
+        let t = tempfile::tempdir().unwrap();
+        let argv = ["/usr/sbin/dropbear".to_string(), "-i".to_string()];
+        let env = [("HOME".to_string(), "/root".to_string())];
+        let with = |conns: Vec<OwnedFd>| {
+            Plan::new(Spec {
+                lower: t.path(),
+                lower_idmap: false,
+                upper: Path::new("/upper"),
+                work: Path::new("/work"),
+                binds: &[],
+                hostname: "nifty7",
+                env: &[],
+                log_fd: null(),
+                confine: Confine::default(),
+                sessions: Some(Sessions {
+                    conns,
+                    argv: &argv,
+                    env: &env,
+                    home: "/root",
+                }),
+            })
+            .unwrap()
+        };
+        assert!(with(Vec::new()).sessions.is_none());
+        let p = with(vec![null(), null()]);
+        let s = p.sessions.as_ref().expect("planned");
+        assert_eq!(s.conns.len(), 2);
+        assert_eq!(s.exec.path.to_str(), Ok("/usr/sbin/dropbear"));
+        assert_eq!(s.exec.argv_ptrs.len(), 3);
+        assert!(s.exec.argv_ptrs[2].is_null() && s.exec.envp_ptrs[1].is_null());
+        assert_eq!(s.exec._envp[0].to_str(), Ok("HOME=/root"));
+        assert_eq!(s.home.to_str(), Ok("/root"));
+        assert_eq!(p.sessions_failed(), 0);
     }
 
     #[test]
