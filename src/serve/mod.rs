@@ -1006,8 +1006,8 @@ fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
         let failed_sessions = std::sync::Mutex::new(Vec::new());
         // The connections waiting when a start is ready to serve them go
         // with it: the container's first process hands each to its own
-        // Dropbear before init runs (so a burst's banners do not wait for
-        // the inits and services of the instances started before them).
+        // Dropbear before it execs init (which runs before init and its
+        // services, and enters nothing from outside).
         let take = |name: &str| {
             guard(ctx.starting)
                 .get_mut(name)

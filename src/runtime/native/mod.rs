@@ -195,8 +195,8 @@ impl Native {
 
     /// [`Native::start`], whose first process also serves the connections
     /// `take` gives for it, if any (see `spawn::Sessions`), each as
-    /// [`Native::session`] would, before it execs init. Taken as late as
-    /// can be: connections that come after stay the caller's.
+    /// [`Native::session`] would, before it execs init. Taken once the
+    /// start is planned: connections that come after stay the caller's.
     fn start_serving(&self, inst: &Instance, take: Option<Take<'_>>) -> Result<i32> {
         check_backend(inst)?;
         let dir = self.store.instance_dir(&inst.name);
@@ -789,6 +789,9 @@ impl Native {
         let null_io = matches!(&socket_io, Some((None, _)));
         let hook = move || -> std::io::Result<()> {
             let err = |e: rustix::io::Errno| std::io::Error::from_raw_os_error(e.raw_os_error());
+            // As init's (see `spawn`): nothing of the caller's ignored
+            // signals (a background `serve` ignores SIGINT and SIGQUIT).
+            crate::sys::default_signals();
             rustix::process::setsid().map_err(err)?;
             if let Some(fd) = ctty {
                 rustix::process::ioctl_tiocsctty(crate::sys::borrow_fd(fd)).map_err(err)?;
@@ -1087,7 +1090,6 @@ impl super::Launcher for Native {
     }
 }
 
-/// The environment init starts with.
 /// The environment of a process nifty starts in a running container as
 /// `account` (`exec`, a session's Dropbear): the caller's TERM, nothing
 /// else of the caller's.
@@ -1104,6 +1106,7 @@ fn session_env(account: &User) -> Vec<(String, String)> {
     ]
 }
 
+/// The environment init starts with.
 fn init_env(inst: &Instance) -> Vec<(String, String)> {
     vec![
         ("PATH".into(), "/sbin:/bin:/usr/sbin:/usr/bin".into()),
