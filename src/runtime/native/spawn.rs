@@ -903,25 +903,35 @@ mod tests {
         std::fs::File::open("/dev/null").unwrap().into()
     }
 
-    fn plan(
-        lower: &Path,
-        binds: &[(PathBuf, PathBuf)],
-        env: &[(String, String)],
-    ) -> std::io::Result<Plan> {
-        Plan::new(Spec {
+    /// A spec of a container on `lower`, with nothing else to it.
+    fn spec(lower: &Path) -> Spec<'_> {
+        Spec {
             lower,
             lower_idmap: false,
             upper: Path::new("/upper"),
             work: Path::new("/work"),
-            binds,
+            binds: &[],
             hostname: "nifty7",
-            env,
+            env: &[],
             log_fd: null(),
+            confine: Confine::default(),
+            sessions: None,
+        }
+    }
+
+    fn plan<'a>(
+        lower: &'a Path,
+        binds: &'a [(PathBuf, PathBuf)],
+        env: &'a [(String, String)],
+    ) -> std::io::Result<Plan> {
+        Plan::new(Spec {
+            binds,
+            env,
             confine: Confine {
                 id_base: 0x7000_0000,
                 ..Confine::default()
             },
-            sessions: None,
+            ..spec(lower)
         })
     }
 
@@ -939,20 +949,12 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let view = |mask_proc: bool, own_network: bool| {
             Plan::new(Spec {
-                lower: t.path(),
-                lower_idmap: false,
-                upper: Path::new("/upper"),
-                work: Path::new("/work"),
-                binds: &[],
-                hostname: "nifty7",
-                env: &[],
-                log_fd: null(),
                 confine: Confine {
                     mask_proc,
                     own_network,
                     ..Confine::default()
                 },
-                sessions: None,
+                ..spec(t.path())
             })
             .unwrap()
             .proc_net_view
@@ -1019,21 +1021,13 @@ mod tests {
         let env = [("HOME".to_string(), "/root".to_string())];
         let with = |conns: Vec<OwnedFd>| {
             Plan::new(Spec {
-                lower: t.path(),
-                lower_idmap: false,
-                upper: Path::new("/upper"),
-                work: Path::new("/work"),
-                binds: &[],
-                hostname: "nifty7",
-                env: &[],
-                log_fd: null(),
-                confine: Confine::default(),
                 sessions: Some(Sessions {
                     conns,
                     argv: &argv,
                     env: &env,
                     home: "/root",
                 }),
+                ..spec(t.path())
             })
             .unwrap()
         };
