@@ -235,10 +235,14 @@ impl Native {
         let userns = inst.security.uid_base.map(userns::create).transpose()?;
         let (confine, bind_guard) = self.confinement(inst, userns, false)?;
         let conns = take.map(|t| t(&inst.name)).unwrap_or_default();
-        let session_argv = crate::template::inittab::dropbear_inetd();
-        let root = User::root();
-        let session_env = session_env(&root);
-        if !conns.is_empty() {
+        // Only a start with connections pays for their plan (a fleet's
+        // `start` has none).
+        let session = (!conns.is_empty()).then(|| {
+            let root = User::root();
+            let env = session_env(&root);
+            (crate::template::inittab::dropbear_inetd(), env, root.home)
+        });
+        if session.is_some() {
             // A session's process runs the container's Dropbear while this
             // process's memory is still shared with the container's first
             // one: none of the container's may read or trace it.
@@ -255,11 +259,11 @@ impl Native {
             env: &env,
             log_fd: log,
             confine,
-            sessions: Some(spawn::Sessions {
+            sessions: session.as_ref().map(|(argv, env, home)| spawn::Sessions {
                 conns,
-                argv: &session_argv,
-                env: &session_env,
-                home: &root.home,
+                argv,
+                env,
+                home,
             }),
         })
         .map_err(|e| Error::Start {
