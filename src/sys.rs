@@ -379,6 +379,33 @@ pub fn default_signals() {
     };
 }
 
+/// Whether a TCP connection can still send and has sent no data yet
+/// (TCP_INFO: `tcpi_state` established or half-closed by the peer, and
+/// `tcpi_bytes_sent`, Linux 4.19, 0). False when the kernel cannot say, for
+/// a socket that is not TCP, and for a connection reset or closed.
+/// Allocation-free: it runs in a vfork child.
+pub fn tcp_awaits_first_bytes(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: tcp_info is plain data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which
+    // lives on this frame, and the length it wrote into `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // An older kernel fills a shorter struct: the field must be in it.
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_sent) + 8;
+    // The kernel's TCP_ESTABLISHED and TCP_CLOSE_WAIT (net/tcp_states.h).
+    let open = matches!(info.tcpi_state, 1 | 8);
+    r == 0 && len as usize >= end && open && info.tcpi_bytes_sent == 0
+}
+
 /// _exit(2): leave a forked child without running the parent's atexit
 /// handlers or flushing its buffers.
 pub fn exit_child(code: i32) -> ! {
@@ -1512,5 +1539,41 @@ mod tests {
                 "child {i}: {st:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_connection_awaits_its_first_bytes_until_it_sends_or_closes() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        assert!(tcp_awaits_first_bytes(server.as_fd()));
+        server.write_all(b"SSH-2.0-test\r\n").unwrap();
+        assert!(!tcp_awaits_first_bytes(server.as_fd()));
+        drop(client);
+        // Half-closed by the peer: it can still send.
+        let other = std::net::TcpStream::connect(addr).unwrap();
+        let (third, _) = listener.accept().unwrap();
+        other.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(tcp_awaits_first_bytes(third.as_fd()));
+        // Reset by the peer (SO_LINGER 0): nothing more to wait for.
+        let late = std::net::TcpStream::connect(addr).unwrap();
+        let (fourth, _) = listener.accept().unwrap();
+        rustix::net::sockopt::set_socket_linger(&late, Some(std::time::Duration::ZERO)).unwrap();
+        drop(late);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while tcp_awaits_first_bytes(fourth.as_fd()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reset never arrived"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Not a TCP socket: the kernel cannot say.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!tcp_awaits_first_bytes(a.as_fd()));
     }
 }

@@ -331,8 +331,12 @@ fn loop_until_error<'scope, 'env>(
         if !unheard.is_empty() && !guard(ctx.queue).1 {
             wake_at = wake_at.min(last_up + LISTEN_AFTER);
         }
+        // In whole milliseconds, rounded up: rounded down, the last
+        // fraction of a millisecond before `wake_at` was a busy loop of
+        // epoll_wait(0) (hundreds of calls before each listener start).
         let wait = wake_at.saturating_duration_since(Instant::now());
-        match epoll::wait(&srv.ep, &mut events, wait.as_millis().min(1000) as i32) {
+        let wait_ms = wait.as_micros().div_ceil(1000).min(1000) as i32;
+        match epoll::wait(&srv.ep, &mut events, wait_ms) {
             Ok(()) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(Error::sys("epoll_wait")(e)),

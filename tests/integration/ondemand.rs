@@ -384,6 +384,13 @@ fn sessions_live_in_their_instance_s_cgroup_on_both_paths() {
             ppid, "1",
             "{env:?}: the cold session's Dropbear was not init's child"
         );
+        // Its Dropbear logged "Child connection from" before syslogd ran:
+        // the console log says where the login came from.
+        let logs = root.ok(&["logs", "1"]);
+        assert!(
+            logs.contains("nifty: instance 1 starts for an SSH connection from 127.0.0.1:"),
+            "{env:?}: {logs}"
+        );
         assert!(
             wait_until(Duration::from_secs(10), || listening(port)),
             "{env:?}: no listener: {}",

@@ -242,6 +242,13 @@ impl Native {
             let env = session_env(&root);
             (crate::template::inittab::dropbear_inetd(), env, root.home)
         });
+        // Its Dropbear logs through syslogd, which does not run yet when
+        // a session comes before init: its first line ("Child connection
+        // from ...") would be lost. The console log says where each came
+        // from instead.
+        for conn in &conns {
+            let _ = rustix::io::write(&log, login_line(&inst.name, conn.as_fd()).as_bytes());
+        }
         if session.is_some() {
             // A session's process runs the container's Dropbear while this
             // process's memory is still shared with the container's first
@@ -1108,6 +1115,22 @@ fn session_env(account: &User) -> Vec<(String, String)> {
             std::env::var("TERM").unwrap_or_else(|_| "vt100".into()),
         ),
     ]
+}
+
+/// The console log's line for a connection a start serves before init
+/// (and so before syslogd, which would have its Dropbear's "Child
+/// connection from" line): where it came from.
+fn login_line(name: &str, conn: std::os::fd::BorrowedFd<'_>) -> String {
+    use rustix::net::SocketAddrAny;
+    let from = match rustix::net::getpeername(conn) {
+        Ok(Some(SocketAddrAny::V4(a))) => a.to_string(),
+        Ok(Some(SocketAddrAny::V6(a))) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddrV4::new(v4, a.port()).to_string(),
+            None => a.to_string(),
+        },
+        _ => "an unknown address".to_string(),
+    };
+    format!("nifty: instance {name} starts for an SSH connection from {from}\n")
 }
 
 /// The environment init starts with.

@@ -860,6 +860,7 @@ fn child(
     }
     if let Some(s) = &plan.sessions {
         serve_sessions(s, session_stack);
+        wait_for_banners(s);
     }
     let e = plan.init.run();
     fail(Step::ExecInit, e.raw_os_error().unwrap_or(0))
@@ -891,6 +892,47 @@ fn serve_sessions(s: &SessionPlan, stack: &mut [u8]) {
             Err(_) => {
                 s.failed.fetch_add(1, Ordering::SeqCst);
             }
+        }
+    }
+}
+
+/// How long a cold start's init waits at most for its sessions' first
+/// bytes (see [`wait_for_banners`]), in nanoseconds.
+const BANNER_WAIT_NS: i64 = 100_000_000;
+
+/// In the container's first process, after [`serve_sessions`]: waits
+/// until each connection has had its first bytes (Dropbear's SSH banner),
+/// or has closed, but at most [`BANNER_WAIT_NS`], before init is exec'd.
+/// Init and its services need the CPU for a while, and in a burst of cold
+/// logins they would share it with the logins' Dropbears (the scheduler
+/// gives each container's cgroup an equal share): put off until the
+/// banners are out, they delay no login's first answer. The parent's
+/// worker waits meanwhile (CLONE_VFORK), so a burst also boots no more
+/// containers at once than it has workers. Skipped if a session did not
+/// start; a kernel that cannot tell (before Linux 4.19) waits for none.
+fn wait_for_banners(s: &SessionPlan) {
+    if s.failed.load(Ordering::SeqCst) > 0 {
+        return;
+    }
+    let now = || rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let start = now();
+    let nap = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 200_000,
+    };
+    while s
+        .conns
+        .iter()
+        .any(|c| sys::tcp_awaits_first_bytes(c.as_fd()))
+    {
+        let t = now();
+        if (t.tv_sec - start.tv_sec) * 1_000_000_000 + (t.tv_nsec - start.tv_nsec) >= BANNER_WAIT_NS
+        {
+            return;
+        }
+        // (A sleep refused would make this a busy loop: stop waiting.)
+        if let rustix::thread::NanosleepRelativeResult::Err(_) = rustix::thread::nanosleep(&nap) {
+            return;
         }
     }
 }
