@@ -122,14 +122,20 @@ pub fn next_free(count: usize, existing: &[String]) -> Vec<String> {
 /// Number of worker threads for fleet work: a few per core (the work is
 /// mostly system calls that wait on the kernel), not one per instance;
 /// `NIFTY_JOBS` overrides it.
+///
+/// Asked once per process: `available_parallelism` reads the process's
+/// cgroup files each time, and `serve` asks at each batch of cold starts.
 pub fn workers() -> usize {
-    if let Some(n) = std::env::var("NIFTY_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return n;
-    }
-    std::thread::available_parallelism().map_or(2, |n| n.get()) * 4
+    static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WORKERS.get_or_init(|| {
+        if let Some(n) = std::env::var("NIFTY_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            return n;
+        }
+        std::thread::available_parallelism().map_or(2, |n| n.get()) * 4
+    })
 }
 
 /// What a fleet verb did.
