@@ -256,7 +256,9 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     );
     // `list` shows who runs, who waits, and a session while it lasts.
     std::thread::scope(|s| {
-        let h = s.spawn(|| root.ssh("4", "sleep 4; echo done"));
+        // (Long enough for two `list`s on a slow machine: in a VM without
+        // KVM, a 4 s session had ended before the second one.)
+        let h = s.spawn(|| root.ssh("4", "sleep 15; echo done"));
         assert!(
             wait_until(Duration::from_secs(10), || phases(&root)["4"]["sessions"]
                 == 1),
@@ -386,9 +388,13 @@ fn sessions_live_in_their_instance_s_cgroup_on_both_paths() {
         );
         // Its Dropbear logged "Child connection from" before syslogd ran:
         // the console log says where the login came from.
+        // (The client may reach `localhost` over IPv6.)
         let logs = root.ok(&["logs", "1"]);
+        let line = "nifty: instance 1 starts for an SSH connection from ";
         assert!(
-            logs.contains("nifty: instance 1 starts for an SSH connection from 127.0.0.1:"),
+            [format!("{line}127.0.0.1:"), format!("{line}[::1]:")]
+                .iter()
+                .any(|l| logs.contains(l.as_str())),
             "{env:?}: {logs}"
         );
         assert!(
