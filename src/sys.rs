@@ -406,6 +406,13 @@ pub fn tcp_awaits_first_bytes(fd: BorrowedFd<'_>) -> bool {
     r == 0 && len as usize >= end && open && info.tcpi_bytes_sent == 0
 }
 
+/// A timeout for poll(2) or epoll_wait(2), in whole milliseconds rounded
+/// up (at most `i32::MAX`): rounded down, the last fraction of a
+/// millisecond before a deadline is a busy loop of zero-timeout waits.
+pub fn poll_timeout_ms(wait: std::time::Duration) -> i32 {
+    i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+}
+
 /// _exit(2): leave a forked child without running the parent's atexit
 /// handlers or flushing its buffers.
 pub fn exit_child(code: i32) -> ! {
@@ -1515,6 +1522,17 @@ mod tests {
         let mut junk = [0xA5u8; 8192];
         std::hint::black_box(&mut junk);
         junk[100]
+    }
+
+    #[test]
+    fn a_poll_timeout_rounds_up_to_whole_milliseconds() {
+        use std::time::Duration;
+        assert_eq!(poll_timeout_ms(Duration::ZERO), 0);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(1)), 1);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(999)), 1);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(1000)), 1);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(1001)), 2);
+        assert_eq!(poll_timeout_ms(Duration::from_secs(1 << 40)), i32::MAX);
     }
 
     #[test]

@@ -248,6 +248,13 @@ pub trait Launcher: Sync {
     fn set_limits(&self, inst: &Instance) -> Result<Vec<&'static str>>;
     /// CPU time a running instance has used, in microseconds.
     fn cpu_usage_us(&self, inst: &Instance) -> Option<u64>;
+    /// Gives a running instance the CPU share its limits say, where
+    /// [`Launcher::start_many_serving`] left it a background one for the
+    /// rest of its boot (a launcher that does not: nothing to do).
+    fn foreground(&self, inst: &Instance) -> Result<()> {
+        let _ = inst;
+        Ok(())
+    }
 }
 
 /// How long `list` and `status` watch CPU use to say a percentage.
@@ -795,6 +802,15 @@ impl Runtime {
                 info.cpu_percent = Some(a.saturating_sub(b) as f64 * 100.0 / window);
             }
         }
+    }
+
+    /// Ends the background boot of an instance `start_many_serving`
+    /// started (see [`Launcher::foreground`]), with its limits as they are
+    /// now (a `nifty set` meanwhile is not undone).
+    pub fn foreground(&self, inst: &Instance) -> Result<()> {
+        let _lock = linux::proc::lock(&self.store.instance_dir(&inst.name))?;
+        let now = self.store.instance(&inst.name)?;
+        self.of(&now)?.foreground(&now)
     }
 
     /// `nifty set`: new limits for an instance, running or stopped,

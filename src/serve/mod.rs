@@ -223,9 +223,18 @@ struct Ctx<'a> {
     wake: &'a OwnedFd,
 }
 
-/// How long after the last start of a burst its instances' own listeners
-/// are started.
+/// How long after the last start of a burst its instances get their own
+/// listeners and CPU shares.
 const LISTEN_AFTER: Duration = Duration::from_millis(300);
+
+/// How long after its start an instance gets its own listener and CPU
+/// share while starts go on (a burst that does not end).
+const SETTLE_WITHIN: Duration = Duration::from_secs(1);
+
+/// How many of a running instance's processes are looked at for its own
+/// listener when none is recorded (a serve was killed before it recorded
+/// it); a tenant may make many.
+const UNRECORDED_LOOKED_AT: usize = 64;
 
 /// The epoll key of the wake-up eventfd (listeners' keys are fd numbers).
 const WAKE: u64 = u64::MAX;
@@ -243,9 +252,10 @@ fn loop_until_error<'scope, 'env>(
     let (store, rt) = (ctx.store, ctx.rt);
     // Sessions started here and not yet reaped.
     let mut sessions: Vec<(String, SessionProc)> = Vec::new();
-    // Instances started here that have no listener of their own yet, and
-    // when the last of them came up.
-    let mut unheard: Vec<String> = Vec::new();
+    // Instances started here that have neither a listener of their own
+    // nor their own CPU share yet, with when each came up (oldest first),
+    // and when the last of them came up.
+    let mut unheard: Vec<(String, Instant)> = Vec::new();
     let mut last_up = Instant::now();
     let mut seen_dir: Option<std::time::SystemTime> = None;
     let mut checks: u32 = 0;
@@ -253,6 +263,7 @@ fn loop_until_error<'scope, 'env>(
     let mut events = epoll::EventVec::with_capacity(1024);
     loop {
         if Instant::now() >= next_check {
+            let first = checks == 0;
             let full = checks % FULL_CHECK_EVERY == 0;
             checks = checks.wrapping_add(1);
             // A create, rm or `on-demand enable|disable` changes the
@@ -283,6 +294,11 @@ fn loop_until_error<'scope, 'env>(
                 steer: srv.steer,
                 listener: &listener,
             };
+            // Those a serve killed meanwhile left booting in the
+            // background get their own CPU share back.
+            if first && !insts.is_empty() {
+                foreground(ctx, scope, insts.clone(), tx);
+            }
             let swept = rt.sweep(store, &insts, &release);
             for (name, r) in &swept.stopped {
                 match r {
@@ -328,14 +344,15 @@ fn loop_until_error<'scope, 'env>(
         });
         // (The start thread wakes the loop when it is done.)
         let mut wake_at = next_check;
-        if !unheard.is_empty() && !guard(ctx.queue).1 {
-            wake_at = wake_at.min(last_up + LISTEN_AFTER);
+        if let Some((_, oldest)) = unheard.first() {
+            wake_at = wake_at.min(*oldest + SETTLE_WITHIN);
+            if !guard(ctx.queue).1 {
+                wake_at = wake_at.min(last_up + LISTEN_AFTER);
+            }
         }
-        // In whole milliseconds, rounded up: rounded down, the last
-        // fraction of a millisecond before `wake_at` was a busy loop of
-        // epoll_wait(0) (hundreds of calls before each listener start).
+        // (At most a second.)
         let wait = wake_at.saturating_duration_since(Instant::now());
-        let wait_ms = wait.as_micros().div_ceil(1000).min(1000) as i32;
+        let wait_ms = crate::sys::poll_timeout_ms(wait.min(Duration::from_secs(1)));
         match epoll::wait(&srv.ep, &mut events, wait_ms) {
             Ok(()) => {}
             Err(rustix::io::Errno::INTR) => continue,
@@ -350,7 +367,7 @@ fn loop_until_error<'scope, 'env>(
                 Report::Up(inst) => {
                     // A fresh run: nothing of a listener of the last one.
                     srv.direct.remove(&inst.name);
-                    unheard.push(inst.name.clone());
+                    unheard.push((inst.name.clone(), Instant::now()));
                     srv.running.insert(inst.name.clone(), *inst);
                     last_up = Instant::now();
                 }
@@ -376,15 +393,24 @@ fn loop_until_error<'scope, 'env>(
                 Report::Say(line) => say(line),
             }
         }
-        // Instances started at a connection get their own listeners once
-        // no start has been under way for a while (a listener is a start's
-        // worth of CPU, which the sessions of a burst need first).
-        if !unheard.is_empty() && last_up.elapsed() >= LISTEN_AFTER && !guard(ctx.queue).1 {
-            for name in std::mem::take(&mut unheard) {
-                if let Some(inst) = srv.running.get(&name) {
-                    listen_in(ctx, scope, &mut srv.direct, inst, tx);
-                }
+        // Instances started at a connection get their own listeners and
+        // CPU shares once no start has been under way for a while (each
+        // listener is a start's worth of CPU, which the sessions of a burst
+        // need first), or a while after their start if starts go on.
+        let quiet = last_up.elapsed() >= LISTEN_AFTER && !guard(ctx.queue).1;
+        let due = match quiet {
+            true => unheard.len(),
+            false => unheard.partition_point(|(_, up)| up.elapsed() >= SETTLE_WITHIN),
+        };
+        if due > 0 {
+            let due: Vec<Instance> = unheard
+                .drain(..due)
+                .filter_map(|(name, _)| srv.running.get(&name).cloned())
+                .collect();
+            for inst in &due {
+                listen_in(ctx, scope, &mut srv.direct, inst, tx);
             }
+            foreground(ctx, scope, due, tx);
         }
         // Every connection waiting on every ready socket, then the stopped
         // ones among their instances started at once, then the sessions.
@@ -654,7 +680,7 @@ impl<'a> Server<'a> {
     /// Holds an instance's port: steered, or a listening socket of its own
     /// (returned, in the epoll set). A port that something listens on is
     /// not taken, unless that is the instance's own listener (started by a
-    /// `serve` before this one): it is taken up again.
+    /// `serve` before this one, recorded or not): it is taken up again.
     fn hold(
         &mut self,
         rt: &Runtime,
@@ -666,16 +692,37 @@ impl<'a> Server<'a> {
                 rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
             };
             if listening.contains(&inst.port) {
-                let own = ondemand::read_mark(self.store, &inst.name)
+                let mut mark = ondemand::read_mark(self.store, &inst.name);
+                let procs = rt.processes(inst);
+                let recorded = mark
                     .listener
-                    .filter(|l| rt.processes(inst).contains(&l.pid) && l.alive());
-                let Some(l) = own else {
-                    return Err(rustix::io::Errno::ADDRINUSE);
+                    .filter(|l| procs.contains(&l.pid) && l.alive());
+                // Else one that a serve killed before it recorded it had
+                // started: the process of the instance that holds
+                // listening sockets on its port (checked as the kernel
+                // sees them: see `direct::direct`).
+                let found = || {
+                    procs
+                        .iter()
+                        .take(UNRECORDED_LOOKED_AT)
+                        .filter_map(|&pid| ondemand::Listener::of(pid))
                 };
+                if recorded.is_none() && found().next().is_none() {
+                    return Err(rustix::io::Errno::ADDRINUSE);
+                }
                 st.set(inst.port, true).map_err(errno)?;
-                if direct::direct(st, inst, l) == 0 {
+                let Some(l) = recorded
+                    .into_iter()
+                    .chain(recorded.is_none().then(found).into_iter().flatten())
+                    .find(|&l| direct::direct(st, inst, l) > 0)
+                else {
                     let _ = st.set(inst.port, false);
                     return Err(rustix::io::Errno::ADDRINUSE);
+                };
+                if recorded.is_none() {
+                    // Not a process of its users.
+                    mark.listener = Some(l);
+                    ondemand::write_mark(self.store, &inst.name, &mark);
                 }
                 self.direct.insert(inst.name.clone(), Direct::Up(l));
                 return Ok(None);
@@ -978,6 +1025,31 @@ fn listen_in<'scope, 'env>(
         let name = inst.name.clone();
         let r = direct::start(ctx.rt, steer, &inst);
         report(ctx, &tx, Report::Listening(name, r));
+    });
+}
+
+/// Gives instances started at connections their own CPU share (see
+/// `Runtime::foreground`), on a thread: each instance's lock may be held by
+/// a command that changes it.
+fn foreground<'scope, 'env>(
+    ctx: &'env Ctx<'env>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    insts: Vec<Instance>,
+    tx: &std::sync::mpsc::Sender<Report>,
+) {
+    let tx = tx.clone();
+    scope.spawn(move || {
+        for inst in insts {
+            match ctx.rt.foreground(&inst) {
+                // (Removed meanwhile.)
+                Ok(()) | Err(Error::NoInstance(_)) => {}
+                Err(e) => report(
+                    ctx,
+                    &tx,
+                    Report::Say(format!("instance {}: its own CPU share: {e}", inst.name)),
+                ),
+            }
+        }
     });
 }
 

@@ -248,6 +248,15 @@ impl Root {
         h.v2.join(h.base(&store.cgroup_name()))
     }
 
+    /// The file that holds a running instance's CPU share (v2
+    /// `cpu.weight`, or v1 `cpu.shares` on a hybrid host).
+    pub fn cpu_share_file(&self, name: &str) -> Option<PathBuf> {
+        let store = nifty::store::Store::new(Some(self.path().into()));
+        let h = nifty::runtime::linux::cgroup::Hierarchy::detect().unwrap();
+        h.instance(&h.base(&store.cgroup_name()), name)
+            .cpu_share_file()
+    }
+
     /// PIDs in an instance's cgroup.
     pub fn procs(&self, name: &str) -> Vec<i32> {
         std::fs::read_to_string(self.cgroup_base().join(name).join("cgroup.procs"))

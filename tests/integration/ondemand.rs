@@ -416,6 +416,102 @@ fn sessions_live_in_their_instance_s_cgroup_on_both_paths() {
     }
 }
 
+/// A cold start boots the rest of its instance (init, its services) with
+/// the least CPU share once its logins have their banners, and `serve`
+/// gives it its own share (here `--cpu-weight 300`) once the burst is
+/// over; a restarted `serve` gives it back to those a killed one left so.
+#[test]
+fn a_cold_start_boots_in_the_background_until_its_burst_ends() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "1", "--on-demand", "--cpu-weight", "300", "-q"]);
+    let mut serve = Serve::start(&root);
+    assert!(
+        wait_until(Duration::from_secs(20), || served(&root, "1")),
+        "{}",
+        serve.log()
+    );
+    let file = root.cpu_share_file("1").expect("a cpu controller");
+    // Its own share: weight 300, or v1 shares 300 * 1024 / 100.
+    let own = match file.file_name().and_then(|n| n.to_str()) {
+        Some("cpu.weight") => 300,
+        _ => 3072,
+    };
+    let share = || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    // Every value it takes from the login on (2 ms apart), until it is
+    // back at its own.
+    let seen = std::thread::scope(|s| {
+        let watch = s.spawn(|| {
+            let mut seen: Vec<u64> = Vec::new();
+            let end = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < end {
+                if let Some(v) = share() {
+                    if seen.last() != Some(&v) {
+                        seen.push(v);
+                    }
+                    // (Its cgroup is made with the default share, then
+                    // its own, before the start.)
+                    if v == own && seen.iter().any(|&v| v <= 2) {
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            seen
+        });
+        assert_eq!(root.ssh("1", "echo in"), "in\n", "{}", serve.log());
+        watch.join().unwrap()
+    });
+    assert!(
+        seen.iter().any(|&v| v <= 2) && seen.last() == Some(&own),
+        "{} went through {seen:?}, not the least share then {own}: {}",
+        file.display(),
+        serve.log()
+    );
+    // A serve killed before the burst ended left it in the background
+    // (played by writing the least share), and killed before it recorded
+    // the instance's own listener, left that unrecorded (played by taking
+    // it out of the mark): the next one takes the listener up again and
+    // gives the instance its own share.
+    let mark = root.path().join("instances/1/on-demand.json");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&mark).is_ok_and(|m| m.contains("listener"))
+        }),
+        "no listener recorded: {}",
+        serve.log()
+    );
+    serve.kill();
+    std::fs::write(&file, if own == 300 { "1" } else { "2" }).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mark).unwrap()).unwrap();
+    let listener = m.as_object_mut().unwrap().remove("listener").unwrap();
+    std::fs::write(&mark, m.to_string()).unwrap();
+    let serve = Serve::start(&root);
+    assert!(
+        wait_until(Duration::from_secs(20), || share() == Some(own)),
+        "{} stays at {:?}: {}",
+        file.display(),
+        share(),
+        serve.log()
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mark).unwrap()).unwrap();
+    assert_eq!(m["listener"], listener, "{}", serve.log());
+    assert!(!serve.log().contains("cannot hold"), "{}", serve.log());
+    assert_eq!(root.ssh("1", "echo in"), "in\n", "{}", serve.log());
+    drop(serve);
+    root.ok(&["stop", "1", "-q"]);
+    assert_clean(&root, &[]);
+}
+
 #[test]
 fn serve_says_which_port_it_cannot_hold_and_serves_the_rest() {
     if !privileged() {

@@ -325,6 +325,46 @@ pub fn procs_under(dir: &Path) -> Vec<i32> {
 }
 
 impl Cgroup {
+    /// The file that holds the container's CPU share: its v2 `cpu.weight`
+    /// (1..10000, 100 by default) or, on a hybrid host, its v1
+    /// `cpu.shares` (2.., 1024 by default).
+    pub fn cpu_share_file(&self) -> Option<PathBuf> {
+        match (self.v2_controllers, &self.cpu) {
+            (true, _) => Some(self.v2.join("cpu.weight")),
+            (false, Some(d)) => Some(d.join("cpu.shares")),
+            (false, None) => None,
+        }
+    }
+
+    /// The CPU share of a running container: the least there is while it
+    /// is `background` (the rest of the boot of a start that served
+    /// connections: see `Native::start_serving`), else its own (`limits`)
+    /// again. Nothing where the cpu controller does not reach its cgroup,
+    /// nor once the container is gone.
+    pub fn set_background(&self, limits: &Limits, background: bool) -> Result<()> {
+        let Some(file) = self.cpu_share_file() else {
+            return Ok(());
+        };
+        let value = match (self.v2_controllers, background) {
+            (true, true) => 1,
+            (true, false) => limits.cpu_weight(),
+            (false, true) => 2,
+            (false, false) => limits.cpu_shares(),
+        };
+        // (Not created: missing, it is not there to write.)
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, value.to_string().as_bytes()));
+        match written {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r.map_err(|e| Error::Sys {
+                call: format!("write({}, \"{value}\")", file.display()),
+                err: e,
+            }),
+        }
+    }
+
     /// Creates the cgroup(s), applies the limits, and returns their
     /// `cgroup.procs` files open for writing.
     pub fn create(&self, limits: &Limits) -> Result<Vec<OwnedFd>> {

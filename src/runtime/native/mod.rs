@@ -315,6 +315,18 @@ impl Native {
         });
         match started {
             Ok(s) => {
+                // Its logins have their banners (the first process waited
+                // for them); the rest of its boot (init, its services)
+                // runs with the least CPU share until `nifty serve` gives
+                // it its own back once a burst of cold starts is over
+                // ([`Launcher::foreground`]): the logins of the burst's
+                // other instances come first (a fifth off the p50 of 50
+                // cold banners here: README, "On demand, measured").
+                if session.is_some() {
+                    if let Err(e) = cg.set_background(&inst.limits, true) {
+                        tracing::warn!("instance {}: {e}", inst.name);
+                    }
+                }
                 tracing::debug!(instance = %inst.name, pid = s.pid, "started");
                 let failed = plan.sessions_failed();
                 if failed > 0 {
@@ -1054,6 +1066,10 @@ impl super::Launcher for Native {
 
     fn cpu_usage_us(&self, inst: &Instance) -> Option<u64> {
         self.cgroup(&inst.name).cpu_usage_us()
+    }
+
+    fn foreground(&self, inst: &Instance) -> Result<()> {
+        self.cgroup(&inst.name).set_background(&inst.limits, false)
     }
 
     fn served_by_serve(&self) -> bool {

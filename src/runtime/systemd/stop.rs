@@ -108,8 +108,7 @@ impl Systemd {
                 .map(|(_, fd)| PollFd::new(fd, PollFlags::IN))
                 .collect();
             let wait = (deadline - now).min(Duration::from_millis(100));
-            // Rounded up: rounded down, its last millisecond was a busy loop.
-            let _ = poll(&mut fds, wait.as_micros().div_ceil(1000) as i32);
+            let _ = poll(&mut fds, crate::sys::poll_timeout_ms(wait));
         }
         // Its PID namespace, while the pidfd says that init is still the
         // process at its PID.
