@@ -258,6 +258,7 @@ fn loop_until_error<'scope, 'env>(
     let mut unheard: Vec<(String, Instant)> = Vec::new();
     let mut last_up = Instant::now();
     let mut seen_dir: Option<std::time::SystemTime> = None;
+    let mut rescan_again = false;
     let mut checks: u32 = 0;
     let mut next_check = Instant::now();
     let mut events = epoll::EventVec::with_capacity(1024);
@@ -273,6 +274,13 @@ fn loop_until_error<'scope, 'env>(
                 .ok();
             if dir != seen_dir {
                 seen_dir = dir;
+                srv.rescan(rt, true, say)?;
+                // Once more at the next check: `on-demand disable` changes
+                // the directory's time before it saves the record (a
+                // socket unit is stopped first), and a rescan between the
+                // two read the record as it was.
+                rescan_again = true;
+            } else if std::mem::take(&mut rescan_again) {
                 srv.rescan(rt, true, say)?;
             } else if !srv.refused.is_empty() {
                 srv.rescan(rt, false, say)?;
