@@ -214,9 +214,19 @@ pub trait Launcher: Sync {
     /// an on-demand instance's socket).
     fn register(&self, insts: &[&Instance]) -> Result<()>;
     /// Has the ports of these on-demand instances held by what starts
-    /// them at a connection (`on`), or no longer: systemd's sockets, or
-    /// the native launcher's `nifty serve`.
+    /// them at a connection (`on`), or no longer: systemd's sockets. Let
+    /// go (`!on`) before the records say always-on, held after they say
+    /// on demand, so a failure leaves record and holder agreeing. A
+    /// holder that follows the records (`nifty serve`) needs nothing
+    /// here: see [`Launcher::records_saved`].
     fn hold_ports(&self, insts: &[&Instance], on: bool) -> Result<()>;
+    /// After on-demand records were saved (enabled, disabled, a new idle
+    /// timeout): tells a holder that follows the records to read them
+    /// again (the native launcher's `nifty serve`, which rescans when the
+    /// instances directory's time changes).
+    fn records_saved(&self) -> Result<()> {
+        Ok(())
+    }
     /// Whether `nifty serve` is what holds this backend's on-demand ports
     /// (the native launcher), rather than something of the backend's own
     /// (systemd's socket units).
@@ -254,6 +264,12 @@ pub trait Launcher: Sync {
     fn foreground(&self, inst: &Instance) -> Result<()> {
         let _ = inst;
         Ok(())
+    }
+    /// Whether a running instance has the background share
+    /// [`Launcher::foreground`] ends (cheap: read before taking its lock).
+    fn in_background(&self, inst: &Instance) -> bool {
+        let _ = inst;
+        false
     }
 }
 
@@ -553,7 +569,9 @@ impl Runtime {
             next.on_demand = on_demand;
             self.store.save_instance(&next)?;
             // What holds its port takes up the new timeout.
-            self.of(&next)?.hold_ports(&[&next], true)?;
+            let launcher = self.of(&next)?;
+            launcher.hold_ports(&[&next], true)?;
+            launcher.records_saved()?;
             return Ok(true);
         }
         // Its root, opened for writing, holds the instance's lock while it
@@ -594,6 +612,7 @@ impl Runtime {
         } else {
             ondemand::write_mark(&self.store, &next.name, &Default::default());
         }
+        launcher.records_saved()?;
         Ok(true)
     }
 
@@ -806,8 +825,12 @@ impl Runtime {
 
     /// Ends the background boot of an instance `start_many_serving`
     /// started (see [`Launcher::foreground`]), with its limits as they are
-    /// now (a `nifty set` meanwhile is not undone).
+    /// now (a `nifty set` meanwhile is not undone). Nothing for one not in
+    /// the background (a restarted `serve` asks of every running one).
     pub fn foreground(&self, inst: &Instance) -> Result<()> {
+        if !self.of(inst)?.in_background(inst) {
+            return Ok(());
+        }
         let _lock = linux::proc::lock(&self.store.instance_dir(&inst.name))?;
         let now = self.store.instance(&inst.name)?;
         self.of(&now)?.foreground(&now)

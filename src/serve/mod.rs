@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustix::event::epoll;
 use rustix::net::{AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType};
@@ -42,6 +42,18 @@ use crate::{Error, Result};
 /// kernel (one directory read: instances started by `nifty start` are
 /// swept too).
 const FULL_CHECK_EVERY: u32 = 12;
+
+/// Changes of the instances directory this close in time may show the
+/// same time: file systems stamp with a coarse clock (a tick, 1-10 ms;
+/// whole seconds on some).
+const SAME_TIME: Duration = Duration::from_secs(2);
+
+/// Whether a change after `now` could leave a directory's time at `t`:
+/// `t` is within `SAME_TIME` of `now` (either way: clocks step).
+fn may_hide_a_change(t: SystemTime, now: SystemTime) -> bool {
+    let apart = now.duration_since(t).unwrap_or_else(|e| e.duration());
+    apart < SAME_TIME
+}
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -257,8 +269,10 @@ fn loop_until_error<'scope, 'env>(
     // and when the last of them came up.
     let mut unheard: Vec<(String, Instant)> = Vec::new();
     let mut last_up = Instant::now();
-    let mut seen_dir: Option<std::time::SystemTime> = None;
-    let mut rescan_again = false;
+    let mut seen_dir: Option<SystemTime> = None;
+    // Whether the records were last all read while the directory's time
+    // was within `SAME_TIME` of then.
+    let mut racy_scan = false;
     let mut checks: u32 = 0;
     let mut next_check = Instant::now();
     let mut events = epoll::EventVec::with_capacity(1024);
@@ -272,16 +286,15 @@ fn loop_until_error<'scope, 'env>(
             let dir = std::fs::metadata(store.instances_dir())
                 .and_then(|m| m.modified())
                 .ok();
-            if dir != seen_dir {
+            // A change made in the same tick of the file system's clock
+            // as the one a rescan saw leaves the time as it was: the
+            // records are read once more after a rescan made while the
+            // time was that recent (as git does with its index).
+            if dir != seen_dir || std::mem::take(&mut racy_scan) {
                 seen_dir = dir;
+                let now = SystemTime::now();
                 srv.rescan(rt, true, say)?;
-                // Once more at the next check: `on-demand disable` changes
-                // the directory's time before it saves the record (a
-                // socket unit is stopped first), and a rescan between the
-                // two read the record as it was.
-                rescan_again = true;
-            } else if std::mem::take(&mut rescan_again) {
-                srv.rescan(rt, true, say)?;
+                racy_scan = dir.is_some_and(|t| may_hide_a_change(t, now));
             } else if !srv.refused.is_empty() {
                 srv.rescan(rt, false, say)?;
             }
@@ -709,19 +722,20 @@ impl<'a> Server<'a> {
                 // started: the process of the instance that holds
                 // listening sockets on its port (checked as the kernel
                 // sees them: see `direct::direct`).
-                let found = || {
-                    procs
+                let candidates: Vec<ondemand::Listener> = match recorded {
+                    Some(l) => vec![l],
+                    None => procs
                         .iter()
                         .take(UNRECORDED_LOOKED_AT)
                         .filter_map(|&pid| ondemand::Listener::of(pid))
+                        .collect(),
                 };
-                if recorded.is_none() && found().next().is_none() {
+                if candidates.is_empty() {
                     return Err(rustix::io::Errno::ADDRINUSE);
                 }
                 st.set(inst.port, true).map_err(errno)?;
-                let Some(l) = recorded
+                let Some(l) = candidates
                     .into_iter()
-                    .chain(recorded.is_none().then(found).into_iter().flatten())
                     .find(|&l| direct::direct(st, inst, l) > 0)
                 else {
                     let _ = st.set(inst.port, false);
@@ -1143,6 +1157,33 @@ fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_in_the_same_tick_as_a_rescan_is_seen_by_the_next() {
+        let dir = std::env::temp_dir().join(format!("nifty-racy-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let time = || std::fs::metadata(&dir).unwrap().modified().unwrap();
+        let mut missed = 0;
+        for i in 0..200 {
+            // A rescan at `now` saw `seen`; a change follows at once.
+            let seen = time();
+            let now = SystemTime::now();
+            std::fs::create_dir(dir.join(i.to_string())).unwrap();
+            if time() == seen {
+                // The clock's tick hid it: the rule reads the records again.
+                missed += 1;
+                assert!(may_hide_a_change(seen, now));
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        eprintln!("changes that kept the directory's time: {missed} of 200");
+        let now = SystemTime::now();
+        assert!(!may_hide_a_change(now - Duration::from_secs(60), now));
+        assert!(may_hide_a_change(now - Duration::from_millis(5), now));
+        // A clock stepped back: a time just ahead is as recent.
+        assert!(may_hide_a_change(now + Duration::from_millis(5), now));
+        assert!(!may_hide_a_change(now + Duration::from_secs(60), now));
+    }
 
     #[test]
     fn a_port_is_held_once_and_reported_in_use() {

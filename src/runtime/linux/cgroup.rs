@@ -345,11 +345,10 @@ impl Cgroup {
         let Some(file) = self.cpu_share_file() else {
             return Ok(());
         };
-        let value = match (self.v2_controllers, background) {
-            (true, true) => 1,
-            (true, false) => limits.cpu_weight(),
-            (false, true) => 2,
-            (false, false) => limits.cpu_shares(),
+        let value = match background {
+            true => self.background_share(),
+            false if self.v2_controllers => limits.cpu_weight(),
+            false => limits.cpu_shares(),
         };
         // (Not created: missing, it is not there to write.)
         let written = fs::OpenOptions::new()
@@ -362,6 +361,24 @@ impl Cgroup {
                 call: format!("write({}, \"{value}\")", file.display()),
                 err: e,
             }),
+        }
+    }
+
+    /// Whether a running container has the background share
+    /// (`set_background`); false where the cpu controller does not reach
+    /// its cgroup or it is gone. One small read.
+    pub fn in_background(&self) -> bool {
+        self.cpu_share_file()
+            .and_then(|f| fs::read_to_string(f).ok())
+            .is_some_and(|v| v.trim().parse() == Ok(self.background_share()))
+    }
+
+    /// The least CPU share there is: cpu.weight 1 (v2), cpu.shares 2 (v1).
+    fn background_share(&self) -> u64 {
+        if self.v2_controllers {
+            1
+        } else {
+            2
         }
     }
 

@@ -1072,6 +1072,10 @@ impl super::Launcher for Native {
         self.cgroup(&inst.name).set_background(&inst.limits, false)
     }
 
+    fn in_background(&self, inst: &Instance) -> bool {
+        self.cgroup(&inst.name).in_background()
+    }
+
     fn served_by_serve(&self) -> bool {
         true
     }
@@ -1081,8 +1085,14 @@ impl super::Launcher for Native {
     }
 
     fn hold_ports(&self, _: &[&Instance], _: bool) -> Result<()> {
-        // `nifty serve` holds them: it rescans when the instances
-        // directory changes, which this makes it do.
+        // `nifty serve` holds them, as the records say: see
+        // `records_saved`.
+        Ok(())
+    }
+
+    fn records_saved(&self) -> Result<()> {
+        // `nifty serve` rescans when the instances directory's time
+        // changes, which this makes it do.
         let dir = self.store.instances_dir();
         let now = rustix::fs::Timestamps {
             last_access: rustix::fs::Timespec {
