@@ -1160,9 +1160,9 @@ mod tests {
 
     #[test]
     fn a_change_in_the_same_tick_as_a_rescan_is_seen_by_the_next() {
-        let dir = std::env::temp_dir().join(format!("nifty-racy-{}", std::process::id()));
-        std::fs::create_dir(&dir).unwrap();
-        let time = || std::fs::metadata(&dir).unwrap().modified().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let time = || std::fs::metadata(dir).unwrap().modified().unwrap();
         let mut missed = 0;
         for i in 0..200 {
             // A rescan at `now` saw `seen`; a change follows at once.
@@ -1175,7 +1175,6 @@ mod tests {
                 assert!(may_hide_a_change(seen, now));
             }
         }
-        std::fs::remove_dir_all(&dir).unwrap();
         eprintln!("changes that kept the directory's time: {missed} of 200");
         let now = SystemTime::now();
         assert!(!may_hide_a_change(now - Duration::from_secs(60), now));
