@@ -265,10 +265,9 @@ fn loop_until_error<'scope, 'env>(
     // Sessions started here and not yet reaped.
     let mut sessions: Vec<(String, SessionProc)> = Vec::new();
     // Instances started here that have neither a listener of their own
-    // nor their own CPU share yet, with when each came up (oldest first),
-    // and when the last of them came up.
+    // nor their own CPU share yet, with when each came up (oldest first:
+    // the last is the last start).
     let mut unheard: Vec<(String, Instant)> = Vec::new();
-    let mut last_up = Instant::now();
     let mut seen_dir: Option<SystemTime> = None;
     // Whether the records were last all read while the directory's time
     // was within `SAME_TIME` of then.
@@ -365,10 +364,10 @@ fn loop_until_error<'scope, 'env>(
         });
         // (The start thread wakes the loop when it is done.)
         let mut wake_at = next_check;
-        if let Some((_, oldest)) = unheard.first() {
+        if let (Some((_, oldest)), Some((_, last_up))) = (unheard.first(), unheard.last()) {
             wake_at = wake_at.min(*oldest + SETTLE_WITHIN);
             if !guard(ctx.queue).1 {
-                wake_at = wake_at.min(last_up + LISTEN_AFTER);
+                wake_at = wake_at.min(*last_up + LISTEN_AFTER);
             }
         }
         // (At most a second.)
@@ -390,7 +389,6 @@ fn loop_until_error<'scope, 'env>(
                     srv.direct.remove(&inst.name);
                     unheard.push((inst.name.clone(), Instant::now()));
                     srv.running.insert(inst.name.clone(), *inst);
-                    last_up = Instant::now();
                 }
                 // (Unless its instance stopped meanwhile.)
                 Report::Listening(name, r) if srv.direct.contains_key(&name) => {
@@ -418,7 +416,10 @@ fn loop_until_error<'scope, 'env>(
         // CPU shares once no start has been under way for a while (each
         // listener is a start's worth of CPU, which the sessions of a burst
         // need first), or a while after their start if starts go on.
-        let quiet = last_up.elapsed() >= LISTEN_AFTER && !guard(ctx.queue).1;
+        let quiet = unheard
+            .last()
+            .is_some_and(|(_, last_up)| last_up.elapsed() >= LISTEN_AFTER)
+            && !guard(ctx.queue).1;
         let due = match quiet {
             true => unheard.len(),
             false => unheard.partition_point(|(_, up)| up.elapsed() >= SETTLE_WITHIN),

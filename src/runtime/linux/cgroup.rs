@@ -350,17 +350,10 @@ impl Cgroup {
             false if self.v2_controllers => limits.cpu_weight(),
             false => limits.cpu_shares(),
         };
-        // (Not created: missing, it is not there to write.)
-        let written = fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, value.to_string().as_bytes()));
-        match written {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            r => r.map_err(|e| Error::Sys {
-                call: format!("write({}, \"{value}\")", file.display()),
-                err: e,
-            }),
+        match write(&file, &value.to_string()) {
+            // Gone with its container: nothing to give a share to.
+            Err(Error::Sys { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
         }
     }
 
