@@ -153,7 +153,7 @@ fn clone_into(
     wr: RawFd,
 ) -> Result<i32, SpawnError> {
     // The child's stack: system calls and a few frames of Rust.
-    let mut stack = vec![0u8; 64 << 10];
+    let mut stack = Stack::new(64 << 10);
     let mut args = CloneArgs {
         flags: CLONE_INTO_CGROUP,
         exit_signal: libc::SIGCHLD as u64,
@@ -569,6 +569,63 @@ pub fn drop_bounding_caps(keep: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The stack of a child that shares this process's memory ([`clone_vm`],
+/// [`spawn_vfork`], [`spawn_vfork_into`]), taken from those kept from
+/// earlier children when one of the same size is free. In `nifty serve`
+/// every start took a fresh 256 KiB one, which the allocator zeroed byte
+/// by byte (a chunk of its heap, once freed mmap'd chunks of that size had
+/// raised its threshold): 5% of `serve`'s CPU in a burst of cold starts
+/// (README, "On demand, measured"). A kept stack is
+/// only ever written by children, whose frames are dead once they have
+/// exec'd or exited; its pages stay mapped.
+pub struct Stack(Box<[u8]>);
+
+/// Stacks kept for reuse, at most [`STACKS_KEPT`].
+static SPARE_STACKS: std::sync::Mutex<Vec<Box<[u8]>>> = std::sync::Mutex::new(Vec::new());
+/// As many as starts run at once (`fleet::workers` on a small host), and
+/// their sessions'.
+const STACKS_KEPT: usize = 16;
+
+impl Stack {
+    /// A stack of `size` bytes.
+    pub fn new(size: usize) -> Stack {
+        let kept = SPARE_STACKS.lock().ok().and_then(|mut spare| {
+            let i = spare.iter().position(|s| s.len() == size)?;
+            Some(spare.swap_remove(i))
+        });
+        Stack(kept.unwrap_or_else(|| vec![0u8; size].into_boxed_slice()))
+    }
+}
+
+impl std::ops::Deref for Stack {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Stack {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl Drop for Stack {
+    /// Keeps it for the next child. Dropped only once its child is gone or
+    /// exec'd, as [`clone_vm`]'s contract wants of its owner.
+    fn drop(&mut self) {
+        let stack = std::mem::take(&mut self.0);
+        if stack.is_empty() {
+            return;
+        }
+        if let Ok(mut spare) = SPARE_STACKS.lock() {
+            if spare.len() < STACKS_KEPT {
+                spare.push(stack);
+            }
+        }
+    }
+}
+
 extern "C" fn trampoline(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the `&mut dyn FnMut` that `clone_vm` stored
     // at the top of the child's stack, which the caller keeps alive (and
@@ -645,7 +702,7 @@ pub fn power_off_pid_ns(pidns: BorrowedFd<'_>) -> std::io::Result<()> {
         rustix::fs::Mode::empty(),
     )?;
     move_into_link_name_space(pidns, Some(LinkNameSpaceType::ProcessID))?;
-    let mut stack = vec![0u8; 16 << 10];
+    let mut stack = Stack::new(16 << 10);
     let made = spawn_vfork(0, &mut stack, &mut || {
         // SAFETY: reboot(2) with its magic numbers and no argument: in a
         // PID namespace other than the host's it ends that namespace, this

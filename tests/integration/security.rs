@@ -195,6 +195,12 @@ fn kernel_interfaces_are_refused() {
     // /proc/kcore and /proc/sysrq-trigger are masked where the kernel has them.
     let (_, out) = as_root(&root, "521", "cat /proc/kcore 2>/dev/null | wc -c");
     assert_eq!(out.trim(), "0", "kcore readable");
+    // The host's interrupt counts too (the host's file has a line per
+    // interrupt source at least).
+    let host = std::fs::read_to_string("/proc/interrupts").unwrap();
+    assert!(!host.is_empty(), "the host shows no /proc/interrupts");
+    let (_, out) = as_root(&root, "521", "cat /proc/interrupts | wc -c");
+    assert_eq!(out.trim(), "0", "/proc/interrupts readable");
     let (code, out) = as_root(&root, "521", "echo h > /proc/sysrq-trigger");
     assert_ne!(code, 0, "sysrq-trigger writable: {out}");
     let (code, out) = as_root(&root, "521", "echo 1 > /proc/sys/kernel/sysrq");

@@ -4,7 +4,8 @@
 //! /proc readers, shifted copies of the template where overlayfs takes no
 //! idmapped one, ptys, one socket for many ports (`steer`), a TCP table
 //! of its own for each network namespace (`netns`), and what the running
-//! kernel offers. Nothing here
+//! kernel offers, and a thread for the ends a start need not wait for
+//! (`later`). Nothing here
 //! knows which backend runs an instance; `native` (nifty's own launcher)
 //! and `systemd` build on it; it builds on `crate::sys` and reads the
 //! state on disk (`store`, `claims`), nothing above.
@@ -16,6 +17,7 @@ pub mod dbus;
 pub mod delegate;
 pub mod features;
 pub mod files;
+pub mod later;
 pub mod netns;
 pub mod overlay;
 pub mod proc;

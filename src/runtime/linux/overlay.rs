@@ -62,6 +62,9 @@ pub fn overlay(
     set("upperdir", &upper_fd)?;
     set("workdir", &work_fd)?;
     fsconfig_create(fs.as_fd()).map_err(SysError::at("fsconfig(FSCONFIG_CMD_CREATE)"))?;
+    // The overlay holds a clone of its own: closing this one unmounts it,
+    // which waits for an RCU grace period (see `later`).
+    super::later::close(tree);
     fsmount_overlay(&fs)
 }
 

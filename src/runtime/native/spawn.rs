@@ -180,12 +180,20 @@ pub struct Confine {
 }
 
 /// /proc files hidden behind /dev/null.
-const PROC_NULL: [&std::ffi::CStr; 5] = [
+///
+/// `interrupts`: the host's interrupt counts, per CPU and device, change
+/// with every other tenant's keystroke and packet (an interrupt-timing
+/// side channel); and Dropbear reads the whole file for entropy each time
+/// it starts, on top of getrandom(2): its size grows with CPUs times
+/// devices (55 us a read on this 2-CPU machine; a multiple of that on a
+/// many-core host), on the path of every login.
+const PROC_NULL: [&std::ffi::CStr; 6] = [
     c"proc/kcore",
     c"proc/keys",
     c"proc/timer_list",
     c"proc/sched_debug",
     c"proc/latency_stats",
+    c"proc/interrupts",
 ];
 /// /proc paths made read-only.
 const PROC_RO: [&std::ffi::CStr; 5] = [
@@ -534,11 +542,11 @@ pub fn spawn(
         flags |= libc::CLONE_NEWNET;
     }
     let failure = AtomicU64::new(0);
-    let mut stack = vec![0u8; CHILD_STACK];
+    let mut stack = sys::Stack::new(CHILD_STACK);
     // The stack of the sessions' children, one at a time.
     let mut session_stack = match plan.sessions {
-        Some(_) => vec![0u8; SESSION_STACK],
-        None => Vec::new(),
+        Some(_) => sys::Stack::new(SESSION_STACK),
+        None => sys::Stack::new(0),
     };
     // Whether the child is born in its v2 cgroup (read by the child).
     let born = AtomicBool::new(cgroup_dir.is_some());
