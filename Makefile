@@ -5,7 +5,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 RELEASE ?= bookworm
 
-.PHONY: up test test-vm bench deps build clean assets install uninstall deb static-dropbear
+.PHONY: up test test-vm bench deps build clean assets install uninstall deb static-dropbear static-busybox
 
 # Where `make install` puts things (Debian's places with PREFIX=/usr, as
 # the .deb does).
@@ -43,6 +43,12 @@ test:
 ## target/dropbear-static/dropbear, or NIFTY_DROPBEAR=... for `up`).
 static-dropbear:
 	./scripts/build-static-dropbear target/dropbear-static
+
+## BusyBox built statically (musl) from Debian's source package, into
+## target/busybox-static (then: nifty template build --busybox
+## target/busybox-static/busybox).
+static-busybox:
+	./scripts/build-static-busybox target/busybox-static
 
 ## The VM tests alone, on one release (make test-vm RELEASE=trixie).
 test-vm: deps
