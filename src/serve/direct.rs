@@ -41,6 +41,17 @@ use crate::store::{Backend, Instance, Network, Store};
 /// How long a new listener has to listen.
 const LISTEN_WITHIN: Duration = Duration::from_secs(5);
 
+/// How long the process found listening must outlive its finding to be
+/// taken for the listener. Dropbear listens first and then goes to the
+/// background (daemon(3)), so the process that forks it there holds the
+/// sockets for a moment before it exits: glibc's daemon(3) forks once,
+/// after the parent nifty waits for; musl's forks twice, and the middle
+/// process (a session leader that forks the listener and exits) is not
+/// waited for by anyone but init. Taken for the listener, it would leave
+/// the instance with a dead listener on record, and the live one counted
+/// as a process of its users by the idle sweep.
+const OUTLIVE: Duration = Duration::from_millis(50);
+
 /// An instance's own listener, as `serve` knows it.
 #[derive(Debug, Clone, Copy)]
 pub enum Direct {
@@ -83,6 +94,31 @@ fn sockets(l: Listener, bound: Bound) -> Vec<std::os::fd::OwnedFd> {
         return Vec::new();
     }
     proc::listening_sockets(l.pid, &pidfd, bound)
+}
+
+/// Whether `l` is alive and still is `within` from now (false at once if
+/// it exits meanwhile).
+fn outlives(l: Listener, within: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let Some(pidfd) = rustix::process::Pid::from_raw(l.pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+    else {
+        return false;
+    };
+    if !l.alive() {
+        return false;
+    }
+    let end = Instant::now() + within;
+    loop {
+        // A pidfd is readable once its process has exited.
+        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+        let wait = end.saturating_duration_since(Instant::now());
+        match poll(&mut fds, crate::sys::poll_timeout_ms(wait)) {
+            Ok(0) => return true,
+            Err(rustix::io::Errno::INTR) => continue,
+            _ => return false,
+        }
+    }
 }
 
 /// Puts the listening sockets of `l` in the steering's map, for `inst`'s
@@ -129,7 +165,7 @@ pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, S
     // Dropbear listens on every address family the host has, as the
     // steering's own listeners do (on a pinned steering: both loopback
     // addresses): until it listens on them all, or on as many twice in a
-    // row.
+    // row, in a process that outlives that by [`OUTLIVE`].
     let want = if steer.holds_ports() {
         steer.listeners.len()
     } else {
@@ -150,10 +186,16 @@ pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, S
             _ => false,
         };
         seen = found;
-        if settled || Instant::now() >= end {
+        if settled && seen.is_some_and(|(l, _)| outlives(l, OUTLIVE)) {
             break;
         }
-        std::thread::sleep(Duration::from_millis(2));
+        if Instant::now() >= end {
+            // (Even one that is going: it is all there is.)
+            break;
+        }
+        if !settled {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
     match seen {
         Some((l, _)) if direct(steer, inst, l) > 0 => Ok(l),

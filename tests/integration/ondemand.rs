@@ -228,10 +228,14 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
         "exactly the 20 logged in to run: {names:?}"
     );
     // Once up, each got a listening Dropbear of its own: the kernel hands
-    // it the next logins (serve is not in the way).
+    // it the next logins (serve is not in the way) once serve has put it
+    // in the steering's map, and then recorded it in the instance's mark.
     let port3 = root.port("3");
+    let mark3 = root.path().join("instances/3/on-demand.json");
     assert!(
-        wait_until(Duration::from_secs(10), || listening(port3)),
+        wait_until(Duration::from_secs(10), || listening(port3)
+            && std::fs::read_to_string(&mark3)
+                .is_ok_and(|m| m.contains("listener"))),
         "3 has no listener of its own: {}",
         serve.log()
     );
