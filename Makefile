@@ -33,8 +33,10 @@ test:
 	cargo clippy --all-targets -- -D warnings
 	NIFTY_REQUIRE_PRIVILEGED=1 cargo test --all-targets
 	./scripts/build-static-dropbear target/dropbear-static
-	NIFTY_DROPBEAR=$(CURDIR)/target/dropbear-static/dropbear NIFTY_REQUIRE_PRIVILEGED=1 \
-	  cargo test --test integration -- transfer:: fleet::
+	./scripts/build-static-busybox target/busybox-static
+	NIFTY_DROPBEAR=$(CURDIR)/target/dropbear-static/dropbear \
+	  NIFTY_BUSYBOX=$(CURDIR)/target/busybox-static/busybox NIFTY_REQUIRE_PRIVILEGED=1 \
+	  cargo test --test integration -- transfer:: fleet:: security:: ondemand::
 	bench/fleet --count 100 --smoke
 	tests/vm/run --release bookworm
 

@@ -483,8 +483,14 @@ pub struct BuildArgs {
     /// Template name.
     #[arg(long, default_value = "default")]
     pub name: String,
-    /// BusyBox binary (Debian: busybox-static).
-    #[arg(long, default_value = "/bin/busybox", value_name = "PATH")]
+    /// BusyBox binary (Debian: busybox-static; a musl one:
+    /// scripts/build-static-busybox DIR).
+    #[arg(
+        long,
+        env = "NIFTY_BUSYBOX",
+        default_value = "/bin/busybox",
+        value_name = "PATH"
+    )]
     pub busybox: PathBuf,
     /// Dropbear server; dropbearkey and dbclient are taken from beside it
     /// (a static one: scripts/build-static-dropbear DIR).

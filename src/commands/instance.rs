@@ -203,10 +203,14 @@ pub fn up(ctx: &Ctx, a: UpArgs) -> Result<bool> {
         Err(Error::NoTemplate(_)) if a.template == "default" => {
             ctx.printer
                 .info("building the default template from the host's BusyBox and Dropbear");
-            // NIFTY_DROPBEAR, as for `template build --dropbear`.
+            // NIFTY_DROPBEAR and NIFTY_BUSYBOX, as for `template build
+            // --dropbear` and `--busybox`.
             let mut opts = BuildOptions::default();
             if let Some(d) = std::env::var_os("NIFTY_DROPBEAR") {
                 opts.dropbear = d.into();
+            }
+            if let Some(b) = std::env::var_os("NIFTY_BUSYBOX") {
+                opts.busybox = b.into();
             }
             template::build(&ctx.store, &opts)?;
         }
