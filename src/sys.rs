@@ -615,9 +615,6 @@ impl Drop for Stack {
     /// exec'd, as [`clone_vm`]'s contract wants of its owner.
     fn drop(&mut self) {
         let stack = std::mem::take(&mut self.0);
-        if stack.is_empty() {
-            return;
-        }
         if let Ok(mut spare) = SPARE_STACKS.lock() {
             if spare.len() < STACKS_KEPT {
                 spare.push(stack);

@@ -544,10 +544,10 @@ pub fn spawn(
     let failure = AtomicU64::new(0);
     let mut stack = sys::Stack::new(CHILD_STACK);
     // The stack of the sessions' children, one at a time.
-    let mut session_stack = match plan.sessions {
-        Some(_) => sys::Stack::new(SESSION_STACK),
-        None => sys::Stack::new(0),
-    };
+    let mut session_stack = plan
+        .sessions
+        .as_ref()
+        .map(|_| sys::Stack::new(SESSION_STACK));
     // Whether the child is born in its v2 cgroup (read by the child).
     let born = AtomicBool::new(cgroup_dir.is_some());
     let mut run = || {
@@ -561,7 +561,7 @@ pub fn spawn(
             procs,
             empty_root,
             &failure,
-            &mut session_stack,
+            session_stack.as_deref_mut(),
         )
     };
     let mut clone = || {
@@ -626,7 +626,7 @@ fn child(
     cgroup_procs: &[OwnedFd],
     empty_root: BorrowedFd<'_>,
     failure: &AtomicU64,
-    session_stack: &mut [u8],
+    session_stack: Option<&mut [u8]>,
 ) -> i32 {
     let fail = |step: Step, errno: i32| -> ! {
         failure.store(
@@ -866,8 +866,8 @@ fn child(
             fail(Step::Seccomp, e.raw_os_error().unwrap_or(libc::EINVAL));
         }
     }
-    if let Some(s) = &plan.sessions {
-        serve_sessions(s, session_stack);
+    if let (Some(s), Some(stack)) = (&plan.sessions, session_stack) {
+        serve_sessions(s, stack);
         wait_for_banners(s);
     }
     let e = plan.init.run();
