@@ -81,33 +81,27 @@ fn bound(steer: &Steer, inst: &Instance) -> Bound {
     }
 }
 
+/// A pidfd of `l`, if it is still the process it was.
+fn pidfd(l: Listener) -> Option<std::os::fd::OwnedFd> {
+    let pidfd = rustix::process::Pid::from_raw(l.pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())?;
+    // The pidfd names the process for good from here: was it still ours?
+    l.alive().then_some(pidfd)
+}
+
 /// Copies of the listening sockets `l` holds, bound as `bound` says (none
 /// if it is gone, or does not listen there).
 fn sockets(l: Listener, bound: Bound) -> Vec<std::os::fd::OwnedFd> {
-    let Some(pidfd) = rustix::process::Pid::from_raw(l.pid)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
-    else {
-        return Vec::new();
-    };
-    // The pidfd names the process for good from here: was it still ours?
-    if !l.alive() {
-        return Vec::new();
-    }
-    proc::listening_sockets(l.pid, &pidfd, bound)
+    pidfd(l).map_or_else(Vec::new, |fd| proc::listening_sockets(l.pid, &fd, bound))
 }
 
 /// Whether `l` is alive and still is `within` from now (false at once if
 /// it exits meanwhile).
 fn outlives(l: Listener, within: Duration) -> bool {
     use rustix::event::{poll, PollFd, PollFlags};
-    let Some(pidfd) = rustix::process::Pid::from_raw(l.pid)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
-    else {
+    let Some(pidfd) = pidfd(l) else {
         return false;
     };
-    if !l.alive() {
-        return false;
-    }
     let end = Instant::now() + within;
     loop {
         // A pidfd is readable once its process has exited.
