@@ -32,25 +32,16 @@
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use crate::runtime::linux::files;
 use crate::runtime::linux::proc::{self, Bound};
 use crate::runtime::linux::steer::{self, Steer};
 use crate::runtime::ondemand::{self, Listener};
 use crate::runtime::Runtime;
 use crate::store::{Backend, Instance, Network, Store};
+use crate::template::inittab::LISTENER_PIDFILE;
 
 /// How long a new listener has to listen.
 const LISTEN_WITHIN: Duration = Duration::from_secs(5);
-
-/// How long the process found listening must outlive its finding to be
-/// taken for the listener. Dropbear listens first and then goes to the
-/// background (daemon(3)), so the process that forks it there holds the
-/// sockets for a moment before it exits: glibc's daemon(3) forks once,
-/// after the parent nifty waits for; musl's forks twice, and the middle
-/// process (a session leader that forks the listener and exits) is not
-/// waited for by anyone but init. Taken for the listener, it would leave
-/// the instance with a dead listener on record, and the live one counted
-/// as a process of its users by the idle sweep.
-const OUTLIVE: Duration = Duration::from_millis(50);
 
 /// An instance's own listener, as `serve` knows it.
 #[derive(Debug, Clone, Copy)]
@@ -81,37 +72,13 @@ fn bound(steer: &Steer, inst: &Instance) -> Bound {
     }
 }
 
-/// A pidfd of `l`, if it is still the process it was.
-fn pidfd(l: Listener) -> Option<std::os::fd::OwnedFd> {
-    let pidfd = rustix::process::Pid::from_raw(l.pid)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())?;
-    // The pidfd names the process for good from here: was it still ours?
-    l.alive().then_some(pidfd)
-}
-
 /// Copies of the listening sockets `l` holds, bound as `bound` says (none
 /// if it is gone, or does not listen there).
 fn sockets(l: Listener, bound: Bound) -> Vec<std::os::fd::OwnedFd> {
-    pidfd(l).map_or_else(Vec::new, |fd| proc::listening_sockets(l.pid, &fd, bound))
-}
-
-/// Whether `l` is alive and still is `within` from now (false at once if
-/// it exits meanwhile).
-fn outlives(l: Listener, within: Duration) -> bool {
-    use rustix::event::{poll, PollFd, PollFlags};
-    let Some(pidfd) = pidfd(l) else {
-        return false;
-    };
-    let end = Instant::now() + within;
-    loop {
-        // A pidfd is readable once its process has exited.
-        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
-        let wait = end.saturating_duration_since(Instant::now());
-        match poll(&mut fds, crate::sys::poll_timeout_ms(wait)) {
-            Ok(0) => return true,
-            Err(rustix::io::Errno::INTR) => continue,
-            _ => return false,
-        }
+    match proc::pidfd(l.pid) {
+        // The pidfd names the process for good from here: was it still ours?
+        Some(fd) if l.alive() => proc::listening_sockets(l.pid, &fd, bound),
+        _ => Vec::new(),
     }
 }
 
@@ -141,25 +108,39 @@ pub fn direct(steer: &Steer, inst: &Instance, l: Listener) -> usize {
 /// would wait for it). The caller records it in the instance's mark
 /// (serve's loop writes the marks): until then the idle sweep counts it
 /// as a process of the users, which keeps the instance up.
+///
+/// Which process listens is what the Dropbear says in its pidfile
+/// ([`LISTENER_PIDFILE`], written in the background once it listens),
+/// asked of the kernel: the process of the instance's cgroup that is that
+/// PID in its PID namespace, started since, holding listening sockets
+/// where it should. Not the first process found listening: Dropbear
+/// listens before it goes to the background, and musl's daemon(3) forks
+/// twice, so for a moment a process on its way out holds the sockets too.
 pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, String> {
     let bound = bound(steer, inst);
-    let code = rt
-        .listener(inst, bound)
-        .and_then(|mut child| child.wait())
-        .map_err(|e| e.to_string())?;
     let failed = |why: String| {
         format!(
             "its own listening Dropbear {why}; its logins go through serve (see `nifty logs {}`)",
             inst.name
         )
     };
+    let since = proc::now_ticks();
+    let code = rt
+        .listener(inst, bound)
+        .and_then(|mut child| child.wait())
+        .map_err(|e| e.to_string())?;
     if code != 0 {
         return Err(failed(format!("exited with {code}")));
     }
+    let init = rt
+        .init_pid(inst)
+        .ok_or_else(|| failed("has no running instance to listen in".into()))?;
+    let root = files::Root::of_running(&inst.name, init, inst.security.uid_base.unwrap_or(0))
+        .map_err(|e| failed(e.to_string()))?;
     // Dropbear listens on every address family the host has, as the
     // steering's own listeners do (on a pinned steering: both loopback
-    // addresses): until it listens on them all, or on as many twice in a
-    // row, in a process that outlives that by [`OUTLIVE`].
+    // addresses): until the named one listens on them all, or on as many
+    // twice in a row.
     let want = if steer.holds_ports() {
         steer.listeners.len()
     } else {
@@ -168,35 +149,55 @@ pub fn start(rt: &Runtime, steer: &Steer, inst: &Instance) -> Result<Listener, S
     let end = Instant::now() + LISTEN_WITHIN;
     let mut seen: Option<(Listener, usize)> = None;
     loop {
-        let found = rt
-            .processes(inst)
-            .into_iter()
-            .filter_map(Listener::of)
+        let found = named(rt, inst, &root, init, since)
+            .map_err(failed)?
             .map(|l| (l, sockets(l, bound).len()))
-            .find(|(_, n)| *n > 0);
+            .filter(|(_, n)| *n > 0);
         let settled = match (found, seen) {
             (Some((_, n)), _) if n >= want => true,
             (Some(now), Some(before)) => now == before,
             _ => false,
         };
         seen = found;
-        if settled && seen.is_some_and(|(l, _)| outlives(l, OUTLIVE)) {
+        if settled || Instant::now() >= end {
             break;
         }
-        if Instant::now() >= end {
-            // (Even one that is going: it is all there is.)
-            break;
-        }
-        if !settled {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        std::thread::sleep(Duration::from_millis(2));
     }
     match seen {
         Some((l, _)) if direct(steer, inst, l) > 0 => Ok(l),
         _ => Err(failed(format!(
-            "did not listen ({bound:?}) within {LISTEN_WITHIN:?}"
+            "did not listen ({bound:?}) within {LISTEN_WITHIN:?}, or did not say so in {LISTENER_PIDFILE}"
         ))),
     }
+}
+
+/// The listener that a Dropbear started at `since` or later names in its
+/// pidfile, if it has written it yet: the tenant's file (read as every
+/// file of a container is: no link followed, a regular file of bounded
+/// size), so only the process the kernel knows by that PID in the
+/// container's namespace, among the instance's, started since, counts.
+fn named(
+    rt: &Runtime,
+    inst: &Instance,
+    root: &files::Root,
+    init: i32,
+    since: u64,
+) -> Result<Option<Listener>, String> {
+    let Some(text) = root.read(LISTENER_PIDFILE).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    // (Being written: asked again.)
+    let Some(pid) = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+    else {
+        return Ok(None);
+    };
+    Ok(proc::host_pid(&rt.processes(inst), init, pid)
+        .and_then(Listener::of)
+        .filter(|l| l.started >= since))
 }
 
 /// The pinned steering of `store`'s on-demand ports on a systemd host

@@ -90,6 +90,11 @@ pub fn render_on_demand() -> String {
         .to_string()
 }
 
+/// Where an on-demand instance's own listener writes its PID (in the
+/// container's PID namespace): the tenant's file, which `serve` reads
+/// only as a question to the kernel (`serve::direct::start`).
+pub const LISTENER_PIDFILE: &str = "/var/run/nifty-listener.pid";
+
 /// The Dropbear that listens in a running on-demand instance (see
 /// `serve::direct`), on its port (`Bound::Port`), with the options of
 /// `dropbear -i` (below): not in
@@ -97,11 +102,13 @@ pub fn render_on_demand() -> String {
 /// reaps it, as it reaps every orphan there), logging to syslog.
 /// `Bound::Loopback`: on an ephemeral port of each loopback address
 /// instead, where the port is a systemd socket's (the steering hands the
-/// listener the port's connections all the same).
+/// listener the port's connections all the same). It writes its PID to
+/// [`LISTENER_PIDFILE`] once in the background, after it listens.
 pub fn dropbear_listening(bound: crate::runtime::linux::proc::Bound) -> Vec<String> {
     use crate::runtime::linux::proc::Bound;
     let mut cmd = dropbear_inetd();
     cmd.retain(|a| a != "-i");
+    cmd.extend(["-P".to_string(), LISTENER_PIDFILE.to_string()]);
     match bound {
         Bound::Port(port) => cmd.extend(["-p".to_string(), port.to_string()]),
         Bound::Loopback => {
@@ -159,6 +166,12 @@ mod tests {
         let on_port = dropbear_listening(Bound::Port(2201));
         assert!(!on_port.contains(&"-i".to_string()), "{on_port:?}");
         assert!(on_port.ends_with(&["-p".to_string(), "2201".to_string()]));
+        assert!(
+            on_port
+                .join(" ")
+                .contains(&format!(" -P {LISTENER_PIDFILE} ")),
+            "{on_port:?}"
+        );
         let loopback = dropbear_listening(Bound::Loopback).join(" ");
         assert!(
             loopback.ends_with("-p 127.0.0.1:0 -p [::1]:0"),

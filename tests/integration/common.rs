@@ -378,6 +378,12 @@ pub fn succeeded(o: &Output, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Whether a program's error says EDQUOT, as glibc ("Disk quota
+/// exceeded") or musl ("Quota exceeded", a static BusyBox) words it.
+pub fn quota_exceeded(err: &str) -> bool {
+    err.contains("Disk quota exceeded") || err.contains("Quota exceeded")
+}
+
 pub fn wait_port(port: u16, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {

@@ -5,7 +5,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-use crate::common::{fleet, privileged, succeeded, wait_port, Root};
+use crate::common::{fleet, privileged, quota_exceeded, succeeded, wait_port, Root};
 
 /// Runs a shell command as the container's root; (exit ok, stdout+stderr).
 fn sh(root: &Root, name: &str, script: &str) -> (bool, String) {
@@ -59,7 +59,7 @@ fn a_disk_limit_holds_a_tenant_and_nobody_else_notices() {
         "300M written under a 100M limit: {out}"
     );
     assert!(
-        out.contains("Disk quota exceeded") || out.contains("No space left"),
+        quota_exceeded(&out) || out.contains("No space left"),
         "{out}"
     );
     let size: u64 = out
@@ -86,7 +86,7 @@ fn a_disk_limit_holds_a_tenant_and_nobody_else_notices() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "luser wrote past the limit");
     assert!(
-        err.contains("Disk quota exceeded") || err.contains("No space left"),
+        quota_exceeded(&err) || err.contains("No space left"),
         "{err}"
     );
 

@@ -242,7 +242,8 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     let out = root.ssh("3", parent);
     assert!(
         out.starts_with(&format!(
-            "/usr/sbin/dropbear -w -r /etc/dropbear/dropbear_ed25519_host_key -p {port3}"
+            "/usr/sbin/dropbear -w -r /etc/dropbear/dropbear_ed25519_host_key \
+             -P /var/run/nifty-listener.pid -p {port3}"
         )),
         "{out}"
     );

@@ -268,6 +268,58 @@ pub fn pid_ns(pid: i32) -> Option<std::path::PathBuf> {
     fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
 }
 
+/// A pidfd of `pid` (pidfd_open, Linux 5.3), if it runs: it names that
+/// process for good, whatever becomes of its PID.
+pub fn pidfd(pid: i32) -> Option<OwnedFd> {
+    Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+}
+
+/// Whether the process of `pidfd` exits within `within` (a pidfd is
+/// readable once its process has exited): `None` when poll(2) cannot tell.
+pub fn exits_within(pidfd: &OwnedFd, within: std::time::Duration) -> Option<bool> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let end = std::time::Instant::now() + within;
+    loop {
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        let wait = end.saturating_duration_since(std::time::Instant::now());
+        match poll(&mut fds, crate::sys::poll_timeout_ms(wait)) {
+            Ok(n) => return Some(n != 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The kernel's `NSpid` of a process: its PID in each PID namespace it is
+/// in, the outermost (the reader's) first.
+fn ns_pids(pid: i32) -> Option<Vec<i32>> {
+    let s = read_kernel_file(Path::new(&format!("/proc/{pid}/status")))?;
+    let line = s.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().map(|p| p.parse().ok()).collect()
+}
+
+/// The host PID of the process that a container, whose init is `init`,
+/// calls `ns_pid`: among `procs` (its cgroup's, read by the caller), the
+/// one that is `ns_pid` in init's own namespace (not in one nested below
+/// it). A PID the tenant wrote (a pidfile) is only a question: the answer
+/// is the kernel's.
+pub fn host_pid(procs: &[i32], init: i32, ns_pid: i32) -> Option<i32> {
+    let depth = ns_pids(init)?.len();
+    procs
+        .iter()
+        .copied()
+        .find(|&p| ns_pids(p).is_some_and(|ids| ids.len() == depth && ids.last() == Some(&ns_pid)))
+}
+
+/// The boot-time clock in the ticks of [`start_ticks`]: a process started
+/// from now on has a start no earlier.
+pub fn now_ticks() -> u64 {
+    let up = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let hz = rustix::param::clock_ticks_per_second();
+    up.tv_sec as u64 * hz + up.tv_nsec as u64 * hz / 1_000_000_000
+}
+
 /// Does the process exist (signal 0)?
 pub fn alive(pid: i32) -> bool {
     Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())

@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
-use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+use rustix::process::{pidfd_send_signal, Signal};
 
 use super::Systemd;
 use crate::runtime::linux::{cgroup, files, proc};
@@ -25,19 +25,7 @@ use crate::store::Instance;
 use crate::{Error, Result};
 
 /// How long the kernel may take to end the namespace once asked.
-const REBOOT_WAIT_MS: i32 = 5000;
-
-/// A pidfd of `pid`, if it still runs.
-fn open(pid: i32) -> Option<OwnedFd> {
-    Pid::from_raw(pid).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok())
-}
-
-/// Whether the process of `pidfd` exits within `ms` milliseconds: `None`
-/// when poll(2) cannot tell.
-fn exits_within(pidfd: &OwnedFd, ms: i32) -> Option<bool> {
-    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-    poll(&mut fds, ms).ok().map(|n| n != 0)
-}
+const REBOOT_WAIT: Duration = Duration::from_secs(5);
 
 impl Systemd {
     /// Powers a running instance off from the host, as the module says.
@@ -55,7 +43,7 @@ impl Systemd {
         if files::init_has_shutdown_actions(&inst.name, init) {
             return Ok(false);
         }
-        let Some(init_fd) = open(init) else {
+        let Some(init_fd) = proc::pidfd(init) else {
             return Ok(false);
         };
         let Some(own) = proc::pid_ns(init) else {
@@ -73,7 +61,7 @@ impl Systemd {
             cgroup::procs_under(dir)
                 .into_iter()
                 .filter(|p| *p != init)
-                .filter_map(|p| open(p).map(|fd| (p, fd)))
+                .filter_map(|p| proc::pidfd(p).map(|fd| (p, fd)))
                 .filter(|(p, _)| proc::pid_ns(*p).as_ref() == Some(&own))
                 .collect()
         };
@@ -118,7 +106,7 @@ impl Systemd {
             rustix::fs::Mode::empty(),
         );
         let pidns = match pidns {
-            Ok(ns) if exits_within(&init_fd, 0) == Some(false) => ns,
+            Ok(ns) if proc::exits_within(&init_fd, Duration::ZERO) == Some(false) => ns,
             _ => return resume(),
         };
         if let Err(e) = crate::sys::power_off_pid_ns(pidns.as_fd()) {
@@ -128,7 +116,7 @@ impl Systemd {
             );
             return resume();
         }
-        if exits_within(&init_fd, REBOOT_WAIT_MS) != Some(true) {
+        if proc::exits_within(&init_fd, REBOOT_WAIT) != Some(true) {
             return resume();
         }
         Ok(true)
