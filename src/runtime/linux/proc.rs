@@ -336,6 +336,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pid_in_a_namespace_is_answered_by_the_kernel() {
+        let me = std::process::id() as i32;
+        let mine = *ns_pids(me).unwrap().last().unwrap();
+        assert_eq!(host_pid(&[me], me, mine), Some(me));
+        assert_eq!(host_pid(&[me], me, mine + 1), None, "not among procs");
+        // A process started from now on starts no earlier than now.
+        let since = now_ticks();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let started = start_ticks(child.id() as i32);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(started.unwrap() >= since, "{started:?} < {since}");
+        // And a pidfd says when its process has exited.
+        let fd = pidfd(me).unwrap();
+        assert_eq!(exits_within(&fd, std::time::Duration::ZERO), Some(false));
+    }
+
+    #[test]
     fn wait_exec_tells_a_process_that_has_exec_d_from_one_that_has_not() {
         // This test's own process runs the executable that nifty_exe()
         // names: it never "execs", and the wait gives up.
