@@ -403,6 +403,8 @@ fn loop_until_error<'scope, 'env>(
                         }
                         Err(e) => {
                             say(format!("instance {name}: {e}"));
+                            // (Nor one that ended before, on record.)
+                            ondemand::update_mark(store, &name, |m| m.listener = None);
                             Direct::Failed
                         }
                     };

@@ -754,3 +754,71 @@ fn a_session_is_born_in_its_cgroup_and_a_failed_exec_is_reported() {
     let procs = std::fs::read_to_string(group.0.join("cgroup.procs")).unwrap();
     assert_eq!(procs.trim(), pid.to_string(), "{procs}");
 }
+
+/// An on-demand instance's own listener says who it is in a pidfile that
+/// is the tenant's: one that is not a plain file (a symlink here, which
+/// nifty never follows) names no listener, and nothing of nifty waits on
+/// it; the instance's logins go on through `serve`.
+#[test]
+fn a_listener_pidfile_is_asked_of_the_kernel_never_followed() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "1", "--on-demand", "-q"]);
+    let serve = Serve::start(&root);
+    assert!(
+        wait_until(Duration::from_secs(20), || served(&root, "1")),
+        "{}",
+        serve.log()
+    );
+    let parent = "cat /proc/$PPID/cmdline | tr '\\0' ' '";
+    let port = root.port("1");
+    assert!(root.ssh("1", parent).starts_with("/usr/sbin/dropbear -i "));
+    assert!(
+        wait_until(Duration::from_secs(10), || listening(port)),
+        "no listener of its own: {}",
+        serve.log()
+    );
+    // Its root ends the listener and puts a link where the next one
+    // writes its PID (Dropbear, in the container, follows it).
+    let listener = root.ssh("1", "cut -d' ' -f4 /proc/$PPID/stat");
+    root.ok(&["exec", "1", "--", "kill", "-9", listener.trim()]);
+    assert!(wait_until(Duration::from_secs(10), || !listening(port)));
+    root.ok(&[
+        "exec",
+        "1",
+        "--",
+        "ln",
+        "-sf",
+        "/tmp/listener.pid",
+        "/var/run/nifty-listener.pid",
+    ]);
+    // The next login comes through serve, which starts another listener
+    // and reads the link as nothing.
+    assert!(root.ssh("1", parent).starts_with("/usr/sbin/dropbear -i "));
+    assert!(
+        wait_until(Duration::from_secs(10), || serve
+            .log()
+            .contains("/var/run/nifty-listener.pid (a symlink is on the way")),
+        "{}",
+        serve.log()
+    );
+    // Its logins go on through serve.
+    for _ in 0..2 {
+        let out = root.ssh("1", parent);
+        assert!(out.starts_with("/usr/sbin/dropbear -i "), "{out}");
+    }
+    // (No mark at all is an empty one.)
+    let mark = std::fs::read_to_string(root.path().join("instances/1/on-demand.json"))
+        .unwrap_or_else(|_| "{}".into());
+    let rec: serde_json::Value = serde_json::from_str(&mark).unwrap();
+    assert!(
+        rec.get("listener").is_none_or(|l| l.is_null()),
+        "no listener on the link's word: {mark}"
+    );
+    drop(serve);
+    root.ok(&["stop", "--all", "-q"]);
+    assert_clean(&root, &[]);
+}
