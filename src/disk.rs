@@ -6,6 +6,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use crate::runtime::linux::later;
 use crate::{Error, Result};
 
 /// Writes a new file with a mode, failing if it exists.
@@ -25,7 +26,9 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 /// Replaces the file at `path` with `data` (mode `mode`) atomically: a
 /// temp file of a unique name in the same directory, renamed over it. A
 /// crash leaves at most a `.nifty-*` temp file beside it, which no later
-/// write trips over.
+/// write trips over. The file replaced is freed on a thread of its own
+/// (see [`later`]): on a filesystem mounted with `discard`, freeing it
+/// here would wait for the device.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
@@ -37,9 +40,27 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(Error::io("chmod", tmp.path()))?;
+    let old = later::hold(path);
     tmp.persist(path)
         .map_err(|e| Error::io("rename onto", path)(e.error))?;
+    if let Some(old) = old {
+        later::close(old);
+    }
     Ok(())
+}
+
+/// Removes the file at `path`, if there is one; freed as by
+/// [`write_atomic`].
+pub fn remove_file(path: &Path) -> Result<()> {
+    let old = later::hold(path);
+    let r = match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path)(e)),
+        _ => Ok(()),
+    };
+    if let Some(old) = old {
+        later::close(old);
+    }
+    r
 }
 
 /// Takes an exclusive lock (flock) on the directory `dir` for as long as

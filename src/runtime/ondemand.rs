@@ -93,12 +93,7 @@ pub fn read_mark(store: &Store, name: &str) -> Mark {
 pub fn write_mark(store: &Store, name: &str, mark: &Mark) {
     let path = mark_path(store, name);
     let r = if *mark == Mark::default() {
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(crate::Error::io("remove", &path)(e))
-            }
-            _ => Ok(()),
-        }
+        crate::disk::remove_file(&path)
     } else {
         let text = serde_json::to_vec(mark).unwrap_or_default();
         crate::disk::write_atomic(&path, &text, 0o644)

@@ -34,6 +34,7 @@ pub fn overlay(
     userns: Option<BorrowedFd<'_>>,
 ) -> Result<OwnedFd, SysError> {
     use rustix::mount::*;
+    set_aside_old_work(work);
     let tree = idmapped_tree(lower, userns)?;
     if super::features::overlay_fd_layers() == Some(false) {
         return overlay_by_path(lower, tree, upper, work);
@@ -66,6 +67,29 @@ pub fn overlay(
     // which waits for an RCU grace period (see `later`).
     super::later::close(tree);
     fsmount_overlay(&fs)
+}
+
+/// Where [`set_aside_old_work`] moves a work directory, beside `work`.
+const WORK_ASIDE: &str = ".nifty-work-old";
+
+/// Moves the directory that an earlier mount of this overlay left in
+/// `work` (overlayfs's own `work/work`) aside, to be removed on `later`'s
+/// thread. Overlayfs would remove it itself while it mounts, and on a
+/// filesystem mounted with `discard` that waits for the device to discard
+/// its blocks: at every start but the first (see `later`). Nothing mounts
+/// this overlay meanwhile (its instance is stopped, under its lock; a
+/// mount still alive would make the new one fail, its upper directory in
+/// use). Best effort: what cannot be moved is left for overlayfs, as
+/// before; one left aside by a process that ended first is removed now.
+fn set_aside_old_work(work: &Path) {
+    let Some(aside) = work.parent().map(|d| d.join(WORK_ASIDE)) else {
+        return;
+    };
+    if aside.symlink_metadata().is_ok() {
+        super::later::remove_tree(aside);
+    } else if std::fs::rename(work.join("work"), &aside).is_ok() {
+        super::later::remove_tree(aside);
+    }
 }
 
 /// A detached clone of `lower`, idmapped through `userns` if given.
@@ -167,4 +191,50 @@ fn overlay_by_path(
     let root = result?;
     detached.map_err(SysError::at("umount2(template, MNT_DETACH)"))?;
     Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gone_soon(p: &Path) -> bool {
+        (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            p.symlink_metadata().is_err()
+        })
+    }
+
+    #[test]
+    fn an_old_work_directory_is_set_aside_and_removed_off_the_caller() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work");
+        // What an earlier mount left: overlayfs's work/work, not empty.
+        std::fs::create_dir_all(work.join("work/#1")).unwrap();
+        std::fs::write(work.join("work/#2"), b"x").unwrap();
+        set_aside_old_work(&work);
+        // The work directory itself stays, emptied for overlayfs.
+        assert!(work.is_dir());
+        assert!(work.join("work").symlink_metadata().is_err());
+        assert!(gone_soon(&tmp.path().join(WORK_ASIDE)));
+    }
+
+    #[test]
+    fn one_left_aside_before_is_removed_and_a_fresh_work_directory_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(work.join("work")).unwrap();
+        let aside = tmp.path().join(WORK_ASIDE);
+        std::fs::create_dir_all(aside.join("work/#3")).unwrap();
+        set_aside_old_work(&work);
+        // This time overlayfs clears work/work itself, as before.
+        assert!(work.join("work").is_dir());
+        assert!(gone_soon(&aside));
+        // Nothing to set aside: nothing happens.
+        let fresh = tempfile::tempdir().unwrap();
+        let w = fresh.path().join("work");
+        std::fs::create_dir(&w).unwrap();
+        set_aside_old_work(&w);
+        assert!(w.is_dir());
+        assert!(fresh.path().join(WORK_ASIDE).symlink_metadata().is_err());
+    }
 }
