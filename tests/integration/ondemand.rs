@@ -822,3 +822,56 @@ fn a_listener_pidfile_is_asked_of_the_kernel_never_followed() {
     root.ok(&["stop", "--all", "-q"]);
     assert_clean(&root, &[]);
 }
+
+#[test]
+fn a_restart_keeps_its_files_and_sets_the_old_work_directory_aside() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    // Its layers beside its record, where the test can see them.
+    root.ok(&["create", "1", "--on-demand", "--disk", "unlimited", "-q"]);
+    let dir = root.path().join("instances/1");
+    let (old_work, aside) = (dir.join("work/work"), dir.join(".nifty-work-old"));
+    let serve = Serve::start(&root);
+    assert!(
+        wait_until(Duration::from_secs(20), || served(&root, "1")),
+        "{}",
+        serve.log()
+    );
+    assert_eq!(root.ssh("1", "echo one > ~/f; cat ~/f"), "one\n");
+    root.ok(&["stop", "1", "-q"]);
+    // What its overlay left, and the mark of its run.
+    assert!(old_work.is_dir(), "no {}", old_work.display());
+    let before = std::fs::metadata(&old_work).unwrap();
+    // Started again by a login: its files are there, and the old work
+    // directory went aside and then away, on serve's own thread.
+    assert_eq!(root.ssh("1", "cat ~/f"), "one\n", "{}", serve.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || aside
+            .symlink_metadata()
+            .is_err()),
+        "{} is still there: {}",
+        aside.display(),
+        serve.log()
+    );
+    use std::os::unix::fs::MetadataExt;
+    let now = std::fs::metadata(&old_work).expect("the new mount's work/work");
+    assert_ne!(now.ino(), before.ino(), "the old work/work was kept");
+    // A leftover from a process that ended before removing it (played by
+    // a directory put there) goes at the next start.
+    drop(serve);
+    root.ok(&["stop", "1", "-q"]);
+    std::fs::create_dir_all(aside.join("work/#1")).unwrap();
+    root.ok(&["start", "1", "-q"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || aside
+            .symlink_metadata()
+            .is_err()),
+        "{} is still there",
+        aside.display()
+    );
+    root.ok(&["stop", "1", "-q"]);
+    assert_clean(&root, &[]);
+}

@@ -79,15 +79,17 @@ const WORK_ASIDE: &str = ".nifty-work-old";
 /// its blocks: at every start but the first (see `later`). Nothing mounts
 /// this overlay meanwhile (its instance is stopped, under its lock; a
 /// mount still alive would make the new one fail, its upper directory in
-/// use). Best effort: what cannot be moved is left for overlayfs, as
-/// before; one left aside by a process that ended first is removed now.
+/// use). One set aside by a process that ended before its thread removed
+/// it (the systemd backend's, which execs systemd-nspawn) is removed
+/// here first. Best effort: what cannot be moved is left for overlayfs.
 fn set_aside_old_work(work: &Path) {
     let Some(aside) = work.parent().map(|d| d.join(WORK_ASIDE)) else {
         return;
     };
     if aside.symlink_metadata().is_ok() {
-        super::later::remove_tree(aside);
-    } else if std::fs::rename(work.join("work"), &aside).is_ok() {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+    if std::fs::rename(work.join("work"), &aside).is_ok() {
         super::later::remove_tree(aside);
     }
 }
@@ -219,15 +221,16 @@ mod tests {
     }
 
     #[test]
-    fn one_left_aside_before_is_removed_and_a_fresh_work_directory_is_kept() {
+    fn one_left_aside_before_is_removed_first() {
         let tmp = tempfile::tempdir().unwrap();
         let work = tmp.path().join("work");
-        std::fs::create_dir_all(work.join("work")).unwrap();
+        std::fs::create_dir_all(work.join("work/#4")).unwrap();
         let aside = tmp.path().join(WORK_ASIDE);
         std::fs::create_dir_all(aside.join("work/#3")).unwrap();
         set_aside_old_work(&work);
-        // This time overlayfs clears work/work itself, as before.
-        assert!(work.join("work").is_dir());
+        // The old one went at once; this one is aside, then gone.
+        assert!(aside.join("work/#3").symlink_metadata().is_err());
+        assert!(work.join("work").symlink_metadata().is_err());
         assert!(gone_soon(&aside));
         // Nothing to set aside: nothing happens.
         let fresh = tempfile::tempdir().unwrap();
