@@ -129,6 +129,16 @@ pub fn hold(path: &std::path::Path) -> Option<OwnedFd> {
     .ok()
 }
 
+/// Whether `p` is gone within five seconds (for tests of what this
+/// thread removes).
+#[cfg(test)]
+pub(crate) fn gone_soon(p: &std::path::Path) -> bool {
+    (0..500).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        p.symlink_metadata().is_err()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,11 +184,7 @@ mod tests {
         std::fs::create_dir_all(d.join("a/b")).unwrap();
         std::fs::write(d.join("a/b/c"), b"x").unwrap();
         remove_tree(d.clone());
-        let gone = (0..500).any(|_| {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            d.symlink_metadata().is_err()
-        });
-        assert!(gone, "{} is still there", d.display());
+        assert!(gone_soon(&d), "{} is still there", d.display());
         // One that is already gone is no error.
         remove_tree(d);
     }

@@ -197,14 +197,8 @@ fn overlay_by_path(
 
 #[cfg(test)]
 mod tests {
+    use super::super::later::gone_soon;
     use super::*;
-
-    fn gone_soon(p: &Path) -> bool {
-        (0..500).any(|_| {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            p.symlink_metadata().is_err()
-        })
-    }
 
     #[test]
     fn an_old_work_directory_is_set_aside_and_removed_off_the_caller() {
