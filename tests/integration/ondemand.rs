@@ -844,7 +844,17 @@ fn a_restart_keeps_its_files_and_sets_the_old_work_directory_aside() {
     root.ok(&["stop", "1", "-q"]);
     // What its overlay left, and the mark of its run.
     assert!(old_work.is_dir(), "no {}", old_work.display());
-    let before = std::fs::metadata(&old_work).unwrap();
+    // Watched: moved away (aside) or removed in place (by overlayfs, at
+    // the mount). Its inode number says nothing: a freed one is reused.
+    use rustix::fs::inotify;
+    let watch =
+        inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+    inotify::add_watch(
+        &watch,
+        dir.join("work"),
+        inotify::WatchFlags::MOVED_FROM | inotify::WatchFlags::DELETE,
+    )
+    .unwrap();
     // Started again by a login: its files are there, and the old work
     // directory went aside and then away, on serve's own thread.
     assert_eq!(root.ssh("1", "cat ~/f"), "one\n", "{}", serve.log());
@@ -856,9 +866,24 @@ fn a_restart_keeps_its_files_and_sets_the_old_work_directory_aside() {
         aside.display(),
         serve.log()
     );
-    use std::os::unix::fs::MetadataExt;
-    let now = std::fs::metadata(&old_work).expect("the new mount's work/work");
-    assert_ne!(now.ino(), before.ino(), "the old work/work was kept");
+    assert!(old_work.is_dir(), "no new {}", old_work.display());
+    let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+    let mut events = inotify::Reader::new(&watch, &mut buf);
+    let mut seen = Vec::new();
+    while let Ok(e) = events.next() {
+        if e.file_name().is_some_and(|n| n.to_bytes() == b"work") {
+            seen.push(e.events());
+        }
+    }
+    assert!(
+        seen.first()
+            .is_some_and(|f| f.contains(inotify::ReadFlags::MOVED_FROM)),
+        "work/work was not moved aside first: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|f| f.contains(inotify::ReadFlags::DELETE)),
+        "work/work was removed in place: {seen:?}"
+    );
     // A leftover from a process that ended before removing it (played by
     // a directory put there) goes at the next start.
     drop(serve);
