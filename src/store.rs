@@ -825,15 +825,31 @@ mod tests {
         );
     }
 
+    /// A port base of this test's own whose two pool ports below it are
+    /// free on the host now, below the ephemeral range: the default pool
+    /// (2199 down) may be a user's fleet or another program's.
+    fn free_port_base() -> u16 {
+        (20_000..32_000)
+            .rev()
+            .step_by(7)
+            .find(|&b: &u16| host_port_free(b - 1).is_ok() && host_port_free(b - 2).is_ok())
+            .expect("two free ports below 32000")
+    }
+
     #[test]
     fn ports_are_claimed_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(Some(dir.path().into()));
+        let base = free_port_base();
+        let store = Store::new(Some(dir.path().into())).with_port_base(base);
         store.ensure().unwrap();
+        assert_eq!(
+            store.pool(),
+            (base - 1 - (POOL_TOP - POOL_BOTTOM), base - 1)
+        );
         let p = store.claim_port("slick", None).unwrap();
-        assert_eq!(p, POOL_TOP);
+        assert_eq!(p, base - 1, "the pool is taken from the top down");
         let q = store.claim_port("other", None).unwrap();
-        assert_eq!(q, POOL_TOP - 1);
+        assert_eq!(q, base - 2);
         let e = store.claim_port("x", Some(p)).unwrap_err().to_string();
         assert!(e.contains("already assigned to instance \"slick\""), "{e}");
         store.release_port(p, "slick");
