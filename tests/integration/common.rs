@@ -265,8 +265,21 @@ impl Root {
     }
 
     /// Logs in over SSH with a real client, nifty's key, and the instance's
-    /// known host key; returns (exit ok, stdout, stderr).
+    /// known host key; returns (exit ok, stdout, stderr). The client waits
+    /// 10 s for the connection and the banner.
     pub fn ssh_as(&self, name: &str, user: &str, cmd: &str) -> (bool, String, String) {
+        self.ssh_within(name, user, cmd, 10)
+    }
+
+    /// [`Root::ssh_as`], the client waiting `secs` for the connection and
+    /// the banner (ssh's `ConnectTimeout`).
+    pub fn ssh_within(
+        &self,
+        name: &str,
+        user: &str,
+        cmd: &str,
+        secs: u64,
+    ) -> (bool, String, String) {
         let port = self.port(name);
         let known = self.path().join(format!("known_hosts.test.{name}"));
         let key = self.instance_toml(name)["host_key"]
@@ -286,7 +299,8 @@ impl Root {
                 "-o",
                 "StrictHostKeyChecking=yes",
             ])
-            .args(["-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"])
+            .args(["-o", &format!("ConnectTimeout={secs}")])
+            .args(["-o", "LogLevel=ERROR"])
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", known.display()))
             .args(["localhost", cmd])

@@ -98,19 +98,46 @@ fn held_ports(root: &Root) -> Vec<u16> {
 }
 
 /// Logs in to each of `names` at once; returns what each printed.
+/// Seconds a client of [`logins`] waits for its banner. Only a bound on a
+/// hang: here a burst's banners come in milliseconds, but in the Debian 12
+/// VM stage (qemu without KVM, 2 vCPUs, two tests at once) one of twenty
+/// cold starts at once took more than 10 s.
+const COLD_LOGIN_WITHIN: u64 = 60;
+
+/// Logins to `names` at once: (name, ok, stdout, stderr); a failed one's
+/// stderr ends with how long its client ran and the slowest of the others,
+/// so a timeout says whether the whole burst was slow or one login hung.
 fn logins(root: &Root, names: &[String], cmd: &str) -> Vec<(String, bool, String, String)> {
-    std::thread::scope(|s| {
+    let mut all: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = names
             .iter()
             .map(|n| {
                 s.spawn(move || {
-                    let (ok, out, err) = root.ssh_as(n, "luser", cmd);
-                    (n.clone(), ok, out, err)
+                    let t = Instant::now();
+                    let (ok, out, err) = root.ssh_within(n, "luser", cmd, COLD_LOGIN_WITHIN);
+                    (n.clone(), ok, out, err, t.elapsed())
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    });
+    let slowest_ok = all
+        .iter()
+        .filter(|l| l.1)
+        .map(|l| l.4)
+        .max()
+        .unwrap_or_default();
+    all.iter_mut()
+        .map(|(n, ok, out, err, took)| {
+            if !*ok {
+                err.push_str(&format!(
+                    "(this login's client ran {took:.1?}; the slowest successful one of {} at once {slowest_ok:.1?})",
+                    names.len()
+                ));
+            }
+            (n.clone(), *ok, std::mem::take(out), std::mem::take(err))
+        })
+        .collect()
 }
 
 /// Is something listening on `port`? Read from /proc, without
