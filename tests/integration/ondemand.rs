@@ -97,7 +97,6 @@ fn held_ports(root: &Root) -> Vec<u16> {
         .collect()
 }
 
-/// Logs in to each of `names` at once; returns what each printed.
 /// Seconds a client of [`logins`] waits for its banner. Only a bound on a
 /// hang: here a burst's banners come in milliseconds, but in the Debian 12
 /// VM stage (qemu without KVM, 2 vCPUs, two tests at once) one of twenty
@@ -108,7 +107,7 @@ const COLD_LOGIN_WITHIN: u64 = 60;
 /// stderr ends with how long its client ran and the slowest of the others,
 /// so a timeout says whether the whole burst was slow or one login hung.
 fn logins(root: &Root, names: &[String], cmd: &str) -> Vec<(String, bool, String, String)> {
-    let mut all: Vec<_> = std::thread::scope(|s| {
+    let all: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = names
             .iter()
             .map(|n| {
@@ -127,15 +126,15 @@ fn logins(root: &Root, names: &[String], cmd: &str) -> Vec<(String, bool, String
         .map(|l| l.4)
         .max()
         .unwrap_or_default();
-    all.iter_mut()
-        .map(|(n, ok, out, err, took)| {
-            if !*ok {
+    all.into_iter()
+        .map(|(n, ok, out, mut err, took)| {
+            if !ok {
                 err.push_str(&format!(
                     "(this login's client ran {took:.1?}; the slowest successful one of {} at once {slowest_ok:.1?})",
                     names.len()
                 ));
             }
-            (n.clone(), *ok, std::mem::take(out), std::mem::take(err))
+            (n, ok, out, err)
         })
         .collect()
 }
