@@ -174,11 +174,69 @@ impl Outcome {
     }
 }
 
-/// A worker pool sized for `len` jobs on this machine.
-pub fn pool(len: usize) -> std::result::Result<rayon::ThreadPool, rayon::ThreadPoolBuildError> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(workers().min(len.max(1)))
-        .build()
+/// The worker pools of this process (see [`workers`]).
+///
+/// Each is made at its first use and kept: `nifty serve` starts batch
+/// after batch of instances, and a pool made for each batch spawned its
+/// threads at the head of every burst of cold logins, before the first
+/// start could begin. Sessions of running instances have a pool of their
+/// own, so that they never wait behind a batch of starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Starts, and the fleet verbs of [`run`].
+    Work,
+    /// `nifty serve`'s sessions in running instances.
+    Sessions,
+}
+
+static POOLS: [std::sync::OnceLock<Option<rayon::ThreadPool>>; 2] =
+    [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+
+impl Pool {
+    /// Makes the pool now, not at its first use: a long-running `serve`
+    /// has its threads ready before the first burst of logins.
+    pub fn prepare(self) {
+        self.get();
+    }
+
+    /// Runs `f` once on each of the pool's threads (if it was made), and
+    /// returns when all have: for what a thread must not carry from one
+    /// batch of work to the next.
+    pub fn on_every_thread(self, f: impl Fn() + Sync) {
+        if let Some(p) = POOLS[self as usize].get().and_then(Option::as_ref) {
+            p.broadcast(|_| f());
+        }
+    }
+
+    fn get(self) -> Option<&'static rayon::ThreadPool> {
+        POOLS[self as usize]
+            .get_or_init(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(workers())
+                    .thread_name(move |i| match self {
+                        Pool::Work => format!("nifty-work-{i}"),
+                        Pool::Sessions => format!("nifty-sess-{i}"),
+                    })
+                    .build()
+                    .map_err(|e| tracing::debug!("worker pool: {e}"))
+                    .ok()
+            })
+            .as_ref()
+    }
+}
+
+/// `f` of every item, in their order, at once on `pool` (a single item
+/// too: what `f` leaves on its thread stays off the caller's), or on this
+/// thread when no pool could be made.
+pub fn par_map<T: Send, R: Send>(
+    pool: Pool,
+    items: Vec<T>,
+    f: impl Fn(T) -> R + Sync + Send,
+) -> Vec<R> {
+    match (!items.is_empty()).then(|| pool.get()).flatten() {
+        Some(p) => p.install(|| items.into_par_iter().map(f).collect()),
+        None => items.into_iter().map(f).collect(),
+    }
 }
 
 /// Turns per-instance results into an [`Outcome`].
@@ -222,21 +280,11 @@ pub fn run<T: Send>(
 ) -> Outcome {
     let start = Instant::now();
     let bar = printer.progress(verb, names.len() as u64);
-    let pool = pool(names.len());
-    let work = || {
-        names
-            .par_iter()
-            .map(|n| {
-                let r = f(n);
-                bar.inc(1);
-                (n.clone(), r)
-            })
-            .collect::<Vec<_>>()
-    };
-    let results = match pool {
-        Ok(p) => p.install(work),
-        Err(_) => work(),
-    };
+    let results = par_map(Pool::Work, names.iter().collect(), |n: &String| {
+        let r = f(n);
+        bar.inc(1);
+        (n.clone(), r)
+    });
     bar.finish_and_clear();
     let mut out = Outcome {
         seconds: start.elapsed().as_secs_f64(),

@@ -7,8 +7,9 @@
 //! `instances/NAME/on-demand.json`, a host-side file (not in the
 //! container's tree): since when it is idle (so a restarted `serve` or the
 //! next sweep of the systemd timer keeps counting), and a start in
-//! progress. Sessions are counted from the kernel: the connections to its
-//! port, which the host side accepted.
+//! progress by a systemd socket's session (`serve` lists the starts of a
+//! batch in one file, `serve.starting`). Sessions are counted from the
+//! kernel: the connections to its port, which the host side accepted.
 
 use std::path::PathBuf;
 
@@ -21,8 +22,9 @@ use crate::store::{Instance, Store};
 /// Processes of an idle instance: its init and syslogd.
 pub const IDLE_PROCESSES: usize = 2;
 
-/// How long a start's mark is believed: one left by a `serve` killed in
-/// the middle of a start is stale after this.
+/// How long a start's mark, or `serve`'s list of starts, is believed: one
+/// left by a session or a `serve` killed in the middle of a start is stale
+/// after this.
 const STARTING_FOR_SECS: u64 = 60;
 
 /// The largest mark file read (it is nifty's own, but read with a bound).
@@ -31,7 +33,9 @@ const MARK_MAX: u64 = 4096;
 /// What nifty keeps of an on-demand instance between sweeps.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mark {
-    /// Unix time a start at a connection began (cleared once started).
+    /// Unix time a start at a connection began (cleared once started): a
+    /// session of a systemd socket's; `serve` lists its starts in
+    /// `serve.starting` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub starting: Option<u64>,
     /// Unix time since which it has had no session and no process of its
@@ -129,11 +133,14 @@ pub fn end_idle(store: &Store, name: &str) {
     }
 }
 
-/// Marks instances as being started at a connection (`on`) or no longer.
+/// Marks instances as being started at a connection (`on`) or no longer;
+/// a mark is written only where this changes it (the first start of an
+/// instance that never ran has nothing to clear).
 pub fn mark_starting(store: &Store, insts: &[Instance], on: bool) {
     let t = now();
     for i in insts {
-        let mut m = read_mark(store, &i.name);
+        let before = read_mark(store, &i.name);
+        let mut m = before.clone();
         m.starting = on.then_some(t);
         if !on {
             // A fresh start: whatever idleness was counted is over, and
@@ -141,7 +148,9 @@ pub fn mark_starting(store: &Store, insts: &[Instance], on: bool) {
             m.idle_since = None;
             m.listener = None;
         }
-        write_mark(store, &i.name, &m);
+        if m != before {
+            write_mark(store, &i.name, &m);
+        }
     }
 }
 
@@ -151,15 +160,91 @@ pub fn served_ports_path(store: &Store) -> PathBuf {
     store.root().join("serve.ports")
 }
 
-/// The ports a running `nifty serve` of this state root holds: empty when
-/// none runs (the PID in its lock is gone, or is no nifty).
-pub fn served_ports(store: &Store) -> std::collections::HashSet<u16> {
+/// Where `nifty serve` lists the instances it is starting, one name a
+/// line: one file for a whole batch of starts, written once before it
+/// begins (a mark per instance, written one after another, held back every
+/// start of a burst of cold logins behind them).
+pub fn serve_starting_path(store: &Store) -> PathBuf {
+    store.root().join("serve.starting")
+}
+
+/// Lists `names` as the instances this `serve` is starting now (none
+/// removes the list).
+pub fn publish_starting(store: &Store, names: &[&str]) {
+    let path = serve_starting_path(store);
+    let r = if names.is_empty() {
+        crate::disk::remove_file(&path)
+    } else {
+        let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+        crate::disk::write_atomic(&path, text.as_bytes(), 0o644)
+    };
+    if let Err(e) = r {
+        tracing::warn!("the instances being started: {e}");
+    }
+}
+
+/// What a running `nifty serve` of a state root says of itself.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// The ports it holds.
+    pub ports: std::collections::HashSet<u16>,
+    /// The instances it is starting.
+    pub starting: std::collections::HashSet<String>,
+}
+
+impl Served {
+    /// Empty when no `serve` runs (the PID in its lock is gone, or is no
+    /// nifty); a list of starts older than a start may take is not
+    /// believed.
+    pub fn read(store: &Store) -> Served {
+        if !serve_alive(store) {
+            return Served::default();
+        }
+        Served::read_files(store)
+    }
+
+    /// [`Served::read`] of a `serve` known to run.
+    fn read_files(store: &Store) -> Served {
+        let starting = std::fs::File::open(serve_starting_path(store))
+            .ok()
+            .filter(|f| {
+                f.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() < STARTING_FOR_SECS)
+            })
+            .and_then(|f| std::io::read_to_string(f).ok())
+            .unwrap_or_default();
+        Served {
+            ports: parse_ports(
+                &std::fs::read_to_string(served_ports_path(store)).unwrap_or_default(),
+            ),
+            starting: parse_names(&starting),
+        }
+    }
+}
+
+fn parse_ports(text: &str) -> std::collections::HashSet<u16> {
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+fn parse_names(text: &str) -> std::collections::HashSet<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Is a `nifty serve` of this state root running: the PID in its lock,
+/// the same program (by name: a serve started before an upgrade runs a
+/// deleted binary), running `serve`?
+fn serve_alive(store: &Store) -> bool {
     let pid = std::fs::read_to_string(store.root().join("serve.lock"))
         .ok()
         .and_then(|t| t.trim().parse::<u32>().ok());
-    // The same program (by name: a serve started before an upgrade runs a
-    // deleted binary).
-    let alive = pid.is_some_and(|pid| {
+    pid.is_some_and(|pid| {
         let name = |p: &str| {
             std::fs::read_link(p).ok().and_then(|e| {
                 let s = e.to_string_lossy();
@@ -170,15 +255,7 @@ pub fn served_ports(store: &Store) -> std::collections::HashSet<u16> {
         name(&format!("/proc/{pid}/exe")).is_some_and(|n| Some(n) == name("/proc/self/exe"))
             && std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"serve"))
-    });
-    if !alive {
-        return Default::default();
-    }
-    std::fs::read_to_string(served_ports_path(store))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    })
 }
 
 /// Where an on-demand instance is in its cycle.
@@ -247,22 +324,23 @@ pub fn describe(store: &Store, insts: &[Instance], infos: &mut [Info]) {
         return;
     }
     let socks = super::status::sockets();
-    let served = served_ports(store);
+    let served = Served::read(store);
     let t = now();
     for (inst, info) in insts.iter().zip(infos.iter_mut()) {
         let Some(od) = inst.on_demand else {
             continue;
         };
         let mark = read_mark(store, &inst.name);
-        let starting = mark
-            .starting
-            .is_some_and(|s| t.saturating_sub(s) < STARTING_FOR_SECS);
+        let starting = served.starting.contains(&inst.name)
+            || mark
+                .starting
+                .is_some_and(|s| t.saturating_sub(s) < STARTING_FOR_SECS);
         let running = info.state != State::Stopped;
         let phase = match (starting, running) {
             (true, _) => Phase::Starting,
             (false, true) => Phase::Running,
             (false, false)
-                if socks.listening.contains(&inst.port) || served.contains(&inst.port) =>
+                if socks.listening.contains(&inst.port) || served.ports.contains(&inst.port) =>
             {
                 Phase::Idle
             }
@@ -423,6 +501,52 @@ mod tests {
         // A mark that is not one reads as none.
         std::fs::write(mark_path(&store, "1"), "{{{").unwrap();
         assert_eq!(read_mark(&store, "1"), Mark::default());
+    }
+
+    #[test]
+    fn serve_lists_a_batch_of_starts_in_one_file_believed_while_fresh() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(Some(d.path().to_path_buf()));
+        std::fs::create_dir_all(store.instance_dir("1")).unwrap();
+        publish_starting(&store, &["1", "web-2"]);
+        let names = |s: &Served| {
+            let mut v: Vec<String> = s.starting.iter().cloned().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&Served::read_files(&store)), ["1", "web-2"]);
+        // Without a `serve` running (no lock), nothing is believed.
+        assert!(Served::read(&store).starting.is_empty());
+        // A list older than a start may take is stale (a killed `serve`).
+        let old =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(STARTING_FOR_SECS + 5);
+        std::fs::File::options()
+            .write(true)
+            .open(serve_starting_path(&store))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(Served::read_files(&store).starting.is_empty());
+        // The end of the batch removes it.
+        publish_starting(&store, &["1"]);
+        publish_starting(&store, &[]);
+        assert!(!serve_starting_path(&store).exists());
+        assert!(Served::read_files(&store).starting.is_empty());
+        // A start's end writes no mark for an instance that had none.
+        let inst = |name: &str| -> Instance {
+            toml::from_str(&format!(
+                "name = {name:?}\ntemplate = \"t\"\nbackend = \"native\"\nport = 2201\n\
+                 user = \"u\"\nhost_key = \"ssh-ed25519 AAAA nifty\"\ncreated = \"now\"\n\
+                 [limits]\ntasks = 512\n"
+            ))
+            .unwrap()
+        };
+        mark_starting(&store, &[inst("1")], false);
+        assert!(!mark_path(&store, "1").exists());
+        mark_starting(&store, &[inst("1")], true);
+        assert!(read_mark(&store, "1").starting.is_some());
+        mark_starting(&store, &[inst("1")], false);
+        assert!(!mark_path(&store, "1").exists());
     }
 
     #[test]

@@ -177,6 +177,10 @@ pub fn listen(port: u16) -> std::result::Result<OwnedFd, rustix::io::Errno> {
 /// line per event (started, stopped, a port that cannot be held).
 pub fn run(store: &Store, opts: &Options, say: &dyn Fn(String)) -> Result<()> {
     let _lock = lock(store)?;
+    // The starts of a `serve` that was killed in the middle of them.
+    ondemand::publish_starting(store, &[]);
+    crate::fleet::Pool::Work.prepare();
+    crate::fleet::Pool::Sessions.prepare();
     let rt = Runtime::new(store)?;
     let steer = steering(say);
     let mut srv = Server::new(store, steer.as_ref())?;
@@ -984,15 +988,8 @@ fn serve_connections<'scope, 'env>(
         (name, r)
     };
     let spawned: Vec<(String, Result<SessionProc>)> = match warm.len() {
-        0 => Vec::new(),
-        1 => warm.into_iter().map(spawn).collect(),
-        n => {
-            use rayon::prelude::*;
-            match crate::fleet::pool(n) {
-                Ok(p) => p.install(|| warm.into_par_iter().map(spawn).collect()),
-                Err(_) => warm.into_iter().map(spawn).collect(),
-            }
-        }
+        0 | 1 => warm.into_iter().map(spawn).collect(),
+        _ => crate::fleet::par_map(crate::fleet::Pool::Sessions, warm, spawn),
     };
     for (name, r) in spawned {
         match r {
@@ -1006,10 +1003,9 @@ fn serve_connections<'scope, 'env>(
     if stopped.is_empty() {
         return counts;
     }
-    // `list` shows them starting meanwhile; connections that come for
-    // them until each is up join `starting`. One thread starts them, batch
-    // after batch (two at once would only share the CPUs).
-    ondemand::mark_starting(store, &stopped, true);
+    // Connections that come for them until each is up join `starting`.
+    // One thread starts them, batch after batch (two at once would only
+    // share the CPUs).
     counts.starting = stopped.len();
     guard(ctx.starting).extend(waiting);
     let idle = {
@@ -1104,6 +1100,9 @@ fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
         };
         let by_name: HashMap<&str, &Instance> =
             batch.iter().map(|i| (i.name.as_str(), i)).collect();
+        // `list` shows them starting meanwhile (one file for the batch).
+        let names: Vec<&str> = batch.iter().map(|i| i.name.as_str()).collect();
+        ondemand::publish_starting(store, &names);
         let failed_sessions = std::sync::Mutex::new(Vec::new());
         // The connections waiting when a start is ready to serve them go
         // with it: the container's first process hands each to its own
@@ -1131,6 +1130,7 @@ fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
                 }
             }
         });
+        ondemand::publish_starting(store, &[]);
         ondemand::mark_starting(store, &batch, false);
         let mut failed: HashSet<String> = HashSet::new();
         for (name, r) in results {

@@ -497,7 +497,37 @@ fn a_cold_start_boots_in_the_background_until_its_burst_ends() {
             }
             seen
         });
+        // What serve writes in the state root meanwhile (see below).
+        use rustix::fs::inotify;
+        let ino = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+            .expect("inotify_init1");
+        inotify::add_watch(
+            &ino,
+            root.path(),
+            inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::DELETE,
+        )
+        .expect("inotify_add_watch");
         assert_eq!(root.ssh("1", "echo in"), "in\n", "{}", serve.log());
+        let starting = root.path().join("serve.starting");
+        assert!(wait_until(Duration::from_secs(10), || !starting.exists()));
+        let mut events = Vec::new();
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let mut reader = inotify::Reader::new(&ino, &mut buf);
+        while let Ok(e) = reader.next() {
+            let name = e.file_name().map(|n| n.to_string_lossy().into_owned());
+            events.push((name.unwrap_or_default(), e.events()));
+        }
+        // `list` learns of a batch's starts from one file, written before
+        // them and removed after (no mark per instance in the burst).
+        let at = |what: inotify::ReadFlags| {
+            events
+                .iter()
+                .position(|(n, e)| n == "serve.starting" && e.contains(what))
+        };
+        assert!(
+            matches!((at(inotify::ReadFlags::MOVED_TO), at(inotify::ReadFlags::DELETE)), (Some(a), Some(b)) if a < b),
+            "serve.starting was not written then removed: {events:?}"
+        );
         watch.join().unwrap()
     });
     assert!(

@@ -130,9 +130,55 @@ fn fsmount_overlay(fs: &OwnedFd) -> Result<OwnedFd, SysError> {
 
 thread_local! {
     /// Whether this thread has its private mount namespace for
-    /// [`overlay_by_path`] (made at its first use, kept for the thread's life).
-    static STAGING_NS: std::cell::OnceCell<Result<(), rustix::io::Errno>> =
-        const { std::cell::OnceCell::new() };
+    /// [`overlay_by_path`] (`None`: it is in the process's own). Made at
+    /// its first use, kept until [`leave_staging`].
+    static STAGING_NS: std::cell::Cell<Option<Result<(), rustix::io::Errno>>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// This thread's private mount namespace for [`overlay_by_path`]: made
+/// once, and an error is kept (the thread may be in a namespace of its own
+/// whose propagation is not private: it mounts nothing more).
+fn enter_staging() -> Result<(), rustix::io::Errno> {
+    use rustix::mount::{mount_change, MountPropagationFlags};
+    if let Some(r) = STAGING_NS.get() {
+        return r;
+    }
+    let r = rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS).and_then(|()| {
+        mount_change(
+            c"/",
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        )
+    });
+    STAGING_NS.set(Some(r));
+    r
+}
+
+/// Takes this thread back to the process's mount namespace if
+/// [`overlay_by_path`] gave it one of its own. A thread that outlives a
+/// batch of starts (a pool's, in `serve`) calls this at its end: its own
+/// namespace is a copy of the host's mounts as they were when it was made,
+/// and kept, it would hold every one of them that the host unmounts later
+/// (a disk store's) and miss every one mounted since.
+pub fn leave_staging() {
+    use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+    if STAGING_NS.get().is_none() {
+        return;
+    }
+    // The thread group leader's (nifty makes no staging namespace there).
+    let back = rustix::fs::open(
+        c"/proc/self/ns/mnt",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .and_then(|ns| move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Mount)));
+    match back {
+        Ok(()) => STAGING_NS.set(None),
+        Err(e) => tracing::warn!(
+            "setns(/proc/self/ns/mnt) back from the overlay's staging namespace: {e}; \
+             this thread keeps it"
+        ),
+    }
 }
 
 /// The overlay for kernels before 6.13 (see [`overlay`]). The calling thread
@@ -149,17 +195,7 @@ fn overlay_by_path(
     work: &Path,
 ) -> Result<OwnedFd, SysError> {
     use rustix::mount::*;
-    STAGING_NS
-        .with(|ns| {
-            *ns.get_or_init(|| {
-                rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)?;
-                mount_change(
-                    c"/",
-                    MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
-                )
-            })
-        })
-        .map_err(SysError::at("unshare(CLONE_NEWNS) for the overlay"))?;
+    enter_staging().map_err(SysError::at("unshare(CLONE_NEWNS) for the overlay"))?;
     // The layers, opened in this namespace (overlayfs checks that each
     // belongs to the caller's namespace).
     let upper_fd = open_path_dir(upper)?;

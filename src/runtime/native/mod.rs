@@ -18,7 +18,7 @@ use crate::error::{StartError, SysError};
 use crate::runtime::linux::cgroup::{Cgroup, Hierarchy};
 use crate::runtime::linux::files::{self, User};
 use crate::runtime::linux::proc::{find_init, find_init_state, lock};
-use crate::runtime::linux::{cgroup, confine, delegate, features, pty, shift, userns};
+use crate::runtime::linux::{cgroup, confine, delegate, features, overlay, pty, shift, userns};
 use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
 use crate::{Error, Result};
@@ -352,21 +352,17 @@ impl Native {
     /// Starts many instances at once (on a pool), each serving what
     /// `take` gives for it (see [`Native::start_serving`]).
     fn start_all(&self, insts: &[&Instance], take: Option<Take<'_>>, done: Done<'_>) -> Results {
-        use rayon::prelude::*;
-        let work = || {
-            insts
-                .par_iter()
-                .map(|i| {
-                    let r = self.start_serving(i, take).map(|_| ());
-                    done(&i.name);
-                    (i.name.clone(), r)
-                })
-                .collect::<Results>()
-        };
-        match crate::fleet::pool(insts.len()) {
-            Ok(p) => p.install(work),
-            Err(_) => work(),
+        let pool = crate::fleet::Pool::Work;
+        let results = crate::fleet::par_map(pool, insts.to_vec(), |i| {
+            let r = self.start_serving(i, take).map(|_| ());
+            done(&i.name);
+            (i.name.clone(), r)
+        });
+        // The pool's threads outlive the batch (see `overlay::leave_staging`).
+        if features::overlay_fd_layers() == Some(false) {
+            pool.on_every_thread(overlay::leave_staging);
         }
+        results
     }
 
     /// Stops many instances at once: signal every init, then watch them all
