@@ -447,6 +447,62 @@ fn sessions_live_in_their_instance_s_cgroup_on_both_paths() {
     }
 }
 
+/// Before Linux 6.13 each start thread makes its overlay in a mount
+/// namespace of its own (played here with `NIFTY_FALLBACKS=overlay`):
+/// `serve`'s threads live on, and none may keep a copy of the host's mounts
+/// after its batch.
+#[test]
+fn serve_s_start_threads_leave_the_overlay_s_namespace_after_a_batch() {
+    if !privileged() {
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["template", "build"]);
+    root.ok(&["create", "1..3", "--on-demand", "-q"]);
+    let serve = Serve::start_with(&root, &[("NIFTY_FALLBACKS", "overlay")]);
+    assert!(
+        wait_until(Duration::from_secs(20), || ["1", "2", "3"]
+            .iter()
+            .all(|n| served(&root, n))),
+        "{}",
+        serve.log()
+    );
+    let pid = serve.child.id();
+    let namespaces = || -> Vec<(String, String)> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|t| {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let ns = std::fs::read_link(t.path().join("ns/mnt")).unwrap_or_default();
+                (comm.trim().to_string(), ns.display().to_string())
+            })
+            .collect()
+    };
+    let own = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let own = own.display().to_string();
+    // Two batches: the second one's threads make their namespace again.
+    for round in 0..2 {
+        std::thread::scope(|s| {
+            for n in ["1", "2", "3"] {
+                let root = &root;
+                s.spawn(move || assert_eq!(root.ssh(n, "echo in"), "in\n"));
+            }
+        });
+        let mut away = namespaces();
+        away.retain(|(_, ns)| *ns != own);
+        assert!(
+            away.is_empty(),
+            "round {round}: serve's threads still in another mount namespace: {away:?}\n{}",
+            serve.log()
+        );
+        assert!(namespaces()
+            .iter()
+            .any(|(c, _)| c.starts_with("nifty-work")));
+        root.ok(&["stop", "1..3", "-q"]);
+    }
+}
+
 /// A cold start boots the rest of its instance (init, its services) with
 /// the least CPU share once its logins have their banners, and `serve`
 /// gives it its own share (here `--cpu-weight 300`) once the burst is
