@@ -185,26 +185,26 @@ pub fn publish_starting(store: &Store, names: &[&str]) {
 
 /// What a running `nifty serve` of a state root says of itself.
 #[derive(Debug, Default)]
-pub struct Served {
+pub struct ServeState {
     /// The ports it holds.
     pub ports: std::collections::HashSet<u16>,
     /// The instances it is starting.
     pub starting: std::collections::HashSet<String>,
 }
 
-impl Served {
+impl ServeState {
     /// Empty when no `serve` runs (the PID in its lock is gone, or is no
     /// nifty); a list of starts older than a start may take is not
     /// believed.
-    pub fn read(store: &Store) -> Served {
+    pub fn read(store: &Store) -> ServeState {
         if !serve_alive(store) {
-            return Served::default();
+            return ServeState::default();
         }
-        Served::read_files(store)
+        ServeState::read_files(store)
     }
 
-    /// [`Served::read`] of a `serve` known to run.
-    fn read_files(store: &Store) -> Served {
+    /// [`ServeState::read`] of a `serve` known to run.
+    fn read_files(store: &Store) -> ServeState {
         let starting = std::fs::File::open(serve_starting_path(store))
             .ok()
             .filter(|f| {
@@ -216,7 +216,7 @@ impl Served {
             })
             .and_then(|f| std::io::read_to_string(f).ok())
             .unwrap_or_default();
-        Served {
+        ServeState {
             ports: parse_ports(
                 &std::fs::read_to_string(served_ports_path(store)).unwrap_or_default(),
             ),
@@ -324,7 +324,7 @@ pub fn describe(store: &Store, insts: &[Instance], infos: &mut [Info]) {
         return;
     }
     let socks = super::status::sockets();
-    let served = Served::read(store);
+    let served = ServeState::read(store);
     let t = now();
     for (inst, info) in insts.iter().zip(infos.iter_mut()) {
         let Some(od) = inst.on_demand else {
@@ -509,14 +509,14 @@ mod tests {
         let store = Store::new(Some(d.path().to_path_buf()));
         std::fs::create_dir_all(store.instance_dir("1")).unwrap();
         publish_starting(&store, &["1", "web-2"]);
-        let names = |s: &Served| {
+        let names = |s: &ServeState| {
             let mut v: Vec<String> = s.starting.iter().cloned().collect();
             v.sort();
             v
         };
-        assert_eq!(names(&Served::read_files(&store)), ["1", "web-2"]);
+        assert_eq!(names(&ServeState::read_files(&store)), ["1", "web-2"]);
         // Without a `serve` running (no lock), nothing is believed.
-        assert!(Served::read(&store).starting.is_empty());
+        assert!(ServeState::read(&store).starting.is_empty());
         // A list older than a start may take is stale (a killed `serve`).
         let old =
             std::time::SystemTime::now() - std::time::Duration::from_secs(STARTING_FOR_SECS + 5);
@@ -526,12 +526,12 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
-        assert!(Served::read_files(&store).starting.is_empty());
+        assert!(ServeState::read_files(&store).starting.is_empty());
         // The end of the batch removes it.
         publish_starting(&store, &["1"]);
         publish_starting(&store, &[]);
         assert!(!serve_starting_path(&store).exists());
-        assert!(Served::read_files(&store).starting.is_empty());
+        assert!(ServeState::read_files(&store).starting.is_empty());
         // A start's end writes no mark for an instance that had none.
         let inst = |name: &str| -> Instance {
             toml::from_str(&format!(
