@@ -4,6 +4,7 @@
 
 use std::ffi::{c_char, CStr, CString};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// In a forked child: waits for one byte on `go` unless the parent process
 /// (`parent`, a pidfd opened before the fork) exits first. EOF on `go` is
@@ -160,9 +161,12 @@ fn clone_into(
         cgroup: cgroup.as_raw_fd() as u64,
         ..Default::default()
     };
-    clone3_vfork(&mut args, &mut stack, &mut || -> i32 {
-        child_job(&mut *run, wr)
-    })
+    clone3_vfork(
+        &mut args,
+        &mut stack,
+        &mut || -> i32 { child_job(&mut *run, wr) },
+        None,
+    )
     .map_err(SpawnError::Clone)
 }
 
@@ -172,7 +176,8 @@ fn clone_into(
 extern "C" fn vfork_entry(arg: *mut libc::c_void) -> ! {
     // SAFETY: `arg` points to the `&mut dyn FnMut` on the frame of
     // `clone3_vfork`, which waits (CLONE_VFORK) until this child has
-    // exec'd or exited, so it and its captures are alive and unchanged.
+    // exec'd or exited, or (`until`) until it says it no longer uses it or
+    // them, so it and its captures are alive and unchanged here.
     let f = unsafe { &mut *arg.cast::<&mut dyn FnMut() -> i32>() };
     exit_child(f())
 }
@@ -186,6 +191,11 @@ extern "C" fn vfork_entry(arg: *mut libc::c_void) -> ! {
 /// child on its stack (x86_64; elsewhere nifty forks, or clones without
 /// CLONE_INTO_CGROUP). Returns the child's PID.
 ///
+/// With `until` (see [`spawn_vm_until`]), no CLONE_VFORK: the kernel
+/// clears that word when the child execs or exits (CLONE_CHILD_CLEARTID),
+/// and this thread sleeps, before it returns, until the word is no longer
+/// [`HELD_ARMED`]: the child read `f` at its start, long before.
+///
 /// Contract (as for [`clone_vm`]): `f` makes system calls only, on memory
 /// prepared before, no allocation or lock, and ends by exec or exit.
 #[cfg(target_arch = "x86_64")]
@@ -193,6 +203,7 @@ fn clone3_vfork(
     args: &mut CloneArgs,
     stack: &mut [u8],
     mut f: &mut dyn FnMut() -> i32,
+    until: Option<&AtomicU32>,
 ) -> std::io::Result<i32> {
     let low = stack.as_mut_ptr() as u64;
     // The kernel starts the child at stack + stack_size: 16-byte aligned,
@@ -201,15 +212,24 @@ fn clone3_vfork(
     if size < 4096 {
         return Err(std::io::Error::other("clone3_vfork: stack too small"));
     }
-    args.flags |= libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64;
+    args.flags |= libc::CLONE_VM as u64;
+    match until {
+        Some(word) => {
+            word.store(HELD_ARMED, Ordering::SeqCst);
+            args.flags |= libc::CLONE_CHILD_CLEARTID as u64;
+            args.child_tid = word.as_ptr() as u64;
+        }
+        None => args.flags |= libc::CLONE_VFORK as u64,
+    }
     args.stack = low;
     args.stack_size = size;
     let arg = &mut f as *mut &mut dyn FnMut() -> i32 as *mut libc::c_void;
     let ret: i64;
     // SAFETY: clone3 makes a child that shares this memory (CLONE_VM) and
     // starts on `stack` (its top, aligned), while this thread sleeps until
-    // the child has exec'd or exited (CLONE_VFORK), so `stack`, `args` and
-    // `f` (on this frame) stay valid and unchanged for it. In the parent
+    // the child has exec'd or exited (CLONE_VFORK), or, with `until`, in
+    // the wait below, before this frame ends, so `stack`, `args` and `f`
+    // (on this frame) stay valid and unchanged for it. In the parent
     // the syscall returns the PID or -errno in rax and clobbers only rcx
     // and r11; r12 and r13 hold `f`'s address and the entry for the child,
     // which calls `vfork_entry(arg)` with a zeroed frame pointer and never
@@ -238,6 +258,18 @@ fn clone3_vfork(
     if ret < 0 {
         return Err(std::io::Error::from_raw_os_error(-ret as i32));
     }
+    if let Some(word) = until {
+        // Woken by the child's store, or by the kernel's clear at its exec
+        // or exit (a shared futex wake: so this wait is not a private one).
+        while word.load(Ordering::SeqCst) == HELD_ARMED {
+            let _ = rustix::thread::futex::wait(
+                word,
+                rustix::thread::futex::Flags::empty(),
+                HELD_ARMED,
+                None,
+            );
+        }
+    }
     Ok(ret as i32)
 }
 
@@ -247,6 +279,7 @@ fn clone3_vfork(
     _: &mut CloneArgs,
     _: &mut [u8],
     _: &mut dyn FnMut() -> i32,
+    _: Option<&AtomicU32>,
 ) -> std::io::Result<i32> {
     Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
 }
@@ -270,9 +303,65 @@ pub fn spawn_vfork_into(
         cgroup: cgroup.as_raw_fd() as u64,
         ..Default::default()
     };
-    let pid = clone3_vfork(&mut args, stack, f)?;
+    let pid = clone3_vfork(&mut args, stack, f, None)?;
     // SAFETY: with CLONE_PIDFD the kernel stored a new, owned fd.
     Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+}
+
+/// What `word` of [`spawn_vm_until`] holds until its child says it is
+/// [`HELD_READY`] (or is gone: 0).
+pub const HELD_ARMED: u32 = 1;
+/// What the child of [`spawn_vm_until`] stores in `word` once it no longer
+/// uses its caller's frames; see [`held_ready`].
+pub const HELD_READY: u32 = 2;
+
+/// [`spawn_vfork_into`] (in `cgroup`, if given) whose caller goes on before
+/// the child execs: this thread sleeps until the child has stored
+/// [`HELD_READY`] in `word` ([`held_ready`]), or has exec'd or exited
+/// (then the kernel stores 0 there: CLONE_CHILD_CLEARTID, and wakes it).
+/// clone3 on x86_64 only (5.3; CLONE_INTO_CGROUP 5.7): elsewhere, or if the
+/// kernel refuses, an error, and the caller spawns otherwise.
+///
+/// Contract: as [`spawn_vfork`]'s until the child says it is ready; from
+/// then on, until `word` reads 0, the child uses only `stack`, `word` and
+/// memory the caller keeps alive and unchanged as long (never the frames
+/// that `f` borrowed from).
+pub fn spawn_vm_until(
+    flags: i32,
+    cgroup: Option<BorrowedFd<'_>>,
+    stack: &mut [u8],
+    word: &AtomicU32,
+    f: &mut dyn FnMut() -> i32,
+) -> std::io::Result<(i32, OwnedFd)> {
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: flags as u32 as u64 | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
+    let pid = clone3_vfork(&mut args, stack, f, Some(word))?;
+    // SAFETY: with CLONE_PIDFD the kernel stored a new, owned fd.
+    Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+}
+
+/// write(2) to fd 2, without the lock of `std::io::stderr` (for a child
+/// that shares this process's memory); what does not go is lost.
+pub fn write_stderr(msg: &[u8]) {
+    // SAFETY: write(2) reads `msg.len()` bytes of a valid slice; fd 2 is
+    // not owned by anything here that could close it meanwhile.
+    let _ = unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// In the child of [`spawn_vm_until`]: tells its caller to go on. After
+/// this, the caller's frames may be gone.
+pub fn held_ready(word: &AtomicU32) {
+    word.store(HELD_READY, Ordering::SeqCst);
+    let _ = rustix::thread::futex::wake(word, rustix::thread::futex::Flags::empty(), 1);
 }
 
 /// Elsewhere: clone3 with CLONE_INTO_CGROUP as fork(2) (a copy of this
@@ -318,6 +407,63 @@ pub fn apply_seccomp(prog: &seccompiler::BpfProgram) -> std::io::Result<()> {
         _ => std::io::Error::from_raw_os_error(libc::EINVAL),
     })
 }
+
+/// A program to exec, its argv and envp made C arrays before the fork.
+pub struct Exec {
+    pub(crate) path: CString,
+    pub(crate) _argv: Vec<CString>,
+    pub(crate) _envp: Vec<CString>,
+    pub(crate) argv_ptrs: Vec<*const c_char>,
+    pub(crate) envp_ptrs: Vec<*const c_char>,
+}
+
+impl Exec {
+    /// `argv[0]` is the path.
+    pub fn new(argv: &[String], env: &[(String, String)]) -> std::io::Result<Exec> {
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(a.as_str()).map_err(nul))
+            .collect::<Result<_, _>>()?;
+        let path = argv
+            .first()
+            .cloned()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no program"))?;
+        let envp: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| CString::new(format!("{k}={v}")).map_err(nul))
+            .collect::<std::io::Result<_>>()?;
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain([std::ptr::null()])
+                .collect()
+        };
+        Ok(Exec {
+            path,
+            argv_ptrs: ptrs(&argv),
+            envp_ptrs: ptrs(&envp),
+            _argv: argv,
+            _envp: envp,
+        })
+    }
+
+    /// Execs it; returns only on failure.
+    pub fn run(&self) -> std::io::Error {
+        execve(&self.path, &self.argv_ptrs, &self.envp_ptrs)
+    }
+}
+
+fn nul(_: std::ffi::NulError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in a path")
+}
+
+// SAFETY: the pointers of an `Exec` point into the C strings it owns, on
+// the heap (they do not move with it), and nothing changes any of them
+// after `Exec::new`: sharing it or sending it to another thread shares
+// only memory that is read.
+unsafe impl Send for Exec {}
+// SAFETY: as for `Send` above: an `Exec` is never written after it is made.
+unsafe impl Sync for Exec {}
 
 /// execve(2) with NULL-terminated argument and environment arrays prepared
 /// before a fork. Returns only on failure.
@@ -429,6 +575,16 @@ pub fn cloexec_from(first: u32) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Closes the calling process's `fd`: for a child that shares this
+/// process's memory but not its fd table (its copy of a parent's fd, which
+/// stays open in the parent), and then only execs or exits.
+pub fn close_copy(fd: RawFd) {
+    // SAFETY: close(2) on the calling child's own fd table (no
+    // CLONE_FILES): the parent's fd stays open, and the child never uses
+    // the object of this memory that owns it again (exec or _exit).
+    let _ = unsafe { libc::close(fd) };
 }
 
 /// Borrows a raw fd that stays open for the rest of the process (the
@@ -1611,6 +1767,70 @@ mod tests {
                 "child {i}: {st:?}"
             );
         }
+    }
+
+    /// A held child: runs on after its caller went on (whose frame is
+    /// gone and written over), until it is let go; then the kernel clears
+    /// its word at its exec.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_held_child_runs_on_after_its_caller_and_clears_its_word_at_exec() {
+        static GO: AtomicU32 = AtomicU32::new(0);
+        let mut stack = vec![0u8; 64 << 10];
+        let word = Box::new(AtomicU32::new(0));
+        let exec = Exec::new(&["/bin/true".to_string()], &[]).unwrap();
+        let w: &AtomicU32 = &word;
+        let e = &exec;
+        /// What the child does once held: with its arguments only, as
+        /// the contract of `spawn_vm_until` wants.
+        #[inline(never)]
+        fn held(w: &AtomicU32, e: &Exec) -> i32 {
+            held_ready(w);
+            while GO.load(Ordering::SeqCst) == 0 {
+                let _ = rustix::thread::futex::wait(
+                    &GO,
+                    rustix::thread::futex::Flags::PRIVATE,
+                    0,
+                    None,
+                );
+            }
+            let _ = e.run();
+            2
+        }
+        #[inline(never)]
+        fn start(stack: &mut [u8], w: &AtomicU32, e: &Exec) -> i32 {
+            // Captures on this frame: read before the child says it is held.
+            let code = 7;
+            let mut f = || match code {
+                7 => held(w, e),
+                _ => 1,
+            };
+            spawn_vm_until(0, None, stack, w, &mut f).unwrap().0
+        }
+        let pid = start(&mut stack, w, e);
+        std::hint::black_box(scribble());
+        assert_eq!(w.load(Ordering::SeqCst), HELD_READY, "it says it is held");
+        // Held: it has not exec'd.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(w.load(Ordering::SeqCst), HELD_READY);
+        GO.store(1, Ordering::SeqCst);
+        let _ = rustix::thread::futex::wake(&GO, rustix::thread::futex::Flags::PRIVATE, 1);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while w.load(Ordering::SeqCst) != 0 {
+            assert!(
+                std::time::Instant::now() < end,
+                "its word was never cleared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let st = rustix::process::waitpid(
+            rustix::process::Pid::from_raw(pid),
+            rustix::process::WaitOptions::empty(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(st.exit_status(), Some(0), "it exec'd /bin/true: {st:?}");
+        drop(stack);
     }
 
     #[test]

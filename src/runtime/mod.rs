@@ -198,6 +198,10 @@ pub trait Launcher: Sync {
         let _ = take;
         self.start_many(insts, done)
     }
+    /// Once no start of [`Launcher::start_many_serving`] waits any more
+    /// (a burst of cold starts is over): what those starts held back until
+    /// then runs now.
+    fn starts_settled(&self) {}
     /// Stops them; a stopped one is not an error.
     fn stop_many(&self, insts: &[&Instance], opts: StopOptions, done: Done<'_>) -> Results;
     /// Where a running instance lives (for `exec` and host-side files).
@@ -878,6 +882,15 @@ impl Runtime {
         done: Done<'_>,
     ) -> Results {
         self.start_all(insts, Some(take), done)
+    }
+
+    /// See [`Launcher::starts_settled`]: for `nifty serve`, once its queue
+    /// of starts is empty (of the launchers in use only).
+    pub fn starts_settled(&self) {
+        self.native.starts_settled();
+        if let Some(Ok(s)) = self.systemd.get() {
+            s.starts_settled();
+        }
     }
 
     fn start_all(&self, insts: &[Instance], take: Option<Take<'_>>, done: Done<'_>) -> Results {

@@ -133,15 +133,33 @@ pub fn serving(store: &Store) -> bool {
 fn lock(store: &Store) -> Result<crate::disk::PidLock> {
     store.ensure()?;
     let path = lock_path(store);
-    crate::disk::lock_with_pid(&path, |pid| {
-        Error::Invalid(format!(
-            "`nifty serve` already runs for {} (PID {pid}, holding {}): one serves a state \
-             root; stop that one first",
-            store.root().display(),
-            path.display()
-        ))
-    })
+    // A `serve` killed during a burst of cold starts leaves copies of its
+    // lock's fd in the containers' first processes it held back (see
+    // `Launcher::starts_settled`), for a second at most: its PID is gone.
+    let end = Instant::now() + HELD_LOCK_WAIT;
+    loop {
+        let mut holder = String::new();
+        let r = crate::disk::lock_with_pid(&path, |pid| {
+            holder = pid.to_string();
+            Error::Invalid(format!(
+                "`nifty serve` already runs for {} (PID {pid}, holding {}): one serves a state \
+                 root; stop that one first",
+                store.root().display(),
+                path.display()
+            ))
+        });
+        let gone = holder
+            .parse::<u32>()
+            .is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if r.is_ok() || !gone || Instant::now() >= end {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
+
+/// How long a `serve` waits for the lock of one that is gone.
+const HELD_LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// A listening socket on every address of `port`: IPv6 with IPv4 mapped
 /// where the host has IPv6, IPv4 alone where it has not.
@@ -1094,6 +1112,9 @@ fn starter(ctx: &Ctx<'_>, tx: &std::sync::mpsc::Sender<Report>) {
                 drop(q);
                 // The loop waits for this to start listeners.
                 let _ = rustix::io::write(ctx.wake, &1u64.to_ne_bytes());
+                // The burst is over: the inits its starts held back run
+                // (a next burst has a starter of its own meanwhile).
+                rt.starts_settled();
                 return;
             }
             std::mem::take(&mut q.0)

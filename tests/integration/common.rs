@@ -14,6 +14,13 @@ pub const NIFTY: &str = env!("CARGO_BIN_EXE_nifty");
 /// default 2200 + N, so the suite passes while a user's fleet runs.
 pub const TEST_PORT_BASE: u16 = 20000;
 
+/// Shell that prints the name of the container's PID 1 once it is init:
+/// a start at a connection holds its first process (named `nifty:held`)
+/// until its burst of cold starts is over, a second at most, before it
+/// execs init; a login may come first.
+pub const PID1_COMM: &str = "i=0; while [ \"$(cat /proc/1/comm)\" != init ] && [ $i -lt 50 ]; \
+     do sleep 0.1; i=$((i+1)); done; cat /proc/1/comm";
+
 /// The nifty under test, with the tests' port base, and the native
 /// launcher unless a test names `--backend` (the default would be systemd
 /// on a systemd host, such as the VMs of tests/vm).

@@ -238,7 +238,7 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     let twenty: Vec<String> = (1..=20).map(|n| n.to_string()).collect();
     // The session's Dropbear is an inetd one, started for this connection.
     let parent = "tr '\\0' ' ' < /proc/$PPID/cmdline";
-    let cmd = format!("cat /proc/1/comm; id -un; {parent}");
+    let cmd = format!("{PID1_COMM}; id -un; {parent}");
     for (n, ok, out, err) in logins(&root, &twenty, &cmd) {
         assert!(ok, "login to {n}: {err}\nserve: {}", serve.log());
         assert!(
@@ -360,7 +360,7 @@ fn on_demand_instances_start_at_a_login_stop_when_idle_and_survive_serve() {
     assert_eq!(phases(&root)["4"]["phase"], "idle");
     assert!(!listening(port3), "3's listener went with it");
     // And the next login starts one again.
-    assert_eq!(root.ssh("5", "cat /proc/1/comm"), "init\n");
+    assert_eq!(root.ssh("5", PID1_COMM), "init\n");
     serve.kill();
     root.ok(&["stop", "--all", "-q"]);
     assert_clean(&root, &[]);
@@ -659,7 +659,7 @@ fn serve_says_which_port_it_cannot_hold_and_serves_the_rest() {
         "{}",
         serve.log()
     );
-    assert_eq!(root.ssh("1", "cat /proc/1/comm"), "init\n");
+    assert_eq!(root.ssh("1", PID1_COMM), "init\n");
     drop(squatter);
     // Taken up at the next check once free.
     assert!(
@@ -667,7 +667,7 @@ fn serve_says_which_port_it_cannot_hold_and_serves_the_rest() {
         "{}",
         serve.log()
     );
-    assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
+    assert_eq!(root.ssh("2", PID1_COMM), "init\n");
 }
 
 #[test]
@@ -723,7 +723,7 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
         serve.log()
     );
     doctor("ok");
-    assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
+    assert_eq!(root.ssh("2", PID1_COMM), "init\n");
     assert!(
         wait_until(Duration::from_secs(30), || phases(&root)["2"]["phase"]
             == "idle"),
@@ -743,7 +743,7 @@ fn on_demand_enable_and_disable_change_stopped_instances_only() {
     );
     root.ok(&["start", "2", "-q"]);
     assert!(wait_port(port, Duration::from_secs(10)));
-    assert_eq!(root.ssh("2", "cat /proc/1/comm"), "init\n");
+    assert_eq!(root.ssh("2", PID1_COMM), "init\n");
     assert!(phases(&root)["2"].is_null());
 
     // A network of its own: loopback only, reached through the host's

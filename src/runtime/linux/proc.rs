@@ -65,14 +65,35 @@ pub fn find_init(procs: &[i32]) -> Option<i32> {
 }
 
 /// [`find_init`], and whether that init is stopped (state T: SIGSTOP).
+pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
+    find_init_held(procs).map(|i| (i.pid, i.stopped))
+}
+
+/// A container's init, as [`find_init_held`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Init {
+    pub pid: i32,
+    /// Stopped (state T: SIGSTOP).
+    pub stopped: bool,
+    /// Its first process, held before it execs init (see
+    /// `native::spawn::spawn`): set up as init will be, with the logins of
+    /// its start; stopping it is ending it (nothing of the container's own
+    /// has run but those logins).
+    pub held: bool,
+}
+
+/// [`find_init`], stopped or not, held or not.
 ///
 /// Only what the tenant cannot forge counts: membership of the cgroup
 /// (`procs`, read by the caller), the kernel's `NSpid` (PID 1 of its own
 /// namespace), and whether it has exec'd: until then the container's first
 /// process still runs nifty's own executable, which no process inside can
 /// ever exec (the host binary is not reachable from a container). Names
-/// (comm, argv) are the tenant's to change and are not read.
-pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
+/// (comm, argv) are the tenant's to change and are not read, but for such
+/// a first process of nifty's own, whose name only nifty sets (it is not
+/// dumpable: nothing in the container may write its /proc/PID/comm), and
+/// which counts as the init once it is held.
+pub fn find_init_held(procs: &[i32]) -> Option<Init> {
     let own = nifty_exe();
     procs.iter().find_map(|&pid| {
         let s = read_kernel_file(Path::new(&format!("/proc/{pid}/status")))?;
@@ -80,12 +101,18 @@ pub fn find_init_state(procs: &[i32]) -> Option<(i32, bool)> {
         let exe = rustix::fs::stat(format!("/proc/{pid}/exe").as_str())
             .ok()
             .map(|st| (st.st_dev, st.st_ino));
-        if exe.is_some() && exe == own {
+        let held = exe.is_some() && exe == own;
+        if held && status_field(&s, "Name:").map(str::as_bytes) != Some(HELD.to_bytes()) {
             return None; // not exec'd yet: still starting
         }
-        Some((pid, stopped))
+        Some(Init { pid, stopped, held })
     })
 }
+
+/// The name (comm) of a container's first process once it is held (see
+/// `native::spawn::spawn`): set up as its init will be, its logins served,
+/// init not yet exec'd. Such a process counts as the container's init.
+pub const HELD: &std::ffi::CStr = c"nifty:held";
 
 /// Waits, up to `within`, until `pid` no longer runs nifty's executable:
 /// true once it has exec'd (or is gone). A CLONE_VFORK parent is woken in
@@ -121,16 +148,18 @@ pub fn wait_exec(pid: i32, within: std::time::Duration) -> bool {
 /// namespace (the last `NSpid` column)? Then whether it is stopped
 /// (state T).
 fn pid_one(status: &str) -> Option<bool> {
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(str::trim)
-    };
-    if field("NSpid:").and_then(|l| l.split_whitespace().last()) != Some("1") {
+    if status_field(status, "NSpid:").and_then(|l| l.split_whitespace().last()) != Some("1") {
         return None;
     }
-    Some(field("State:").is_some_and(|st| st.starts_with('T')))
+    Some(status_field(status, "State:").is_some_and(|st| st.starts_with('T')))
+}
+
+/// A field of a /proc status text, trimmed.
+fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
 }
 
 /// (device, inode) of the running nifty's executable.

@@ -17,7 +17,7 @@ use super::{check_backend, Done, Info, Results, StopOptions, Take, UnitStatus};
 use crate::error::{StartError, SysError};
 use crate::runtime::linux::cgroup::{Cgroup, Hierarchy};
 use crate::runtime::linux::files::{self, User};
-use crate::runtime::linux::proc::{find_init, find_init_state, lock};
+use crate::runtime::linux::proc::{find_init, find_init_held, find_init_state, lock};
 use crate::runtime::linux::{cgroup, confine, delegate, features, overlay, pty, shift, userns};
 use crate::store::{parse_bind, Instance, Store};
 use crate::template::inittab::PORT_ENV;
@@ -200,7 +200,7 @@ impl Native {
     fn start_serving(&self, inst: &Instance, take: Option<Take<'_>>) -> Result<i32> {
         check_backend(inst)?;
         let dir = self.store.instance_dir(&inst.name);
-        let _lock = lock(&dir)?;
+        let locked = lock(&dir)?;
         let cg = self.cgroup(&inst.name);
         let procs = cg.procs();
         if !procs.is_empty() {
@@ -272,6 +272,7 @@ impl Native {
                 env,
                 home,
             }),
+            lock_fd: Some(locked.as_raw_fd()),
         })
         .map_err(|e| Error::Start {
             name: inst.name.clone(),
@@ -386,19 +387,24 @@ impl Native {
                 let r = (|| {
                     check_backend(inst)?;
                     let procs = cg.procs();
-                    let Some(pid) = find_init(&procs) else {
+                    let Some(init) = find_init_held(&procs) else {
                         if !procs.is_empty() {
                             cg.kill()?;
                         }
                         return Ok(None);
                     };
+                    let pid = init.pid;
+                    // A held first process has run nothing of the
+                    // container's but its logins: it is ended, not
+                    // powered off (it takes no signal before init runs).
+                    let kill = opts.kill || init.held;
                     let pidfd = rustix::process::pidfd_open(
                         Pid::from_raw(pid).expect("pid > 0"),
                         rustix::process::PidfdFlags::empty(),
                     )
                     .ok();
                     let mut services = None;
-                    if opts.kill {
+                    if kill {
                         cg.kill()?;
                     } else if let Some(fd) = &pidfd {
                         // See `poweroff`: without shutdown actions, nifty
@@ -427,7 +433,7 @@ impl Native {
                         pidfd,
                         deadline: Instant::now() + opts.timeout,
                         services,
-                        killed: opts.kill,
+                        killed: kill,
                     }))
                 })();
                 (inst.name.clone(), r)
@@ -988,6 +994,13 @@ impl super::Launcher for Native {
 
     fn start_many_serving(&self, insts: &[&Instance], take: Take<'_>, done: Done<'_>) -> Results {
         self.start_all(insts, Some(take), done)
+    }
+
+    /// The held first processes of its cold starts exec their inits (see
+    /// `spawn::spawn`); what they kept is freed once they have.
+    fn starts_settled(&self) {
+        spawn::release_held();
+        spawn::reap_held(Duration::from_secs(1));
     }
 
     fn stop_many(&self, insts: &[&Instance], opts: StopOptions, done: Done<'_>) -> Results {

@@ -30,10 +30,11 @@
 //! container's own mount namespace: the host never sees them, and they
 //! vanish with the container, even if nifty is killed at any point.
 
-use std::ffi::{c_char, CString};
+use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Mode, OFlags, CWD};
 use rustix::mount::{MountAttrFlags, MountFlags, MoveMountFlags, OpenTreeFlags};
@@ -73,55 +74,12 @@ pub struct Plan {
     /// network, with /proc masked, in a template that has it.
     proc_net_view: bool,
     confine: Confine,
-    init: Exec,
+    /// Shared with the first process while it is held (see [`Held`]).
+    init: Arc<sys::Exec>,
     log_fd: OwnedFd,
     /// Connections to serve before init runs, if any.
     sessions: Option<SessionPlan>,
-}
-
-/// A program to exec, its argv and envp made C arrays before the fork.
-struct Exec {
-    path: CString,
-    _argv: Vec<CString>,
-    _envp: Vec<CString>,
-    argv_ptrs: Vec<*const c_char>,
-    envp_ptrs: Vec<*const c_char>,
-}
-
-impl Exec {
-    /// `argv[0]` is the path.
-    fn new(argv: &[String], env: &[(String, String)]) -> std::io::Result<Exec> {
-        let argv: Vec<CString> = argv
-            .iter()
-            .map(|a| cstr(a.as_str()))
-            .collect::<Result<_, _>>()?;
-        let path = argv
-            .first()
-            .cloned()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no program"))?;
-        let envp: Vec<CString> = env
-            .iter()
-            .map(|(k, v)| cstr(format!("{k}={v}")))
-            .collect::<std::io::Result<_>>()?;
-        let ptrs = |v: &[CString]| {
-            v.iter()
-                .map(|c| c.as_ptr())
-                .chain([std::ptr::null()])
-                .collect()
-        };
-        Ok(Exec {
-            path,
-            argv_ptrs: ptrs(&argv),
-            envp_ptrs: ptrs(&envp),
-            _argv: argv,
-            _envp: envp,
-        })
-    }
-
-    /// Execs it; returns only on failure.
-    fn run(&self) -> std::io::Error {
-        sys::execve(&self.path, &self.argv_ptrs, &self.envp_ptrs)
-    }
+    lock_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Connections a container's first process serves before it execs init
@@ -142,7 +100,7 @@ pub struct Sessions<'a> {
 }
 
 struct SessionPlan {
-    exec: Exec,
+    exec: sys::Exec,
     home: CString,
     conns: Vec<OwnedFd>,
     /// How many did not exec (written by the children).
@@ -219,6 +177,9 @@ pub struct Spec<'a> {
     pub log_fd: OwnedFd,
     pub confine: Confine,
     pub sessions: Option<Sessions<'a>>,
+    /// The instance's lock, held by the caller while it starts it: a held
+    /// first process closes its copy.
+    pub lock_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Plan {
@@ -246,7 +207,7 @@ impl Plan {
         }
         let sessions = match spec.sessions {
             Some(s) if !s.conns.is_empty() => Some(SessionPlan {
-                exec: Exec::new(s.argv, s.env)?,
+                exec: sys::Exec::new(s.argv, s.env)?,
                 home: cstr(s.home)?,
                 conns: s.conns,
                 failed: AtomicU32::new(0),
@@ -277,9 +238,10 @@ impl Plan {
             binds,
             bind_dirs,
             hostname: spec.hostname.as_bytes().to_vec(),
-            init: Exec::new(&["/sbin/init".to_string()], spec.env)?,
+            init: Arc::new(sys::Exec::new(&["/sbin/init".to_string()], spec.env)?),
             log_fd: spec.log_fd,
             sessions,
+            lock_fd: spec.lock_fd,
         })
     }
 
@@ -520,6 +482,15 @@ impl Mounts {
 /// `cgroup_procs`: `cgroup.procs` files opened for writing), enters a copy
 /// of `empty_root` (from [`empty_root_ns`]) and builds the container there.
 /// Returns once init is exec'd, or with the step that failed.
+///
+/// A start that serves connections returns earlier, once their banners are
+/// out: its first process is then *held* (named `proc::HELD`) until
+/// [`release_held`] (the burst of cold starts is over) or for
+/// [`HOLD_MAX_NS`] at most, and only then execs init. Init and its services
+/// would take about a seventh of the CPU of a burst of 50 cold logins
+/// before the burst's last banner (their cgroups' least weight does not
+/// keep them from it: weights compete level by level, and the containers'
+/// parent group competes with `serve`'s threads at its full weight).
 pub fn spawn(
     plan: &Plan,
     cgroup_dir: Option<BorrowedFd<'_>>,
@@ -543,6 +514,16 @@ pub fn spawn(
     }
     let failure = AtomicU64::new(0);
     let mut stack = sys::Stack::new(CHILD_STACK);
+    // What a held first process keeps using after this returns.
+    let held = plan.sessions.as_ref().map(|_| {
+        Arc::new(Held {
+            word: AtomicU32::new(sys::HELD_ARMED),
+            init: Arc::clone(&plan.init),
+            lock_fd: plan.lock_fd,
+        })
+    });
+    // Whether the child is to be held (read by the child).
+    let holding = AtomicBool::new(false);
     // The stack of the sessions' children, one at a time.
     let mut session_stack = plan
         .sessions
@@ -562,9 +543,20 @@ pub fn spawn(
             empty_root,
             &failure,
             session_stack.as_deref_mut(),
+            held.as_deref().filter(|_| holding.load(Ordering::SeqCst)),
         )
     };
     let mut clone = || {
+        if let Some(h) = &held {
+            holding.store(true, Ordering::SeqCst);
+            match sys::spawn_vm_until(flags, cgroup_dir, &mut stack, &h.word, &mut run) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    tracing::debug!("clone3 (held first process): {e}; init is not held");
+                    holding.store(false, Ordering::SeqCst);
+                }
+            }
+        }
         let into = cgroup_dir.map(|dir| sys::spawn_vfork_into(flags, dir, &mut stack, &mut run));
         match into {
             Some(Ok(s)) => Ok(s),
@@ -592,6 +584,18 @@ pub fn spawn(
         )
     })?;
     let f = failure.load(Ordering::SeqCst);
+    let is_held = holding.load(Ordering::SeqCst)
+        && held
+            .as_ref()
+            .is_some_and(|h| h.word.load(Ordering::SeqCst) == sys::HELD_READY);
+    if let (0, true, Some(h)) = (f, is_held, held) {
+        // It runs on, on `stack`, with `h`: both kept until it has exec'd.
+        keep_held(h, stack);
+        return Ok(Spawned {
+            pid: spawned.0,
+            pidfd: spawned.1,
+        });
+    }
     if f == 0 {
         // The vfork wake-up comes before the kernel shows the exec: until
         // it does, the container's init would not be found.
@@ -613,6 +617,117 @@ pub fn spawn(
     })
 }
 
+/// What a held first process (see [`spawn`]) uses once its caller has
+/// gone on: nothing of the caller's frames, only this and its stack.
+struct Held {
+    /// [`sys::HELD_ARMED`], then [`sys::HELD_READY`] once it is held; the
+    /// kernel clears it when the process execs or exits
+    /// ([`sys::spawn_vm_until`]).
+    word: AtomicU32,
+    init: Arc<sys::Exec>,
+    /// Its instance's lock (see [`Spec::lock_fd`]).
+    lock_fd: Option<std::os::fd::RawFd>,
+}
+
+/// At most this long a first process is held, in nanoseconds: a stream of
+/// cold starts that never ends holds no init for longer, nor does a
+/// `serve` that is killed.
+pub const HOLD_MAX_NS: i64 = 1_000_000_000;
+
+/// Bumped by [`release_held`]: a held process waits until it changes.
+static RELEASES: AtomicU32 = AtomicU32::new(0);
+
+/// The held first processes, with their stacks, kept until they have
+/// exec'd (or exited).
+static KEPT: Mutex<Vec<(Arc<Held>, sys::Stack)>> = Mutex::new(Vec::new());
+
+fn gone(h: &Held) -> bool {
+    h.word.load(Ordering::SeqCst) == 0
+}
+
+/// Keeps what a held first process uses until it has exec'd.
+fn keep_held(h: Arc<Held>, stack: sys::Stack) {
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    kept.retain(|(h, _)| !gone(h));
+    kept.push((h, stack));
+}
+
+/// Lets every held first process exec its init now.
+pub fn release_held() {
+    RELEASES.fetch_add(1, Ordering::SeqCst);
+    let _ = rustix::thread::futex::wake(&RELEASES, rustix::thread::futex::Flags::PRIVATE, u32::MAX);
+}
+
+/// Frees what the held first processes kept once they have exec'd,
+/// waiting up to `within` for them (after [`release_held`]).
+pub fn reap_held(within: std::time::Duration) {
+    let end = std::time::Instant::now() + within;
+    let mut waiting = std::mem::take(&mut *KEPT.lock().unwrap_or_else(|e| e.into_inner()));
+    for (h, _) in &waiting {
+        while !gone(h) {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let _ = rustix::thread::futex::wait(
+                &h.word,
+                rustix::thread::futex::Flags::empty(),
+                sys::HELD_READY,
+                Some(rustix::time::Timespec {
+                    tv_sec: left.as_secs() as i64,
+                    tv_nsec: i64::from(left.subsec_nanos()),
+                }),
+            );
+        }
+    }
+    waiting.retain(|(h, _)| !gone(h));
+    KEPT.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .append(&mut waiting);
+}
+
+/// The held first process: tells its caller to go on, waits for
+/// [`release_held`] or [`HOLD_MAX_NS`], and execs init. Uses only `h`
+/// and its own stack (the caller's frames may be gone): a function of its
+/// own, never inlined, so that nothing it uses is read from them.
+#[inline(never)]
+fn hold(h: &Held) -> ! {
+    let _ = rustix::thread::set_name(crate::runtime::linux::proc::HELD);
+    // Read before the caller goes on: a release that comes after counts.
+    let seen = RELEASES.load(Ordering::SeqCst);
+    sys::held_ready(&h.word);
+    // Its copy of its instance's lock would keep the instance locked.
+    // (The other fds it has of its starter's stay open until init's exec:
+    // closing them here, some the last copy of another start's detached
+    // mounts, costs the burst a fifth on its p50.)
+    if let Some(fd) = h.lock_fd {
+        sys::close_copy(fd);
+    }
+    let now = || rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let start = now();
+    while RELEASES.load(Ordering::SeqCst) == seen {
+        let t = now();
+        let left =
+            HOLD_MAX_NS - ((t.tv_sec - start.tv_sec) * 1_000_000_000 + (t.tv_nsec - start.tv_nsec));
+        if left <= 0 {
+            break;
+        }
+        let _ = rustix::thread::futex::wait(
+            &RELEASES,
+            rustix::thread::futex::Flags::PRIVATE,
+            seen,
+            Some(rustix::time::Timespec {
+                tv_sec: left / 1_000_000_000,
+                tv_nsec: left % 1_000_000_000,
+            }),
+        );
+    }
+    let _ = h.init.run();
+    // Nobody waits for a word from it any more: the console log says it.
+    sys::write_stderr(b"nifty: the container's /sbin/init could not be executed\n");
+    sys::exit_child(127)
+}
+
 /// Stack of the container's first process until it execs init.
 const CHILD_STACK: usize = 256 << 10;
 /// Stack of a session's process until it execs.
@@ -627,6 +742,7 @@ fn child(
     empty_root: BorrowedFd<'_>,
     failure: &AtomicU64,
     session_stack: Option<&mut [u8]>,
+    held: Option<&Held>,
 ) -> i32 {
     let fail = |step: Step, errno: i32| -> ! {
         failure.store(
@@ -870,6 +986,9 @@ fn child(
         serve_sessions(s, stack);
         wait_for_banners(s);
     }
+    if let Some(h) = held {
+        hold(h)
+    }
     let e = plan.init.run();
     fail(Step::ExecInit, e.raw_os_error().unwrap_or(0))
 }
@@ -914,9 +1033,10 @@ const BANNER_WAIT_NS: i64 = 100_000_000;
 /// Init and its services need the CPU for a while, and in a burst of cold
 /// logins they would share it with the logins' Dropbears (the scheduler
 /// gives each container's cgroup an equal share): put off until the
-/// banners are out, they delay no login's first answer. The parent's
-/// worker waits meanwhile (CLONE_VFORK), so a burst also boots no more
-/// containers at once than it has workers. Skipped if a session did not
+/// banners are out, they delay no login's first answer (and a held first
+/// process puts them off further: see [`spawn`]). The parent's worker
+/// waits meanwhile (CLONE_VFORK, or until the process is held), so a
+/// burst also boots no more containers at once than it has workers. Skipped if a session did not
 /// start; a kernel that cannot tell (before Linux 4.19) waits for none.
 fn wait_for_banners(s: &SessionPlan) {
     if s.failed.load(Ordering::SeqCst) > 0 {
@@ -966,6 +1086,7 @@ mod tests {
             log_fd: null(),
             confine: Confine::default(),
             sessions: None,
+            lock_fd: None,
         }
     }
 
