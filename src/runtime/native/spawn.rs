@@ -1036,8 +1036,9 @@ const BANNER_WAIT_NS: i64 = 100_000_000;
 /// banners are out, they delay no login's first answer (and a held first
 /// process puts them off further: see [`spawn`]). The parent's worker
 /// waits meanwhile (CLONE_VFORK, or until the process is held), so a
-/// burst also boots no more containers at once than it has workers. Skipped if a session did not
-/// start; a kernel that cannot tell (before Linux 4.19) waits for none.
+/// burst also boots no more containers at once than it has workers.
+/// Skipped if a session did not start; a kernel that cannot tell (before
+/// Linux 4.19) waits for none.
 fn wait_for_banners(s: &SessionPlan) {
     if s.failed.load(Ordering::SeqCst) > 0 {
         return;
