@@ -410,11 +410,11 @@ pub fn apply_seccomp(prog: &seccompiler::BpfProgram) -> std::io::Result<()> {
 
 /// A program to exec, its argv and envp made C arrays before the fork.
 pub struct Exec {
-    pub(crate) path: CString,
-    pub(crate) _argv: Vec<CString>,
-    pub(crate) _envp: Vec<CString>,
-    pub(crate) argv_ptrs: Vec<*const c_char>,
-    pub(crate) envp_ptrs: Vec<*const c_char>,
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    argv_ptrs: Vec<*const c_char>,
+    envp_ptrs: Vec<*const c_char>,
 }
 
 impl Exec {
@@ -422,7 +422,7 @@ impl Exec {
     pub fn new(argv: &[String], env: &[(String, String)]) -> std::io::Result<Exec> {
         let argv: Vec<CString> = argv
             .iter()
-            .map(|a| CString::new(a.as_str()).map_err(nul))
+            .map(|a| cstring(a.as_str()))
             .collect::<Result<_, _>>()?;
         let path = argv
             .first()
@@ -430,7 +430,7 @@ impl Exec {
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no program"))?;
         let envp: Vec<CString> = env
             .iter()
-            .map(|(k, v)| CString::new(format!("{k}={v}")).map_err(nul))
+            .map(|(k, v)| cstring(format!("{k}={v}")))
             .collect::<std::io::Result<_>>()?;
         let ptrs = |v: &[CString]| {
             v.iter()
@@ -442,9 +442,24 @@ impl Exec {
             path,
             argv_ptrs: ptrs(&argv),
             envp_ptrs: ptrs(&envp),
-            _argv: argv,
-            _envp: envp,
+            argv,
+            envp,
         })
+    }
+
+    /// The program's path (`argv[0]`).
+    pub fn path(&self) -> &std::ffi::CStr {
+        &self.path
+    }
+
+    /// Its arguments, `argv[0]` first.
+    pub fn argv(&self) -> &[CString] {
+        &self.argv
+    }
+
+    /// Its environment, as `KEY=VALUE`.
+    pub fn envp(&self) -> &[CString] {
+        &self.envp
     }
 
     /// Execs it; returns only on failure.
@@ -453,8 +468,10 @@ impl Exec {
     }
 }
 
-fn nul(_: std::ffi::NulError) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in a path")
+/// A C string of `s`; a NUL byte in it is an `InvalidInput` error.
+pub fn cstring(s: impl Into<Vec<u8>>) -> std::io::Result<CString> {
+    CString::new(s)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in a path"))
 }
 
 // SAFETY: the pointers of an `Exec` point into the C strings it owns, on
@@ -1718,6 +1735,23 @@ pub fn get_project(fd: BorrowedFd<'_>) -> std::io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_arrays_end_in_null() {
+        let e = Exec::new(
+            &["/sbin/init".into(), "-x".into()],
+            &[("PATH".into(), "/bin".into())],
+        )
+        .unwrap();
+        assert_eq!(e.path().to_str(), Ok("/sbin/init"));
+        assert_eq!(e.argv_ptrs.len(), 3);
+        assert_eq!(e.argv_ptrs[1], e.argv()[1].as_ptr());
+        assert!(e.argv_ptrs[2].is_null() && e.envp_ptrs[1].is_null());
+        assert_eq!(e.envp()[0].to_str(), Ok("PATH=/bin"));
+        let nul = Exec::new(&["/bin/a\0b".into()], &[]).err().unwrap();
+        assert_eq!(nul.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(Exec::new(&[], &[]).is_err());
+    }
 
     /// Starts a child without CLONE_VFORK from a frame that is gone when
     /// the child runs.

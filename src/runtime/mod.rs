@@ -277,6 +277,12 @@ pub trait Launcher: Sync {
     }
 }
 
+/// At most this long a backend holds a cold start's first process back
+/// after its logins' banners (until [`Launcher::starts_settled`]): a stream
+/// of cold starts that never ends holds no init for longer, nor does a
+/// `serve` that is killed.
+pub const HOLD_MAX: Duration = Duration::from_secs(1);
+
 /// How long `list` and `status` watch CPU use to say a percentage.
 pub const CPU_WINDOW: Duration = Duration::from_millis(200);
 

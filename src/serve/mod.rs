@@ -149,8 +149,8 @@ fn lock(store: &Store) -> Result<crate::disk::PidLock> {
             ))
         });
         let gone = holder
-            .parse::<u32>()
-            .is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+            .parse::<i32>()
+            .is_ok_and(|pid| !crate::runtime::linux::proc::alive(pid));
         if r.is_ok() || !gone || Instant::now() >= end {
             return r;
         }
@@ -158,8 +158,9 @@ fn lock(store: &Store) -> Result<crate::disk::PidLock> {
     }
 }
 
-/// How long a `serve` waits for the lock of one that is gone.
-const HELD_LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How long a `serve` waits for the lock of one that is gone: twice the
+/// longest hold of a first process that has a copy of it.
+const HELD_LOCK_WAIT: Duration = crate::runtime::HOLD_MAX.saturating_mul(2);
 
 /// A listening socket on every address of `port`: IPv6 with IPv4 mapped
 /// where the host has IPv6, IPv4 alone where it has not.

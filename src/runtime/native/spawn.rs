@@ -107,13 +107,8 @@ struct SessionPlan {
     failed: AtomicU32,
 }
 
-fn cstr(s: impl Into<Vec<u8>>) -> std::io::Result<CString> {
-    CString::new(s)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in a path"))
-}
-
 fn path_c(p: &Path) -> std::io::Result<CString> {
-    cstr(p.as_os_str().as_encoded_bytes())
+    sys::cstring(p.as_os_str().as_encoded_bytes())
 }
 
 /// How a container is confined.
@@ -186,7 +181,12 @@ impl Plan {
     pub fn new(spec: Spec<'_>) -> std::io::Result<Plan> {
         let devices = DEVICES
             .iter()
-            .map(|d| Ok((cstr(format!("/dev/{d}"))?, cstr(format!("dev/{d}"))?)))
+            .map(|d| {
+                Ok((
+                    sys::cstring(format!("/dev/{d}"))?,
+                    sys::cstring(format!("dev/{d}"))?,
+                ))
+            })
             .collect::<std::io::Result<_>>()?;
         let binds = spec
             .binds
@@ -208,7 +208,7 @@ impl Plan {
         let sessions = match spec.sessions {
             Some(s) if !s.conns.is_empty() => Some(SessionPlan {
                 exec: sys::Exec::new(s.argv, s.env)?,
-                home: cstr(s.home)?,
+                home: sys::cstring(s.home)?,
                 conns: s.conns,
                 failed: AtomicU32::new(0),
             }),
@@ -219,12 +219,12 @@ impl Plan {
             lower_idmap: spec.lower_idmap,
             upper: spec.upper.to_path_buf(),
             work: spec.work.to_path_buf(),
-            devpts_opts: cstr(format!(
+            devpts_opts: sys::cstring(format!(
                 "newinstance,ptmxmode=0666,mode=620,gid={}",
                 spec.confine.id_base + 5
             ))?,
             // /dev belongs to the container's root (syslogd makes /dev/log).
-            dev_opts: cstr(format!(
+            dev_opts: sys::cstring(format!(
                 "mode=755,size=64k,nr_inodes=64,uid={0},gid={0}",
                 spec.confine.id_base
             ))?,
@@ -486,11 +486,12 @@ impl Mounts {
 /// A start that serves connections returns earlier, once their banners are
 /// out: its first process is then *held* (named `proc::HELD`) until
 /// [`release_held`] (the burst of cold starts is over) or for
-/// [`HOLD_MAX_NS`] at most, and only then execs init. Init and its services
-/// would take about a seventh of the CPU of a burst of 50 cold logins
-/// before the burst's last banner (their cgroups' least weight does not
-/// keep them from it: weights compete level by level, and the containers'
-/// parent group competes with `serve`'s threads at its full weight).
+/// [`crate::runtime::HOLD_MAX`] at most, and only then execs init. Init
+/// and its services would take about a seventh of the CPU of a burst of
+/// 50 cold logins before the burst's last banner (their cgroups' least
+/// weight does not keep them from it: weights compete level by level, and
+/// the containers' parent group competes with `serve`'s threads at its
+/// full weight).
 pub fn spawn(
     plan: &Plan,
     cgroup_dir: Option<BorrowedFd<'_>>,
@@ -629,10 +630,20 @@ struct Held {
     lock_fd: Option<std::os::fd::RawFd>,
 }
 
-/// At most this long a first process is held, in nanoseconds: a stream of
-/// cold starts that never ends holds no init for longer, nor does a
-/// `serve` that is killed.
-pub const HOLD_MAX_NS: i64 = 1_000_000_000;
+/// [`crate::runtime::HOLD_MAX`] in nanoseconds.
+const HOLD_MAX_NS: i64 = crate::runtime::HOLD_MAX.as_nanos() as i64;
+
+/// The monotonic clock (a raw system call: safe in the container's first
+/// process and the sessions' children, which share their starter's memory).
+fn now() -> rustix::time::Timespec {
+    rustix::time::clock_gettime(rustix::time::ClockId::Monotonic)
+}
+
+/// Nanoseconds since `start`, a reading of [`now`].
+fn ns_since(start: &rustix::time::Timespec) -> i64 {
+    let t = now();
+    (t.tv_sec - start.tv_sec) * 1_000_000_000 + (t.tv_nsec - start.tv_nsec)
+}
 
 /// Bumped by [`release_held`]: a held process waits until it changes.
 static RELEASES: AtomicU32 = AtomicU32::new(0);
@@ -687,9 +698,9 @@ pub fn reap_held(within: std::time::Duration) {
 }
 
 /// The held first process: tells its caller to go on, waits for
-/// [`release_held`] or [`HOLD_MAX_NS`], and execs init. Uses only `h`
-/// and its own stack (the caller's frames may be gone): a function of its
-/// own, never inlined, so that nothing it uses is read from them.
+/// [`release_held`] or [`crate::runtime::HOLD_MAX`], and execs init. Uses
+/// only `h` and its own stack (the caller's frames may be gone): a function
+/// of its own, never inlined, so that nothing it uses is read from them.
 #[inline(never)]
 fn hold(h: &Held) -> ! {
     let _ = rustix::thread::set_name(crate::runtime::linux::proc::HELD);
@@ -703,12 +714,9 @@ fn hold(h: &Held) -> ! {
     if let Some(fd) = h.lock_fd {
         sys::close_copy(fd);
     }
-    let now = || rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let start = now();
     while RELEASES.load(Ordering::SeqCst) == seen {
-        let t = now();
-        let left =
-            HOLD_MAX_NS - ((t.tv_sec - start.tv_sec) * 1_000_000_000 + (t.tv_nsec - start.tv_nsec));
+        let left = HOLD_MAX_NS - ns_since(&start);
         if left <= 0 {
             break;
         }
@@ -1043,7 +1051,6 @@ fn wait_for_banners(s: &SessionPlan) {
     if s.failed.load(Ordering::SeqCst) > 0 {
         return;
     }
-    let now = || rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let start = now();
     let nap = rustix::time::Timespec {
         tv_sec: 0,
@@ -1054,9 +1061,7 @@ fn wait_for_banners(s: &SessionPlan) {
         .iter()
         .any(|c| sys::tcp_awaits_first_bytes(c.as_fd()))
     {
-        let t = now();
-        if (t.tv_sec - start.tv_sec) * 1_000_000_000 + (t.tv_nsec - start.tv_nsec) >= BANNER_WAIT_NS
-        {
+        if ns_since(&start) >= BANNER_WAIT_NS {
             return;
         }
         // (A sleep refused would make this a busy loop: stop waiting.)
@@ -1178,10 +1183,10 @@ mod tests {
         std::fs::write(t.path().join("dev/null"), "").unwrap();
         assert!(plan(t.path(), &[], &env).unwrap().dev_in_template);
         // execve's arrays end with NULL and hold what was asked.
-        assert_eq!(p.init.path.to_str(), Ok("/sbin/init"));
-        assert_eq!(p.init.argv_ptrs.len(), 2);
-        assert!(p.init.argv_ptrs[1].is_null() && p.init.envp_ptrs[1].is_null());
-        assert_eq!(p.init._envp[0].to_str(), Ok("PATH=/bin"));
+        assert_eq!(p.init.path().to_str(), Ok("/sbin/init"));
+        assert_eq!(p.init.argv().len(), 1);
+        assert_eq!(p.init.envp().len(), 1);
+        assert_eq!(p.init.envp()[0].to_str(), Ok("PATH=/bin"));
         assert_eq!(p.hostname, b"nifty7");
         assert!(p.sessions.is_none() && p.sessions_failed() == 0);
     }
@@ -1207,10 +1212,10 @@ mod tests {
         let p = with(vec![null(), null()]);
         let s = p.sessions.as_ref().expect("planned");
         assert_eq!(s.conns.len(), 2);
-        assert_eq!(s.exec.path.to_str(), Ok("/usr/sbin/dropbear"));
-        assert_eq!(s.exec.argv_ptrs.len(), 3);
-        assert!(s.exec.argv_ptrs[2].is_null() && s.exec.envp_ptrs[1].is_null());
-        assert_eq!(s.exec._envp[0].to_str(), Ok("HOME=/root"));
+        assert_eq!(s.exec.path().to_str(), Ok("/usr/sbin/dropbear"));
+        assert_eq!(s.exec.argv().len(), 2);
+        assert_eq!(s.exec.envp().len(), 1);
+        assert_eq!(s.exec.envp()[0].to_str(), Ok("HOME=/root"));
         assert_eq!(s.home.to_str(), Ok("/root"));
         assert_eq!(p.sessions_failed(), 0);
     }
