@@ -409,7 +409,17 @@ fn loop_until_error<'scope, 'env>(
                 Report::Session(name, child) => sessions.push((name, child)),
                 Report::Up(inst) => {
                     // A fresh run: nothing of a listener of the last one.
-                    srv.direct.remove(&inst.name);
+                    // (Its start's batch may have ended long after it was
+                    // up, if another start of the batch waited: a listener
+                    // started meanwhile, live or starting, is this run's.)
+                    let this_run = match srv.direct.get(&inst.name) {
+                        Some(Direct::Up(l)) => l.alive(),
+                        Some(Direct::Starting) => true,
+                        Some(Direct::Failed) | None => false,
+                    };
+                    if !this_run {
+                        srv.direct.remove(&inst.name);
+                    }
                     unheard.push((inst.name.clone(), Instant::now()));
                     srv.running.insert(inst.name.clone(), *inst);
                 }
@@ -425,7 +435,15 @@ fn loop_until_error<'scope, 'env>(
                             Direct::Up(l)
                         }
                         Err(e) => {
-                            say(format!("instance {name}: {e}"));
+                            // (Not news if it was stopped meanwhile: the
+                            // sweep sees that.)
+                            if srv
+                                .running
+                                .get(&name)
+                                .is_some_and(|i| rt.init_pid(i).is_some())
+                            {
+                                say(format!("instance {name}: {e}"));
+                            }
                             // (Nor one that ended before, on record.)
                             ondemand::update_mark(store, &name, |m| m.listener = None);
                             Direct::Failed
