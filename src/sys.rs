@@ -468,10 +468,15 @@ impl Exec {
     }
 }
 
-/// A C string of `s`; a NUL byte in it is an `InvalidInput` error.
+/// A C string of `s` (a path, an argument, a setting); a NUL byte in it is
+/// an `InvalidInput` error.
 pub fn cstring(s: impl Into<Vec<u8>>) -> std::io::Result<CString> {
-    CString::new(s)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in a path"))
+    CString::new(s).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a NUL byte in a path, argument or setting",
+        )
+    })
 }
 
 // SAFETY: the pointers of an `Exec` point into the C strings it owns, on

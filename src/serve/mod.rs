@@ -237,8 +237,13 @@ enum Report {
     Session(String, SessionProc),
     /// An instance it started (it runs now), as its record was read.
     Up(Box<Instance>),
-    /// How the start of an instance's own listener went.
-    Listening(String, std::result::Result<ondemand::Listener, String>),
+    /// How the start of an instance's own listener went: why not, if it
+    /// did not and its instance still runs (`None`: it was stopped
+    /// meanwhile, which is no news).
+    Listening(
+        String,
+        std::result::Result<ondemand::Listener, Option<String>>,
+    ),
     /// A line for the log.
     Say(String),
 }
@@ -435,13 +440,7 @@ fn loop_until_error<'scope, 'env>(
                             Direct::Up(l)
                         }
                         Err(e) => {
-                            // (Not news if it was stopped meanwhile: the
-                            // sweep sees that.)
-                            if srv
-                                .running
-                                .get(&name)
-                                .is_some_and(|i| rt.init_pid(i).is_some())
-                            {
+                            if let Some(e) = e {
                                 say(format!("instance {name}: {e}"));
                             }
                             // (Nor one that ended before, on record.)
@@ -1081,7 +1080,8 @@ fn listen_in<'scope, 'env>(
     let (tx, inst) = (tx.clone(), inst.clone());
     scope.spawn(move || {
         let name = inst.name.clone();
-        let r = direct::start(ctx.rt, steer, &inst);
+        let r = direct::start(ctx.rt, steer, &inst)
+            .map_err(|e| ctx.rt.init_pid(&inst).is_some().then_some(e));
         report(ctx, &tx, Report::Listening(name, r));
     });
 }
