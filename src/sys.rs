@@ -295,15 +295,30 @@ pub fn spawn_vfork_into(
     stack: &mut [u8],
     f: &mut dyn FnMut() -> i32,
 ) -> std::io::Result<(i32, OwnedFd)> {
+    clone3_pidfd(flags, Some(cgroup), stack, f, None)
+}
+
+/// [`clone3_vfork`] with a pidfd (CLONE_PIDFD), SIGCHLD at its end, and
+/// born in `cgroup` if given (CLONE_INTO_CGROUP).
+fn clone3_pidfd(
+    flags: i32,
+    cgroup: Option<BorrowedFd<'_>>,
+    stack: &mut [u8],
+    f: &mut dyn FnMut() -> i32,
+    until: Option<&AtomicU32>,
+) -> std::io::Result<(i32, OwnedFd)> {
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
-        flags: flags as u32 as u64 | CLONE_INTO_CGROUP | libc::CLONE_PIDFD as u64,
+        flags: flags as u32 as u64 | libc::CLONE_PIDFD as u64,
         pidfd: &mut pidfd as *mut RawFd as u64,
         exit_signal: libc::SIGCHLD as u64,
-        cgroup: cgroup.as_raw_fd() as u64,
         ..Default::default()
     };
-    let pid = clone3_vfork(&mut args, stack, f, None)?;
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
+    let pid = clone3_vfork(&mut args, stack, f, until)?;
     // SAFETY: with CLONE_PIDFD the kernel stored a new, owned fd.
     Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
@@ -333,20 +348,7 @@ pub fn spawn_vm_until(
     word: &AtomicU32,
     f: &mut dyn FnMut() -> i32,
 ) -> std::io::Result<(i32, OwnedFd)> {
-    let mut pidfd: RawFd = -1;
-    let mut args = CloneArgs {
-        flags: flags as u32 as u64 | libc::CLONE_PIDFD as u64,
-        pidfd: &mut pidfd as *mut RawFd as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        ..Default::default()
-    };
-    if let Some(dir) = cgroup {
-        args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = dir.as_raw_fd() as u64;
-    }
-    let pid = clone3_vfork(&mut args, stack, f, Some(word))?;
-    // SAFETY: with CLONE_PIDFD the kernel stored a new, owned fd.
-    Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+    clone3_pidfd(flags, cgroup, stack, f, Some(word))
 }
 
 /// write(2) to fd 2, without the lock of `std::io::stderr` (for a child

@@ -138,9 +138,9 @@ fn lock(store: &Store) -> Result<crate::disk::PidLock> {
     // `Launcher::starts_settled`), for a second at most: its PID is gone.
     let end = Instant::now() + HELD_LOCK_WAIT;
     loop {
-        let mut holder = String::new();
+        let mut holder = None;
         let r = crate::disk::lock_with_pid(&path, |pid| {
-            holder = pid.to_string();
+            holder = pid.parse::<i32>().ok();
             Error::Invalid(format!(
                 "`nifty serve` already runs for {} (PID {pid}, holding {}): one serves a state \
                  root; stop that one first",
@@ -148,9 +148,7 @@ fn lock(store: &Store) -> Result<crate::disk::PidLock> {
                 path.display()
             ))
         });
-        let gone = holder
-            .parse::<i32>()
-            .is_ok_and(|pid| !crate::runtime::linux::proc::alive(pid));
+        let gone = holder.is_some_and(|pid| !crate::runtime::linux::proc::alive(pid));
         if r.is_ok() || !gone || Instant::now() >= end {
             return r;
         }
