@@ -117,6 +117,7 @@ const CHECKS: &[Check] = &[
     mount_max,
     inotify,
     keyrings,
+    dumpable,
     ports,
     overlayfs,
     mount_api,
@@ -328,6 +329,27 @@ fn keyrings(_: &Want<'_>) -> Vec<Finding> {
         "none: each container's root is its own host UID (own key quota), and its seccomp filter refuses keyctl/add_key",
         "",
     )]
+}
+
+/// `fs.suid_dumpable`: whether the kernel leaves a process that changed
+/// its IDs open to tracing by others with its IDs.
+fn dumpable(_: &Want<'_>) -> Vec<Finding> {
+    let have = num("fs.suid_dumpable");
+    let ok = have != Some(1);
+    vec![Finding {
+        check: "suid-dumpable".into(),
+        status: if ok { Status::Ok } else { Status::Warn },
+        value: have.map_or("unknown".into(), |h| format!("fs.suid_dumpable = {h}")),
+        need: "0 or 2: at 1 (\"debug\") every process that takes a container's IDs is open to the container's root (its memory, fds) until it calls prctl(PR_SET_DUMPABLE, 0); nifty's own do at once, a few system calls later".into(),
+        fix: match ok {
+            true => String::new(),
+            false => "sysctl -w fs.suid_dumpable=0".into(),
+        },
+        change: (!ok).then(|| Change::Sysctl {
+            key: "fs.suid_dumpable".into(),
+            value: "0".into(),
+        }),
+    }]
 }
 
 /// Instance ports against the ephemeral range and 65535.

@@ -191,10 +191,11 @@ pub enum Step {
     ExecInit,
     Loopback,
     ProcNet,
+    NotDumpable,
 }
 
 impl Step {
-    pub const ALL: [Step; 27] = [
+    pub const ALL: [Step; 28] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::EnterEmptyRoot,
@@ -222,6 +223,7 @@ impl Step {
         Step::ExecInit,
         Step::Loopback,
         Step::ProcNet,
+        Step::NotDumpable,
     ];
 
     pub fn from_u8(b: u8) -> Option<Step> {
@@ -260,6 +262,7 @@ impl Step {
             Step::ProcNet => {
                 "open_tree and move_mount of the /proc/net link onto /proc/net (Linux 5.2)"
             }
+            Step::NotDumpable => "prctl(PR_SET_DUMPABLE, 0)",
         }
     }
 }

@@ -859,6 +859,16 @@ pub fn clone_vm(
     Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
 
+/// Makes the calling process not dumpable (prctl PR_SET_DUMPABLE 0, a
+/// flag of its memory, so of every process that shares it): no process
+/// without CAP_SYS_PTRACE over the host's user namespace may trace it or
+/// open its /proc/<pid>/mem, maps, environ, fds or exe, even with its UID.
+/// The kernel sets the flag anew from the `fs.suid_dumpable` sysctl at
+/// every change of IDs, so a process that changes them calls this after.
+pub fn not_dumpable() -> rustix::io::Result<()> {
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+}
+
 /// Powers off the PID namespace `pidns` (an open `/proc/<pid>/ns/pid`) as
 /// a poweroff inside it would (Linux 3.4): a child made in it calls
 /// reboot(2), and the kernel kills the namespace's init, whose parent sees
@@ -872,7 +882,7 @@ pub fn clone_vm(
 /// or /proc/<pid>/mem, even with the same UID (`--no-userns`).
 pub fn power_off_pid_ns(pidns: BorrowedFd<'_>) -> std::io::Result<()> {
     use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
+    not_dumpable()?;
     let own = rustix::fs::open(
         "/proc/thread-self/ns/pid",
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,

@@ -1041,6 +1041,67 @@ fn has_comm(root: &Root, name: &str, comm: &str) -> bool {
     })
 }
 
+/// The held first process of `name` runs nifty's code in memory it shares
+/// with `serve` (root on the host), with copies of `serve`'s fds, while
+/// the tenant's first login already runs beside it: the container's root
+/// must not get at it. A process in the instance's user namespace as its
+/// root (as a tenant's are) cannot read its memory, maps, environment,
+/// fds or executable (it is not dumpable: it changed its IDs), while it
+/// can read those of the login's Dropbear (its own). (Opening a file is
+/// the check: `mem` read at offset 0 fails anyway.)
+fn held_process_is_out_of_the_tenants_reach(root: &Root, name: &str) {
+    let with_comm = |comm: &str| {
+        root.procs(name).into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+    };
+    let held = with_comm("nifty:held").expect("the held process");
+    let dropbear = with_comm("dropbear").expect("the login's Dropbear");
+    let probe = format!(
+        "id -u; for f in mem maps environ; do (exec 3</proc/{held}/$f) 2>/dev/null && echo $f; done; \
+         ls /proc/{held}/fd >/dev/null 2>&1 && echo fd; \
+         readlink /proc/{held}/exe >/dev/null 2>&1 && echo exe; \
+         head -c1 /proc/{dropbear}/maps >/dev/null 2>&1 && echo own"
+    );
+    let out = std::process::Command::new("nsenter")
+        .args(["-U", "-t", &held.to_string(), "--", "/bin/sh", "-c", &probe])
+        .output()
+        .expect("run nsenter");
+    let still = std::fs::read_to_string(format!("/proc/{held}/comm")).unwrap_or_default();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "0\nown\n",
+        "the container's root got at what it may not of the held process {held} \
+         (its comm after the probe: {still:?}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        still.trim_end(),
+        "nifty:held",
+        "the hold ended during the probe"
+    );
+}
+
+/// The `fs.suid_dumpable` sysctl set for a while: the value it had comes
+/// back when this is dropped (also when the test fails).
+struct SuidDumpable(String);
+
+impl SuidDumpable {
+    const PATH: &'static str = "/proc/sys/fs/suid_dumpable";
+
+    fn set(value: &str) -> SuidDumpable {
+        let was = std::fs::read_to_string(Self::PATH).expect("read fs.suid_dumpable");
+        std::fs::write(Self::PATH, value).expect("set fs.suid_dumpable");
+        SuidDumpable(was.trim().to_string())
+    }
+}
+
+impl Drop for SuidDumpable {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
 /// A cold start's first process is held after its logins' banners until
 /// `serve` has no start left, a second at most: while another start of
 /// the same burst waits (its instance locked by this test), the held
@@ -1093,6 +1154,9 @@ fn a_held_first_process_answers_and_hands_over_to_init_while_a_burst_waits() {
     };
 
     let locked3 = lock("3");
+    // At `fs.suid_dumpable` 1, the kernel leaves a process that changed
+    // its IDs dumpable: nifty's own must not be.
+    let debug_dumps = SuidDumpable::set("1");
     let (_c1, mut c3) = burst("1", "3");
     // Held: `nifty:held` is 1's PID 1 until init's exec, which comes
     // within a second although the burst is not over. (It names itself
@@ -1112,6 +1176,8 @@ fn a_held_first_process_answers_and_hands_over_to_init_while_a_burst_waits() {
         comms.iter().any(|c| c == "nifty:held"),
         "1's first process was not held: {comms:?}"
     );
+    held_process_is_out_of_the_tenants_reach(&root, "1");
+    drop(debug_dumps);
     assert!(
         running(&root).iter().any(|(n, _)| n == "1"),
         "a held instance is running: {:?}",

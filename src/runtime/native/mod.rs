@@ -253,8 +253,7 @@ impl Native {
             // A session's process runs the container's Dropbear while this
             // process's memory is still shared with the container's first
             // one: none of the container's may read or trace it.
-            rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
-                .map_err(Error::sys("prctl(PR_SET_DUMPABLE, 0)"))?;
+            crate::sys::not_dumpable().map_err(Error::sys("prctl(PR_SET_DUMPABLE, 0)"))?;
         }
         let plan = spawn::Plan::new(spawn::Spec {
             lower: &lower.path,
@@ -864,6 +863,8 @@ impl Native {
             rustix::thread::set_thread_groups(&[]).map_err(err)?;
             rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(err)?;
             rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(err)?;
+            // (As the container's first process: see `spawn::child`.)
+            crate::sys::not_dumpable().map_err(err)?;
             if let Some(keep) = confine.caps_keep {
                 crate::sys::drop_bounding_caps(keep)?;
             }

@@ -948,6 +948,14 @@ fn child(
             Step::SetIds,
             rustix::thread::set_thread_res_uid(uid, uid, uid),
         );
+        // Not dumpable again: the ID change set the flag from the
+        // `fs.suid_dumpable` sysctl, and at 1 ("debug") a tenant's process
+        // of the same IDs could trace this one, whose memory is nifty's
+        // until exec (a held one's is `serve`'s, while the tenant's first
+        // logins run). The steps below change no ID and widen no
+        // capability, so the flag stays; init's exec gives it one of its
+        // own.
+        check(Step::NotDumpable, sys::not_dumpable());
         check(
             Step::UnshareUtsIpc,
             rustix::thread::unshare(UnshareFlags::NEWUTS | UnshareFlags::NEWIPC),
