@@ -191,11 +191,10 @@ pub enum Step {
     ExecInit,
     Loopback,
     ProcNet,
-    NotDumpable,
 }
 
 impl Step {
-    pub const ALL: [Step; 28] = [
+    pub const ALL: [Step; 27] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::EnterEmptyRoot,
@@ -223,7 +222,6 @@ impl Step {
         Step::ExecInit,
         Step::Loopback,
         Step::ProcNet,
-        Step::NotDumpable,
     ];
 
     pub fn from_u8(b: u8) -> Option<Step> {
@@ -249,7 +247,9 @@ impl Step {
             Step::BindRo => "move_mount of a read-only bind",
             Step::Chroot => "chroot(new root)",
             Step::JoinUserns => "setns(user namespace)",
-            Step::SetIds => "setgroups/setresgid/setresuid(0) in the user namespace",
+            Step::SetIds => {
+                "setgroups/setresgid/setresuid(0) in the user namespace, then prctl(PR_SET_DUMPABLE, 0)"
+            },
             Step::UnshareUtsIpc => "unshare(CLONE_NEWUTS|CLONE_NEWIPC)",
             Step::Hostname => "sethostname()",
             Step::DropCaps => "dropping capabilities (PR_CAPBSET_DROP)",
@@ -262,7 +262,6 @@ impl Step {
             Step::ProcNet => {
                 "open_tree and move_mount of the /proc/net link onto /proc/net (Linux 5.2)"
             }
-            Step::NotDumpable => "prctl(PR_SET_DUMPABLE, 0)",
         }
     }
 }

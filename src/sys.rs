@@ -869,6 +869,19 @@ pub fn not_dumpable() -> rustix::io::Result<()> {
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
 }
 
+/// Takes the IDs `uid`/`gid` (of a container's user namespace the caller
+/// has joined) for the calling thread, with no supplementary group, and
+/// makes it not dumpable again right after (see `not_dumpable`): at
+/// `fs.suid_dumpable` 1 the change would leave it traceable by a tenant's
+/// process of the same IDs, while its memory is still nifty's. For a
+/// forked child between fork and exec (system calls only).
+pub fn take_ids(uid: rustix::process::Uid, gid: rustix::process::Gid) -> rustix::io::Result<()> {
+    rustix::thread::set_thread_groups(&[])?;
+    rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+    rustix::thread::set_thread_res_uid(uid, uid, uid)?;
+    not_dumpable()
+}
+
 /// Powers off the PID namespace `pidns` (an open `/proc/<pid>/ns/pid`) as
 /// a poweroff inside it would (Linux 3.4): a child made in it calls
 /// reboot(2), and the kernel kills the namespace's init, whose parent sees

@@ -1036,7 +1036,12 @@ fn banner(conn: &mut std::net::TcpStream, within: Duration) -> String {
 /// says: nifty's own first process names itself, the tenant cannot
 /// here).
 fn has_comm(root: &Root, name: &str, comm: &str) -> bool {
-    root.procs(name).iter().any(|p| {
+    with_comm(root, name, comm).is_some()
+}
+
+/// A process of `name`'s cgroup named `comm` (see `has_comm`).
+fn with_comm(root: &Root, name: &str, comm: &str) -> Option<i32> {
+    root.procs(name).into_iter().find(|p| {
         std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim_end() == comm)
     })
 }
@@ -1046,17 +1051,13 @@ fn has_comm(root: &Root, name: &str, comm: &str) -> bool {
 /// the tenant's first login already runs beside it: the container's root
 /// must not get at it. A process in the instance's user namespace as its
 /// root (as a tenant's are) cannot read its memory, maps, environment,
-/// fds or executable (it is not dumpable: it changed its IDs), while it
+/// fds or executable (nifty makes it not dumpable right after its change
+/// of IDs, whatever `fs.suid_dumpable` says), while it
 /// can read those of the login's Dropbear (its own). (Opening a file is
 /// the check: `mem` read at offset 0 fails anyway.)
 fn held_process_is_out_of_the_tenants_reach(root: &Root, name: &str) {
-    let with_comm = |comm: &str| {
-        root.procs(name).into_iter().find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim_end() == comm)
-        })
-    };
-    let held = with_comm("nifty:held").expect("the held process");
-    let dropbear = with_comm("dropbear").expect("the login's Dropbear");
+    let held = with_comm(root, name, "nifty:held").expect("the held process");
+    let dropbear = with_comm(root, name, "dropbear").expect("the login's Dropbear");
     let probe = format!(
         "id -u; for f in mem maps environ; do (exec 3</proc/{held}/$f) 2>/dev/null && echo $f; done; \
          ls /proc/{held}/fd >/dev/null 2>&1 && echo fd; \

@@ -708,6 +708,10 @@ impl Native {
         let skip_v2 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let skip = skip_v2.clone();
         use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+        // The child is born in the container's PID namespace with a copy of
+        // this memory: not dumpable from its first instruction (the flag is
+        // inherited at fork), not only from its ID change on.
+        crate::sys::not_dumpable().map_err(Error::sys("prctl(PR_SET_DUMPABLE, 0)"))?;
         move_into_link_name_space(pidns.as_fd(), Some(LinkNameSpaceType::ProcessID))
             .map_err(Error::sys(format!("setns(/proc/{pid}/ns/pid)")))?;
         let mut command = std::process::Command::new(&cmd[0]);
@@ -860,11 +864,7 @@ impl Native {
                     crate::sys::dup2(null.as_raw_fd(), to)?;
                 }
             }
-            rustix::thread::set_thread_groups(&[]).map_err(err)?;
-            rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(err)?;
-            rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(err)?;
-            // (As the container's first process: see `spawn::child`.)
-            crate::sys::not_dumpable().map_err(err)?;
+            crate::sys::take_ids(uid, gid).map_err(err)?;
             if let Some(keep) = confine.caps_keep {
                 crate::sys::drop_bounding_caps(keep)?;
             }

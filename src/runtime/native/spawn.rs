@@ -645,6 +645,14 @@ fn ns_since(start: &rustix::time::Timespec) -> i64 {
     (t.tv_sec - start.tv_sec) * 1_000_000_000 + (t.tv_nsec - start.tv_nsec)
 }
 
+/// `ns` nanoseconds as a timeout for the futex calls.
+fn timespec(ns: i64) -> rustix::time::Timespec {
+    rustix::time::Timespec {
+        tv_sec: ns / 1_000_000_000,
+        tv_nsec: ns % 1_000_000_000,
+    }
+}
+
 /// Bumped by [`release_held`]: a held process waits until it changes.
 static RELEASES: AtomicU32 = AtomicU32::new(0);
 
@@ -684,10 +692,7 @@ pub fn reap_held(within: std::time::Duration) {
                 &h.word,
                 rustix::thread::futex::Flags::empty(),
                 sys::HELD_READY,
-                Some(rustix::time::Timespec {
-                    tv_sec: left.as_secs() as i64,
-                    tv_nsec: i64::from(left.subsec_nanos()),
-                }),
+                Some(timespec(i64::try_from(left.as_nanos()).unwrap_or(i64::MAX))),
             );
         }
     }
@@ -724,10 +729,7 @@ fn hold(h: &Held) -> ! {
             &RELEASES,
             rustix::thread::futex::Flags::PRIVATE,
             seen,
-            Some(rustix::time::Timespec {
-                tv_sec: left / 1_000_000_000,
-                tv_nsec: left % 1_000_000_000,
-            }),
+            Some(timespec(left)),
         );
     }
     let _ = h.init.run();
@@ -938,24 +940,13 @@ fn child(
             Step::JoinUserns,
             move_into_link_name_space(userns.as_fd(), Some(LinkNameSpaceType::User)),
         );
-        let (uid, gid) = sys::ids(0, 0);
-        check(Step::SetIds, rustix::thread::set_thread_groups(&[]));
-        check(
-            Step::SetIds,
-            rustix::thread::set_thread_res_gid(gid, gid, gid),
-        );
-        check(
-            Step::SetIds,
-            rustix::thread::set_thread_res_uid(uid, uid, uid),
-        );
-        // Not dumpable again: the ID change set the flag from the
-        // `fs.suid_dumpable` sysctl, and at 1 ("debug") a tenant's process
-        // of the same IDs could trace this one, whose memory is nifty's
-        // until exec (a held one's is `serve`'s, while the tenant's first
-        // logins run). The steps below change no ID and widen no
+        // Not dumpable again right after (`take_ids`): this memory is
+        // nifty's until exec (a held one's is `serve`'s, while the tenant's
+        // first logins run). The steps below change no ID and widen no
         // capability, so the flag stays; init's exec gives it one of its
         // own.
-        check(Step::NotDumpable, sys::not_dumpable());
+        let (uid, gid) = sys::ids(0, 0);
+        check(Step::SetIds, sys::take_ids(uid, gid));
         check(
             Step::UnshareUtsIpc,
             rustix::thread::unshare(UnshareFlags::NEWUTS | UnshareFlags::NEWIPC),
@@ -1060,10 +1051,7 @@ fn wait_for_banners(s: &SessionPlan) {
         return;
     }
     let start = now();
-    let nap = rustix::time::Timespec {
-        tv_sec: 0,
-        tv_nsec: 200_000,
-    };
+    let nap = timespec(200_000);
     while s
         .conns
         .iter()
