@@ -247,9 +247,7 @@ impl Step {
             Step::BindRo => "move_mount of a read-only bind",
             Step::Chroot => "chroot(new root)",
             Step::JoinUserns => "setns(user namespace)",
-            Step::SetIds => {
-                "setgroups/setresgid/setresuid(0) in the user namespace, then prctl(PR_SET_DUMPABLE, 0)"
-            },
+            Step::SetIds => "setgroups/setresgid/setresuid(0) in the user namespace, not dumpable",
             Step::UnshareUtsIpc => "unshare(CLONE_NEWUTS|CLONE_NEWIPC)",
             Step::Hostname => "sethostname()",
             Step::DropCaps => "dropping capabilities (PR_CAPBSET_DROP)",
