@@ -472,10 +472,12 @@ fn serve_s_start_threads_leave_the_overlay_s_namespace_after_a_batch() {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .flatten()
-            .map(|t| {
-                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                let ns = std::fs::read_link(t.path().join("ns/mnt")).unwrap_or_default();
-                (comm.trim().to_string(), ns.display().to_string())
+            // (A thread that ended while they are listed is left out:
+            // its files are gone.)
+            .filter_map(|t| {
+                let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+                let ns = std::fs::read_link(t.path().join("ns/mnt")).ok()?;
+                Some((comm.trim().to_string(), ns.display().to_string()))
             })
             .collect()
     };
